@@ -1,0 +1,1 @@
+"""One module per ``neuroadda-rt`` subcommand, each with ``register(subparsers)``."""

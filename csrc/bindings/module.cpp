@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "common/build_info.h"
+#include "neuroadda_build_config.h"
 
 namespace py = pybind11;
 
@@ -21,12 +22,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("cuda_architectures", &neuroadda::cuda_architectures);
   m.def("cuda_device_count", &neuroadda::cuda_device_count);
   m.def("cuda_device_name", &neuroadda::cuda_device_name);
-#ifdef NEUROADDA_VERSION
   m.attr("__version__") = NEUROADDA_VERSION;
-#endif
-#ifdef NEUROADDA_CXX_COMPILER
   m.attr("compiler") = NEUROADDA_CXX_COMPILER;
-#endif
   register_mmd(m);
   register_uncertainty(m);
   register_metrics(m);

@@ -1,6 +1,7 @@
 #include "common/build_info.h"
 
 #include "common/simd.h"
+#include "neuroadda_build_config.h"
 #ifdef NEUROADDA_WITH_OPENMP
 #include <omp.h>
 #endif
@@ -48,19 +49,11 @@ bool built_with_cuda() {
 }
 
 std::string cuda_version() {
-#ifdef NEUROADDA_CUDA_VERSION
   return NEUROADDA_CUDA_VERSION;
-#else
-  return "";
-#endif
 }
 
 std::string cuda_architectures() {
-#ifdef NEUROADDA_CUDA_ARCHS
   return NEUROADDA_CUDA_ARCHS;
-#else
-  return "";
-#endif
 }
 
 int cuda_device_count() {

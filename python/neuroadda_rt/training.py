@@ -1,0 +1,588 @@
+"""Fine-tuning a source model on a few annotated tiles, and the from-scratch baseline.
+
+Both entry points, :func:`finetune` and :func:`train_from_scratch`, run the *same* recipe
+(the same steps, learning rate, batch size, patch size, augmentation and loss); they differ
+only in where the weights start: the source package's trained weights, or a fresh
+initialisation of the source's network config (drawn from ``torch.manual_seed(seed)``).
+That is what makes "fine-tuned vs. scratch" a fair comparison (``docs/method.md``).
+
+Determinism and resumption
+--------------------------
+Every random choice of a run (batch composition, crop positions, augmentation) is drawn
+from one ``numpy.random.Generator`` seeded with ``seed``; weight initialisation from a
+``torch`` generator seeded with ``seed``; PyTorch runs with deterministic algorithms.
+On the CPU, two runs with the same inputs and seed give bit-identical weights. With
+``checkpoint_dir`` the loop writes, every ``checkpoint_every`` steps, one atomic
+checkpoint file (weights, BatchNorm statistics, optimizer state, step, loss history, the
+state of both generators) as safetensors, with the small scalar parts as JSON in its
+metadata: nothing is pickled. A later call with the same arguments and the same
+``checkpoint_dir`` resumes from it and ends with the weights an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import DTypeError, InputValueError, ShapeError, require
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+_CHECKPOINT_FORMAT = "neuroadda_rt.checkpoint/1"
+
+
+# --------------------------------------------------------------------------------------------
+# recipe
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The settings of one training run (identical for fine-tuning and scratch).
+
+    Attributes
+    ----------
+    steps : int
+        Optimizer steps (Adam).
+    lr : float
+        Adam learning rate, constant.
+    batch_size : int
+        Patches per step.
+    patch_size : int
+        Side of the square training patches, cropped at random from the training images
+        (images smaller than this are used whole, reflect-padded to the patch size).
+    augment : bool
+        Random flips, 90-degree rotations, elastic deformation and intensity jitter.
+    seed : int
+        Seeds every random choice of the run.
+    weight_decay : float
+        Adam weight decay (L2).
+    """
+
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 8
+    patch_size: int = 128
+    augment: bool = True
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "patch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise InputValueError(f"expected {name} a positive integer, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and np.isfinite(self.lr) and self.lr > 0):
+            raise InputValueError(f"expected lr a positive finite number, got {self.lr!r}")
+        if not (np.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InputValueError(f"expected weight_decay >= 0, got {self.weight_decay!r}")
+        if self.patch_size < 8:
+            raise InputValueError(f"expected patch_size >= 8, got {self.patch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (float(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class TrainHistory:
+    """What a run recorded: the loss of every step and the time it took."""
+
+    loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps_run: int = 0          # steps executed by this call (after a resume: fewer than ``steps``)
+    resumed_from: int = 0       # step the run resumed from (0: fresh start)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps_run / self.seconds if self.seconds > 0 else float("nan")
+
+    def smoothed(self, window: int = 10) -> list[float]:
+        """Running mean of the loss curve (for reports)."""
+        if not self.loss:
+            return []
+        x = np.asarray(self.loss, dtype=np.float64)
+        c = np.cumsum(np.insert(x, 0, 0.0))
+        out = [(c[i + 1] - c[max(0, i + 1 - window)]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(x))]
+        return [float(v) for v in out]
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+def _as_image_list(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Validate images and labels: a 2-D array, a (N, H, W) stack, or a sequence of 2-D arrays.
+
+    Images must be float in [0, 1] (already normalised) or uint8/uint16 (scaled by the dtype
+    range here). Labels are integer instance ids. Nothing is copied beyond the float conversion.
+    """
+
+    def split(x, what):
+        if isinstance(x, np.ndarray) or hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
+            a = np.asarray(x)
+            if a.ndim == 2:
+                return [a]
+            if a.ndim == 3:
+                return [a[i] for i in range(a.shape[0])]
+            raise ShapeError(f"expected {what} as a 2-D image, an (N, H, W) stack or a list of 2-D images, "
+                             f"got an array of shape {a.shape}")
+        if isinstance(x, (list, tuple)):
+            out = [np.asarray(v) for v in x]
+            for v in out:
+                if v.ndim != 2:
+                    raise ShapeError(f"expected every {what[:-1]} 2-D, got shape {v.shape}")
+            return out
+        raise InputValueError(f"expected {what} as an array or a list of arrays, got {type(x).__name__}")
+
+    ims, lbs = split(images, "images"), split(labels, "labels")
+    if len(ims) == 0:
+        raise InputValueError("expected at least one training image, got none")
+    if len(ims) != len(lbs):
+        raise ShapeError(f"expected as many label images as images, got {len(lbs)} labels for {len(ims)} images")
+    out_i, out_l = [], []
+    for k, (im, lb) in enumerate(zip(ims, lbs)):
+        if im.shape != lb.shape:
+            raise ShapeError(f"expected labels of the image's shape, got image {k} {im.shape} and labels {lb.shape}")
+        if min(im.shape) < 8:
+            raise ShapeError(f"expected images at least 8x8, got image {k} of shape {im.shape}")
+        if not np.issubdtype(lb.dtype, np.integer):
+            raise DTypeError(f"expected integer instance labels, got dtype {lb.dtype} for labels {k}")
+        out_i.append(_to_unit_float(im, k))
+        out_l.append(np.ascontiguousarray(lb))
+    return out_i, out_l
+
+
+def _to_unit_float(im: np.ndarray, k: int = 0) -> np.ndarray:
+    if im.dtype == np.uint8:
+        return im.astype(np.float32) / 255.0
+    if im.dtype == np.uint16:
+        return im.astype(np.float32) / 65535.0
+    if np.issubdtype(im.dtype, np.floating):
+        f = np.asarray(im, dtype=np.float32)
+        if not np.all(np.isfinite(f)):
+            raise InputValueError(f"expected finite image values, got NaN/inf in image {k}")
+        return f
+    raise DTypeError(f"expected uint8, uint16 or float images, got dtype {im.dtype} for image {k}")
+
+
+def _data_digest(images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for im, lb in zip(images, labels):
+        h.update(str((im.shape, im.dtype.str, lb.dtype.str)).encode())
+        h.update(np.ascontiguousarray(im).tobytes())
+        h.update(np.ascontiguousarray(lb).tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation: one geometric transform applied to image and labels alike
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Geometry:
+    """A sampled geometric transform of a square patch: flips, a 90-degree rotation, and an
+    optional elastic displacement field (``dy, dx`` in pixels, or None)."""
+
+    flip_y: bool
+    flip_x: bool
+    rot90: int
+    displacement: np.ndarray | None  # (2, S, S) float64
+
+    def coordinates(self, size: int) -> np.ndarray:
+        """Source coordinates (2, S, S): output pixel (i, j) reads input at ``coords[:, i, j]``."""
+        yy, xx = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
+        if self.displacement is not None:
+            yy = yy + self.displacement[0]
+            xx = xx + self.displacement[1]
+        # the rigid part: rotate then flip the coordinate grid (a permutation of pixel indices)
+        c = np.stack([yy, xx])
+        c = np.rot90(c, self.rot90, axes=(1, 2))
+        if self.flip_y:
+            c = c[:, ::-1, :]
+        if self.flip_x:
+            c = c[:, :, ::-1]
+        return np.ascontiguousarray(c)
+
+
+def _sample_geometry(rng: np.random.Generator, size: int, *, elastic: bool = True,
+                     alpha: float = 4.0, grid: int = 4) -> _Geometry:
+    """Draw a transform. Elastic: Gaussian displacements (std ``alpha`` px) on a coarse
+    ``grid x grid`` lattice, upsampled smoothly (cubic) to the patch."""
+    flip_y, flip_x = bool(rng.integers(2)), bool(rng.integers(2))
+    rot = int(rng.integers(4))
+    disp = None
+    if elastic:
+        from scipy import ndimage
+
+        coarse = rng.normal(0.0, alpha, size=(2, grid, grid))
+        disp = np.stack([ndimage.zoom(coarse[i], size / grid, order=3, mode="nearest")[:size, :size] for i in range(2)])
+    return _Geometry(flip_y, flip_x, rot, disp)
+
+
+def _apply_geometry(image: np.ndarray, labels: np.ndarray, geom: _Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Warp a square image (bilinear) and its labels (nearest) with the same transform.
+
+    Coordinates outside the patch are reflected back in (``mode="mirror"``), so no padding
+    value leaks into either output.
+    """
+    from scipy import ndimage
+
+    size = image.shape[0]
+    if geom.displacement is None:
+        # pure permutation of pixel indices: no interpolation at all
+        def rigid(a):
+            a = np.rot90(a, geom.rot90)
+            if geom.flip_y:
+                a = a[::-1, :]
+            if geom.flip_x:
+                a = a[:, ::-1]
+            return np.ascontiguousarray(a)
+
+        return rigid(image), rigid(labels)
+    c = geom.coordinates(size)
+    img = ndimage.map_coordinates(image, c, order=1, mode="mirror").astype(np.float32, copy=False)
+    # nearest neighbour for ids: round the same coordinates, reflect into range like "mirror"
+    ci = np.rint(c).astype(np.int64)
+    ci = _mirror_index(ci, size)
+    lab = labels[ci[0], ci[1]]
+    return img, lab
+
+
+def _mirror_index(i: np.ndarray, n: int) -> np.ndarray:
+    """Reflect integer indices into [0, n) as scipy's ``mode="mirror"`` does (d c b | a b c d | c b a)."""
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * (n - 1)
+    i = np.mod(i, period)
+    return np.where(i >= n, period - i, i)
+
+
+def _jitter_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Contrast, brightness and gamma jitter plus mild Gaussian noise, clipped to [0, 1]."""
+    contrast = float(np.exp(rng.uniform(-0.25, 0.25)))
+    brightness = float(rng.uniform(-0.1, 0.1))
+    gamma = float(np.exp(rng.uniform(-0.3, 0.3)))
+    noise = float(rng.uniform(0.0, 0.03))
+    out = (image - 0.5) * contrast + 0.5 + brightness
+    out = np.clip(out, 0.0, 1.0) ** gamma
+    if noise > 0:
+        out = out + rng.normal(0.0, noise, size=image.shape)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
+                 elastic: bool = True, intensity: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Augment one square patch and its instance labels identically.
+
+    Parameters
+    ----------
+    image : (S, S) float array
+        Patch intensities in [0, 1]. Not modified.
+    labels : (S, S) integer array
+        Instance ids. Not modified.
+    rng : numpy.random.Generator
+        Source of every random choice (so a seed fixes the result).
+    elastic, intensity : bool
+        Switch the elastic deformation and the intensity jitter.
+
+    Returns
+    -------
+    image, labels : new arrays
+        Flipped, rotated by a multiple of 90 degrees, optionally elastically deformed (the
+        image bilinearly, the labels by nearest neighbour on the same coordinates) and, for the
+        image only, intensity-jittered.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> im, lb = np.random.rand(32, 32).astype(np.float32), np.arange(1024).reshape(32, 32)
+    >>> a, b = augment_pair(im, lb, rng, elastic=False, intensity=False)
+    >>> bool(np.all(a == im.ravel()[b]))
+    True
+    """
+    if image.ndim != 2 or image.shape[0] != image.shape[1] or labels.shape != image.shape:
+        raise ShapeError(f"expected a square 2-D patch and labels of the same shape, got {image.shape} "
+                         f"and {labels.shape}")
+    geom = _sample_geometry(rng, image.shape[0], elastic=elastic)
+    img, lab = _apply_geometry(image, labels, geom)
+    if intensity:
+        img = _jitter_intensity(img, rng)
+    return img, lab
+
+
+# --------------------------------------------------------------------------------------------
+# targets
+# --------------------------------------------------------------------------------------------
+def make_targets(labels: np.ndarray, representation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Training targets and a loss mask from instance labels.
+
+    Returns ``(target, mask)``, both float32 of shape ``(C, H, W)`` (C = 1 for boundaries,
+    2 for 2-D affinities). The conversion itself is :mod:`neuroadda_rt.labels`'; the mask
+    is 1 everywhere (pixels of id 0 count as background/boundary, as the labels module
+    defines them).
+    """
+    from . import labels as _labels
+
+    return _labels_targets(_labels, labels, representation)
+
+
+def _labels_targets(mod, labels: np.ndarray, representation: str) -> tuple[np.ndarray, np.ndarray]:
+    if representation == "boundary":
+        t = np.asarray(mod.instances_to_boundaries(labels), dtype=np.float32)
+        t = t[None] if t.ndim == 2 else t
+    elif representation == "affinities":
+        t = np.asarray(mod.instances_to_affinities(labels), dtype=np.float32)
+    else:
+        raise InputValueError(f"expected representation 'boundary' or 'affinities', got {representation!r}")
+    return t, np.ones_like(t)
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------------
+def _crop(a: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
+    out = a[y:y + size, x:x + size]
+    if out.shape != (size, size):  # image smaller than the patch: reflect-pad it up
+        py, px = size - out.shape[0], size - out.shape[1]
+        out = np.pad(out, ((0, py), (0, px)), mode="symmetric")
+    return out
+
+
+def _make_batch(images, labels, rng: np.random.Generator, recipe: TrainRecipe, representation: str,
+                target_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s = recipe.patch_size
+    xs, ts, ms = [], [], []
+    for _ in range(recipe.batch_size):
+        k = int(rng.integers(len(images)))
+        im, lb = images[k], labels[k]
+        y = int(rng.integers(max(1, im.shape[0] - s + 1)))
+        x = int(rng.integers(max(1, im.shape[1] - s + 1)))
+        pi, pl = _crop(im, y, x, s), _crop(lb, y, x, s)
+        if recipe.augment:
+            pi, pl = augment_pair(pi, pl, rng)
+        t, m = target_fn(pl, representation)
+        xs.append(pi[None])
+        ts.append(t)
+        ms.append(m)
+    return (np.stack(xs).astype(np.float32), np.stack(ts).astype(np.float32), np.stack(ms).astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+def _save_checkpoint(path: Path, net, opt, step: int, history: list[float], rng: np.random.Generator,
+                     torch_gen, fingerprint: str) -> None:
+    """Write one checkpoint file atomically (temp file in the same folder, then rename)."""
+    torch = require("torch", "torch")
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    for k, v in net.state_dict().items():
+        tensors[f"model/{k}"] = v.detach().cpu().clone().contiguous()
+    opt_state = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in opt_state["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"optim/{pid}/{key}"] = val.detach().cpu().clone().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = val
+    tensors["rng/torch"] = torch_gen.get_state().clone()
+    meta = {
+        "format": _CHECKPOINT_FORMAT,
+        "fingerprint": fingerprint,
+        "step": step,
+        "loss": history,
+        "numpy_rng": rng.bit_generator.state,
+        "param_groups": opt_state["param_groups"],
+        "optim_scalars": scalars,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"neuroadda_rt": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _load_checkpoint(path: Path, net, opt, rng: np.random.Generator, torch_gen, fingerprint: str
+                     ) -> tuple[int, list[float]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .errors import FormatError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("neuroadda_rt", "{}"))
+        tensors = load_file(str(path))
+    except Exception as exc:  # truncated or foreign file
+        raise FormatError(f"cannot read training checkpoint {path}: {exc}") from exc
+    if meta.get("format") != _CHECKPOINT_FORMAT:
+        raise FormatError(f"expected a {_CHECKPOINT_FORMAT} checkpoint in {path}, got format {meta.get('format')!r}")
+    if meta.get("fingerprint") != fingerprint:
+        raise InputValueError(
+            f"checkpoint {path} belongs to a different run (other model, data or settings); "
+            "use another checkpoint_dir or delete the file to start over")
+    net.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, pid, key = k.split("/", 2)
+            state.setdefault(int(pid), {})[key] = v
+    for pid, st in meta.get("optim_scalars", {}).items():
+        state.setdefault(int(pid), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    rng.bit_generator.state = meta["numpy_rng"]
+    torch_gen.set_state(tensors["rng/torch"])
+    return int(meta["step"]), [float(v) for v in meta["loss"]]
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _deterministic_torch():
+    """Deterministic algorithms for the duration of a run; the caller's setting is restored."""
+    torch = require("torch", "torch")
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _state_digest(net) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_network(net, images, labels, *, recipe: TrainRecipe | None = None, representation: str | None = None,
+                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 50,
+                  progress: bool = False, device: str = "cpu", callback: Callable[[int, float], None] | None = None,
+                  target_fn=None, desc: str = "training") -> TrainHistory:
+    """Train a :class:`~neuroadda_rt.models.UNet` in place with BCE on targets from instance labels.
+
+    The engine under :func:`finetune` and :func:`train_from_scratch`; use those unless you
+    hold a bare network.
+
+    Parameters
+    ----------
+    net : UNet
+        Trained in place (left in eval mode at the end).
+    images, labels : array or list of 2-D arrays
+        Training images (uint8/uint16, or float already in [0, 1]) and their instance labels.
+        Read, never modified.
+    recipe : TrainRecipe
+        Steps, learning rate, batch size, patch size, augmentation, seed.
+    representation : {"boundary", "affinities"}, optional
+        The network's head (default: from ``net.config``).
+    checkpoint_dir : path, optional
+        Where to keep the resumable checkpoint; a matching checkpoint there is resumed.
+    checkpoint_every : int
+        Steps between checkpoints (the last step is always saved).
+    progress : bool
+        tqdm bar with the loss, steps/s and the ETA.
+    device : {"cpu", "cuda", "auto"}
+        Where to train. Bit-for-bit determinism is promised on the CPU only.
+    callback : callable(step, loss), optional
+        Called after every completed step (step counts from 1).
+    target_fn : callable(labels, representation) -> (target, mask), optional
+        Override of :func:`make_targets` (tests).
+
+    Returns
+    -------
+    TrainHistory
+        The loss of every step since step 0 (including the steps of a resumed-from run).
+
+    Examples
+    --------
+    >>> from neuroadda_rt.models import UNet
+    >>> net = UNet(widths=(4, 8))
+    >>> lab = np.repeat(np.arange(4), 16)[None, :].repeat(64, 0)
+    >>> img = (lab % 2).astype(np.float32)
+    >>> h = train_network(net, img, lab, recipe=TrainRecipe(steps=2, batch_size=2, patch_size=32))
+    >>> len(h.loss)
+    2
+    """
+    torch = require("torch", "torch")
+    from ._device import resolve_device
+
+    recipe = recipe or TrainRecipe()
+    if not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
+        raise InputValueError(f"expected checkpoint_every a positive integer, got {checkpoint_every!r}")
+    representation = representation or net.config.get("head", "boundary")
+    ims, lbs = _as_image_list(images, labels)
+    target_fn = target_fn or make_targets
+    dev = resolve_device(device)
+    net.to(dev)
+
+    fingerprint = hashlib.sha256(json.dumps({
+        "recipe": recipe.to_dict(), "representation": representation, "config": net.config,
+        "data": _data_digest(ims, lbs), "init": _state_digest(net),
+    }, sort_keys=True).encode()).hexdigest()
+
+    rng = np.random.default_rng(recipe.seed)
+    torch_gen = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    start, losses = 0, []
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        start, losses = _load_checkpoint(ckpt, net, opt, rng, torch_gen, fingerprint)
+        log.info("resuming %s from step %d of %d (%s)", desc, start, recipe.steps, ckpt)
+    history = TrainHistory(loss=list(losses), resumed_from=start)
+
+    bar = None
+    if progress and start < recipe.steps:
+        tqdm = require("tqdm", "runtime").tqdm
+        bar = tqdm(total=recipe.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        with _deterministic_torch():
+            net.train()
+            for step in range(start, recipe.steps):
+                x, t, m = _make_batch(ims, lbs, rng, recipe, representation, target_fn)
+                xt = torch.from_numpy(x).to(dev)
+                tt = torch.from_numpy(t).to(dev)
+                mt = torch.from_numpy(m).to(dev)
+                logits = net.logits(xt)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, tt, weight=mt, reduction="sum")
+                loss = loss / mt.sum().clamp_min(1.0)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                value = float(loss.detach())
+                if not np.isfinite(value):
+                    raise InputValueError(f"training diverged at step {step + 1} (loss {value}); lower lr")
+                history.loss.append(value)
+                history.steps_run += 1
+                done = step + 1
+                if ckpt is not None and (done % checkpoint_every == 0 or done == recipe.steps):
+                    _save_checkpoint(ckpt, net, opt, done, history.loss, rng, torch_gen, fingerprint)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                if callback is not None:
+                    callback(done, value)
+    finally:
+        history.seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        net.eval()
+    return history

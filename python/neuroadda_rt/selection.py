@@ -1,0 +1,311 @@
+"""Source-free tile selection: which few target tiles to annotate (NeuroADDA step 2).
+
+A pool of random target tiles is scored by the *source model alone* (no target labels): each
+tile's uncertainty is :func:`~neuroadda_rt.tile_uncertainty` of the source model's probabilities.
+NeuroADDA annotates the tiles whose uncertainty is closest to the pool's median: the most
+uncertain tiles are mostly artefacts (folds, stains, defocus) and the least uncertain ones teach
+the model nothing new.
+
+Strategies
+----------
+``"median"``
+    The n tiles whose uncertainty is closest to the pool median (NeuroADDA's rule).
+``"random"``
+    n tiles drawn uniformly from the pool (seeded).
+``"max"`` / ``"min"``
+    The n most / least uncertain tiles.
+``"kcenter"``
+    Greedy k-center (farthest-point) in the source encoder's feature space, started at the pool
+    tile closest to the feature mean: diversity without regard to uncertainty.
+``"median-diverse"``
+    Greedy k-center restricted to the middle uncertainty band: pool tiles whose uncertainty rank
+    lies within ``band`` (default 0.25, i.e. the 37.5th–62.5th percentiles) around the median,
+    started at the tile closest to the median. Our extension: median-like difficulty, without
+    near-duplicate tiles.
+
+Ties are broken by pool index (the sampling order), so every strategy is deterministic for a seed.
+Chosen tiles never overlap each other (a candidate overlapping an already chosen tile is skipped)
+unless the pool has too few non-overlapping tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import FormatError, InputValueError
+from .ranking import (_as_volume, _atomic_write_text, _describe_target, _embed, _json_default, _load_package,
+                      _normalize, _pkg_name, _pkg_path, _pkg_pooling, _sample)
+
+__all__ = ["select_tiles", "TileSelection", "STRATEGIES", "DEFAULT_BAND"]
+
+STRATEGIES = ("median", "random", "max", "min", "kcenter", "median-diverse")
+
+#: Width of the middle uncertainty band for "median-diverse", as a fraction of the pool.
+DEFAULT_BAND = 0.25
+
+
+@dataclass
+class TileSelection:
+    """The tiles chosen for annotation and the scores of the pool they were chosen from.
+
+    Attributes
+    ----------
+    coords : ndarray of int64, shape (n, ndim)
+        Top-left corners of the chosen tiles (``y, x`` in 2-D, ``z, y, x`` in 3-D).
+    scores : ndarray of float, shape (n,)
+        Their uncertainty under the source model.
+    pool_coords : ndarray of int64, shape (pool, ndim)
+    pool_scores : ndarray of float, shape (pool,)
+        The whole pool's coordinates and uncertainties (sampling order).
+    indices : ndarray of int64, shape (n,)
+        Positions of the chosen tiles in the pool.
+    tile_size : int
+    strategy, measure : str
+    settings : dict
+        Every setting used, including the source model and the target description.
+    tiles : ndarray, optional
+        The chosen raw tiles, (n, tile_size, tile_size), when kept.
+    """
+
+    coords: np.ndarray
+    scores: np.ndarray
+    pool_coords: np.ndarray
+    pool_scores: np.ndarray
+    indices: np.ndarray
+    tile_size: int
+    strategy: str
+    measure: str
+    settings: dict = field(default_factory=dict)
+    tiles: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def to_dict(self) -> dict:
+        return {
+            "coords": np.asarray(self.coords).tolist(),
+            "scores": [float(s) for s in self.scores],
+            "indices": np.asarray(self.indices).tolist(),
+            "pool_coords": np.asarray(self.pool_coords).tolist(),
+            "pool_scores": [float(s) for s in self.pool_scores],
+            "tile_size": int(self.tile_size),
+            "strategy": self.strategy,
+            "measure": self.measure,
+            "settings": self.settings,
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """JSON text (without the tile pixels); also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
+        if path is not None:
+            _atomic_write_text(Path(path), text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path) -> "TileSelection":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            p = Path(text)
+            if not p.exists():
+                raise FileNotFoundError(f"selection file not found: {p}")
+            text = p.read_text(encoding="utf-8")
+        try:
+            d = json.loads(text)
+            return cls(coords=np.asarray(d["coords"], dtype=np.int64),
+                       scores=np.asarray(d["scores"], dtype=np.float64),
+                       pool_coords=np.asarray(d["pool_coords"], dtype=np.int64),
+                       pool_scores=np.asarray(d["pool_scores"], dtype=np.float64),
+                       indices=np.asarray(d["indices"], dtype=np.int64), tile_size=int(d["tile_size"]),
+                       strategy=str(d["strategy"]), measure=str(d["measure"]), settings=d.get("settings", {}))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FormatError(f"expected a selection JSON written by TileSelection.to_json, got: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# strategies on precomputed scores / features (pure NumPy)
+# --------------------------------------------------------------------------------------------
+def _overlaps(a: np.ndarray, b: np.ndarray, size: int) -> bool:
+    """Whether two tiles of edge ``size`` at corners a and b overlap (same slice in 3-D)."""
+    if len(a) == 3 and a[0] != b[0]:
+        return False
+    return bool(abs(int(a[-2]) - int(b[-2])) < size and abs(int(a[-1]) - int(b[-1])) < size)
+
+
+def _take_in_order(order: np.ndarray, n: int, coords: np.ndarray | None, size: int) -> np.ndarray:
+    """The first n of ``order`` skipping tiles that overlap an already taken one (then fill up)."""
+    chosen: list[int] = []
+    if coords is not None:
+        for i in order:
+            if len(chosen) == n:
+                break
+            if all(not _overlaps(coords[i], coords[j], size) for j in chosen):
+                chosen.append(int(i))
+    for i in order:  # not enough disjoint tiles: allow overlaps rather than return fewer
+        if len(chosen) == n:
+            break
+        if int(i) not in chosen:
+            chosen.append(int(i))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def _kcenter(features: np.ndarray, n: int, start: int, candidates: np.ndarray,
+             coords: np.ndarray | None, size: int) -> np.ndarray:
+    """Greedy farthest-point selection among ``candidates`` starting at ``start``.
+
+    Each step takes the candidate whose Euclidean distance to its nearest chosen tile is largest
+    (ties: lowest pool index); candidates overlapping a chosen tile are excluded while possible.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    cand = np.asarray(candidates, dtype=np.int64)
+    chosen = [int(start)]
+    dmin = np.linalg.norm(f[cand] - f[start], axis=1)
+    while len(chosen) < min(n, len(cand)):
+        d = dmin.copy()
+        d[np.isin(cand, chosen)] = -np.inf
+        if coords is not None:
+            blocked = np.array([any(_overlaps(coords[c], coords[j], size) for j in chosen) for c in cand])
+            if (~blocked & np.isfinite(d)).any():
+                d[blocked] = -np.inf
+        # argmax returns the first maximum: ties go to the lowest position in ``cand`` (sorted)
+        k = int(np.argmax(d))
+        chosen.append(int(cand[k]))
+        dmin = np.minimum(dmin, np.linalg.norm(f[cand] - f[cand[k]], axis=1))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def _choose(strategy: str, scores: np.ndarray, n: int, *, seed: int = 0, features: np.ndarray | None = None,
+            coords: np.ndarray | None = None, size: int = 0, band: float = DEFAULT_BAND) -> np.ndarray:
+    """Indices into the pool chosen by ``strategy`` (see the module docstring)."""
+    s = np.asarray(scores, dtype=np.float64)
+    idx = np.arange(len(s))
+    if strategy == "median":
+        med = float(np.median(s))
+        order = np.lexsort((idx, np.abs(s - med)))
+        return _take_in_order(order, n, coords, size)
+    if strategy == "max":
+        return _take_in_order(np.lexsort((idx, -s)), n, coords, size)
+    if strategy == "min":
+        return _take_in_order(np.lexsort((idx, s)), n, coords, size)
+    if strategy == "random":
+        order = np.random.default_rng(seed).permutation(len(s))
+        return _take_in_order(order, n, coords, size)
+    if features is None:
+        raise InputValueError(f"strategy {strategy!r} needs encoder features")
+    if strategy == "kcenter":
+        f = np.asarray(features, dtype=np.float64)
+        start = int(np.argmin(np.linalg.norm(f - f.mean(axis=0), axis=1)))
+        return _kcenter(f, n, start, idx, coords, size)
+    if strategy == "median-diverse":
+        med = float(np.median(s))
+        order = np.lexsort((idx, np.abs(s - med)))  # by closeness to the median
+        width = max(n, int(np.ceil(band * len(s))))
+        band_idx = np.sort(order[:width])
+        return _kcenter(features, n, int(order[0]), band_idx, coords, size)
+    raise InputValueError(f"expected strategy in {STRATEGIES}, got {strategy!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# model glue
+# --------------------------------------------------------------------------------------------
+def _probabilities(pkg, tiles: np.ndarray, *, backend: str, device: str, batch_size: int,
+                   progress: bool) -> np.ndarray:
+    """Source-model probabilities ``(N, C, H, W)`` for normalised tiles."""
+    from .runtime import Predictor
+
+    x = _normalize(pkg, tiles)
+    pred = Predictor(pkg, backend=backend, device=device)
+    fn = getattr(pred, "predict_tiles", None)
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    if progress:
+        kwargs["progress"] = True
+    if fn is None:
+        fn = pred.predict
+    try:
+        probs = fn(x, **kwargs)
+    except TypeError:
+        kwargs.pop("progress", None)
+        probs = fn(x, **kwargs)
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim == 3:
+        probs = probs[:, None]
+    return probs
+
+
+def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int = 2048, tile_size: int = 256,
+                 seed: int = 0, measure: str = "entropy", band: float = DEFAULT_BAND, backend: str = "auto",
+                 device: str = "auto", batch_size: int = 16, progress: bool = False,
+                 keep_tiles: bool = True) -> TileSelection:
+    """Choose ``n`` target tiles to annotate, scored by the source model alone.
+
+    Parameters
+    ----------
+    target : path, ndarray, Volume or Dataset
+        The target volume (raw intensities). Arrays are read, never copied whole or modified.
+    model : model package or path
+        The source model (usually ``rank_sources(...).best``).
+    n : int
+        Number of tiles to choose (``1 <= n <= pool``).
+    strategy : {"median", "random", "max", "min", "kcenter", "median-diverse"}
+        See the module documentation; ``"median"`` is NeuroADDA's rule.
+    pool : int
+        Number of random candidate tiles scored.
+    tile_size : int
+        Tile edge in pixels.
+    seed : int
+        Seeds the pool sample and the ``"random"`` strategy.
+    measure : str
+        Uncertainty measure passed to :func:`~neuroadda_rt.tile_uncertainty`.
+    band : float
+        Fraction of the pool, centred on the median, that ``"median-diverse"`` chooses from.
+    backend, device, batch_size, progress
+        Passed to the runtime.
+    keep_tiles : bool
+        Keep the chosen raw tiles in ``.tiles``.
+
+    Returns
+    -------
+    TileSelection
+
+    Examples
+    --------
+    >>> import neuroadda_rt as nr
+    >>> sel = nr.select_tiles("new_volume.tif", ranking.best, 4)      # doctest: +SKIP
+    >>> sel.coords                                                     # doctest: +SKIP
+    array([[ 3, 512, 128], ...])
+    """
+    n, pool, tile_size, seed = int(n), int(pool), int(tile_size), int(seed)
+    if strategy not in STRATEGIES:
+        raise InputValueError(f"expected strategy in {STRATEGIES}, got {strategy!r}")
+    if n < 1:
+        raise InputValueError(f"expected n >= 1, got {n}")
+    if pool < n:
+        raise InputValueError(f"expected pool >= n, got pool={pool} and n={n}")
+    if not 0.0 < float(band) <= 1.0:
+        raise InputValueError(f"expected 0 < band <= 1, got {band}")
+    volume = _as_volume(target)
+    pkg = _load_package(model)
+    tiles, coords = _sample(volume, pool, tile_size, seed)
+
+    from .uncertainty import tile_uncertainty
+
+    probs = _probabilities(pkg, tiles, backend=backend, device=device, batch_size=batch_size, progress=progress)
+    scores = np.asarray(tile_uncertainty(probs, measure=measure), dtype=np.float64).reshape(-1)
+    features = None
+    if strategy in ("kcenter", "median-diverse"):
+        features = _embed(pkg, tiles, pooling=_pkg_pooling(pkg), backend=backend, device=device,
+                          batch_size=batch_size, progress=progress)
+    chosen = _choose(strategy, scores, n, seed=seed, features=features, coords=coords, size=tile_size,
+                     band=band)
+    settings = {"n": n, "strategy": strategy, "pool": pool, "tile_size": tile_size, "seed": seed,
+                "measure": measure, "band": float(band) if strategy == "median-diverse" else None,
+                "model": {"name": _pkg_name(pkg), "path": _pkg_path(pkg)},
+                "target": _describe_target(target, volume)}
+    return TileSelection(coords=coords[chosen], scores=scores[chosen], pool_coords=coords, pool_scores=scores,
+                         indices=chosen, tile_size=tile_size, strategy=strategy, measure=measure,
+                         settings=settings, tiles=np.asarray(tiles[chosen]) if keep_tiles else None)

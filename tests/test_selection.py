@@ -1,0 +1,129 @@
+"""Tile selection: the strategies on known scores/features against brute-force references, and
+select_tiles end to end with a small model package."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from neuroadda_rt.errors import InputValueError
+from neuroadda_rt.selection import STRATEGIES, TileSelection, _choose, _kcenter
+
+
+def _median_ref(s, n):
+    med = np.median(s)
+    return sorted(range(len(s)), key=lambda i: (abs(s[i] - med), i))[:n]
+
+
+def test_median_matches_brute_force(rng):
+    s = rng.uniform(size=101)
+    got = _choose("median", s, 7)
+    assert list(got) == _median_ref(s, 7)
+    med = np.median(s)
+    # no unchosen tile is strictly closer to the median than a chosen one
+    worst = max(abs(s[i] - med) for i in got)
+    others = [abs(s[i] - med) for i in range(len(s)) if i not in got]
+    assert min(others) >= worst
+
+
+def test_max_min_random(rng):
+    s = rng.uniform(size=50)
+    assert set(_choose("max", s, 5)) == set(np.argsort(s)[-5:])
+    assert set(_choose("min", s, 5)) == set(np.argsort(s)[:5])
+    r1 = _choose("random", s, 5, seed=3)
+    assert len(set(r1)) == 5
+    assert list(r1) == list(_choose("random", s, 5, seed=3))
+    assert list(r1) != list(_choose("random", s, 5, seed=4))
+
+
+def test_ties_broken_by_pool_index():
+    s = np.array([0.5, 0.2, 0.5, 0.8, 0.5, 0.5])
+    assert list(_choose("median", s, 3)) == [0, 2, 4]
+    assert list(_choose("max", np.ones(4), 2)) == [0, 1]
+
+
+def test_chosen_tiles_do_not_overlap():
+    s = np.array([0.50, 0.51, 0.49, 0.9, 0.1, 0.3])
+    coords = np.array([[0, 0], [10, 10], [100, 100], [200, 0], [0, 200], [300, 300]])
+    got = _choose("median", s, 2, coords=coords, size=32)
+    # tiles 0 and 1 overlap: the second pick skips 1 (the next closest to the median)
+    assert list(got) == [0, 2] or list(got) == [2, 0]
+    # 3-D: different slices never overlap
+    c3 = np.array([[0, 0, 0], [1, 0, 0], [0, 5, 5]])
+    assert list(_choose("max", np.array([3.0, 2.0, 1.0]), 2, coords=c3, size=32)) == [0, 1]
+
+
+def _kcenter_brute(f, n, start, cand):
+    chosen = [start]
+    while len(chosen) < n:
+        best, bestd = None, -1.0
+        for c in cand:
+            if c in chosen:
+                continue
+            d = min(np.linalg.norm(f[c] - f[j]) for j in chosen)
+            if d > bestd:
+                best, bestd = c, d
+        chosen.append(best)
+    return chosen
+
+
+def test_kcenter_matches_brute_force(rng):
+    f = rng.normal(size=(40, 6))
+    got = _kcenter(f, 6, 3, np.arange(40), None, 0)
+    assert list(got) == _kcenter_brute(f, 6, 3, list(range(40)))
+    # k-center's covering radius is within 2x of the optimum (checked exhaustively on a small set)
+    g = rng.normal(size=(12, 2))
+    k = 3
+    sel = _kcenter(g, k, 0, np.arange(12), None, 0)
+
+    def radius(idx):
+        return max(min(np.linalg.norm(g[i] - g[j]) for j in idx) for i in range(len(g)))
+
+    opt = min(radius(c) for c in itertools.combinations(range(12), k))
+    assert radius(sel) <= 2 * opt + 1e-12
+
+
+def test_kcenter_strategy_starts_near_mean(rng):
+    f = rng.normal(size=(30, 4))
+    got = _choose("kcenter", np.zeros(30), 4, features=f)
+    assert got[0] == np.argmin(np.linalg.norm(f - f.mean(0), axis=1))
+    assert len(set(got)) == 4
+
+
+def test_median_diverse_stays_in_band(rng):
+    s = rng.uniform(size=200)
+    f = rng.normal(size=(200, 5))
+    got = _choose("median-diverse", s, 5, features=f, band=0.2)
+    med = np.median(s)
+    band = set(np.argsort(np.abs(s - med), kind="stable")[:40])
+    assert set(got) <= band
+    assert got[0] == _median_ref(s, 1)[0]
+    assert len(set(got)) == 5
+    # diversity: its minimum pairwise distance beats the plain median choice
+    plain = _choose("median", s, 5)
+
+    def spread(idx):
+        return min(np.linalg.norm(f[a] - f[b]) for a, b in itertools.combinations(idx, 2))
+
+    assert spread(got) >= spread(plain)
+
+
+def test_bad_arguments():
+    with pytest.raises(InputValueError, match="strategy"):
+        _choose("best", np.zeros(3), 1)
+    with pytest.raises(InputValueError, match="features"):
+        _choose("kcenter", np.zeros(3), 1)
+    assert set(STRATEGIES) == {"median", "random", "max", "min", "kcenter", "median-diverse"}
+
+
+def test_selection_json_roundtrip(tmp_path):
+    sel = TileSelection(coords=np.array([[1, 2]]), scores=np.array([0.5]), pool_coords=np.array([[1, 2], [3, 4]]),
+                        pool_scores=np.array([0.5, 0.7]), indices=np.array([0]), tile_size=8, strategy="median",
+                        measure="entropy", settings={"seed": 0})
+    sel.to_json(tmp_path / "s.json")
+    back = TileSelection.from_json(tmp_path / "s.json")
+    np.testing.assert_array_equal(back.coords, sel.coords)
+    np.testing.assert_array_equal(back.pool_scores, sel.pool_scores)
+    assert back.strategy == "median" and back.tile_size == 8

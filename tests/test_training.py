@@ -1,0 +1,270 @@
+"""Training: determinism, resumption, learning, augmentation alignment, checkpoint safety."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from neuroadda_rt.errors import FormatError, InputValueError, ShapeError  # noqa: E402
+from neuroadda_rt.models import UNet  # noqa: E402
+from neuroadda_rt.training import (  # noqa: E402
+    CHECKPOINT_NAME,
+    TrainRecipe,
+    _apply_geometry,
+    _mirror_index,
+    _sample_geometry,
+    augment_pair,
+    train_network,
+)
+
+
+def _boundary_targets(lab, representation):
+    """Brute-force 4-neighbour boundary map (independent of neuroadda_rt.labels)."""
+    b = np.zeros(lab.shape, bool)
+    h, w = lab.shape
+    for i in range(h):
+        for j in range(w):
+            for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                a, c = i + di, j + dj
+                if 0 <= a < h and 0 <= c < w and lab[a, c] != lab[i, j]:
+                    b[i, j] = True
+    t = b.astype(np.float32)[None]
+    return t, np.ones_like(t)
+
+
+def _fast_boundary_targets(lab, representation):
+    b = np.zeros(lab.shape, bool)
+    d0, d1 = lab[1:] != lab[:-1], lab[:, 1:] != lab[:, :-1]
+    b[1:] |= d0
+    b[:-1] |= d0
+    b[:, 1:] |= d1
+    b[:, :-1] |= d1
+    t = b.astype(np.float32)[None]
+    return t, np.ones_like(t)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A tiny 'EM' problem: blocks of cells with dark membranes and noise."""
+    rng = np.random.default_rng(3)
+    lab = (np.add.outer(np.arange(64) // 11, (np.arange(64) // 13) * 10) + 1).astype(np.uint32)
+    bnd = _fast_boundary_targets(lab, "boundary")[0][0] > 0
+    img = np.where(bnd, 0.15, 0.75) + rng.normal(0, 0.08, lab.shape)
+    return np.clip(img, 0, 1).astype(np.float32), lab
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return UNet(widths=(4, 8, 16))
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+RECIPE = TrainRecipe(steps=8, batch_size=3, patch_size=32, lr=3e-3, seed=5)
+
+
+def test_fast_targets_match_brute_force(toy):
+    _, lab = toy
+    assert np.array_equal(_fast_boundary_targets(lab, "b")[0], _boundary_targets(lab, "b")[0])
+
+
+def test_same_seed_gives_identical_weights(toy):
+    img, lab = toy
+    a, b, c = _net(), _net(), _net()
+    ha = train_network(a, img, lab, recipe=RECIPE, target_fn=_fast_boundary_targets)
+    train_network(b, img, lab, recipe=RECIPE, target_fn=_fast_boundary_targets)
+    train_network(c, img, lab, recipe=TrainRecipe(**{**RECIPE.to_dict(), "seed": 6}), target_fn=_fast_boundary_targets)
+    assert len(ha.loss) == RECIPE.steps and ha.steps_run == RECIPE.steps
+    assert _same_weights(a, b)
+    assert not _same_weights(a, c)
+
+
+def test_deterministic_flag_restored(toy):
+    img, lab = toy
+    before = torch.are_deterministic_algorithms_enabled()
+    train_network(_net(), img, lab, recipe=TrainRecipe(steps=1, batch_size=1, patch_size=16),
+                  target_fn=_fast_boundary_targets)
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted(toy, tmp_path):
+    img, lab = toy
+    ref = _net()
+    href = train_network(ref, img, lab, recipe=RECIPE, target_fn=_fast_boundary_targets)
+
+    def stop_at_6(step, loss):
+        if step == 6:
+            raise _Interrupt
+
+    net = _net()
+    with pytest.raises(_Interrupt):
+        train_network(net, img, lab, recipe=RECIPE, target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path,
+                      checkpoint_every=4, callback=stop_at_6)
+    assert (tmp_path / CHECKPOINT_NAME).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != CHECKPOINT_NAME]  # no temp files left
+    resumed = _net()  # a fresh process would rebuild the network from scratch
+    h = train_network(resumed, img, lab, recipe=RECIPE, target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path,
+                      checkpoint_every=4)
+    assert h.resumed_from == 4 and h.steps_run == RECIPE.steps - 4
+    assert h.loss == href.loss
+    assert _same_weights(resumed, ref)
+    # a finished checkpoint resumes to "nothing left to do"
+    again = _net()
+    h2 = train_network(again, img, lab, recipe=RECIPE, target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
+    assert h2.steps_run == 0 and _same_weights(again, ref)
+
+
+def test_checkpoint_of_another_run_is_refused(toy, tmp_path):
+    img, lab = toy
+    train_network(_net(), img, lab, recipe=TrainRecipe(steps=2, batch_size=1, patch_size=16),
+                  target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
+    with pytest.raises(InputValueError, match="different run"):
+        train_network(_net(), img, lab, recipe=TrainRecipe(steps=3, batch_size=1, patch_size=16),
+                      target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(FormatError, match=CHECKPOINT_NAME):
+        train_network(_net(), img, lab, recipe=TrainRecipe(steps=2, batch_size=1, patch_size=16),
+                      target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
+
+
+def test_checkpoint_holds_no_pickle(toy, tmp_path):
+    img, lab = toy
+    train_network(_net(), img, lab, recipe=TrainRecipe(steps=2, batch_size=1, patch_size=16),
+                  target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / CHECKPOINT_NAME), framework="np") as f:
+        keys = set(f.keys())
+        assert "rng/torch" in keys and any(k.startswith("optim/") for k in keys)
+        assert "neuroadda_rt" in f.metadata()
+
+
+def test_training_lowers_the_loss(toy):
+    img, lab = toy
+    net = _net()
+    recipe = TrainRecipe(steps=60, batch_size=4, patch_size=32, lr=1e-2, augment=False, seed=0)
+    h = train_network(net, img, lab, recipe=recipe, target_fn=_fast_boundary_targets)
+    assert np.mean(h.loss[-10:]) < 0.6 * np.mean(h.loss[:5])
+    # and the trained network separates membrane from cytoplasm on the full image
+    with torch.no_grad():
+        p = net(torch.from_numpy(img)[None, None]).numpy()[0, 0]
+    bnd = _fast_boundary_targets(lab, "b")[0][0] > 0
+    assert p[bnd].mean() > p[~bnd].mean() + 0.2
+
+
+# ------------------------------------------------------------------------------ augmentation
+def test_mirror_index_matches_scipy_mirror():
+    from scipy import ndimage
+
+    n = 7
+    idx = np.arange(-20, 27)
+    a = np.arange(n, dtype=np.float64) * 10
+    ref = ndimage.map_coordinates(a, idx[None].astype(np.float64), order=0, mode="mirror")
+    assert np.array_equal(a[_mirror_index(idx, n)], ref)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rigid_augmentation_is_the_same_pixel_permutation(seed):
+    """Image and labels go through one permutation of pixel indices (brute-force check)."""
+    s = 9
+    rng = np.random.default_rng(seed)
+    idx = np.arange(s * s).reshape(s, s)
+    img, lab = augment_pair(idx.astype(np.float32), idx, np.random.default_rng(seed), elastic=False,
+                            intensity=False)
+    assert np.array_equal(img, lab.astype(np.float32))
+    assert np.array_equal(np.sort(lab.ravel()), idx.ravel())  # a permutation
+    # brute force: rebuild the expected result from the drawn flips / rotation
+    geom = _sample_geometry(np.random.default_rng(seed), s, elastic=False)
+    expected = np.empty_like(idx)
+    for i in range(s):
+        for j in range(s):
+            y, x = i, j
+            if geom.flip_x:
+                x = s - 1 - x
+            if geom.flip_y:
+                y = s - 1 - y
+            for _ in range(geom.rot90):  # np.rot90 (k=1): out[i, j] = in[j, s-1-i]
+                y, x = x, s - 1 - y
+            expected[i, j] = idx[y, x]
+    assert np.array_equal(lab, expected)
+    del rng
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_elastic_augmentation_keeps_labels_aligned(seed):
+    """Labels are read at the rounded coordinates the image is interpolated at (brute force)."""
+    s = 24
+    rng = np.random.default_rng(100 + seed)
+    image = rng.random((s, s)).astype(np.float32)
+    labels = np.arange(s * s).reshape(s, s)
+    geom = _sample_geometry(np.random.default_rng(seed), s, elastic=True)
+    img, lab = _apply_geometry(image, labels, geom)
+    c = geom.coordinates(s)
+
+    def mirror(v):
+        v = int(v)
+        period = 2 * (s - 1)
+        v %= period
+        return period - v if v >= s else v
+
+    def pixel(y, x):
+        return float(image[mirror(y), mirror(x)])
+
+    for i in range(s):
+        for j in range(s):
+            y, x = c[0, i, j], c[1, i, j]
+            yr, xr = int(np.rint(y)), int(np.rint(x))
+            assert lab[i, j] == labels[mirror(yr), mirror(xr)]
+            y0, x0 = int(np.floor(y)), int(np.floor(x))
+            fy, fx = y - y0, x - x0
+            ref = ((1 - fy) * (1 - fx) * pixel(y0, x0) + (1 - fy) * fx * pixel(y0, x0 + 1)
+                   + fy * (1 - fx) * pixel(y0 + 1, x0) + fy * fx * pixel(y0 + 1, x0 + 1))
+            assert abs(img[i, j] - ref) < 1e-5
+    # the deformation is a real one, not the identity
+    assert np.abs(geom.displacement).max() > 0.5
+
+
+def test_augmentation_moves_image_and_labels_together_on_a_label_image():
+    """With jitter off, an image that *is* a function of the labels stays that function."""
+    rng = np.random.default_rng(1)
+    lab = (np.add.outer(np.arange(48) // 8, (np.arange(48) // 6) * 7) + 1).astype(np.int64)
+    lut = rng.random(lab.max() + 1).astype(np.float32)
+    for seed in range(5):
+        img, out = augment_pair(lut[lab], lab, np.random.default_rng(seed), elastic=False, intensity=False)
+        assert np.array_equal(img, lut[out])
+
+
+def test_intensity_jitter_stays_in_range_and_is_seeded():
+    x = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    lab = np.zeros((16, 16), np.uint32)
+    a, _ = augment_pair(x, lab, np.random.default_rng(2))
+    b, _ = augment_pair(x, lab, np.random.default_rng(2))
+    assert np.array_equal(a, b)
+    assert a.dtype == np.float32 and a.min() >= 0 and a.max() <= 1
+    assert not np.allclose(a, x)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_typed_errors(toy):
+    img, lab = toy
+    with pytest.raises(ShapeError):
+        train_network(_net(), img, lab[:10], recipe=RECIPE, target_fn=_fast_boundary_targets)
+    with pytest.raises(ShapeError):
+        train_network(_net(), [img, img], [lab], recipe=RECIPE, target_fn=_fast_boundary_targets)
+    with pytest.raises(TypeError):
+        train_network(_net(), img, lab.astype(np.float32), recipe=RECIPE, target_fn=_fast_boundary_targets)
+    with pytest.raises(InputValueError):
+        TrainRecipe(steps=0)
+    with pytest.raises(InputValueError):
+        TrainRecipe(lr=-1.0)
+    with pytest.raises(ShapeError):
+        augment_pair(np.zeros((4, 5), np.float32), np.zeros((4, 5), np.int32), np.random.default_rng(0))

@@ -1,0 +1,1029 @@
+"""Reading and writing EM volumes, lazily, in the formats of the field.
+
+:func:`open_volume` returns a :class:`Volume`: an array-like that knows its shape, dtype and
+(when the file states it) voxel size in nm, and reads only the bounding box of what is
+sliced. Supported: HDF5 (``file.h5:dataset`` or ``key=``), zarr v2 and v3 (including one
+level of an OME-Zarr multiscale group), N5 (a small built-in reader: zarr 3 dropped N5),
+multi-page TIFF, a folder of TIFF or PNG slices (natural sort), ``.npy`` files and in-memory
+NumPy arrays. Neuroglancer precomputed goes through cloud-volume, an optional extra.
+
+Intensities are brought to float32 in [0, 1] by :func:`normalize_intensity` under a named
+rule whose JSON-serialisable description (:func:`intensity_rule`) is stored in model
+packages and re-applied at inference.
+
+Every axis order is NumPy's C order: ``(z, y, x)`` for volumes, ``(y, x)`` for images.
+Voxel sizes follow the same order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import DTypeError, FormatError, InputValueError, ShapeError, require
+
+__all__ = [
+    "Volume",
+    "open_volume",
+    "normalize_intensity",
+    "intensity_rule",
+    "write_volume",
+    "write_tiff",
+    "write_n5",
+    "natural_sort_key",
+]
+
+_H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".hd5")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_IMG_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def natural_sort_key(name: str):
+    """Sort key that orders ``"2.png"`` before ``"10.png"``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(name))]
+
+
+# ----------------------------------------------------------------------------- backends
+class _Backend:
+    """Reads an axis-aligned box ``[starts, stops)`` with unit step."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    voxel_size_nm: tuple[float, ...] | None = None
+
+    def read_box(self, starts, stops) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class _ArrayBackend(_Backend):
+    def __init__(self, arr):
+        self.arr = arr
+        self.shape = tuple(arr.shape)
+        self.dtype = np.dtype(arr.dtype)
+
+    def read_box(self, starts, stops):
+        return np.asarray(self.arr[tuple(slice(a, b) for a, b in zip(starts, stops))])
+
+
+class _H5Backend(_ArrayBackend):
+    def __init__(self, f, ds):
+        super().__init__(ds)
+        self.file = f
+        self.voxel_size_nm = _voxel_size_from_attrs(dict(ds.attrs), len(self.shape))
+
+    def read_box(self, starts, stops):
+        try:
+            return np.asarray(self.arr[tuple(slice(a, b) for a, b in zip(starts, stops))])
+        except OSError as exc:  # a chunk beyond a truncation point
+            raise FormatError(f"{self.file.filename}: cannot read {self.arr.name} (truncated or corrupt file?): {exc}") from exc
+
+    def close(self):
+        self.file.close()
+
+
+class _SliceStackBackend(_Backend):
+    """A list of 2-D image files (a folder of slices, or the pages of a multi-page TIFF)."""
+
+    def __init__(self, readers, shape2d, dtype, label):
+        self.readers = readers
+        self.shape = (len(readers), *shape2d)
+        self.dtype = np.dtype(dtype)
+        self.label = label
+
+    def read_box(self, starts, stops):
+        out = np.empty(tuple(b - a for a, b in zip(starts, stops)), dtype=self.dtype)
+        for i, z in enumerate(range(starts[0], stops[0])):
+            img = self.readers[z]()
+            if img.shape != self.shape[1:]:
+                raise ShapeError(f"{self.label}: slice {z} has shape {img.shape}, expected {self.shape[1:]} like slice 0")
+            out[i] = img[starts[1]:stops[1], starts[2]:stops[2]]
+        return out
+
+
+def _read_2d_image(path: Path) -> np.ndarray:
+    """One 2-D slice as a single channel (channel 0 of RGB/RGBA, as the README asks)."""
+    try:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            tifffile = require("tifffile", "io")
+            img = tifffile.imread(str(path))
+        else:
+            Image = require("PIL.Image", "io")
+            with Image.open(path) as im:
+                if im.mode in ("RGB", "RGBA", "LA", "P", "CMYK", "YCbCr"):
+                    im = im.convert("RGB") if im.mode == "P" else im
+                    img = np.asarray(im)
+                else:
+                    img = np.asarray(im)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise FormatError(f"{path}: cannot read image (truncated or not an image?): {exc}") from exc
+    if img.ndim == 3:
+        img = img[..., 0]
+    if img.ndim != 2:
+        raise ShapeError(f"{path}: expected a 2-D slice, got shape {img.shape}")
+    return np.ascontiguousarray(img)
+
+
+class _N5Backend(_Backend):
+    """Minimal N5 reader (spec: github.com/saalfeldlab/n5): block files at ``i/j/k`` in
+    N5 (x-first) axis order, a big-endian header, raw/gzip/zstd/bzip2/xz payloads.
+    Missing blocks read as the fill value 0."""
+
+    _DTYPES = {"uint8": "u1", "uint16": "u2", "uint32": "u4", "uint64": "u8", "int8": "i1", "int16": "i2",
+               "int32": "i4", "int64": "i8", "float32": "f4", "float64": "f8"}
+
+    def __init__(self, path: Path, attrs: dict):
+        self.path = path
+        try:
+            dims = [int(d) for d in attrs["dimensions"]]
+            block = [int(b) for b in attrs["blockSize"]]
+            dtype = self._DTYPES[attrs["dataType"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"{path}: not an N5 dataset (attributes.json lacks dimensions/blockSize/dataType or "
+                              f"has an unsupported dataType): {exc}") from exc
+        self.n5_dims = dims
+        self.n5_block = block
+        self.shape = tuple(reversed(dims))
+        self.block = tuple(reversed(block))
+        self.dtype = np.dtype(dtype)
+        self.be_dtype = np.dtype(">" + dtype)
+        comp = attrs.get("compression", {"type": attrs.get("compressionType", "raw")})
+        self.compression = comp.get("type", "raw") if isinstance(comp, dict) else str(comp)
+        if self.compression not in ("raw", "gzip", "zstd", "bzip2", "xz"):
+            raise FormatError(f"{path}: N5 compression {self.compression!r} is not supported by the built-in reader "
+                              "(expected raw, gzip, zstd, bzip2 or xz)")
+        res = attrs.get("resolution") or (attrs.get("pixelResolution") or {}).get("dimensions")
+        if res is not None and len(res) == len(dims):
+            unit = str((attrs.get("pixelResolution") or {}).get("unit", attrs.get("unit", "nm")))
+            self.voxel_size_nm = tuple(float(r) * _unit_to_nm(unit) for r in reversed(res))
+
+    def _decompress(self, raw: bytes, f: Path) -> bytes:
+        if self.compression == "raw":
+            return raw
+        try:
+            if self.compression == "gzip":
+                import zlib
+                return zlib.decompress(raw, 15 + 32)  # gzip or zlib header, as N5 writers differ
+            if self.compression == "bzip2":
+                import bz2
+                return bz2.decompress(raw)
+            if self.compression == "xz":
+                import lzma
+                return lzma.decompress(raw)
+            numcodecs = require("numcodecs", "io")
+            return bytes(numcodecs.Zstd().decode(raw))
+        except Exception as exc:  # any codec failure means a corrupt block
+            raise FormatError(f"{f}: cannot decompress N5 block ({self.compression}): {exc}") from exc
+
+    def _read_block(self, idx_c) -> np.ndarray | None:
+        f = self.path.joinpath(*[str(i) for i in reversed(idx_c)])
+        if not f.exists():
+            return None
+        buf = f.read_bytes()
+        if len(buf) < 4:
+            raise FormatError(f"{f}: truncated N5 block header")
+        mode, nd = np.frombuffer(buf[:4], dtype=">u2")
+        hdr = 4 + 4 * int(nd) + (4 if mode == 1 else 0)
+        if mode not in (0, 1) or nd != len(self.shape) or len(buf) < hdr:
+            raise FormatError(f"{f}: bad N5 block header (mode {mode}, ndim {nd}, expected ndim {len(self.shape)})")
+        bshape = tuple(int(s) for s in reversed(np.frombuffer(buf[4:4 + 4 * int(nd)], dtype=">u4")))
+        data = self._decompress(buf[hdr:], f)
+        n = int(np.prod(bshape))
+        if len(data) < n * self.dtype.itemsize:
+            raise FormatError(f"{f}: truncated N5 block: expected {n * self.dtype.itemsize} bytes, got {len(data)}")
+        return np.frombuffer(data[: n * self.dtype.itemsize], dtype=self.be_dtype).reshape(bshape).astype(self.dtype)
+
+    def read_box(self, starts, stops):
+        out = np.zeros(tuple(b - a for a, b in zip(starts, stops)), dtype=self.dtype)
+        if out.size == 0:
+            return out
+        ranges = [range(a // bs, (b - 1) // bs + 1) for a, b, bs in zip(starts, stops, self.block)]
+        for idx in np.ndindex(*[len(r) for r in ranges]):
+            bidx = [r[i] for r, i in zip(ranges, idx)]
+            blk = self._read_block(bidx)
+            if blk is None:
+                continue
+            b0 = [i * bs for i, bs in zip(bidx, self.block)]
+            src, dst = [], []
+            for a, b, o, n in zip(starts, stops, b0, blk.shape):
+                lo, hi = max(a, o), min(b, o + n)
+                src.append(slice(lo - o, hi - o))
+                dst.append(slice(lo - a, hi - a))
+            out[tuple(dst)] = blk[tuple(src)]
+        return out
+
+
+class _CloudVolumeBackend(_ArrayBackend):
+    def __init__(self, url):
+        cv = require("cloudvolume", "neuroglancer")
+        vol = cv.CloudVolume(url, mip=0, progress=False, fill_missing=True)
+        self.vol = vol
+        # cloud-volume is (x, y, z, c); present (z, y, x) like everything else.
+        self.shape = tuple(int(s) for s in reversed(vol.shape[:3]))
+        self.dtype = np.dtype(vol.dtype)
+        self.voxel_size_nm = tuple(float(r) for r in reversed(vol.resolution))
+
+    def read_box(self, starts, stops):
+        s = list(reversed(starts))
+        e = list(reversed(stops))
+        a = np.asarray(self.vol[s[0]:e[0], s[1]:e[1], s[2]:e[2]])[..., 0]
+        return np.ascontiguousarray(a.transpose(2, 1, 0))
+
+
+# ----------------------------------------------------------------------------- metadata helpers
+def _unit_to_nm(unit: str) -> float:
+    u = unit.lower().strip()
+    return {"nm": 1.0, "nanometer": 1.0, "nanometers": 1.0, "um": 1e3, "µm": 1e3, "micrometer": 1e3,
+            "micron": 1e3, "micrometers": 1e3, "microns": 1e3, "mm": 1e6, "millimeter": 1e6, "angstrom": 0.1,
+            "pm": 1e-3}.get(u, 1.0)
+
+
+def _voxel_size_from_attrs(attrs: dict, ndim: int) -> tuple[float, ...] | None:
+    """Voxel size from the common HDF5/zarr conventions: ``voxel_size``/``resolution`` in nm
+    (zyx), ``element_size_um`` (zyx, micrometres)."""
+    for key, scale in (("voxel_size_nm", 1.0), ("voxel_size", 1.0), ("resolution", 1.0), ("element_size_um", 1e3)):
+        if key in attrs:
+            try:
+                v = [float(x) * scale for x in np.atleast_1d(attrs[key])]
+            except (TypeError, ValueError):
+                continue
+            if len(v) == ndim:
+                return tuple(v)
+    return None
+
+
+# ----------------------------------------------------------------------------- Volume
+class Volume:
+    """A lazily read EM volume (or 2-D image).
+
+    Slicing with ints, slices (any step) and ``...`` reads only the bounding box of the
+    selection and returns a new NumPy array (a copy; the file is never modified).
+    ``np.asarray(volume)`` reads everything.
+
+    Attributes
+    ----------
+    shape, dtype, ndim : the array's geometry, in C order (``z, y, x``).
+    voxel_size_nm : tuple of float or None
+        Voxel size per axis in nm when the file states it.
+    path : str or None
+        The file (or folder) it was opened from; ``None`` for in-memory arrays.
+    key : str or None
+        The dataset inside the container (HDF5 dataset, zarr array path, N5 dataset).
+    voxels_read : int
+        How many voxels have been read so far (for checking laziness).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> v = open_volume(np.zeros((4, 8, 8), np.uint8))
+    >>> v.shape, v[1, :2, :3].shape
+    ((4, 8, 8), (2, 3))
+    """
+
+    def __init__(self, backend: _Backend, *, path=None, key=None, voxel_size_nm=None):
+        self._b = backend
+        self.shape = tuple(int(s) for s in backend.shape)
+        self.dtype = np.dtype(backend.dtype)
+        self.path = None if path is None else str(path)
+        self.key = key
+        vs = voxel_size_nm if voxel_size_nm is not None else backend.voxel_size_nm
+        if vs is not None:
+            vs = tuple(float(x) for x in np.atleast_1d(vs))
+            if len(vs) != len(self.shape):
+                raise ShapeError(f"{self._name()}: expected {len(self.shape)} voxel sizes, got {len(vs)}")
+        self.voxel_size_nm = vs
+        self.voxels_read = 0
+
+    # -- array protocol
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        where = self.path or "<array>"
+        if self.key:
+            where += f":{self.key}"
+        return f"Volume({where}, shape={self.shape}, dtype={self.dtype}, voxel_size_nm={self.voxel_size_nm})"
+
+    def _name(self) -> str:
+        return (self.path or "<array>") + (f":{self.key}" if self.key else "")
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[...]
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def read(self) -> np.ndarray:
+        """Read the whole volume into memory (a new array)."""
+        return self[...]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        n_ell = sum(k is Ellipsis for k in key)
+        if n_ell > 1:
+            raise InputValueError(f"{self._name()}: expected at most one Ellipsis in the index, got {n_ell}")
+        if n_ell == 0:
+            key = key + (Ellipsis,)
+        i = next(j for j, k in enumerate(key) if k is Ellipsis)
+        n_fill = self.ndim - (len(key) - 1)
+        if n_fill < 0:
+            raise ShapeError(f"{self._name()}: too many indices: expected at most {self.ndim}, got {len(key) - 1}")
+        key = key[:i] + (slice(None),) * n_fill + key[i + 1:]
+        starts, stops, post = [], [], []
+        for ax, (k, n) in enumerate(zip(key, self.shape)):
+            if isinstance(k, (int, np.integer)):
+                k = int(k)
+                if not -n <= k < n:
+                    raise IndexError(f"{self._name()}: index {k} out of range for axis {ax} of size {n}")
+                k %= n
+                starts.append(k)
+                stops.append(k + 1)
+                post.append(0)
+            elif isinstance(k, slice):
+                r = range(*k.indices(n))
+                if len(r) == 0:
+                    starts.append(0)
+                    stops.append(0)
+                    post.append(slice(0, 0))
+                    continue
+                lo, hi = min(r[0], r[-1]), max(r[0], r[-1]) + 1
+                starts.append(lo)
+                stops.append(hi)
+                step = r.step
+                post.append(slice(r[0] - lo, None if step < 0 and r[-1] == lo else r[-1] - lo + (1 if step > 0 else -1), step))
+            else:
+                raise InputValueError(
+                    f"{self._name()}: expected ints, slices or Ellipsis as index, got {type(k).__name__} "
+                    "(read a box first, then index the NumPy array)")
+        if any(b <= a for a, b in zip(starts, stops)):
+            box = np.empty(tuple(max(0, b - a) for a, b in zip(starts, stops)), dtype=self.dtype)
+        else:
+            box = self._b.read_box(starts, stops)
+            self.voxels_read += int(box.size)
+        return np.ascontiguousarray(box[tuple(post)])
+
+    def close(self):
+        """Release the file handle (HDF5); slicing afterwards is an error for HDF5 volumes."""
+        self._b.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------- open_volume
+def _split_key(path: str) -> tuple[str, str | None]:
+    """``file.h5:dataset`` / ``vol.n5:raw/s0`` / ``vol.zarr:0`` → (file, key)."""
+    m = re.match(r"^(.*?\.(?:h5|hdf5|hdf|hd5|n5|zarr))[:](.+)$", path, flags=re.IGNORECASE)
+    if m and not os.path.exists(path):
+        return m.group(1), m.group(2).lstrip("/")
+    return path, None
+
+
+def _h5_datasets(f) -> list[str]:
+    names = []
+    f.visititems(lambda n, o: names.append(n) if hasattr(o, "shape") else None)
+    return names
+
+
+def _open_h5(path: Path, key):
+    h5py = require("h5py", "io")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot open as HDF5 (truncated or not HDF5?): {exc}") from exc
+    names = _h5_datasets(f)
+    if key is None:
+        if len(names) != 1:
+            f.close()
+            raise FormatError(f"{path}: expected a dataset key (file.h5:dataset or key=) because the file holds "
+                              f"{len(names)} datasets: {names[:20]}")
+        key = names[0]
+    if key not in f or not hasattr(f[key], "shape"):
+        f.close()
+        raise FormatError(f"{path}: no dataset {key!r}; available: {names[:20]}")
+    ds = f[key]
+    try:  # touch the first chunk so that a truncated file fails here, not at first use
+        if ds.size:
+            ds[(0,) * ds.ndim]
+    except OSError as exc:
+        f.close()
+        raise FormatError(f"{path}: dataset {key!r} is unreadable (truncated file?): {exc}") from exc
+    return Volume(_H5Backend(f, ds), path=path, key=key)
+
+
+def _ome_level(group, key, path):
+    """Pick a multiscale level of an OME-Zarr group; returns (array, voxel size nm, key)."""
+    ms = group.attrs.get("multiscales")
+    if not ms:
+        return None
+    m = ms[0]
+    dsets = m.get("datasets", [])
+    level = 0 if key is None else key
+    if isinstance(level, str) and level.isdigit() and not any(d["path"] == level for d in dsets):
+        level = int(level)
+    if isinstance(level, int):
+        if not 0 <= level < len(dsets):
+            raise FormatError(f"{path}: OME-Zarr has {len(dsets)} levels, got level {level}")
+        d = dsets[level]
+    else:
+        hits = [d for d in dsets if d["path"] == level]
+        if not hits:
+            return None
+        d = hits[0]
+    arr = group[d["path"]]
+    scale = None
+    for t in d.get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = t["scale"]
+    units = [a.get("unit", "nm") if isinstance(a, dict) else "nm" for a in m.get("axes", [])]
+    vs = None
+    if scale is not None:
+        if len(units) != len(scale):
+            units = ["nm"] * len(scale)
+        vs = [float(s) * _unit_to_nm(u) for s, u in zip(scale, units)]
+        vs = tuple(vs[-arr.ndim:])
+    return arr, vs, d["path"]
+
+
+def _open_zarr(path: Path, key):
+    zarr = require("zarr", "io")
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for unreadable stores
+        raise FormatError(f"{path}: cannot open as zarr: {exc}") from exc
+    vs = None
+    if hasattr(node, "shape"):
+        arr = node
+        if key:
+            raise FormatError(f"{path}: is a zarr array, got a key {key!r}")
+    else:
+        ome = _ome_level(node, key, path)
+        if ome is not None:
+            arr, vs, key = ome
+        else:
+            if key is None:
+                names = [n for n, _ in node.arrays()]
+                if len(names) != 1:
+                    raise FormatError(f"{path}: expected a key (vol.zarr:array or key=): the group holds arrays {names[:20]}")
+                key = names[0]
+            try:
+                arr = node[key]
+            except KeyError as exc:
+                names = [n for n, _ in node.arrays()]
+                raise FormatError(f"{path}: no array {key!r}; available: {names[:20]}") from exc
+            if not hasattr(arr, "shape"):
+                raise FormatError(f"{path}: {key!r} is a group, not an array")
+    b = _ArrayBackend(arr)
+    b.voxel_size_nm = vs or _voxel_size_from_attrs(dict(arr.attrs), arr.ndim)
+    return Volume(b, path=path, key=key)
+
+
+def _is_n5(path: Path) -> bool:
+    if path.suffix.lower() == ".n5":
+        return True
+    a = path / "attributes.json"
+    if a.is_file():
+        try:
+            return "n5" in json.loads(a.read_text()) or "dataType" in json.loads(a.read_text())
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def _open_n5(path: Path, key):
+    if not (path / "attributes.json").is_file():
+        raise FormatError(f"{path}: not an N5 container (no attributes.json)")
+
+    def datasets():
+        return sorted(str(p.parent.relative_to(path)) for p in path.rglob("attributes.json")
+                      if '"dataType"' in p.read_text())
+
+    ds_path = path / key if key else path
+    attr_file = ds_path / "attributes.json"
+    attrs = None
+    if attr_file.is_file():
+        try:
+            attrs = json.loads(attr_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{attr_file}: unreadable N5 attributes: {exc}") from exc
+    if attrs is None or "dataType" not in attrs:
+        found = datasets()
+        if key is None and len(found) == 1:
+            return _open_n5(path, found[0])
+        raise FormatError(f"{path}: no N5 dataset {key!r} (a group or missing); available: {found[:20]}")
+    return Volume(_N5Backend(ds_path, attrs), path=path, key=key)
+
+
+def _open_tiff(path: Path):
+    tifffile = require("tifffile", "io")
+    try:
+        tf = tifffile.TiffFile(str(path))
+        series = tf.series[0]
+        shape = tuple(series.shape)
+        dtype = series.dtype
+        n_pages = len(series.pages)
+        vs = None
+        ij = tf.imagej_metadata or {}
+        page0 = series.pages[0]
+        try:
+            xr = page0.tags["XResolution"].value
+            unit = ij.get("unit", "")
+            if xr and xr[0] and unit:
+                px = xr[1] / xr[0] * _unit_to_nm("um" if unit in ("micron", "\\u00B5m", "um", "µm") else unit)
+                vs = (float(ij["spacing"]) * _unit_to_nm("um" if unit in ("micron", "\\u00B5m", "um", "µm") else unit),
+                      px, px) if "spacing" in ij and len(shape) == 3 else ((px, px) if len(shape) == 2 else None)
+        except (KeyError, TypeError, ZeroDivisionError):
+            vs = None
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
+        raise FormatError(f"{path}: cannot read TIFF (truncated or not a TIFF?): {exc}") from exc
+    if len(shape) == 2:
+        tf.close()
+        b = _SliceStackBackend([lambda: _read_2d_image(path)], shape, dtype, str(path))
+        v2 = _Wrap2D(b)
+        v2.voxel_size_nm = vs
+        return Volume(v2, path=path)
+    if len(shape) == 3 and n_pages == shape[0]:
+        def page_reader(i):
+            def read():
+                with tifffile.TiffFile(str(path)) as t:
+                    try:
+                        return t.series[0].pages[i].asarray()
+                    except Exception as exc:  # tifffile raises various errors on a cut file
+                        raise FormatError(f"{path}: cannot read page {i} (truncated?): {exc}") from exc
+            return read
+        tf.close()
+        b = _SliceStackBackend([page_reader(i) for i in range(shape[0])], shape[1:], dtype, str(path))
+        b.voxel_size_nm = vs
+        return Volume(b, path=path)
+    try:  # unusual layouts (RGB, 4-D): read eagerly
+        arr = series.asarray()
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types on corrupt files
+        raise FormatError(f"{path}: cannot read TIFF data (truncated?): {exc}") from exc
+    finally:
+        tf.close()
+    return Volume(_ArrayBackend(arr), path=path)
+
+
+class _Wrap2D(_Backend):
+    """A one-slice stack shown as a 2-D image."""
+
+    def __init__(self, b):
+        self.b = b
+        self.shape = b.shape[1:]
+        self.dtype = b.dtype
+
+    def read_box(self, starts, stops):
+        return self.b.read_box([0, *starts], [1, *stops])[0]
+
+
+def _open_folder(path: Path, pattern: str | None):
+    files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _IMG_SUFFIXES]
+    if pattern:
+        files = [p for p in files if p.match(pattern)]
+    if not files:
+        raise FormatError(f"{path}: expected a folder of .tif/.png slices, found none"
+                          + (f" matching {pattern!r}" if pattern else ""))
+    suffixes = {p.suffix.lower().replace("tiff", "tif") for p in files}
+    if len(suffixes) > 1:
+        raise FormatError(f"{path}: expected one image type per folder, got {sorted(suffixes)} (pass key='*.png')")
+    files.sort(key=lambda p: natural_sort_key(p.name))
+    first = _read_2d_image(files[0])
+    readers = [(lambda p=p: _read_2d_image(p)) for p in files]
+    b = _SliceStackBackend(readers, first.shape, first.dtype, str(path))
+    v = Volume(b, path=path, key=pattern)
+    v.files = [str(p) for p in files]
+    return v
+
+
+def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume:
+    """Open an EM volume (or 2-D image) lazily.
+
+    Parameters
+    ----------
+    source : str, Path, numpy.ndarray or Volume
+        A file or folder: ``.h5``/``.hdf5`` (``file.h5:dataset`` selects a dataset),
+        ``.zarr`` (v2 or v3; an OME-Zarr group opens level ``key`` or 0), ``.n5``
+        (``vol.n5:dataset``), ``.tif``/``.tiff`` (one page or many), ``.png``, ``.npy``
+        (memory-mapped), a folder of TIFF or PNG slices (naturally sorted), or
+        ``precomputed://...`` (needs the ``neuroglancer`` extra). Arrays are wrapped
+        without copying.
+    key : str, optional
+        The dataset inside a container, an OME-Zarr level (``"0"``), or a glob selecting the
+        files of a slice folder (``"*.png"``).
+    voxel_size_nm : sequence of float, optional
+        Overrides the voxel size stated in the file.
+
+    Returns
+    -------
+    Volume
+        Lazy; nothing but metadata is read until it is sliced.
+
+    Raises
+    ------
+    FormatError
+        Unknown format, missing dataset key, truncated or unreadable file (the message names it).
+
+    Examples
+    --------
+    >>> v = open_volume("train-image.h5:stack")            # doctest: +SKIP
+    >>> tile = v[10, 0:64, 0:64]                           # doctest: +SKIP
+    """
+    if isinstance(source, Volume):
+        return source
+    if isinstance(source, np.ndarray) or (hasattr(source, "__array__") and hasattr(source, "shape")
+                                          and not isinstance(source, (str, os.PathLike))):
+        arr = source if isinstance(source, np.ndarray) else np.asarray(source)
+        return Volume(_ArrayBackend(arr), voxel_size_nm=voxel_size_nm)
+    s = str(source)
+    if s.startswith("precomputed://") or s.startswith("gs://") or s.startswith("s3://"):
+        return Volume(_CloudVolumeBackend(s), path=s, voxel_size_nm=voxel_size_nm)
+    if key is None:
+        s, key = _split_key(s)
+    path = Path(s)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or folder")
+    suf = path.suffix.lower()
+    if path.is_file() and suf in _H5_SUFFIXES:
+        v = _open_h5(path, key)
+    elif suf == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise FormatError(f"{path}: cannot read .npy (truncated or not NumPy?): {exc}") from exc
+        v = Volume(_ArrayBackend(arr), path=path)
+    elif path.is_file() and suf in _TIFF_SUFFIXES:
+        v = _open_tiff(path)
+    elif path.is_file() and suf in (".png", ".jpg", ".jpeg"):
+        img = _read_2d_image(path)
+        v = Volume(_ArrayBackend(img), path=path)
+    elif path.is_dir() and _is_n5(path):
+        v = _open_n5(path, key)
+    elif path.is_dir() and (suf == ".zarr" or (path / ".zarray").exists() or (path / ".zgroup").exists()
+                            or (path / "zarr.json").exists()):
+        v = _open_zarr(path, key)
+    elif path.is_dir() and (path / "info").is_file():
+        v = Volume(_CloudVolumeBackend("precomputed://file://" + str(path.resolve())), path=path)
+    elif path.is_dir():
+        v = _open_folder(path, key)
+    elif path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            magic = f.read(8)
+        if magic.startswith(b"\x89HDF"):
+            v = _open_h5(path, key)
+        elif magic.startswith(b"\x93NUMPY"):
+            v = Volume(_ArrayBackend(_npy_any(path)), path=path)
+        else:
+            raise FormatError(f"{path}: unknown format (expected .h5, .zarr, .n5, .tif, .png, .npy or a folder of slices)")
+    else:
+        raise FormatError(f"{path}: unknown format or empty file")
+    if voxel_size_nm is not None:
+        v.voxel_size_nm = tuple(float(x) for x in voxel_size_nm)
+        if len(v.voxel_size_nm) != v.ndim:
+            raise ShapeError(f"{path}: expected {v.ndim} voxel sizes, got {len(v.voxel_size_nm)}")
+    return v
+
+
+def _npy_any(path: Path):
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise FormatError(f"{path}: cannot read .npy data: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- normalisation
+_RULES = ("dtype", "percentile", "fixed")
+
+
+def intensity_rule(rule: str | dict = "dtype", *, low: float | None = None, high: float | None = None,
+                   dtype=None) -> dict:
+    """The JSON-serialisable description of an intensity rule (what a model package stores).
+
+    Rules
+    -----
+    ``"dtype"``
+        Divide by the dtype's range: uint8 → ``x/255``, uint16 → ``x/65535``, other integers
+        map ``[iinfo.min, iinfo.max]`` to [0, 1]; floats are taken to be in [0, 1] already and
+        clipped. Deterministic, no statistics.
+    ``"percentile"``
+        Per input (each volume or tile it is applied to), map the ``low``-th percentile
+        (default 1) to 0 and the ``high``-th (default 99) to 1, clipping outside. Robust to
+        contrast/brightness changes between microscopes.
+    ``"fixed"``
+        Map the fixed values ``low`` → 0 and ``high`` → 1, clipping outside (e.g. the
+        training set's percentiles frozen).
+
+    Examples
+    --------
+    >>> intensity_rule("percentile")
+    {'rule': 'percentile', 'low': 1.0, 'high': 99.0}
+    """
+    if isinstance(rule, dict):
+        d = dict(rule)
+        name = d.get("rule")
+        if name not in _RULES:
+            raise InputValueError(f"expected an intensity rule in {_RULES}, got {name!r}")
+        return intensity_rule(name, low=d.get("low"), high=d.get("high"))
+    if rule == "dtype":
+        return {"rule": "dtype"}
+    if rule == "percentile":
+        lo = 1.0 if low is None else float(low)
+        hi = 99.0 if high is None else float(high)
+        if not 0.0 <= lo < hi <= 100.0:
+            raise InputValueError(f"expected 0 <= low < high <= 100 percentiles, got low={lo}, high={hi}")
+        return {"rule": "percentile", "low": lo, "high": hi}
+    if rule == "fixed":
+        if low is None or high is None or not float(low) < float(high):
+            raise InputValueError(f"expected fixed low < high values, got low={low}, high={high}")
+        return {"rule": "fixed", "low": float(low), "high": float(high)}
+    raise InputValueError(f"expected an intensity rule in {_RULES}, got {rule!r}")
+
+
+def normalize_intensity(image, rule: str | dict = "dtype", *, low: float | None = None,
+                        high: float | None = None) -> np.ndarray:
+    """Bring intensities to float32 in [0, 1] under a documented rule.
+
+    Parameters
+    ----------
+    image : array-like or Volume
+        Any numeric array (a :class:`Volume` is read whole). Never modified; the result is a
+        new float32 array.
+    rule : {"dtype", "percentile", "fixed"} or dict
+        See :func:`intensity_rule`; a dict is a stored rule description (from a model
+        package) and is applied identically.
+    low, high : float, optional
+        Percentiles for ``"percentile"`` (default 1 and 99) or values for ``"fixed"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, same shape, values in [0, 1].
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> normalize_intensity(np.array([0, 51, 255], np.uint8)).tolist()
+    [0.0, 0.20000000298023224, 1.0]
+    >>> r = intensity_rule("percentile", low=0, high=100)
+    >>> normalize_intensity(np.array([10., 20., 30.]), r).tolist()
+    [0.0, 0.5, 1.0]
+    """
+    r = intensity_rule(rule, low=low, high=high)
+    a = np.asarray(image)
+    if a.dtype.kind not in "uifb":
+        raise DTypeError(f"expected a numeric image, got dtype {a.dtype}")
+    if r["rule"] == "dtype":
+        if a.dtype.kind == "b":
+            return a.astype(np.float32)
+        if a.dtype.kind in "ui":
+            info = np.iinfo(a.dtype)
+            lo, hi = float(info.min), float(info.max)
+        else:
+            return np.clip(a.astype(np.float32), 0.0, 1.0)
+    elif r["rule"] == "percentile":
+        if a.size == 0:
+            return a.astype(np.float32)
+        lo, hi = (float(v) for v in np.percentile(a, [r["low"], r["high"]]))
+    else:
+        lo, hi = r["low"], r["high"]
+    out = a.astype(np.float32)
+    if hi <= lo:  # a constant image: all zeros rather than NaN
+        return np.zeros_like(out)
+    out -= np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+# ----------------------------------------------------------------------------- writers
+def _atomic_file(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _atomic_dir_commit(tmp: Path, path: Path):
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        old.rmdir()
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def write_tiff(path, array, *, voxel_size_nm=None) -> Path:
+    """Write a 2-D image or a 3-D stack (one page per z) to a TIFF file, atomically.
+
+    The array is not modified. ``voxel_size_nm`` (zyx or yx) is stored as ImageJ metadata.
+
+    Examples
+    --------
+    >>> write_tiff("/tmp/stack.tif", np.zeros((3, 8, 8), np.uint8))   # doctest: +SKIP
+    """
+    tifffile = require("tifffile", "io")
+    path = Path(path)
+    a = np.asarray(array)
+    if a.ndim not in (2, 3):
+        raise ShapeError(f"{path}: expected a 2-D or 3-D array, got shape {a.shape}")
+    tmp = _atomic_file(path)
+    try:
+        kw: dict[str, Any] = {}
+        if voxel_size_nm is not None and a.dtype in (np.uint8, np.uint16, np.float32):
+            vs = [float(v) / 1e3 for v in voxel_size_nm]
+            kw = {"imagej": True, "resolution": (1.0 / vs[-1], 1.0 / vs[-2]),
+                  "metadata": {"unit": "um", **({"spacing": vs[0]} if a.ndim == 3 else {})}}
+        with open(tmp, "wb") as f:
+            tifffile.imwrite(f, a, **kw)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_n5(path, array, *, key: str = "data", block_size=None, compression: str = "gzip",
+             voxel_size_nm=None) -> Path:
+    """Write an array as an N5 dataset ``path/key`` (raw or gzip blocks), atomically.
+
+    Enough of the N5 spec to interoperate with the reader above and with z5py/n5-java for
+    these two compressions.
+    """
+    path = Path(path)
+    a = np.ascontiguousarray(np.asarray(array))
+    if a.dtype.name not in _N5Backend._DTYPES:
+        raise DTypeError(f"{path}: expected a numeric dtype N5 supports, got {a.dtype}")
+    if compression not in ("raw", "gzip"):
+        raise InputValueError(f"expected compression 'raw' or 'gzip', got {compression!r}")
+    block = tuple(block_size or tuple(min(s, 64) for s in a.shape))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent if path.parent.exists() else None))
+    try:
+        if path.exists():
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+        (tmp / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))
+        ds = tmp / key
+        ds.mkdir(parents=True, exist_ok=True)
+        attrs = {"dimensions": list(reversed(a.shape)), "blockSize": list(reversed(block)),
+                 "dataType": a.dtype.name, "compression": {"type": compression}}
+        if voxel_size_nm is not None:
+            attrs["resolution"] = [float(v) for v in reversed(voxel_size_nm)]
+            attrs["pixelResolution"] = {"dimensions": attrs["resolution"], "unit": "nm"}
+        (ds / "attributes.json").write_text(json.dumps(attrs))
+        grid = [range(0, s, b) for s, b in zip(a.shape, block)]
+        for origin in np.ndindex(*[len(g) for g in grid]):
+            o = [g[i] for g, i in zip(grid, origin)]
+            blk = a[tuple(slice(x, x + b) for x, b in zip(o, block))]
+            hdr = np.array([0, a.ndim], ">u2").tobytes() + np.array(list(reversed(blk.shape)), ">u4").tobytes()
+            payload = blk.astype(blk.dtype.newbyteorder(">")).tobytes()
+            if compression == "gzip":
+                payload = gzip.compress(payload, compresslevel=4, mtime=0)
+            f = ds.joinpath(*[str(x // b) for x, b in zip(reversed(o), reversed(block))])
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(hdr + payload)
+        _atomic_dir_commit(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def write_volume(path, array, *, key: str | None = None, voxel_size_nm=None, chunks=None,
+                 zarr_format: int = 2) -> Path:
+    """Write an array to ``.h5``/``.zarr``/``.n5``/``.tif``/``.npy``, atomically (temp then rename).
+
+    Parameters
+    ----------
+    path : str or Path
+        Target; the suffix picks the format. ``file.h5:dataset`` names the HDF5 dataset.
+    array : array-like
+        Written as is (dtype kept); not modified.
+    key : str, optional
+        Dataset name in a container (default ``"data"``).
+    voxel_size_nm : sequence of float, optional
+        Stored as ``voxel_size_nm`` attribute (HDF5/zarr), ``resolution`` (N5) or ImageJ
+        metadata (TIFF), so that :func:`open_volume` reports it.
+    chunks : tuple of int, optional
+        Chunk shape for HDF5/zarr/N5.
+    zarr_format : {2, 3}
+        zarr store version.
+
+    Returns
+    -------
+    Path
+        The written file or folder.
+
+    Examples
+    --------
+    >>> write_volume("/tmp/v.h5:raw", np.zeros((2, 4, 4), np.uint8))   # doctest: +SKIP
+    """
+    s, k2 = _split_key(str(path))
+    key = key or k2
+    path = Path(s)
+    a = np.asarray(array)
+    suf = path.suffix.lower()
+    vs = None if voxel_size_nm is None else [float(v) for v in voxel_size_nm]
+    if vs is not None and len(vs) != a.ndim:
+        raise ShapeError(f"{path}: expected {a.ndim} voxel sizes, got {len(vs)}")
+    if suf in _H5_SUFFIXES:
+        h5py = require("h5py", "io")
+        tmp = _atomic_file(path)
+        try:
+            with h5py.File(tmp, "w") as f:
+                ds = f.create_dataset(key or "data", data=a, chunks=chunks if chunks else (True if a.size > 1 else None))
+                if vs is not None:
+                    ds.attrs["voxel_size_nm"] = vs
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    elif suf == ".zarr":
+        zarr = require("zarr", "io")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            if key:
+                root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
+                z = root.create_array(key, shape=a.shape, dtype=a.dtype, chunks=chunks or "auto")
+            else:
+                z = zarr.create_array(str(tmp), shape=a.shape, dtype=a.dtype, chunks=chunks or "auto",
+                                      zarr_format=zarr_format, overwrite=True)
+            z[...] = a
+            if vs is not None:
+                z.attrs["voxel_size_nm"] = vs
+            _atomic_dir_commit(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    elif suf == ".n5":
+        write_n5(path, a, key=key or "data", block_size=chunks, voxel_size_nm=vs)
+    elif suf in _TIFF_SUFFIXES:
+        write_tiff(path, a, voxel_size_nm=vs)
+    elif suf == ".npy":
+        tmp = _atomic_file(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, a, allow_pickle=False)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    else:
+        raise FormatError(f"{path}: cannot write format {suf!r} (expected .h5, .zarr, .n5, .tif or .npy)")
+    return path
+
+
+def write_slices(folder, array, *, fmt: str = "png") -> Path:
+    """Write a 3-D uint8/uint16 stack as a folder of numbered 2-D slices (``0.png`` ...), atomically."""
+    folder = Path(folder)
+    a = np.asarray(array)
+    if a.ndim != 3:
+        raise ShapeError(f"{folder}: expected a 3-D stack, got shape {a.shape}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for i, sl in enumerate(a):
+            if fmt == "png":
+                Image = require("PIL.Image", "io")
+                Image.fromarray(sl).save(tmp / f"{i}.png")
+            elif fmt in ("tif", "tiff"):
+                require("tifffile", "io").imwrite(tmp / f"{i}.tif", sl)
+            else:
+                raise InputValueError(f"expected fmt 'png' or 'tif', got {fmt!r}")
+        _atomic_dir_commit(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _as_sequence(x, n: int, name: str) -> tuple[int, ...]:
+    t = (int(x),) * n if np.isscalar(x) else tuple(int(v) for v in x)
+    if len(t) != n:
+        raise ShapeError(f"expected {name} of length {n}, got {t}")
+    return t
+
+
+def _check_same_shape(image_shape: Sequence[int], label_shape: Sequence[int], where: str):
+    if tuple(image_shape) != tuple(label_shape):
+        raise ShapeError(f"{where}: labels have shape {tuple(label_shape)}, expected the image shape {tuple(image_shape)}")

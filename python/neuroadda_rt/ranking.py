@@ -40,10 +40,7 @@ _CACHE_VERSION = 1
 def default_cache_dir() -> Path:
     """Where target features are cached: ``$NEUROADDA_CACHE`` or ``~/.cache/neuroadda_rt``."""
     env = os.environ.get("NEUROADDA_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(base).expanduser() / "neuroadda_rt"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "neuroadda_rt"
 
 
 def _as_volume(target):
@@ -227,24 +224,25 @@ def _reference_features(pkg) -> np.ndarray:
     return np.asarray(ref, dtype=np.float32)
 
 
-def _normalize(pkg, tiles: np.ndarray) -> np.ndarray:
-    """Apply the package's recorded input normalisation to raw tiles (returns a new float32 array).
-
-    A per-input rule ("percentile") is applied to each tile separately, so a tile's features do
-    not depend on which other tiles were sampled with it.
-    """
-    norm = getattr(pkg, "normalize", None)
-    if callable(norm):
-        return np.asarray(norm(tiles), dtype=np.float32)
-    from .io import normalize_intensity
-
+def _pkg_rule(pkg):
     m = _meta(pkg)
-    rule = getattr(pkg, "normalization", None) or m.get("normalization") or m.get(
-        "input_normalization") or m.get("intensity") or "dtype"
-    name = rule.get("rule") if isinstance(rule, dict) else rule
-    if name == "percentile":
+    return getattr(pkg, "normalization", None) or m.get("normalization") or m.get("input_normalization")
+
+
+def _normalize(pkg, tiles: np.ndarray) -> np.ndarray:
+    """Tiles as the runtime should see them.
+
+    Integer tiles are normalised by the runtime with the package's rule; a per-input rule
+    ("percentile") is applied here to each tile separately instead, so that a tile's features do
+    not depend on which other tiles share its batch.
+    """
+    rule = _pkg_rule(pkg)
+    name = rule.get("rule", rule.get("mode")) if isinstance(rule, dict) else rule
+    if name == "percentile" and np.asarray(tiles).dtype.kind in "ui":
+        from .io import normalize_intensity
+
         return np.stack([normalize_intensity(t, rule) for t in tiles]).astype(np.float32, copy=False)
-    return np.asarray(normalize_intensity(tiles, rule), dtype=np.float32)
+    return tiles
 
 
 def _embed(pkg, tiles: np.ndarray, *, pooling: str, backend: str = "auto", device: str = "auto",
@@ -253,15 +251,7 @@ def _embed(pkg, tiles: np.ndarray, *, pooling: str, backend: str = "auto", devic
 
     x = _normalize(pkg, tiles)
     fx = FeatureExtractor(pkg, backend=backend, device=device, pooling=pooling)
-    kwargs: dict[str, Any] = {"batch_size": batch_size}
-    if progress:
-        kwargs["progress"] = True
-    try:
-        feats = fx.features(x, **kwargs)
-    except TypeError:
-        kwargs.pop("progress", None)
-        feats = fx.features(x, **kwargs)
-    return np.asarray(feats, dtype=np.float32)
+    return np.asarray(fx.features(x, batch_size=batch_size, progress=progress), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""``neuroadda-rt evaluate``: VI split / merge / total and adapted Rand error of a model on labelled data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._common import open_target
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="score a model's segmentation (VI, adapted Rand error) on labelled images",
+        description="Segment labelled images with a model package and score them by variation of information "
+                    "(split, merge, total) and adapted Rand error, per tile and overall. Images and labels are "
+                    "volumes of one shape (random tiles are scored) or an annotation folder with painted labels.")
+    p.add_argument("model", help="model package folder")
+    p.add_argument("images", help="image volume, or an annotation folder (then LABELS may be omitted)")
+    p.add_argument("labels", nargs="?", default=None, help="instance label volume aligned with IMAGES")
+    p.add_argument("--key", default=None, help="dataset key of the image container")
+    p.add_argument("--labels-key", default=None, help="dataset key of the label container")
+    p.add_argument("--n-tiles", type=int, default=16, help="random tiles scored (default 16)")
+    p.add_argument("--tile-size", type=int, default=256, help="tile edge (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tile sample")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..cli import print_json
+    from ..evaluation import evaluate
+    from ..ranking import _load_package, _volume_shape
+    from ..workflow import _call, read_annotation
+
+    model = _load_package(args.model)
+    src = Path(args.images)
+    if src.is_dir() and (src / "tiles.json").exists():
+        images, labels, _ = read_annotation(src, args.labels)
+    else:
+        if args.labels is None:
+            raise ValueError("expected a LABELS volume after IMAGES (or an annotation folder as IMAGES)")
+        from ..tiles import extract_tiles, sample_tiles
+
+        vol = open_target(args.images, args.key)
+        lab = open_target(args.labels, args.labels_key)
+        if _volume_shape(vol) != _volume_shape(lab):
+            raise ValueError(f"expected labels of the images' shape {_volume_shape(vol)}, got {_volume_shape(lab)}")
+        t = sample_tiles(vol, args.n_tiles, args.tile_size, seed=args.seed)
+        images, labels = t.tiles, extract_tiles(lab, t.coords, args.tile_size)
+    ev = _call(evaluate, model, images, labels, backend=args.backend, device=args.device,
+               progress=not args.no_progress)
+    d = ev.to_dict() if hasattr(ev, "to_dict") else dict(ev)
+    if args.json:
+        print_json(d)
+        return 0
+    o = d.get("overall", {})
+    print(f"{d.get('model', args.model)} on {len(images)} tiles: VI total {o.get('vi_total', float('nan')):.4f} "
+          f"(split {o.get('vi_split', float('nan')):.4f}, merge {o.get('vi_merge', float('nan')):.4f}), "
+          f"adapted Rand error {o.get('adapted_rand_error', float('nan')):.4f}")
+    return 0

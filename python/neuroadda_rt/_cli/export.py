@@ -1,0 +1,66 @@
+"""``neuroadda-rt export``: a model package's network as ONNX, static int8 ONNX, or a TensorRT engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a model package to ONNX, int8 ONNX (CPU) or a TensorRT engine (NVIDIA GPU)",
+        description="Export the encoder or the full network of a model package. int8 is static QDQ quantisation "
+                    "calibrated on tiles of a volume; TensorRT builds (and caches) an engine for an optimisation "
+                    "profile of square tiles.")
+    p.add_argument("model", help="model package folder")
+    p.add_argument("--format", required=True, choices=["onnx", "int8", "tensorrt"], help="what to write")
+    p.add_argument("--part", default="full", choices=["encoder", "full"], help="encoder or full network (default full)")
+    p.add_argument("--out", required=True, help="output file (.onnx, or .engine for TensorRT)")
+    p.add_argument("--calibration", default=None, help="int8: volume whose random tiles calibrate activations")
+    p.add_argument("--n-calibration", type=int, default=32, help="int8: calibration tiles (default 32)")
+    p.add_argument("--tile-size", type=int, default=256, help="calibration tile / TensorRT profile edge (default 256)")
+    p.add_argument("--max-batch", type=int, default=16, help="TensorRT: largest batch of the profile (default 16)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration tiles")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..cli import print_json
+    from ..ranking import _load_package
+
+    pkg = _load_package(args.model)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx_path = Path(pkg.path) / ("encoder.onnx" if args.part == "encoder" else "model.onnx")
+    if args.format == "onnx":
+        from ..export import export_onnx
+
+        export_onnx(pkg.unet(), out, part=args.part)
+    elif args.format == "int8":
+        if not args.calibration:
+            raise ValueError("int8 export needs --calibration VOLUME (tiles to calibrate activation ranges)")
+        from ..export import quantize_int8
+        from ..io import normalize_intensity
+        from ..tiles import sample_tiles
+        from ._common import open_target
+
+        vol = open_target(args.calibration, None)
+        tiles = sample_tiles(vol, args.n_calibration, args.tile_size, seed=args.seed).tiles
+        quantize_int8(onnx_path, normalize_intensity(tiles, pkg.normalization or "dtype"), out)
+    else:
+        from ..export import build_tensorrt_engine
+
+        s = args.tile_size
+        engine = build_tensorrt_engine(onnx_path, min_shape=(1, 1, s, s), opt_shape=(max(1, args.max_batch // 2), 1, s, s),
+                                       max_shape=(args.max_batch, 1, s, s), fp16=args.fp16)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_bytes(engine)
+        tmp.replace(out)
+    result = {"model": str(args.model), "format": args.format, "part": args.part, "out": str(out),
+              "bytes": out.stat().st_size}
+    if args.json:
+        print_json(result)
+    else:
+        print(f"wrote {args.format} {args.part} network to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0

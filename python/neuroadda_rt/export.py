@@ -1,0 +1,386 @@
+"""Export a :class:`~neuroadda_rt.models.UNet` to ONNX, quantise it to static int8, and build
+TensorRT engines (with an on-disk cache).
+
+Conventions fixed by the project (other tools may rely on them):
+
+* opset :data:`OPSET` (18), one input named :data:`INPUT_NAME` (``"input"``, float32
+  ``(N, C, H, W)`` or ``(N, C, D, H, W)``), one output named ``"features"`` (``part="encoder"``:
+  bottleneck activations) or ``"probabilities"`` (``part="full"``: sigmoid outputs);
+* batch and every spatial axis are dynamic; the reflect padding to a multiple of
+  ``2**(depth-1)`` and the crop back are inside the graph;
+* BatchNorm is folded into the convolutions (the graph holds no BatchNormalization node);
+* the network config and the part are stored in the ONNX metadata (``neuroadda_rt.config``,
+  ``neuroadda_rt.part``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import BackendUnavailableError, FormatError, InputValueError, IntegrityError, ShapeError, require
+
+log = logging.getLogger("neuroadda_rt")
+
+#: ONNX opset of every exported file (supported by ONNX Runtime >= 1.14 and TensorRT >= 8.6).
+OPSET = 18
+#: Name of the single input of every exported graph.
+INPUT_NAME = "input"
+#: Output name per exported part.
+OUTPUT_NAMES = {"encoder": "features", "full": "probabilities"}
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """Silence the exporter's progress prints and its library warnings (they are not ours to fix)."""
+    import io
+    import sys
+
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        old_out = sys.stdout
+        sys.stdout = io.StringIO()
+        try:
+            yield
+        finally:
+            sys.stdout = old_out
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX export
+# --------------------------------------------------------------------------------------------
+def export_onnx(model, path: str | os.PathLike, part: str = "encoder", *, opset: int = OPSET) -> Path:
+    """Export a UNet (or its encoder) to an ONNX file.
+
+    Parameters
+    ----------
+    model : neuroadda_rt.models.UNet
+        The network; it is copied, put in eval mode and its BatchNorms folded into the
+        convolutions (``model`` itself is not modified).
+    path : str or path-like
+        Output file; written atomically (temporary file in the same folder, then rename).
+    part : {"encoder", "full"}
+        ``"encoder"``: output ``"features"`` = bottleneck activations; ``"full"``: output
+        ``"probabilities"`` = sigmoid outputs with the input's spatial shape.
+    opset : int
+        ONNX opset (default and tested: :data:`OPSET`).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> from neuroadda_rt.models import UNet
+    >>> import neuroadda_rt, tempfile, os
+    >>> p = neuroadda_rt.export_onnx(UNet(widths=(4, 8)), os.path.join(tempfile.mkdtemp(), "e.onnx"))
+    >>> p.name
+    'e.onnx'
+    """
+    from .models import UNet, _EncoderWrapper, fold_batchnorm
+
+    torch = require("torch", "torch")
+    onnx = require("onnx", "runtime")
+    if not isinstance(model, UNet):
+        raise InputValueError(f"expected a neuroadda_rt.models.UNet, got {type(model).__name__}")
+    if part not in OUTPUT_NAMES:
+        raise InputValueError(f"expected part 'encoder' or 'full', got {part!r}")
+    path = Path(path)
+    net = fold_batchnorm(model).cpu().float()
+    module = (_EncoderWrapper(net) if part == "encoder" else net).eval()
+    m = net.multiple
+    # an example whose sizes are not multiples of the padding unit, so no branch specialises
+    spatial = (m + 3,) * net.dim if m > 1 else (5,) * net.dim
+    example = torch.rand(2, net.config["in_channels"], *spatial)
+    dyn = torch.export.Dim.DYNAMIC
+    dynamic_shapes = {"x": {0: dyn, **{2 + i: dyn for i in range(net.dim)}}}
+    with _quiet_export(), torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(module, (example,), None, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAMES[part]], dynamic_shapes=dynamic_shapes,
+                                    opset_version=opset, dynamo=True, external_data=False,
+                                    optimize=True, verbose=False)
+    proto = program.model_proto
+    # readable dynamic dimension names for the I/O (the exporter writes sympy expressions)
+    axes = ["batch", "channels"] + (["depth"] if net.dim == 3 else []) + ["height", "width"]
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_param"):
+                d.dim_param = axes[i] if vi.name == INPUT_NAME or part == "full" else f"{axes[i]}_bottleneck"
+    meta = {"neuroadda_rt.part": part, "neuroadda_rt.config": json.dumps(net.config, sort_keys=True),
+            "neuroadda_rt.multiple": str(m)}
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name = "neuroadda_rt"
+    onnx.checker.check_model(proto)
+    _atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``neuroadda_rt.*`` metadata of an ONNX file written by :func:`export_onnx`."""
+    onnx = require("onnx", "runtime")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for a bad file
+        raise FormatError(f"{path}: not a readable ONNX model ({exc})") from exc
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+# --------------------------------------------------------------------------------------------
+# static int8 quantisation
+# --------------------------------------------------------------------------------------------
+def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str | os.PathLike, *,
+                  per_channel: bool = True, batch_size: int = 8) -> Path:
+    """Static int8 quantisation (QDQ format) of an exported ONNX file for ONNX Runtime on CPU.
+
+    Weights become int8 (per output channel), activations uint8 with ranges calibrated
+    (min/max) on ``calibration_tiles``. Dynamic quantisation is deliberately not offered: it
+    is about 10x slower for convolutions on CPU.
+
+    Parameters
+    ----------
+    onnx_path : path-like
+        An fp32 model from :func:`export_onnx`.
+    calibration_tiles : array-like
+        ``(N, H, W)`` / ``(N, C, H, W)`` (2-D) or ``(N, D, H, W)`` / ``(N, C, D, H, W)`` (3-D)
+        representative *normalised* float inputs (or integers, normalised by dtype range);
+        a few dozen tiles suffice. Read, never modified.
+    out_path : path-like
+        Output file, written atomically.
+    per_channel : bool
+        Per-output-channel weight scales (more accurate; default).
+    batch_size : int
+        Tiles per calibration batch.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_path``.
+
+    Examples
+    --------
+    >>> import numpy as np, neuroadda_rt, tempfile, os                    # doctest: +SKIP
+    >>> q = neuroadda_rt.quantize_int8("encoder.onnx", np.random.rand(16, 64, 64), "encoder.int8.onnx")  # doctest: +SKIP
+    """
+    ort = require("onnxruntime", "runtime")
+    from onnxruntime import quantization as oq
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if not onnx_path.is_file():
+        raise FormatError(f"{onnx_path}: no such ONNX file")
+    meta = onnx_metadata(onnx_path)
+    cfg = json.loads(meta.get("neuroadda_rt.config", "{}")) or None
+    dim = cfg["dim"] if cfg else None
+    from .runtime import _as_network_input
+
+    tiles = _as_network_input(calibration_tiles, dim=dim, in_channels=cfg["in_channels"] if cfg else 1)
+    if tiles.shape[0] == 0:
+        raise InputValueError("expected at least one calibration tile, got 0")
+
+    class _Reader(oq.CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(range(0, tiles.shape[0], batch_size))
+
+        def get_next(self):
+            i = next(self._it, None)
+            return None if i is None else {INPUT_NAME: tiles[i:i + batch_size]}
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        q = Path(tmp) / "q.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # shape inference + graph cleanup first, as ONNX Runtime recommends for static QDQ
+            oq.quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+            oq.quantize_static(str(pre), str(q), _Reader(), quant_format=oq.QuantFormat.QDQ,
+                               activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
+                               per_channel=per_channel, calibrate_method=oq.CalibrationMethod.MinMax,
+                               extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        onnx = require("onnx", "runtime")
+        proto = onnx.load(str(q))
+        old = {p.key: p.value for p in proto.metadata_props}
+        old.update(meta)
+        old["neuroadda_rt.precision"] = "int8"
+        del proto.metadata_props[:]
+        for k, v in old.items():
+            e = proto.metadata_props.add()
+            e.key, e.value = k, v
+        _atomic_write_bytes(out_path, proto.SerializeToString())
+    del ort
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT engines with an on-disk cache
+# --------------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    """``$NEUROADDA_CACHE`` or ``~/.cache/neuroadda_rt``."""
+    root = os.environ.get("NEUROADDA_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "neuroadda_rt"
+
+
+def _gpu_name(device_id: int = 0) -> str:
+    torch = require("torch", "torch")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("TensorRT needs a CUDA GPU, but torch.cuda.is_available() is False")
+    return torch.cuda.get_device_name(device_id)
+
+
+def tensorrt_cache_key(onnx_sha256: str, gpu_name: str, trt_version: str, precision: str,
+                       profile: dict[str, list[list[int]]]) -> str:
+    """The cache key of a TensorRT engine: SHA-256 over (ONNX sha256, GPU, TensorRT version,
+    precision, optimisation profile)."""
+    blob = json.dumps({"onnx": onnx_sha256, "gpu": gpu_name, "trt": trt_version, "precision": precision,
+                       "profile": profile}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def build_tensorrt_engine(onnx_path: str | os.PathLike, *, min_shape: Iterable[int], opt_shape: Iterable[int],
+                          max_shape: Iterable[int], fp16: bool = False, cache_dir: str | os.PathLike | None = None,
+                          workspace_bytes: int = 2 << 30) -> bytes:
+    """Build (or load from the disk cache) a serialised TensorRT engine for an ONNX file.
+
+    Parameters
+    ----------
+    onnx_path : path-like
+        An ONNX file from :func:`export_onnx`.
+    min_shape, opt_shape, max_shape : sequence of int
+        The optimisation profile of the input ``"input"`` (full shapes, batch first).
+    fp16 : bool
+        Allow fp16 kernels (``precision="fp16"`` in the cache key).
+    cache_dir : path-like, optional
+        Engine cache folder (default ``default_cache_dir() / "tensorrt"``).
+    workspace_bytes : int
+        Builder workspace memory pool limit.
+
+    Returns
+    -------
+    bytes
+        The serialised engine (``tensorrt.Runtime.deserialize_cuda_engine`` input).
+
+    Notes
+    -----
+    The cache key is (ONNX sha256, GPU name, TensorRT version, precision, profile); a hit is
+    verified against the SHA-256 recorded next to the engine. A miss or a stale/corrupt entry
+    rebuilds and logs why and how long the build took.
+    """
+    trt = require("tensorrt", "tensorrt")
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise FormatError(f"{onnx_path}: no such ONNX file")
+    profile = {"min": [int(v) for v in min_shape], "opt": [int(v) for v in opt_shape],
+               "max": [int(v) for v in max_shape]}
+    if not (len(profile["min"]) == len(profile["opt"]) == len(profile["max"])):
+        raise ShapeError(f"expected min/opt/max shapes of equal rank, got {profile}")
+    if any(not (a <= b <= c) for a, b, c in zip(profile["min"], profile["opt"], profile["max"])):
+        raise ShapeError(f"expected min <= opt <= max in every axis, got {profile}")
+    precision = "fp16" if fp16 else "fp32"
+    gpu = _gpu_name()
+    key = tensorrt_cache_key(sha256_file(onnx_path), gpu, trt.__version__, precision, profile)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tensorrt"
+    engine_path, meta_path = cache / f"{key}.engine", cache / f"{key}.json"
+    reason = "no cached engine"
+    if engine_path.is_file() and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            data = engine_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() == meta.get("engine_sha256"):
+                log.info("TensorRT engine cache hit: %s", engine_path)
+                return data
+            reason = "cached engine failed its checksum"
+        except (OSError, ValueError) as exc:
+            reason = f"cached engine unreadable ({exc})"
+    log.warning("Building TensorRT engine for %s (%s, %s, profile %s) on %s: %s; this takes a while",
+                onnx_path.name, precision, f"TensorRT {trt.__version__}", profile, gpu, reason)
+    t0 = time.perf_counter()
+    data = _build_engine(trt, onnx_path, profile, fp16, workspace_bytes)
+    dt = time.perf_counter() - t0
+    log.warning("Built TensorRT engine in %.1f s; cached at %s", dt, engine_path)
+    _atomic_write_bytes(engine_path, data)
+    _atomic_write_bytes(meta_path, json.dumps({
+        "onnx": str(onnx_path), "gpu": gpu, "tensorrt": trt.__version__, "precision": precision,
+        "profile": profile, "engine_sha256": hashlib.sha256(data).hexdigest(), "build_seconds": dt,
+    }, indent=2).encode())
+    return data
+
+
+def _build_engine(trt, onnx_path: Path, profile: dict[str, Any], fp16: bool, workspace_bytes: int) -> bytes:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # TensorRT 10: networks are always explicit-batch; the creation flag is 0 (flag deprecated).
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise FormatError(f"{onnx_path}: TensorRT could not parse the ONNX model: {errs}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if fp16:
+        if not builder.platform_has_fast_fp16:
+            log.warning("fp16 requested but this GPU has no fast fp16; building anyway")
+        config.set_flag(trt.BuilderFlag.FP16)
+    opt = builder.create_optimization_profile()
+    inp = network.get_input(0)
+    opt.set_shape(inp.name, tuple(profile["min"]), tuple(profile["opt"]), tuple(profile["max"]))
+    config.add_optimization_profile(opt)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendUnavailableError(f"TensorRT failed to build an engine for {onnx_path} (see its log above)")
+    return bytes(serialized)
+
+
+def _verify_file(path: Path, expected_sha256: str) -> None:
+    got = sha256_file(path)
+    if got != expected_sha256:
+        raise IntegrityError(f"{path}: expected sha256 {expected_sha256}, got {got}")

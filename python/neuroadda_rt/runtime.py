@@ -1,0 +1,591 @@
+"""The inference runtime: the ONE module that decides where and how networks execute.
+
+:class:`FeatureExtractor` (pooled encoder features) and :class:`Predictor` (sliding-window
+probabilities) both go through :func:`_make_runner`, which picks the backend
+(ONNX Runtime with the TensorRT / CUDA / CPU execution providers, TensorRT itself, or PyTorch)
+and the device. An explicit request that cannot be met raises
+:class:`~neuroadda_rt.errors.BackendUnavailableError` listing what is available; ``"auto"``
+logs its choice on the ``neuroadda_rt`` logger. Nothing falls back silently.
+
+Every runner receives exactly the same float32 ``(N, C, *spatial)`` batch built by
+:func:`_as_network_input`, and every network pads/crops inside its own graph, so all
+backends compute the same function (tested to 1e-4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendUnavailableError, FormatError, InputValueError, ShapeError, require
+
+log = logging.getLogger("neuroadda_rt")
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+POOLINGS = ("mean", "max", "mean+std")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# shared pre-processing (every backend sees the same array)
+# --------------------------------------------------------------------------------------------
+DEFAULT_NORMALIZATION = {"rule": "dtype"}
+
+
+def _normalize(arr: np.ndarray, rule: dict | None, per_item: bool) -> np.ndarray:
+    """Apply a model's intensity rule (:func:`neuroadda_rt.io.normalize_intensity`) -> float32.
+
+    ``per_item``: statistics-based rules (``"percentile"``) see each tile on its own, as in
+    training; the ``"dtype"`` and ``"fixed"`` rules are element-wise, so it does not matter.
+    """
+    rule = rule or DEFAULT_NORMALIZATION
+    from .io import normalize_intensity
+
+    if per_item and rule.get("rule") == "percentile" and arr.ndim > 0:
+        return np.stack([normalize_intensity(a, rule) for a in arr]) if len(arr) else arr.astype(np.float32)
+    return np.asarray(normalize_intensity(arr, rule), dtype=np.float32)
+
+
+def _as_network_input(tiles, *, dim: int | None, in_channels: int = 1, rule: dict | None = None,
+                      normalize: bool = True) -> np.ndarray:
+    """Tiles -> contiguous float32 ``(N, C, *spatial)``, normalised by the model's intensity ``rule``
+    (default ``{"rule": "dtype"}``: integers divided by their dtype range, floats clipped to [0, 1]).
+
+    With ``normalize=False`` floats are used as given (a copy only when dtype/layout requires it).
+    """
+    arr = np.asarray(tiles)
+    if arr.dtype == bool or arr.dtype.kind not in "uif":
+        raise InputValueError(f"expected numeric tiles, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputValueError("expected finite tile values, got NaN or inf")
+    if normalize:
+        arr = _normalize(arr, rule, per_item=True)
+    if dim is None:
+        dim = 2 if arr.ndim in (3, 4) else 3
+    if arr.ndim == dim + 1 and in_channels == 1:
+        arr = arr[:, None]
+    if arr.ndim != dim + 2:
+        sp = "D, H, W" if dim == 3 else "H, W"
+        raise ShapeError(f"expected tiles of shape (N, {sp}) or (N, C, {sp}), got {arr.shape}")
+    if arr.shape[1] != in_channels:
+        raise ShapeError(f"expected {in_channels} input channel(s), got {arr.shape[1]} (shape {arr.shape})")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _pool(fmap: np.ndarray, pooling: str) -> np.ndarray:
+    """(N, C, *spatial) -> (N, C) or (N, 2C) float32, accumulating in float64."""
+    flat = fmap.reshape(fmap.shape[0], fmap.shape[1], -1)
+    if pooling == "mean":
+        out = flat.mean(axis=2, dtype=np.float64)
+    elif pooling == "max":
+        out = flat.max(axis=2)
+    else:
+        out = np.concatenate([flat.mean(axis=2, dtype=np.float64), flat.std(axis=2, dtype=np.float64)], axis=1)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# what the user gave us
+# --------------------------------------------------------------------------------------------
+class _Source:
+    """A UNet, a model package (object or folder), or an exported ONNX file, normalised."""
+
+    def __init__(self, model_or_path):
+        self.net = None
+        self.onnx: dict[str, Path] = {}
+        self.package = None
+        self.normalization: dict | None = None
+        self._tmp: str | None = None
+        if type(model_or_path).__name__ == "ModelPackage":
+            self._from_package(model_or_path)
+        elif isinstance(model_or_path, (str, os.PathLike)):
+            p = Path(model_or_path)
+            if p.is_dir():
+                from .package import load_model
+
+                self._from_package(load_model(p))
+            elif p.is_file() and p.suffix == ".onnx":
+                from .export import onnx_metadata
+
+                meta = onnx_metadata(p)
+                part = meta.get("neuroadda_rt.part")
+                if part not in ("encoder", "full"):
+                    raise FormatError(f"{p}: expected an ONNX file written by neuroadda_rt.export_onnx "
+                                      f"(metadata neuroadda_rt.part), got metadata {meta}")
+                self.config = json.loads(meta["neuroadda_rt.config"])
+                self.onnx[part] = p
+            else:
+                raise FormatError(f"{p}: expected a model package folder or an .onnx file, got "
+                                  f"{'a missing path' if not p.exists() else 'an unsupported file'}")
+        else:
+            from .models import UNet
+
+            if not isinstance(model_or_path, UNet):
+                raise InputValueError("expected a UNet, a ModelPackage, a package folder or an .onnx path, "
+                                      f"got {type(model_or_path).__name__}")
+            self.net = model_or_path
+            self.config = model_or_path.config
+
+    def _from_package(self, pkg) -> None:
+        self.package = pkg
+        self.config = dict(pkg.config)
+        self.normalization = pkg.normalization
+        self.onnx = {"encoder": pkg.path / "encoder.onnx", "full": pkg.path / "model.onnx"}
+
+    @property
+    def dim(self) -> int:
+        return int(self.config.get("dim", 2))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config.get("in_channels", 1))
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** (len(self.config["widths"]) - 1)
+
+    def torch_net(self):
+        if self.net is None and self.package is not None:
+            self.net = self.package.unet()
+        return self.net
+
+    def onnx_path(self, part: str) -> Path | None:
+        if part in self.onnx:
+            return self.onnx[part]
+        if self.torch_net() is None:
+            return None
+        from .export import export_onnx
+
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="neuroadda-onnx-")
+            weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        self.onnx[part] = export_onnx(self.net, Path(self._tmp) / f"{part}.onnx", part=part)
+        return self.onnx[part]
+
+
+# --------------------------------------------------------------------------------------------
+# runners: one per backend, same contract: float32 (N, C, *spatial) -> float32 ndarray
+# --------------------------------------------------------------------------------------------
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _OrtRunner:
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, providers: list[str], device: str, threads: int | None = None):
+        ort = require("onnxruntime", "runtime")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = int(threads or _cores())
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        self.providers = self.session.get_providers()
+        self.device = device
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.device == "cuda":
+            # IO binding: the output stays on the GPU until the single copy back
+            b = self.session.io_binding()
+            b.bind_cpu_input(self.input_name, x)
+            b.bind_output(self.output_name, "cuda")
+            self.session.run_with_iobinding(b)
+            return b.copy_outputs_to_cpu()[0]
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+class _TorchRunner:
+    backend = "torch"
+    providers: list[str] = []
+
+    def __init__(self, net, part: str, device: str):
+        from .models import fold_batchnorm
+
+        torch = require("torch", "torch")
+        self.torch = torch
+        self.device = device
+        self.net = fold_batchnorm(net).to(device)
+        self.fn = self.net.encode if part == "encoder" else self.net.forward
+        self.memory_format = torch.channels_last if net.dim == 2 else torch.channels_last_3d
+        self.net = self.net.to(memory_format=self.memory_format)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self.device).contiguous(memory_format=self.memory_format)
+            return self.fn(t).float().cpu().numpy()
+
+
+class _TensorRTRunner:
+    backend = "tensorrt"
+
+    def __init__(self, onnx_path: Path, profile: dict[str, tuple[int, ...]], fp16: bool,
+                 cache_dir: str | os.PathLike | None):
+        from .export import build_tensorrt_engine
+
+        trt = require("tensorrt", "tensorrt")
+        torch = require("torch", "torch")  # CUDA buffers and the stream come from torch
+        self.torch, self.trt = torch, trt
+        data = build_tensorrt_engine(onnx_path, min_shape=profile["min"], opt_shape=profile["opt"],
+                                     max_shape=profile["max"], fp16=fp16, cache_dir=cache_dir)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self._logger)
+        self.engine = self.runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise BackendUnavailableError("TensorRT could not deserialise the engine (version mismatch?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.profile = profile
+        self.providers = [f"TensorRT {trt.__version__}{' fp16' if fp16 else ''}"]
+        self.device = "cuda"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        lo, hi = self.profile["min"], self.profile["max"]
+        if len(x.shape) != len(lo) or any(not (a <= s <= b) for a, s, b in zip(lo, x.shape, hi)):
+            raise ShapeError(f"expected an input shape between {tuple(lo)} and {tuple(hi)} (the TensorRT "
+                             f"optimisation profile; pass trt_profile= to widen it), got {x.shape}")
+        xin = torch.from_numpy(x).to("cuda", non_blocking=False).contiguous()
+        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+            raise ShapeError(f"TensorRT rejected input shape {x.shape}")
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address(self.input_name, int(xin.data_ptr()))
+        self.context.set_tensor_address(self.output_name, int(out.data_ptr()))
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise BackendUnavailableError("TensorRT execute_async_v3 failed (see its log)")
+        stream.synchronize()
+        return out.cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# the decision
+# --------------------------------------------------------------------------------------------
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _tensorrt_version() -> str | None:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return None
+    return str(trt.__version__)
+
+
+def available_backends() -> dict[str, list[str]]:
+    """What can run here: backend -> the devices (or providers) it can use.
+
+    Examples
+    --------
+    >>> from neuroadda_rt.runtime import available_backends
+    >>> "cpu" in available_backends().get("onnxruntime", ["cpu"])
+    True
+    """
+    out: dict[str, list[str]] = {}
+    prov = _ort_providers()
+    if prov:
+        out["onnxruntime"] = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in prov else []) + \
+            (["tensorrt-ep"] if "TensorrtExecutionProvider" in prov else [])
+    try:
+        import torch  # noqa: F401
+
+        out["torch"] = ["cpu"] + (["cuda"] if _torch_cuda() else [])
+    except ImportError:
+        pass
+    if _tensorrt_version() is not None and _torch_cuda():
+        out["tensorrt"] = ["cuda"]
+    return out
+
+
+def _describe_available() -> str:
+    av = available_backends()
+    return ", ".join(f"{b} ({'/'.join(d)})" for b, d in av.items()) or "nothing (install neuroadda_rt[runtime])"
+
+
+def _make_runner(source: _Source, part: str, *, backend: str, device: str, ort_providers: list[str] | None = None,
+                 trt_profile: dict | None = None, fp16: bool = False, cache_dir=None, threads: int | None = None,
+                 who: str = "runtime"):
+    """Decide backend + device once and build the runner. The only place that does so."""
+    if backend not in BACKENDS:
+        raise InputValueError(f"expected backend in {BACKENDS}, got {backend!r}")
+    if not isinstance(device, str) or device.lower() not in _DEVICES:
+        raise InputValueError(f"expected device in {_DEVICES}, got {device!r}")
+    device = device.lower()
+    av = available_backends()
+    has_onnx = part in source.onnx or source.torch_net() is not None
+    has_net = source.torch_net() is not None
+
+    if device == "cuda" and not any("cuda" in d for d in av.values()):
+        raise BackendUnavailableError(f"device='cuda' requested but no backend can use a GPU here; "
+                                      f"available: {_describe_available()}")
+    if backend == "tensorrt" and device == "cpu":
+        raise InputValueError("backend='tensorrt' runs on the GPU only; got device='cpu'")
+
+    chosen, reason = backend, "requested"
+    if backend == "auto":
+        gpu_ok = device in ("auto", "cuda")
+        if gpu_ok and "cuda" in av.get("onnxruntime", []) and has_onnx:
+            chosen, device, reason = "onnxruntime", "cuda", "ONNX Runtime with CUDA available"
+        elif gpu_ok and "cuda" in av.get("torch", []) and has_net:
+            chosen, device, reason = "torch", "cuda", "PyTorch CUDA available (no onnxruntime-gpu)"
+        elif device == "cuda":
+            raise BackendUnavailableError(f"device='cuda' requested but no GPU backend can run this model "
+                                          f"(ONNX only needs onnxruntime-gpu); available: {_describe_available()}")
+        elif "onnxruntime" in av and has_onnx:
+            chosen, device, reason = "onnxruntime", "cpu", "ONNX Runtime on CPU (fastest CPU path)"
+        elif "torch" in av and has_net:
+            chosen, device, reason = "torch", "cpu", "onnxruntime not installed"
+        else:
+            raise BackendUnavailableError(f"no backend can run this model; available: {_describe_available()}")
+
+    if chosen == "onnxruntime":
+        if "onnxruntime" not in av:
+            raise BackendUnavailableError(f"backend='onnxruntime' requested but onnxruntime is not installed "
+                                          f"(pip install 'neuroadda_rt[runtime]' or '[gpu]'); available: "
+                                          f"{_describe_available()}")
+        if device == "auto":
+            device = "cuda" if "cuda" in av["onnxruntime"] else "cpu"
+        if device == "cuda" and "cuda" not in av["onnxruntime"]:
+            raise BackendUnavailableError(f"backend='onnxruntime' on device='cuda' needs onnxruntime-gpu "
+                                          f"(CUDAExecutionProvider); providers here: {_ort_providers()}; "
+                                          f"available: {_describe_available()}")
+        path = source.onnx_path(part)
+        if path is None:
+            raise BackendUnavailableError(f"no ONNX file for part {part!r} and no network to export it from")
+        if ort_providers is not None:
+            missing = [p for p in ort_providers if p not in _ort_providers()]
+            if missing:
+                raise BackendUnavailableError(f"ONNX Runtime providers {missing} are not available; "
+                                              f"available: {_ort_providers()}")
+            providers = list(ort_providers)
+        elif device == "cuda":
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        runner = _OrtRunner(path, providers, device, threads)
+        if device == "cuda" and "CUDAExecutionProvider" not in runner.providers and \
+                "TensorrtExecutionProvider" not in runner.providers:
+            raise BackendUnavailableError(f"ONNX Runtime could not start a GPU provider (session providers "
+                                          f"{runner.providers}); check CUDA/cuDNN libraries")
+    elif chosen == "torch":
+        if "torch" not in av:
+            raise BackendUnavailableError(f"backend='torch' requested but PyTorch is not installed; available: "
+                                          f"{_describe_available()}")
+        if not has_net:
+            raise BackendUnavailableError("backend='torch' needs the network weights (a UNet or a model package), "
+                                          "got an ONNX file only")
+        if device == "auto":
+            device = "cuda" if "cuda" in av["torch"] else "cpu"
+        if device == "cuda" and "cuda" not in av["torch"]:
+            raise BackendUnavailableError(f"backend='torch' on device='cuda' but torch.cuda.is_available() is "
+                                          f"False; available: {_describe_available()}")
+        runner = _TorchRunner(source.torch_net(), part, device)
+    else:  # tensorrt
+        if "tensorrt" not in av:
+            why = "the tensorrt package is not installed" if _tensorrt_version() is None else "no CUDA GPU is visible"
+            raise BackendUnavailableError(f"backend='tensorrt' requested but {why}; available: "
+                                          f"{_describe_available()}")
+        path = source.onnx_path(part)
+        if path is None:
+            raise BackendUnavailableError(f"no ONNX file for part {part!r} to build a TensorRT engine from")
+        device = "cuda"
+        runner = _TensorRTRunner(path, _trt_profile(source, trt_profile), fp16, cache_dir)
+    log.info("%s (%s): backend=%s device=%s providers=%s (%s)", who, part, runner.backend, device,
+             runner.providers, reason)
+    return runner
+
+
+def _trt_profile(source: _Source, profile: dict | None) -> dict[str, tuple[int, ...]]:
+    c, m = source.in_channels, source.multiple
+    if profile is None:
+        if source.dim == 2:
+            profile = {"min": (1, c, m, m), "opt": (16, c, 256, 256), "max": (64, c, 1024, 1024)}
+        else:
+            profile = {"min": (1, c, m, m, m), "opt": (2, c, 32, 128, 128), "max": (8, c, 64, 256, 256)}
+    try:
+        return {k: tuple(int(v) for v in profile[k]) for k in ("min", "opt", "max")}
+    except (KeyError, TypeError) as exc:
+        raise InputValueError(f"expected trt_profile={{'min': shape, 'opt': shape, 'max': shape}}, got {profile}") \
+            from exc
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    tqdm = require("tqdm", "runtime")
+    return tqdm.tqdm(total=total, desc=desc, unit="tile")
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+class FeatureExtractor:
+    """Pooled encoder (bottleneck) features of tiles, on the best or the requested backend.
+
+    Parameters
+    ----------
+    model_or_path : UNet, ModelPackage, str or path-like
+        A network, a loaded package, a package folder, or an encoder ONNX file from
+        :func:`~neuroadda_rt.export_onnx`.
+    backend : {"auto", "onnxruntime", "tensorrt", "torch"}
+        ``"auto"`` prefers ONNX Runtime (CUDA provider if ``onnxruntime-gpu`` is installed, else
+        CPU) and logs its choice; TensorRT is used only when asked for (engine builds take minutes,
+        then are cached).
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` raises :class:`~neuroadda_rt.errors.BackendUnavailableError` when the chosen
+        backend cannot use a GPU.
+    pooling : {"mean", "max", "mean+std"}
+        Per-channel pooling over the bottleneck map; ``"mean+std"`` gives ``2 * C`` features.
+    ort_providers : list of str, optional
+        Explicit ONNX Runtime providers, e.g. ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``.
+    trt_profile : dict, optional
+        TensorRT optimisation profile ``{"min": shape, "opt": shape, "max": shape}``.
+    fp16 : bool
+        TensorRT fp16 engine.
+    cache_dir : path-like, optional
+        TensorRT engine cache (default ``$NEUROADDA_CACHE/tensorrt``).
+    threads : int, optional
+        ONNX Runtime intra-op threads (default: the cores this process may use).
+    normalize : bool
+        Apply the model's intensity rule (a package's ``normalization``; ``{"rule": "dtype"}``
+        otherwise) to every tile, as in training. ``False`` feeds floats as given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neuroadda_rt import FeatureExtractor
+    >>> from neuroadda_rt.models import UNet
+    >>> fx = FeatureExtractor(UNet(widths=(4, 8, 16)), backend="torch", device="cpu")
+    >>> fx.features(np.random.rand(3, 32, 32).astype(np.float32)).shape
+    (3, 16)
+    """
+
+    def __init__(self, model_or_path, *, backend: str = "auto", device: str = "auto", pooling: str = "mean",
+                 ort_providers: list[str] | None = None, trt_profile: dict | None = None, fp16: bool = False,
+                 cache_dir=None, threads: int | None = None, normalize: bool = True):
+        if pooling not in POOLINGS:
+            raise InputValueError(f"expected pooling in {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
+        self.normalize = bool(normalize)
+        self._source = _Source(model_or_path)
+        self._runner = _make_runner(self._source, "encoder", backend=backend, device=device,
+                                    ort_providers=ort_providers, trt_profile=trt_profile, fp16=fp16,
+                                    cache_dir=cache_dir, threads=threads, who="FeatureExtractor")
+
+    @property
+    def backend(self) -> str:
+        """The backend in use: ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``."""
+        return self._runner.backend
+
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or ``"cuda"``."""
+        return self._runner.device
+
+    @property
+    def providers(self) -> list[str]:
+        """ONNX Runtime session providers (or the TensorRT version); empty for torch."""
+        return list(self._runner.providers)
+
+    @property
+    def n_features(self) -> int:
+        """Feature dimension: bottleneck channels, doubled for ``"mean+std"``."""
+        c = int(self._source.config["widths"][-1])
+        return 2 * c if self.pooling == "mean+std" else c
+
+    def bottleneck(self, tiles) -> np.ndarray:
+        """Raw bottleneck activations ``(N, C, *spatial / 2**(depth-1))`` of an in-memory batch."""
+        x = _as_network_input(tiles, dim=self._source.dim, in_channels=self._source.in_channels,
+                              rule=self._source.normalization, normalize=self.normalize)
+        self._check_size(x)
+        return self._runner(x)
+
+    def _check_size(self, x: np.ndarray) -> None:
+        m = self._source.multiple
+        if min(x.shape[2:]) < m:
+            raise ShapeError(f"expected tiles of at least {m} pixels per spatial axis (2**(depth-1), for the "
+                             f"reflect padding), got {x.shape[2:]}")
+
+    def features(self, tiles, batch_size: int = 16, *, progress: bool = False) -> np.ndarray:
+        """Pooled encoder features of every tile.
+
+        Parameters
+        ----------
+        tiles : array-like
+            ``(N, H, W)`` / ``(N, C, H, W)`` for a 2-D model, ``(N, D, H, W)`` / ``(N, C, D, H, W)``
+            for a 3-D one: a NumPy array, an h5py/zarr dataset or any lazy array that slices along
+            the first axis (read ``batch_size`` tiles at a time, never all at once), normalised by
+            the model's intensity rule. Never modified.
+        batch_size : int
+            Tiles per network call.
+        progress : bool
+            Show a tqdm progress bar.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(N, n_features)`` float32.
+        """
+        if int(batch_size) < 1:
+            raise InputValueError(f"expected batch_size >= 1, got {batch_size}")
+        batch_size = int(batch_size)
+        n = _first_len(tiles)
+        out = np.empty((n, self.n_features), dtype=np.float32)
+        bar = _progress(n, progress, "features")
+        try:
+            for i in range(0, n, batch_size):
+                fmap = self.bottleneck(tiles[i:i + batch_size])
+                out[i:i + fmap.shape[0]] = _pool(fmap, self.pooling)
+                if bar is not None:
+                    bar.update(fmap.shape[0])
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    __call__ = features
+
+    def __repr__(self) -> str:
+        return (f"FeatureExtractor(backend={self.backend!r}, device={self.device!r}, pooling={self.pooling!r}, "
+                f"providers={self.providers})")
+
+
+def _first_len(arr) -> int:
+    shape = getattr(arr, "shape", None)
+    if shape is None:
+        arr = np.asarray(arr)
+        shape = arr.shape
+    if len(shape) == 0:
+        raise ShapeError(f"expected an array of tiles, got a scalar of shape {tuple(shape)}")
+    return int(shape[0])

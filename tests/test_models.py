@@ -1,0 +1,97 @@
+"""UNet: shapes, heads, padding/cropping, config round trip, BatchNorm folding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from neuroadda_rt.errors import InputValueError, ShapeError  # noqa: E402
+from neuroadda_rt.models import UNet, fold_batchnorm, unet_from_config  # noqa: E402
+
+
+def _randomise_bn(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("dim,head,ch", [(2, "boundary", 1), (2, "affinities", 2), (3, "boundary", 1),
+                                         (3, "affinities", 3)])
+def test_output_shapes_and_range(dim, head, ch):
+    torch.manual_seed(0)
+    net = UNet(dim=dim, widths=(4, 8, 16), head=head).eval()
+    shape = (2, 1, 37, 53) if dim == 2 else (1, 1, 9, 13, 11)
+    x = torch.rand(*shape)
+    with torch.no_grad():
+        y = net(x)
+        z = net.encode(x)
+    assert y.shape == (shape[0], ch, *shape[2:])
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
+    assert z.shape == (shape[0], 16, *[-(-s // 4) for s in shape[2:]])
+    assert net.out_channels == ch
+
+
+def test_default_architecture():
+    net = UNet()
+    assert net.config == {"dim": 2, "in_channels": 1, "widths": [16, 32, 64, 128], "head": "boundary"}
+    assert net.depth == 4 and net.multiple == 8
+    assert UNet(depth=3).config["widths"] == [16, 32, 64]
+
+
+def test_padding_matches_manual_reflect_pad_and_crop():
+    """forward on an odd size == forward on the numpy-reflect-padded input, cropped back."""
+    torch.manual_seed(1)
+    net = _randomise_bn(UNet(widths=(4, 8, 16)))
+    x = np.random.default_rng(0).random((2, 1, 37, 53)).astype(np.float32)
+    xp = np.pad(x, ((0, 0), (0, 0), (0, 3), (0, 3)), mode="reflect")  # 37->40, 53->56 (multiples of 4)
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).numpy()
+        yp = net(torch.from_numpy(xp)).numpy()[:, :, :37, :53]
+        z = net.encode(torch.from_numpy(x)).numpy()
+        zp = net.encode(torch.from_numpy(xp)).numpy()
+    # same arithmetic up to the convolution algorithm's summation order
+    np.testing.assert_allclose(y, yp, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(z, zp, rtol=0, atol=1e-5)
+
+
+def test_config_rebuilds_identical_network():
+    torch.manual_seed(2)
+    net = _randomise_bn(UNet(dim=3, widths=(3, 6), head="affinities"))
+    clone = unet_from_config(net.config)
+    clone.load_state_dict(net.state_dict())
+    clone.eval()
+    x = torch.rand(1, 1, 6, 8, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), net(x), rtol=0, atol=0)
+
+
+def test_fold_batchnorm_same_function_and_no_bn():
+    torch.manual_seed(3)
+    net = _randomise_bn(UNet(widths=(4, 8, 16)))
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # original untouched
+    x = torch.rand(3, 1, 24, 20)
+    with torch.no_grad():
+        assert float((folded(x) - net(x)).abs().max()) < 1e-5
+        assert float((folded.encode(x) - net.encode(x)).abs().max()) < 1e-5
+
+
+def test_bad_inputs():
+    with pytest.raises(InputValueError):
+        UNet(dim=4)
+    with pytest.raises(InputValueError):
+        UNet(head="semantic")
+    with pytest.raises(InputValueError):
+        UNet(widths=())
+    with pytest.raises(InputValueError):
+        unet_from_config({"dim": 2, "bogus": 1})
+    with pytest.raises(ShapeError):
+        UNet(widths=(4, 8)).encode(torch.rand(1, 8, 8))

@@ -1,0 +1,177 @@
+"""FeatureExtractor / Predictor: backend parity, pooling against NumPy references, lazy inputs,
+explicit-backend errors, auto logging, sliding-window blending against a brute-force reference."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+import neuroadda_rt  # noqa: E402
+from neuroadda_rt import FeatureExtractor  # noqa: E402
+from neuroadda_rt.errors import BackendUnavailableError, InputValueError, ShapeError  # noqa: E402
+from neuroadda_rt.models import UNet  # noqa: E402
+from neuroadda_rt.runtime import available_backends  # noqa: E402
+
+from conftest import DEVICES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    n = UNet(widths=(4, 8, 16))
+    g = torch.Generator().manual_seed(0)
+    for m in n.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return n.eval()
+
+
+@pytest.fixture(scope="module")
+def ort_fx(net):
+    return {p: FeatureExtractor(net, backend="onnxruntime", device="cpu", pooling=p, threads=1)
+            for p in ("mean", "max", "mean+std")}
+
+
+def _ref_features(net, x, pooling):
+    with torch.no_grad():
+        z = net.encode(torch.from_numpy(x[:, None].astype(np.float32))).double().numpy()
+    z = z.reshape(z.shape[0], z.shape[1], -1)
+    if pooling == "mean":
+        return z.mean(2)
+    if pooling == "max":
+        return z.max(2)
+    return np.concatenate([z.mean(2), z.std(2)], 1)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "mean+std"])
+@pytest.mark.parametrize("shape,batch", [((7, 37, 53), 3), ((4, 64, 64), 16), ((1, 8, 8), 1)])
+def test_features_parity_onnxruntime_torch_reference(net, ort_fx, pooling, shape, batch):
+    x = np.random.default_rng(shape[1]).random(shape, dtype=np.float32)
+    ref = _ref_features(net, x, pooling)
+    f_ort = ort_fx[pooling].features(x, batch_size=batch)
+    f_torch = FeatureExtractor(net, backend="torch", device="cpu", pooling=pooling).features(x, batch_size=batch)
+    assert f_ort.dtype == np.float32 and f_ort.shape == ref.shape == (shape[0], 32 if pooling == "mean+std" else 16)
+    assert np.abs(f_ort - ref).max() <= 1e-4
+    assert np.abs(f_torch - ref).max() <= 1e-4
+
+
+def test_integer_tiles_normalised_by_dtype(ort_fx):
+    x8 = np.random.default_rng(3).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    f8 = ort_fx["mean"].features(x8)
+    ff = ort_fx["mean"].features(x8.astype(np.float32) / 255)
+    assert np.abs(f8 - ff).max() <= 1e-6
+
+
+def test_lazy_array_read_in_batches(ort_fx):
+    x = np.random.default_rng(4).random((10, 24, 24), dtype=np.float32)
+
+    class Lazy:
+        """Slices along the first axis only, counting reads (like an h5py dataset)."""
+
+        shape, dtype = x.shape, x.dtype
+
+        def __init__(self):
+            self.reads = []
+
+        def __getitem__(self, sl):
+            assert isinstance(sl, slice)
+            self.reads.append(sl)
+            return x[sl]
+
+    lazy = Lazy()
+    f = ort_fx["mean"].features(lazy, batch_size=4)
+    assert [(s.start, s.stop) for s in lazy.reads] == [(0, 4), (4, 8), (8, 12)]
+    np.testing.assert_array_equal(f, ort_fx["mean"].features(x, batch_size=4))
+
+
+def test_h5py_dataset(ort_fx, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    x = np.random.default_rng(5).integers(0, 256, (6, 32, 32), dtype=np.uint8)
+    with h5py.File(tmp_path / "t.h5", "w") as fh:
+        fh["raw"] = x
+    with h5py.File(tmp_path / "t.h5", "r") as fh:
+        f = ort_fx["mean"].features(fh["raw"], batch_size=4)
+    np.testing.assert_allclose(f, ort_fx["mean"].features(x), atol=1e-6)
+
+
+def test_onnx_file_source_and_progress(net, tmp_path, capsys):
+    p = neuroadda_rt.export_onnx(net, tmp_path / "enc.onnx")
+    fx = FeatureExtractor(p, backend="onnxruntime", device="cpu")
+    x = np.random.default_rng(6).random((3, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(fx.features(x), _ref_features(net, x, "mean"), atol=1e-4)
+    fx.features(x)
+    assert capsys.readouterr().err == ""  # no progress bar by default
+    fx.features(x, progress=True)
+    assert "features" in capsys.readouterr().err
+    with pytest.raises(BackendUnavailableError, match="weights"):
+        FeatureExtractor(p, backend="torch", device="cpu")
+
+
+def test_auto_logs_choice(net, caplog):
+    with caplog.at_level(logging.INFO, logger="neuroadda_rt"):
+        fx = FeatureExtractor(net, device="cpu")
+    assert fx.backend == "onnxruntime" and fx.device == "cpu"
+    assert any("backend=onnxruntime" in r.message and "CPUExecutionProvider" in r.message for r in caplog.records)
+
+
+def test_explicit_gpu_requests_raise_listing_available(net):
+    av = available_backends()
+    if "cuda" not in av.get("onnxruntime", []):
+        with pytest.raises(BackendUnavailableError, match="available"):
+            FeatureExtractor(net, backend="onnxruntime", device="cuda")
+    if "tensorrt" not in av:
+        with pytest.raises(BackendUnavailableError, match="tensorrt.*available"):
+            FeatureExtractor(net, backend="tensorrt")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError):
+            FeatureExtractor(net, backend="torch", device="cuda")
+    with pytest.raises(InputValueError):
+        FeatureExtractor(net, backend="tensorrt", device="cpu")
+
+
+def test_bad_arguments(net, ort_fx):
+    with pytest.raises(InputValueError):
+        FeatureExtractor(net, backend="openvino")
+    with pytest.raises(InputValueError):
+        FeatureExtractor(net, device="tpu")
+    with pytest.raises(InputValueError):
+        FeatureExtractor(net, pooling="median")
+    fx = ort_fx["mean"]
+    with pytest.raises(ShapeError):
+        fx.features(np.zeros((2, 3, 16, 16), np.float32))  # 3 channels for a 1-channel model
+    with pytest.raises(ShapeError):
+        fx.features(np.zeros((2, 3, 3), np.float32))  # smaller than 2**(depth-1)
+    with pytest.raises(InputValueError):
+        fx.features(np.full((1, 16, 16), np.nan, np.float32))
+    with pytest.raises(InputValueError):
+        fx.features(np.zeros((1, 16, 16), np.float32), batch_size=0)
+    with pytest.raises(InputValueError):
+        FeatureExtractor(object())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_features_on_device(net, device):
+    x = np.random.default_rng(8).random((5, 40, 33), dtype=np.float32)
+    ref = _ref_features(net, x, "mean")
+    for backend in ("torch", "onnxruntime"):
+        if device == "cuda" and backend == "onnxruntime" and "cuda" not in available_backends().get(backend, []):
+            continue
+        f = FeatureExtractor(net, backend=backend, device=device).features(x, batch_size=2)
+        assert np.abs(f - ref).max() <= 1e-4, backend
+
+
+@pytest.mark.cuda
+def test_tensorrt_features_parity(net, tmp_path):
+    pytest.importorskip("tensorrt")
+    x = np.random.default_rng(9).random((6, 37, 53), dtype=np.float32)
+    fx = FeatureExtractor(net, backend="tensorrt", cache_dir=tmp_path,
+                          trt_profile={"min": (1, 1, 8, 8), "opt": (4, 1, 64, 64), "max": (8, 1, 128, 128)})
+    assert np.abs(fx.features(x, batch_size=4) - _ref_features(net, x, "mean")).max() <= 1e-4
+    with pytest.raises(ShapeError, match="profile"):
+        fx.features(np.zeros((1, 256, 256), np.float32))

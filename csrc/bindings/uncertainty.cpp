@@ -1,4 +1,82 @@
-// Placeholder: replaced by the uncertainty kernel bindings.
+// Bindings for the uncertainty reductions. Shapes and strides are read from the arrays here
+// (never trusted from the caller) so no argument combination can read out of bounds.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "ops/uncertainty.h"
+
 namespace py = pybind11;
-void register_uncertainty(py::module_& m) { (void)m; }
+
+namespace {
+
+// True when dims [first, ndim) form a C-contiguous block of `itemsize`-byte elements.
+bool spatial_contiguous(const py::array& a, int first, py::ssize_t itemsize) {
+  py::ssize_t expect = itemsize;
+  for (int d = static_cast<int>(a.ndim()) - 1; d >= first; --d) {
+    if (a.shape(d) != 1 && a.strides(d) != expect) return false;
+    expect *= a.shape(d);
+  }
+  return true;
+}
+
+std::pair<py::array_t<double>, int64_t> tile_uncertainty_py(const py::array& probs, bool mc, const py::object& mask_obj,
+                                                            int measure, bool use_cuda) {
+  NEUROADDA_CHECK(probs.dtype().is(py::dtype::of<float>()), "expected float32 probabilities, got dtype "
+                                                                 << std::string(py::str(probs.dtype())));
+  const int lead = mc ? 3 : 2;  // (T,) N, C before the spatial dims
+  NEUROADDA_CHECK(probs.ndim() == lead + 2 || probs.ndim() == lead + 3,
+                  "expected " << lead + 2 << " or " << lead + 3 << " dims, got " << probs.ndim());
+  NEUROADDA_CHECK(spatial_contiguous(probs, lead, sizeof(float)),
+                  "expected C-contiguous spatial dims, got strides that are not");
+  neuroadda::UncertaintyInput in;
+  in.probs = static_cast<const float*>(probs.data());
+  in.T = mc ? probs.shape(0) : 1;
+  in.stride_t = mc ? probs.strides(0) / static_cast<py::ssize_t>(sizeof(float)) : 0;
+  in.N = probs.shape(lead - 2);
+  in.C = probs.shape(lead - 1);
+  in.stride_n = probs.strides(lead - 2) / static_cast<py::ssize_t>(sizeof(float));
+  in.stride_c = probs.strides(lead - 1) / static_cast<py::ssize_t>(sizeof(float));
+  in.V = 1;
+  for (int d = lead; d < probs.ndim(); ++d) in.V *= probs.shape(d);
+  NEUROADDA_CHECK(probs.strides(lead - 2) % sizeof(float) == 0 && probs.strides(lead - 1) % sizeof(float) == 0 &&
+                      (!mc || probs.strides(0) % sizeof(float) == 0),
+                  "expected float32-aligned strides, got a misaligned view");
+
+  py::array mask;
+  if (!mask_obj.is_none()) {
+    mask = py::reinterpret_borrow<py::array>(mask_obj);
+    NEUROADDA_CHECK(mask.itemsize() == 1 && (mask.dtype().kind() == 'b' || mask.dtype().kind() == 'u'),
+                    "expected a bool mask, got dtype " << std::string(py::str(mask.dtype())));
+    NEUROADDA_CHECK(mask.ndim() == probs.ndim() - (mc ? 1 : 0), "expected the mask broadcast to (N, C, *spatial)");
+    for (int d = 0; d < mask.ndim(); ++d)
+      NEUROADDA_CHECK(mask.shape(d) == probs.shape(d + (mc ? 1 : 0)),
+                      "expected the mask broadcast to (N, C, *spatial), got a mismatch in dim " << d);
+    NEUROADDA_CHECK(spatial_contiguous(mask, 2, 1), "expected a mask with C-contiguous spatial dims");
+    in.mask = static_cast<const uint8_t*>(mask.data());
+    in.mask_stride_n = mask.strides(0);
+    in.mask_stride_c = mask.strides(1);
+  }
+  py::array_t<double> out(in.N);
+  double* out_ptr = out.mutable_data();
+  neuroadda::UncertaintyResult res;
+  {
+    // Safe: only raw pointers into arrays kept alive by this frame are used; no Python API calls.
+    py::gil_scoped_release nogil;
+    res = neuroadda::tile_uncertainty(in, static_cast<neuroadda::UncertaintyMeasure>(measure), out_ptr, use_cuda);
+  }
+  return {out, res.first_bad_tile};
+}
+
+}  // namespace
+
+void register_uncertainty(py::module_& m) {
+  m.def("tile_uncertainty", &tile_uncertainty_py, py::arg("probs"), py::arg("mc"), py::arg("mask"),
+        py::arg("measure"), py::arg("use_cuda"),
+        "Per-tile mean uncertainty; returns (values (N,) float64, first tile with invalid probabilities or -1).");
+  m.def("_fast_logf", [](float x) { return neuroadda::fast_logf(x); });
+  m.def("_binary_entropy_f", [](float p) { return neuroadda::binary_entropy_f(p); });
+}

@@ -62,13 +62,9 @@ def _as_volume(target):
         if target.size == 0:
             raise ShapeError(f"expected a non-empty target, got shape {target.shape}")
         return target
-    # Dataset: prefer its image volume
-    for attr in ("image", "images", "volume"):
-        if hasattr(target, attr) and not callable(getattr(target, attr)):
-            return _as_volume(getattr(target, attr))
-    for meth in ("open_image", "load_image"):
-        if callable(getattr(target, meth, None)):
-            return _as_volume(getattr(target, meth)())
+    # a Dataset contributes the image volume of its train split
+    if type(target).__name__ == "Dataset" and callable(getattr(target, "image", None)):
+        return target.image("train")
     if hasattr(target, "shape") and hasattr(target, "__getitem__"):
         return target  # a lazy Volume or any array-like
     raise InputValueError(
@@ -535,7 +531,7 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
     tiles, coords = _sample(volume, n_tiles, tile_size, seed)
     content = _content_hash(volume, tiles, coords, tile_size)
 
-    from .mmd import mmd2_test
+    from .mmd import mmd2, mmd2_test
 
     entries = []
     it: Iterable = models
@@ -560,10 +556,13 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
         if feats.shape[1] != ref.shape[1]:
             raise ShapeError(f"model {name!r}: expected target features with {ref.shape[1]} columns like its "
                              f"reference_features, got {feats.shape[1]}")
-        res = mmd2_test(ref, feats, n_permutations=max(n_permutations, 1), seed=seed)
-        stat = float(_field(res, ("mmd2", "statistic", "value")))
-        p = float(_field(res, ("p_value", "pvalue"))) if n_permutations > 0 else float("nan")
-        sigma = _field(res, ("sigma", "bandwidth"), None)
+        if n_permutations > 0:
+            res = mmd2_test(ref, feats, n_permutations=n_permutations, seed=seed)
+            stat = float(_field(res, ("mmd2", "statistic", "value")))
+            p = float(_field(res, ("p_value", "pvalue")))
+            sigma = _field(res, ("sigma", "bandwidth"), None)
+        else:  # no test asked for (e.g. the atlas): the statistic alone
+            stat, p, sigma = float(mmd2(ref, feats)), float("nan"), None
         entries.append(RankedSource(name=name, path=_pkg_path(pkg), mmd2=stat, p_value=p,
                                     sigma=None if sigma is None else float(sigma), n_reference=len(ref),
                                     n_target=len(feats), sha256=sha, cached=was_cached, model=pkg))

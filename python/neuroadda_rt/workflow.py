@@ -157,7 +157,8 @@ def _tifffile():
 
 def _atomic_tiff(tifffile, path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tifffile.imwrite(tmp, np.ascontiguousarray(array))
+    # minisblack: a 3- or 4-page stack must not be taken for an RGB(A) image
+    tifffile.imwrite(tmp, np.ascontiguousarray(array), photometric="minisblack")
     os.replace(tmp, path)
 
 

@@ -124,7 +124,7 @@ def membrane_to_instances(mask, *, membrane_value=None, min_size: int = 0, per_s
             small = ids[(counts < min_size) & (ids != 0)]
             if small.size == 0 or small.size == (ids != 0).sum():
                 continue
-            is_small = fastremap.isin(sl, small)
+            is_small = np.isin(sl, small)
             big = (sl != 0) & ~is_small
             # nearest big-segment voxel for every voxel; only small fragments take it
             idx = ndimage.distance_transform_edt(~big, return_distances=False, return_indices=True)

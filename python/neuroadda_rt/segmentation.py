@@ -13,10 +13,13 @@ Two representations:
     With waterz installed (``pip install 'neuroadda_rt[waterz]'``) the affinities are
     agglomerated by waterz (zwatershed fragments, mean-affinity merging until the merge
     score ``1 - mean affinity`` reaches ``threshold``). Without it, a documented fallback:
-    the affinities are turned into a boundary map (``1 -`` the mean affinity of each voxel's
-    incident edges) which is segmented as above.
+    seeds are the connected components of the affinity graph restricted to voxels whose
+    mean incident affinity exceeds ``1 - threshold`` and to edges above ``1 - threshold``,
+    and a seeded watershed on the derived boundary map (``1 -`` mean incident affinity)
+    assigns the remaining voxels.
 
-Both work per 2-D slice (``per_slice=True``, the anisotropic default for ssTEM) or in 3-D.
+Both work per 2-D slice (``per_slice=True``, usual for anisotropic ssTEM) or in 3-D (the
+default).
 A larger threshold always means fewer, larger segments. :func:`tune_threshold` picks it by
 variation of information on labelled tiles (never on test data).
 """
@@ -127,6 +130,48 @@ def _affinities_to_boundary(affs: np.ndarray) -> np.ndarray:
     return 1.0 - acc / np.maximum(cnt, 1)
 
 
+def _affinity_components(affs: np.ndarray, node_mask: np.ndarray, edge_min: float) -> np.ndarray:
+    """Connected components of the graph whose nodes are ``node_mask`` voxels and whose edges
+    are the nearest-neighbour affinities above ``edge_min`` (uint32, 0 off the mask)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    shape = affs.shape[1:]
+    n = int(np.prod(shape))
+    ids = np.arange(n, dtype=np.int64).reshape(shape)
+    rows, cols = [], []
+    for c in range(affs.shape[0]):
+        hi = [slice(None)] * len(shape)
+        lo = [slice(None)] * len(shape)
+        hi[c] = slice(1, None)  # p
+        lo[c] = slice(None, -1)  # p - e_c
+        keep = (affs[c][tuple(hi)] > edge_min) & node_mask[tuple(hi)] & node_mask[tuple(lo)]
+        rows.append(ids[tuple(hi)][keep])
+        cols.append(ids[tuple(lo)][keep])
+    r = np.concatenate(rows)
+    c = np.concatenate(cols)
+    g = coo_matrix((np.ones(r.size, np.int8), (r, c)), shape=(n, n))
+    _, comp = connected_components(g, directed=False)
+    comp = comp.reshape(shape).astype(np.int64) + 1
+    comp[~node_mask] = 0
+    return relabel_consecutive(comp)
+
+
+def _fallback_affinities(affs: np.ndarray, threshold: float) -> np.ndarray:
+    """Affinity segmentation without waterz: seeds are the connected components of the
+    affinity graph restricted to interior voxels (mean incident affinity above
+    ``1 - threshold``) and to edges with affinity above ``1 - threshold``; a seeded
+    watershed on the derived boundary map (``1 -`` mean incident affinity) fills the rest."""
+    from skimage.segmentation import watershed
+
+    bmap = _affinities_to_boundary(affs)
+    interior = bmap < threshold
+    markers = _affinity_components(affs, interior, 1.0 - threshold)
+    if not markers.any():
+        return np.ones(bmap.shape, np.uint32)
+    return watershed(bmap, markers=markers).astype(np.uint32)
+
+
 def _waterz(affs3: np.ndarray, threshold: float) -> np.ndarray:
     waterz = require("waterz", "waterz")
     a = np.ascontiguousarray(affs3, dtype=np.float32)
@@ -191,12 +236,15 @@ def segment(probs, representation: str, *, threshold: float = 0.5, per_slice: bo
         raise InputValueError(f"expected method 'auto', 'waterz' or 'fallback', got {method!r}")
     use_waterz = method == "waterz" or (method == "auto" and waterz_available())
     if not use_waterz:
-        if p.ndim == 4 and per_slice:  # in-plane edges only
-            bmap = np.stack([_affinities_to_boundary(p[1:, z]) for z in range(p.shape[1])])
-        else:
-            bmap = _affinities_to_boundary(p)
-        seg = _watershed_boundary(bmap, float(threshold), per_slice, seeds, int(min_seed_size), float(seed_distance))
-        return relabel_consecutive(seg)
+        if p.ndim == 4 and per_slice:  # in-plane edges only, ids unique across slices
+            out = np.zeros(p.shape[1:], np.uint64)
+            nxt = 0
+            for z in range(p.shape[1]):
+                sz = _fallback_affinities(p[1:, z], float(threshold)).astype(np.uint64)
+                out[z] = sz + nxt
+                nxt = int(out[z].max())
+            return relabel_consecutive(out)
+        return relabel_consecutive(_fallback_affinities(p, float(threshold)))
     if p.ndim == 3:  # 2-D: waterz wants (3, z, y, x); no z edges
         a3 = np.concatenate([np.zeros((1, 1, *p.shape[1:]), np.float32), p[:, None]], axis=0)
         return relabel_consecutive(_waterz(a3, threshold)[0])

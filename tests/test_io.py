@@ -1,0 +1,282 @@
+"""open_volume over every format (files written by the tests), laziness, normalisation rules,
+atomic writers and the error messages."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from neuroadda_rt import FormatError, InputValueError, ShapeError, Volume, normalize_intensity, open_volume
+from neuroadda_rt.io import intensity_rule, write_n5, write_slices, write_tiff, write_volume
+
+
+@pytest.fixture
+def vol(rng):
+    return rng.integers(0, 65535, size=(6, 17, 23), dtype=np.uint16)
+
+
+INDEXES = [
+    (Ellipsis,),
+    (2,),
+    (slice(1, 4), slice(None, None, 2)),
+    (slice(None, None, -1), 3, slice(5, 1, -2)),
+    (-1, Ellipsis, slice(-5, None)),
+    (slice(4, 2),),
+    (Ellipsis, 7),
+]
+
+
+def _check_all_indexes(v: Volume, ref: np.ndarray):
+    assert v.shape == ref.shape and v.dtype == ref.dtype
+    for k in INDEXES:
+        np.testing.assert_array_equal(v[k], ref[k], err_msg=str(k))
+    np.testing.assert_array_equal(np.asarray(v), ref)
+
+
+@pytest.mark.parametrize("name", ["v.h5:raw", "v.hdf5", "v2.zarr", "v3.zarr", "v.n5", "v.tif", "v.npy"])
+def test_roundtrip_formats(tmp_path, vol, name):
+    target = str(tmp_path / name)
+    kw = {"zarr_format": 3} if name.startswith("v3") else {}
+    write_volume(target, vol, voxel_size_nm=(40, 4, 4), chunks=(2, 8, 8) if "tif" not in name and "npy" not in name else None, **kw)
+    v = open_volume(target)
+    _check_all_indexes(v, vol)
+    if not name.endswith(".npy"):
+        assert v.voxel_size_nm == pytest.approx((40, 4, 4))
+    if name == "v3.zarr":
+        assert json.loads((tmp_path / name / "zarr.json").read_text())["zarr_format"] == 3
+    if name == "v2.zarr":
+        assert (tmp_path / name / ".zarray").exists()
+
+
+def test_lazy_reads_only_the_box(tmp_path, vol):
+    write_volume(tmp_path / "v.h5", vol)
+    v = open_volume(str(tmp_path / "v.h5"))
+    assert v.voxels_read == 0
+    v[1, 2:5, 3:7]
+    assert v.voxels_read == 12
+    # a folder of slices opens only slice 0 for metadata; slicing one slice reads one file
+    write_slices(tmp_path / "s", vol.astype(np.uint8))
+    (tmp_path / "s" / "5.png").write_bytes(b"garbage")  # never touched unless sliced
+    s = open_volume(tmp_path / "s")
+    np.testing.assert_array_equal(s[2], vol[2].astype(np.uint8))
+    with pytest.raises(FormatError, match="5.png"):
+        s[5]
+
+
+def test_hdf5_keys_and_errors(tmp_path, vol):
+    h5py = pytest.importorskip("h5py")
+    p = tmp_path / "two.h5"
+    with h5py.File(p, "w") as f:
+        f["a/raw"] = vol
+        f["b"] = vol[:2]
+        f["a/raw"].attrs["resolution"] = [50.0, 5.0, 5.0]
+    v = open_volume(f"{p}:a/raw")
+    assert v.key == "a/raw" and v.voxel_size_nm == (50, 5, 5)
+    np.testing.assert_array_equal(open_volume(p, key="b")[...], vol[:2])
+    with pytest.raises(FormatError, match="two.h5.*expected a dataset key"):
+        open_volume(p)
+    with pytest.raises(FormatError, match=r"two.h5.*no dataset 'nope'.*a/raw"):
+        open_volume(p, key="nope")
+
+
+def test_truncated_files(tmp_path, vol):
+    for name in ["t.h5", "t.npy", "t.tif"]:
+        p = tmp_path / name
+        write_volume(p, vol)
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 3])
+        with pytest.raises(FormatError, match=name):
+            v = open_volume(p)
+            v[...]  # some formats only notice on reading the data
+
+
+def test_unknown_format_and_missing(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"not a volume at all")
+    with pytest.raises(FormatError, match="x.bin.*unknown format"):
+        open_volume(p)
+    with pytest.raises(FormatError, match="nothere.h5.*no such file"):
+        open_volume(tmp_path / "nothere.h5")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FormatError, match="empty.*found none"):
+        open_volume(tmp_path / "empty")
+    with pytest.raises(FormatError, match="cannot write"):
+        write_volume(tmp_path / "x.xyz", np.zeros(3))
+
+
+def test_ome_zarr_multiscale_level(tmp_path, vol):
+    zarr = pytest.importorskip("zarr")
+    for fmt in (2, 3):
+        root = zarr.open_group(str(tmp_path / f"ome{fmt}.zarr"), mode="w", zarr_format=fmt)
+        root.create_array("s0", data=vol)
+        root.create_array("s1", data=vol[:, ::2, ::2])
+        root.attrs["multiscales"] = [{
+            "version": "0.4",
+            "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+            "datasets": [
+                {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [40, 4, 4]}]},
+                {"path": "s1", "coordinateTransformations": [{"type": "scale", "scale": [40, 8, 8]}]},
+            ],
+        }]
+        v0 = open_volume(tmp_path / f"ome{fmt}.zarr")
+        assert v0.voxel_size_nm == (40, 4, 4)
+        v1 = open_volume(tmp_path / f"ome{fmt}.zarr", key="1")
+        assert v1.key == "s1" and v1.voxel_size_nm == (40, 8, 8)
+        _check_all_indexes(v1, vol[:, ::2, ::2])
+        with pytest.raises(FormatError, match="levels"):
+            open_volume(tmp_path / f"ome{fmt}.zarr", key="5")
+
+
+def test_n5_hand_written_block(tmp_path):
+    """An N5 dataset written byte by byte from the spec (not by our writer): x-first
+    dimensions, big-endian header and data, a gzip block and a missing block."""
+    ref = np.arange(2 * 3 * 5, dtype=np.int16).reshape(2, 3, 5) - 7  # (z, y, x)
+    root = tmp_path / "hand.n5"
+    ds = root / "vol"
+    ds.mkdir(parents=True)
+    (root / "attributes.json").write_text('{"n5": "2.0.0"}')
+    (ds / "attributes.json").write_text(json.dumps({
+        "dimensions": [5, 3, 2], "blockSize": [3, 3, 2], "dataType": "int16",
+        "compression": {"type": "gzip"}, "resolution": [4, 4, 40]}))
+    block = ref[:, :, 0:3]  # block (0,0,0) in x,y,z grid order
+    hdr = struct.pack(">HH", 0, 3) + struct.pack(">III", 3, 3, 2)
+    (ds / "0" / "0").mkdir(parents=True)
+    (ds / "0" / "0" / "0").write_bytes(hdr + gzip.compress(block.astype(">i2").tobytes()))
+    v = open_volume(f"{root}:vol")
+    assert v.shape == (2, 3, 5) and v.dtype == np.int16 and v.voxel_size_nm == (40, 4, 4)
+    expect = ref.copy()
+    expect[:, :, 3:] = 0  # block (1,0,0) is missing: fill value
+    np.testing.assert_array_equal(v[...], expect)
+    np.testing.assert_array_equal(v[1, 1:, 2:4], expect[1, 1:, 2:4])
+
+
+def test_n5_writer_edge_blocks_and_errors(tmp_path, vol):
+    write_n5(tmp_path / "w.n5", vol, key="a/b", block_size=(4, 5, 7), compression="raw")
+    _check_all_indexes(open_volume(tmp_path / "w.n5", key="a/b"), vol)
+    with pytest.raises(FormatError, match=r"w.n5.*no N5 dataset 'zz'"):
+        open_volume(tmp_path / "w.n5", key="zz")
+    blk = next(p for p in (tmp_path / "w.n5" / "a" / "b").rglob("*") if p.is_file() and p.name != "attributes.json")
+    blk.write_bytes(blk.read_bytes()[:20])
+    with pytest.raises(FormatError, match="truncated N5 block"):
+        open_volume(tmp_path / "w.n5", key="a/b")[...]
+
+
+def test_tiff_single_and_multipage(tmp_path, vol):
+    write_tiff(tmp_path / "one.tif", vol[0])
+    v = open_volume(tmp_path / "one.tif")
+    assert v.shape == vol.shape[1:]
+    np.testing.assert_array_equal(v[3:9, ::-1], vol[0][3:9, ::-1])
+    write_tiff(tmp_path / "stack.tiff", vol, voxel_size_nm=(50, 4, 4))
+    _check_all_indexes(open_volume(tmp_path / "stack.tiff"), vol)
+
+
+@pytest.mark.parametrize("fmt", ["png", "tif"])
+def test_slice_folder_natural_sort(tmp_path, vol, fmt):
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+
+    stack = (vol >> 8).astype(np.uint8)
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i, sl in enumerate(stack):  # names 1, 2, ..., 6 but written as z1, z10-like mixes
+        name = folder / f"z{[1, 2, 3, 9, 10, 11][i]}.{fmt}"
+        if fmt == "png":
+            rgb = np.repeat(sl[..., None], 3, axis=2)  # an RGB file: channel 0 is used
+            Image.fromarray(rgb).save(name)
+        else:
+            tifffile.imwrite(name, sl)
+    v = open_volume(folder)
+    assert [p.rsplit("/", 1)[-1] for p in v.files][:5] == [f"z{i}.{fmt}" for i in (1, 2, 3, 9, 10)]
+    _check_all_indexes(v, stack)
+    # a slice of another shape is an error naming the folder
+    (folder / f"z12.{fmt}").unlink(missing_ok=True)
+    if fmt == "png":
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "z12.png")
+        with pytest.raises(ShapeError, match="slice 6"):
+            open_volume(folder)[...]
+
+
+def test_numpy_array_wrapped_without_copy(vol):
+    v = open_volume(vol, voxel_size_nm=(1, 2, 3))
+    assert v.path is None and v.voxel_size_nm == (1, 2, 3)
+    _check_all_indexes(v, vol)
+    with pytest.raises(InputValueError, match="ints, slices"):
+        v[[0, 1]]
+    with pytest.raises(IndexError):
+        v[6]
+
+
+def test_atomic_write_leaves_no_temp(tmp_path, vol):
+    for name in ["a.h5", "a.zarr", "a.n5", "a.tif", "a.npy"]:
+        write_volume(tmp_path / name, vol)
+        write_volume(tmp_path / name, vol[:2])  # overwrite in place
+        assert open_volume(tmp_path / name).shape == (2, 17, 23)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_precomputed_needs_extra():
+    try:
+        import cloudvolume  # noqa: F401
+    except ImportError:
+        from neuroadda_rt import MissingExtraError
+
+        with pytest.raises(MissingExtraError, match="neuroglancer"):
+            open_volume("precomputed://gs://bucket/volume")
+    else:  # pragma: no cover
+        pytest.skip("cloud-volume is installed; the missing-extra path cannot be exercised")
+
+
+# ----------------------------------------------------------------------------- normalisation
+def test_normalize_dtype_rule():
+    np.testing.assert_allclose(normalize_intensity(np.array([0, 128, 255], np.uint8)), [0, 128 / 255, 1], rtol=1e-6)
+    np.testing.assert_allclose(normalize_intensity(np.array([0, 65535], np.uint16)), [0, 1])
+    np.testing.assert_allclose(normalize_intensity(np.array([-128, 127], np.int8)), [0, 1])
+    out = normalize_intensity(np.array([-0.5, 0.25, 2.0]))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [0, 0.25, 1])
+
+
+def test_normalize_percentile_rule_matches_float64_reference(rng):
+    x = rng.normal(100, 20, size=(32, 32)).astype(np.float32)
+    rule = intensity_rule("percentile", low=2, high=98)
+    assert json.loads(json.dumps(rule)) == rule  # what a model package stores
+    lo, hi = np.percentile(x.astype(np.float64), [2, 98])
+    ref = np.clip((x.astype(np.float64) - lo) / (hi - lo), 0, 1)
+    got = normalize_intensity(x, rule)
+    assert got.dtype == np.float32 and got.min() >= 0 and got.max() <= 1
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    # re-applied from the stored dict: identical
+    np.testing.assert_array_equal(normalize_intensity(x, json.loads(json.dumps(rule))), got)
+    # invariant to an affine change of the microscope's gain/offset
+    np.testing.assert_allclose(normalize_intensity(3 * x + 7, rule), got, atol=1e-5)
+
+
+def test_normalize_fixed_and_bad_rules():
+    np.testing.assert_allclose(normalize_intensity(np.array([10, 20, 30, 40]), "fixed", low=20, high=30), [0, 0, 1, 1])
+    assert normalize_intensity(np.full((3, 3), 5.0), "percentile").max() == 0  # constant: no NaN
+    with pytest.raises(InputValueError, match="rule"):
+        normalize_intensity(np.zeros(3), "zscore")
+    with pytest.raises(InputValueError, match="low < high"):
+        intensity_rule("percentile", low=99, high=1)
+    with pytest.raises(InputValueError, match="fixed"):
+        intensity_rule("fixed")
+
+
+# ----------------------------------------------------------------------------- real data
+@pytest.mark.realdata
+def test_real_formats(em_data):
+    isbi = open_volume(em_data / "isbi2012_drosophila_l1_vnc/data/membrane/train/image")
+    assert isbi.shape == (30, 512, 512) and isbi.dtype == np.uint8
+    assert [f.rsplit("/", 1)[-1] for f in isbi.files[:3]] == ["0.png", "1.png", "2.png"]
+    assert isbi.files[10].endswith("/10.png")
+    gala = open_volume(str(em_data / "drosophila_fibsem_gala_example/tests/example-data/train-gt.lzf.h5") + ":stack")
+    assert gala.shape == (50, 100, 200) and gala.dtype == np.int32
+    assert gala[0, :4, :4].shape == (4, 4) and gala.voxels_read == 16
+    raw = open_volume(em_data / "drosophila_l3_vnc_gerhard/stack1/raw")
+    assert raw.shape == (20, 1024, 1024)
+    epfl = open_volume(em_data / "epfl_hippocampus_mouse_dense/data/epfl_train/slices")  # LA mode PNG
+    assert epfl.shape == (27, 768, 1024) and epfl.dtype == np.uint8

@@ -11,9 +11,11 @@ namespace neuroadda {
 namespace {
 
 using i128 = __int128;
-constexpr double kFixed = 1099511627776.0;  // 2^40: x ln x is summed as round(x ln x * 2^40)
+// 2^64: x ln x is summed as round(x ln x * 2^64) in 128 bits, exact for any double term
+// (ulp >= 2^-52 for x ln x >= 2 ln 2) and free of overflow below 2^57 voxels.
+constexpr double kFixed = 18446744073709551616.0;
 
-// x ln x rounded to 2^-40, as an exact integer: summing these is associative, so the score does
+// x ln x scaled by 2^64, as an exact integer: summing these is associative, so the score does
 // not depend on hash-map iteration order, block order or thread count.
 inline i128 xlnx_fixed(uint64_t x) {
   if (x <= 1) return 0;

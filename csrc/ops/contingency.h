@@ -11,7 +11,7 @@
 //   H(seg|gt) = (sum a ln a - sum n ln n) / N   ("split"),  H(gt|seg) = (sum b ln b - sum n ln n) / N
 //   ("merge"); the adapted Rand terms are sum n^2 - N, sum a^2 - N, sum b^2 - N (exact integers).
 // Invariants: counts are exact uint64; every sum is order independent (integers, or x ln x
-// rounded to 2^-40 and summed in 128-bit fixed point), so a table filled block by block, merged
+// scaled by 2^64 and summed exactly in 128-bit fixed point), so a table filled block by block, merged
 // from workers in any order, or filled by any number of threads gives bit-identical scores.
 // Memory: O(K) for K distinct (seg, gt) pairs, 48 bytes per pair at worst (24-byte slots, load
 // >= 1/4 after growth) per thread map plus the merged map; nothing proportional to the voxels.

@@ -489,8 +489,9 @@ def _artefact_float(img: np.ndarray, kind: str, rng: np.random.Generator):
         along = -(yy - H / 2) * s_ + (xx - W / 2) * c
         d += rng.uniform(2, 10) * np.sin(along / rng.uniform(30, 120) + rng.uniform(0, 2 * np.pi))
         width = rng.uniform(3, 14)
-        mask = np.abs(d) < width / 2
-        core = np.exp(-(d / (width / 2)) ** 2)
+        # the mask holds every pixel the fold changes (the dark core and its soft edge)
+        core = np.where(np.abs(d) < width, np.exp(-(d / (width / 2)) ** 2), 0.0).astype(np.float32)
+        mask = core > 0
         out = out * (1 - 0.75 * core) + 0.02 * core
     elif kind == "stain":
         # a blob of precipitate: dark, irregular, sharp-ish edge

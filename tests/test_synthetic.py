@@ -1,0 +1,173 @@
+"""Synthetic EM domains: determinism, label conventions, physics of the picture, artefact
+masks, and domain families whose parameter distances follow the tree."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from neuroadda_rt import InputValueError, ShapeError
+from neuroadda_rt.synthetic import (ARTEFACT_KINDS, PARAMETER_BOUNDS, DomainStyle, apply_artefact, domain_family,
+                                    make_domain)
+
+SHAPE = (4, 80, 96)
+
+
+@pytest.fixture(scope="module")
+def vol():
+    return make_domain(DomainStyle(), SHAPE, seed=11)
+
+
+def test_deterministic_bytes_and_seed_dependence(vol):
+    img, lab = vol
+    img2, lab2 = make_domain(DomainStyle(), SHAPE, seed=11)
+    assert img.tobytes() == img2.tobytes() and lab.tobytes() == lab2.tobytes()
+    img3, lab3 = make_domain(DomainStyle(), SHAPE, seed=12)
+    assert img.tobytes() != img3.tobytes() and lab.tobytes() != lab3.tobytes()
+    assert img.dtype == np.uint8 and lab.dtype == np.uint32 and img.shape == lab.shape == SHAPE
+
+
+def test_label_conventions(vol):
+    img, lab = vol
+    ids = np.unique(lab)
+    assert ids[0] == 0 and np.array_equal(ids, np.arange(ids.size))  # 0 + consecutive ids
+    assert 0.05 < (lab == 0).mean() < 0.5
+    # membranes and gaps are darker than cytoplasm on average
+    assert img[lab == 0].mean() < img[lab > 0].mean() - 10
+    # neurites are continuous across z: most interior voxels keep their id in the next slice
+    both = (lab[:-1] > 0) & (lab[1:] > 0)
+    assert (lab[:-1][both] == lab[1:][both]).mean() > 0.8
+    # segments are mostly single connected pieces per slice (learnable, clean instances)
+    from neuroadda_rt.labels import label_interior
+
+    for z in range(SHAPE[0]):
+        cc = label_interior(lab[z] > 0)
+        assert cc.max() <= 1.15 * (np.unique(lab[z]).size - 1)
+
+
+def test_2d_and_style_effects():
+    thin, _ = make_domain(DomainStyle(membrane_thickness_px=1.5, ecs_fraction=0.0), (96, 96), seed=3)
+    thick, lab_thick = make_domain(DomainStyle(membrane_thickness_px=6.0, ecs_fraction=0.0), (96, 96), seed=3)
+    assert thin.shape == (96, 96)
+    _, lab_thin = make_domain(DomainStyle(membrane_thickness_px=1.5, ecs_fraction=0.0), (96, 96), seed=3)
+    assert (lab_thick == 0).mean() > 1.8 * (lab_thin == 0).mean()
+    noisy, _ = make_domain(DomainStyle(photons=5.0, blur_sigma_px=0.0), (96, 96), seed=3)
+    clean, _ = make_domain(DomainStyle(photons=1000.0, read_noise=0.0, blur_sigma_px=0.0), (96, 96), seed=3)
+    hp = lambda a: np.abs(np.diff(a.astype(float), axis=1)).mean()  # noqa: E731
+    assert hp(noisy) > 2 * hp(clean)
+    dark, _ = make_domain(DomainStyle(brightness=-0.2), (64, 64), seed=3)
+    bright, _ = make_domain(DomainStyle(brightness=0.2), (64, 64), seed=3)
+    assert bright.mean() > dark.mean() + 40
+    inv, _ = make_domain(DomainStyle(invert=True), (64, 64), seed=3)
+    normal, _ = make_domain(DomainStyle(), (64, 64), seed=3)
+    _, lab = make_domain(DomainStyle(), (64, 64), seed=3)
+    assert inv[lab == 0].mean() > inv[lab > 0].mean() and normal[lab == 0].mean() < normal[lab > 0].mean()
+
+
+def test_artefacts_masks_and_clean_elsewhere(vol):
+    img, lab = vol
+    rates = {k: 0.5 for k in ARTEFACT_KINDS}
+    a_img, a_lab, masks = make_domain(DomainStyle(), SHAPE, seed=11, artefacts=rates)
+    assert set(masks) == set(ARTEFACT_KINDS) and a_lab.tobytes() == lab.tobytes()
+    anym = np.zeros(SHAPE, bool)
+    for k, m in masks.items():
+        assert m.dtype == bool and m.shape == SHAPE
+        anym |= m
+    assert anym.any()
+    np.testing.assert_array_equal(a_img[~anym], img[~anym])  # the clean image does not depend on artefacts
+    changed = a_img != img
+    assert (changed & ~anym).sum() == 0 and changed.any()
+    all_missing = make_domain(DomainStyle(), SHAPE, seed=11, artefacts={"missing_section": 1.0})[2]
+    assert all_missing["missing_section"].all()
+    none = make_domain(DomainStyle(), SHAPE, seed=11, artefacts={"fold": 0.0})[2]
+    assert not none["fold"].any()
+    with pytest.raises(InputValueError, match="artefact kinds"):
+        make_domain(None, (32, 32), seed=0, artefacts={"scratch": 0.1})
+    with pytest.raises(InputValueError, match="rate"):
+        make_domain(None, (32, 32), seed=0, artefacts={"fold": 2})
+
+
+@pytest.mark.parametrize("kind", ARTEFACT_KINDS)
+def test_apply_artefact(vol, kind):
+    tile = vol[0][0]
+    out, m = apply_artefact(tile, kind, seed=4)
+    out2, m2 = apply_artefact(tile, kind, seed=4)
+    assert out.dtype == np.uint8 and m.dtype == bool and m.shape == tile.shape
+    assert np.array_equal(out, out2) and np.array_equal(m, m2)
+    assert m.any() and not np.array_equal(out, tile)
+    np.testing.assert_array_equal(out[~m], tile[~m])  # untouched outside the mask
+    if kind == "missing_section":
+        assert out.std() < 8
+    if kind == "defocus":
+        assert np.abs(np.diff(out.astype(float), axis=1)).mean() < np.abs(np.diff(tile.astype(float), axis=1)).mean()
+    f, mf = apply_artefact(tile.astype(np.float32) / 255, kind, seed=4)
+    assert f.dtype == np.float32 and 0 <= f.min() and f.max() <= 1
+    stack, ms = apply_artefact(vol[0][:2], kind, seed=1)
+    assert stack.shape == ms.shape == vol[0][:2].shape
+
+
+def test_style_validation_and_vector_roundtrip():
+    with pytest.raises(InputValueError, match="membrane_thickness_px"):
+        DomainStyle(membrane_thickness_px=100.0)
+    s = DomainStyle(photons=30.0, gamma=1.3)
+    back = DomainStyle.from_vector(s.to_vector(), name=s.name)
+    for k in PARAMETER_BOUNDS:
+        assert getattr(back, k) == pytest.approx(getattr(s, k), rel=1e-3, abs=1e-3)
+    assert DomainStyle.from_dict(s.to_dict()) == s
+    with pytest.raises(ShapeError):
+        make_domain(s, (2, 3, 4, 5), seed=0)
+    with pytest.raises(ShapeError):
+        DomainStyle.from_vector(np.zeros(3))
+
+
+def _patristic(newick: str):
+    from neuroadda_rt._newick import parse_newick  # the atlas engineer's reader
+
+    root = parse_newick(newick)
+    leaves, up = {}, {}
+
+    def walk(node, depth, path):
+        path = path + [node]
+        if not node.children:
+            leaves[node.name] = (depth, path)
+        for c in node.children:
+            walk(c, depth + c.length, path)
+
+    walk(root, 0.0, [])
+    names = sorted(leaves)
+    d = np.zeros((len(names), len(names)))
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            da, pa = leaves[a]
+            db, pb = leaves[b]
+            k = 0
+            while k < min(len(pa), len(pb)) and pa[k] is pb[k]:
+                k += 1
+            lca_depth = 0.0
+            for n in pa[1:k]:
+                lca_depth += n.length
+            d[i, j] = da + db - 2 * lca_depth
+    return names, d
+
+
+def test_domain_family_tree_and_drift():
+    styles, newick = domain_family(10, seed=3)
+    styles2, newick2 = domain_family(10, seed=3)
+    assert newick == newick2 and styles == styles2
+    assert domain_family(10, seed=4)[1] != newick
+    names = [s.name for s in styles]
+    assert names == [f"syn{i:02d}" for i in range(10)]
+    assert sorted(re.findall(r"syn\d\d", newick)) == names and newick.endswith(";")
+    tree_names, pat = _patristic(newick)
+    assert tree_names == names
+    u = np.stack([s.to_vector() for s in styles])
+    sq = ((u[:, None] - u[None]) ** 2).sum(-1)
+    iu = np.triu_indices(10, 1)
+    r = np.corrcoef(sq[iu], pat[iu])[0, 1]
+    assert r > 0.6, r  # Brownian drift: squared distances grow with path length
+    one, t1 = domain_family(1, seed=0)
+    assert len(one) == 1 and t1 == "syn00;"
+    with pytest.raises(InputValueError):
+        domain_family(0, seed=0)

@@ -546,7 +546,7 @@ def _patristic(tree, tips: Sequence[str]) -> np.ndarray:
     return np.asarray(dm.data, dtype=np.float64)[np.ix_(idx, idx)]
 
 
-def _map_species(names: list[str], species, tree_tips: set[str]) -> list[str]:
+def _map_species(names: list[str], species, tree_tips: set[str], what: str = "the reference tree") -> list[str]:
     """Map each atlas name to a reference-tree tip from a species list or a name -> species dict."""
     if isinstance(species, Mapping):
         missing = [n for n in names if n not in species]
@@ -563,7 +563,7 @@ def _map_species(names: list[str], species, tree_tips: set[str]) -> list[str]:
         key = str(s).strip()
         tip = key if key in tree_tips else aliases.get(key.lower())
         if tip is None:
-            raise InputValueError(f"expected a species of the reference tree for domain {n!r}, got {s!r}; "
+            raise InputValueError(f"expected a species (tip) of {what} for domain {n!r}, got {s!r}; "
                                   f"known: {sorted(tree_tips)} (or common names such as 'fly', 'mouse')")
         tips.append(tip)
     return tips
@@ -631,7 +631,8 @@ def compare_to_phylogeny(atlas: Atlas, tree=None, *, species=None, n_permutation
     else:
         t = _as_tree(tree)
         tip_names = {x.name for x in t.tips()}
-        tips = list(atlas.names) if species is None else _map_species(atlas.names, species, tip_names)
+        tips = list(atlas.names) if species is None else _map_species(atlas.names, species, tip_names,
+                                                                           "the given tree")
     patristic = _patristic(t, tips)
     if len(atlas.names) < 3:
         raise InputValueError(f"expected at least 3 domains for a Mantel test, got {len(atlas.names)}")

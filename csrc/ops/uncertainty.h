@@ -21,6 +21,7 @@
 #pragma once
 #include <cstdint>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 
 #include "common/check.h"
@@ -128,10 +129,19 @@ UncertaintyResult tile_uncertainty_kernel(const UncertaintyInput& in, Uncertaint
 }
 
 #ifdef NEUROADDA_WITH_CUDA
+}  // namespace neuroadda
+struct CUstream_st;  // cudaStream_t without pulling cuda_runtime.h into CPU translation units
+namespace neuroadda {
 namespace cuda {
-// Host-memory in/out convenience wrapper: copies to the GPU, launches, copies back, synchronises.
+// Work items (entries of part_sum / part_cnt) for an input.
+size_t workspace_items(const UncertaintyInput& in);
+// `in` holds device pointers; tile_bad (N entries) must be zeroed; writes out[N] on the device.
+// Enqueues two kernels on `stream` and returns without synchronising.
+void launch_tile_uncertainty(const UncertaintyInput& in, UncertaintyMeasure measure, double* part_sum,
+                             long long* part_cnt, unsigned* tile_bad, double* out, CUstream_st* stream);
+// Host-memory wrapper: copies the touched span to the GPU, launches, copies back, synchronises.
 UncertaintyResult tile_uncertainty_host(const UncertaintyInput& in, UncertaintyMeasure measure, double* out);
-}
+}  // namespace cuda
 #endif
 
 }  // namespace neuroadda

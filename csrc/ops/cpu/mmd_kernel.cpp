@@ -1,0 +1,391 @@
+// CPU kernels for MMD²: 16x16 register tiles over 16-row panels, exp fused in the epilogue.
+// The hot per-panel functions are SIMD-cloned (AVX-512 / AVX2 / default); OpenMP runs over row
+// panels in the non-cloned drivers, each panel writing its own float64 partial so the final
+// reduction order is fixed.
+// Vector arguments only cross inlined calls within one clone, so the ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/simd.h"
+#include "ops/mmd.h"
+
+#ifdef NEUROADDA_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace neuroadda {
+namespace cpu {
+typedef float v16f __attribute__((vector_size(64)));
+typedef int v16i __attribute__((vector_size(64)));
+}  // namespace cpu
+
+// 16 lanes at a time through the shared arithmetic of ops/mmd.h.
+template <>
+struct Lanes<cpu::v16f> {
+  using F = cpu::v16f;
+  using I = cpu::v16i;
+  static inline F splat(float v) { return F{} + v; }
+  static inline F max(F a, F b) { return a < b ? b : a; }
+  static inline I trunc(F v) { return __builtin_convertvector(v, I); }
+  static inline F to_float(I v) { return __builtin_convertvector(v, F); }
+  static inline F from_bits(I b) { return (F)b; }
+};
+
+namespace cpu {
+namespace {
+
+constexpr int kT = 16;  // tile edge = panel height = one 512-bit vector of floats
+
+enum class Mode { Sums, Matrix, Dists };
+
+// c[r][lane] = A_r . B_lane for two packed panels (each d x 16, k-major); inlined into the
+// cloned callers so c stays in registers.
+__attribute__((always_inline)) inline void tile_dot(const float* __restrict A, const float* __restrict B,
+                                                    int64_t d, v16f* c) {
+#pragma GCC unroll 16
+  for (int r = 0; r < kT; ++r) c[r] = v16f{};
+  for (int64_t k = 0; k < d; ++k) {
+    v16f b;
+    std::memcpy(&b, B + k * kT, sizeof(b));
+    const float* a = A + k * kT;
+#pragma GCC unroll 16
+    for (int r = 0; r < kT; ++r) c[r] += a[r] * b;
+  }
+}
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+struct PanelJob {
+  const float* panels;
+  const float* norms;
+  const int* valid;       // valid rows per panel
+  const int64_t* first;   // first output row of each panel (Matrix/Dists modes)
+  int64_t n_panels;
+  int64_t split;          // panels < split hold x, the rest y (Sums mode)
+  int64_t d;
+  const float* coef;      // -1 / (2 sigma²)
+  int n_sigma;
+  int blocks;
+  float* out;             // Matrix: N x N; Dists: upper triangle of s x s
+  int64_t out_n;
+};
+
+// One row panel P against panels Q >= P. Sums: partial[0..2] += (kxx, kyy, kxy) off-diagonal
+// ordered-pair sums. Cloned: every call runs the best instruction set of this CPU.
+template <Mode M>
+NEUROADDA_SIMD_CLONES void row_panel(const PanelJob& job, int64_t P, double* partial) {
+  using L = Lanes<v16f>;
+  v16f c[kT];
+  alignas(64) float buf[kT * kT];
+  const float inv_s = 1.0f / static_cast<float>(job.n_sigma);
+  const float* A = job.panels + P * job.d * kT;
+  const float* na = job.norms + P * kT;
+  const int va = job.valid[P];
+  const bool px = P < job.split;
+  v16f lane;
+  for (int l = 0; l < kT; ++l) lane[l] = static_cast<float>(l);
+  for (int64_t Q = P; Q < job.n_panels; ++Q) {
+    int block = 0;  // 0 xx, 1 yy, 2 xy
+    if (M == Mode::Sums) {
+      const bool qx = Q < job.split;
+      block = (px && qx) ? 0 : (!px && !qx) ? 1 : 2;
+      if (!(job.blocks & (1 << block))) continue;
+    }
+    const float* B = job.panels + Q * job.d * kT;
+    const v16f nb = load16(job.norms + Q * kT);
+    const int vb = job.valid[Q];
+    tile_dot(A, B, job.d, c);
+    if (M == Mode::Dists) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kT; ++r) {
+        const v16f d2 = sq_dist_from_dot(L::splat(na[r]), nb, c[r]);
+        std::memcpy(buf + r * kT, &d2, sizeof(d2));
+      }
+      for (int r = 0; r < va; ++r) {
+        const int64_t i = job.first[P] + r;
+        const int c0 = (P == Q) ? r + 1 : 0;
+        if (c0 >= vb) continue;
+        const int64_t j0 = job.first[Q] + c0;
+        float* dst = job.out + i * job.out_n - i * (i + 1) / 2 + (j0 - i - 1);
+        std::memcpy(dst, buf + r * kT + c0, sizeof(float) * (vb - c0));
+      }
+      continue;
+    }
+    if (M == Mode::Matrix) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kT; ++r) {
+        const v16f k = gaussian_mean_kernel(sq_dist_from_dot(L::splat(na[r]), nb, c[r]), job.coef, job.n_sigma, inv_s);
+        std::memcpy(buf + r * kT, &k, sizeof(k));
+      }
+      for (int r = 0; r < va; ++r) {
+        const int64_t i = job.first[P] + r;
+        for (int cc = 0; cc < vb; ++cc) {
+          const int64_t j = job.first[Q] + cc;
+          const float v = (i == j) ? 1.0f : buf[r * kT + cc];
+          job.out[i * job.out_n + j] = v;
+          job.out[j * job.out_n + i] = v;
+        }
+      }
+      continue;
+    }
+    // Sums: column sums of the tile in float32 (16 terms), then float64.
+    v16f colsum{};
+    if (P != Q && va == kT && vb == kT) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kT; ++r)
+        colsum += gaussian_mean_kernel(sq_dist_from_dot(L::splat(na[r]), nb, c[r]), job.coef, job.n_sigma, inv_s);
+    } else {
+      // Mask padding rows / columns and, on diagonal tiles, all but the strict upper triangle.
+      const v16f vbv = L::splat(static_cast<float>(vb));
+      for (int r = 0; r < va; ++r) {
+        const v16f k = gaussian_mean_kernel(sq_dist_from_dot(L::splat(na[r]), nb, c[r]), job.coef, job.n_sigma, inv_s);
+        const v16f lo = L::splat(P == Q ? static_cast<float>(r) : -1.0f);
+        colsum += (lane > lo && lane < vbv) ? k : v16f{};
+      }
+    }
+    double t = 0.0;
+    for (int l = 0; l < kT; ++l) t += static_cast<double>(colsum[l]);
+    partial[block] += t;
+  }
+}
+
+// a' K a restricted to the block's rows: for each p, sum_{i in x_p} (1 + 2 sum_{j>i, j in x_p} K_ij).
+NEUROADDA_SIMD_CLONES void quad_forms_block(const float* K, int64_t N, const float* ind, int nb, double* out) {
+  for (int p = 0; p < nb; ++p) out[p] = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    const float* row = K + i * N;
+    const int64_t len = N - i - 1;
+    for (int p = 0; p < nb; ++p) {
+      const float* a = ind + static_cast<int64_t>(p) * N;
+      if (a[i] == 0.0f) continue;
+      const float* kr = row + i + 1;
+      const float* ar = a + i + 1;
+      v16f s0{}, s1{}, s2{}, s3{};
+      int64_t j = 0;
+      for (; j + 4 * kT <= len; j += 4 * kT) {
+        v16f k0, k1, k2, k3, a0, a1, a2, a3;
+        std::memcpy(&k0, kr + j, 64);
+        std::memcpy(&k1, kr + j + kT, 64);
+        std::memcpy(&k2, kr + j + 2 * kT, 64);
+        std::memcpy(&k3, kr + j + 3 * kT, 64);
+        std::memcpy(&a0, ar + j, 64);
+        std::memcpy(&a1, ar + j + kT, 64);
+        std::memcpy(&a2, ar + j + 2 * kT, 64);
+        std::memcpy(&a3, ar + j + 3 * kT, 64);
+        s0 += k0 * a0;
+        s1 += k1 * a1;
+        s2 += k2 * a2;
+        s3 += k3 * a3;
+      }
+      v16f sv = (s0 + s1) + (s2 + s3);
+      double acc = 0.0;
+      for (int l = 0; l < kT; ++l) acc += static_cast<double>(sv[l]);
+      float tail = 0.0f;
+      for (; j < len; ++j) tail += kr[j] * ar[j];
+      acc += static_cast<double>(tail);
+      out[p] += 1.0 + 2.0 * acc;
+    }
+  }
+}
+
+inline int num_threads_for(int64_t work_items) {
+#ifdef NEUROADDA_WITH_OPENMP
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), work_items)));
+#else
+  (void)work_items;
+  return 1;
+#endif
+}
+
+template <Mode M>
+void run_panels(const PanelJob& job, std::vector<double>* partials) {
+  const int64_t NP = job.n_panels;
+  if (partials) partials->assign(static_cast<size_t>(NP) * 3, 0.0);
+  double* part = partials ? partials->data() : nullptr;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads_for(NP))
+  for (int64_t P = 0; P < NP; ++P) {
+    double local[3] = {0.0, 0.0, 0.0};
+    row_panel<M>(job, P, local);
+    if (part) {
+      part[P * 3 + 0] = local[0];
+      part[P * 3 + 1] = local[1];
+      part[P * 3 + 2] = local[2];
+    }
+  }
+}
+
+}  // namespace
+
+// Packs rows (given by a row mapper) into 16-row k-major panels with float32 norms computed in
+// float64; counts non-finite values. Padding rows are zero.
+template <class RowAt>
+static void pack_into(PackedSet& ps, int64_t rows, int64_t d, int64_t panel0, RowAt row_at, int64_t* n_bad) {
+  const int64_t np = (rows + kT - 1) / kT;
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) num_threads(num_threads_for(np / 8))
+  for (int64_t p = 0; p < np; ++p) {
+    float* dst = ps.panels.data() + (panel0 + p) * d * kT;
+    for (int r = 0; r < kT; ++r) {
+      const int64_t i = p * kT + r;
+      double nrm = 0.0;
+      if (i < rows) {
+        const auto ref = row_at(i);  // (view, row)
+        const MatView& v = *ref.first;
+        const float* src = v.data + ref.second * v.row_stride;
+        for (int64_t k = 0; k < d; ++k) {
+          const float val = src[k * v.col_stride];
+          if (!std::isfinite(val)) ++bad;
+          dst[k * kT + r] = val;
+          nrm += static_cast<double>(val) * val;
+        }
+      }
+      ps.norms[(panel0 + p) * kT + r] = static_cast<float>(nrm);
+    }
+  }
+  *n_bad += bad;
+}
+
+PackedSet pack_rows(const MatView& v, const int64_t* row_index, int64_t n_index) {
+  PackedSet ps;
+  ps.rows = row_index ? n_index : v.rows;
+  ps.d = v.cols;
+  ps.n_panels = (ps.rows + kT - 1) / kT;
+  ps.panels.assign(static_cast<size_t>(ps.n_panels * ps.d * kT), 0.0f);
+  ps.norms.assign(static_cast<size_t>(ps.n_panels * kT), 0.0f);
+  int64_t bad = 0;
+  pack_into(ps, ps.rows, ps.d, 0,
+            [&](int64_t i) { return std::make_pair(&v, row_index ? row_index[i] : i); }, &bad);
+  NEUROADDA_CHECK(bad == 0, "expected finite features, got " << bad << " NaN or inf values");
+  return ps;
+}
+
+namespace {
+// x and y packed into one panel array; split = number of x panels.
+struct Pooled {
+  PackedSet ps;
+  int64_t split = 0;
+  std::vector<int> valid;
+  std::vector<int64_t> first;
+};
+
+Pooled pack_pooled(const MatView& x, const MatView& y, bool pad_between) {
+  Pooled out;
+  const int64_t d = x.cols;
+  const int64_t N = x.rows + y.rows;
+  PackedSet& ps = out.ps;
+  ps.d = d;
+  ps.rows = N;
+  int64_t bad = 0;
+  if (pad_between) {
+    const int64_t px = (x.rows + kT - 1) / kT, py = (y.rows + kT - 1) / kT;
+    ps.n_panels = px + py;
+    out.split = px;
+    ps.panels.assign(static_cast<size_t>(ps.n_panels * d * kT), 0.0f);
+    ps.norms.assign(static_cast<size_t>(ps.n_panels * kT), 0.0f);
+    pack_into(ps, x.rows, d, 0, [&](int64_t i) { return std::make_pair(&x, i); }, &bad);
+    NEUROADDA_CHECK(bad == 0, "expected finite features, got " << bad << " NaN or inf values in x");
+    pack_into(ps, y.rows, d, px, [&](int64_t i) { return std::make_pair(&y, i); }, &bad);
+    NEUROADDA_CHECK(bad == 0, "expected finite features, got " << bad << " NaN or inf values in y");
+    for (int64_t p = 0; p < px; ++p) {
+      out.valid.push_back(static_cast<int>(std::min<int64_t>(kT, x.rows - p * kT)));
+      out.first.push_back(p * kT);
+    }
+    for (int64_t p = 0; p < py; ++p) {
+      out.valid.push_back(static_cast<int>(std::min<int64_t>(kT, y.rows - p * kT)));
+      out.first.push_back(x.rows + p * kT);
+    }
+  } else {
+    ps.n_panels = (N + kT - 1) / kT;
+    out.split = ps.n_panels;
+    ps.panels.assign(static_cast<size_t>(ps.n_panels * d * kT), 0.0f);
+    ps.norms.assign(static_cast<size_t>(ps.n_panels * kT), 0.0f);
+    pack_into(ps, N, d, 0,
+              [&](int64_t i) { return i < x.rows ? std::make_pair(&x, i) : std::make_pair(&y, i - x.rows); },
+              &bad);
+    NEUROADDA_CHECK(bad == 0, "expected finite features, got " << bad << " NaN or inf values");
+    for (int64_t p = 0; p < ps.n_panels; ++p) {
+      out.valid.push_back(static_cast<int>(std::min<int64_t>(kT, N - p * kT)));
+      out.first.push_back(p * kT);
+    }
+  }
+  return out;
+}
+}  // namespace
+
+MMDSums mmd_sums_views(const MatView& x, const MatView& y, const float* coef, int n_sigma, int blocks) {
+  Pooled pooled = pack_pooled(x, y, /*pad_between=*/true);
+  PanelJob job{pooled.ps.panels.data(), pooled.ps.norms.data(), pooled.valid.data(), pooled.first.data(),
+               pooled.ps.n_panels, pooled.split, pooled.ps.d, coef, n_sigma, blocks, nullptr, 0};
+  std::vector<double> part;
+  run_panels<Mode::Sums>(job, &part);
+  MMDSums s;
+  for (int64_t P = 0; P < job.n_panels; ++P) {  // fixed order: thread-count independent
+    s.kxx += part[P * 3 + 0];
+    s.kyy += part[P * 3 + 1];
+    s.kxy += part[P * 3 + 2];
+  }
+  s.kxx *= 2.0;  // ordered pairs: the upper triangle counted twice
+  s.kyy *= 2.0;
+  return s;
+}
+
+void pairwise_sq_dists_upper(const PackedSet& z, float* out) {
+  std::vector<int> valid;
+  std::vector<int64_t> first;
+  for (int64_t p = 0; p < z.n_panels; ++p) {
+    valid.push_back(static_cast<int>(std::min<int64_t>(kT, z.rows - p * kT)));
+    first.push_back(p * kT);
+  }
+  PanelJob job{z.panels.data(), z.norms.data(), valid.data(), first.data(), z.n_panels, z.n_panels, z.d,
+               nullptr, 1, kBlockAll, out, z.rows};
+  run_panels<Mode::Dists>(job, nullptr);
+}
+
+void kernel_matrix(const PackedSet& z, const float* neg_inv_2s2, int n_sigma, float* out) {
+  std::vector<int> valid;
+  std::vector<int64_t> first;
+  for (int64_t p = 0; p < z.n_panels; ++p) {
+    valid.push_back(static_cast<int>(std::min<int64_t>(kT, z.rows - p * kT)));
+    first.push_back(p * kT);
+  }
+  PanelJob job{z.panels.data(), z.norms.data(), valid.data(), first.data(), z.n_panels, z.n_panels, z.d,
+               neg_inv_2s2, n_sigma, kBlockAll, out, z.rows};
+  run_panels<Mode::Matrix>(job, nullptr);
+}
+
+PackedSet pack_pooled_contiguous(const MatView& x, const MatView& y) {
+  return pack_pooled(x, y, /*pad_between=*/false).ps;
+}
+
+void permutation_quadratic_forms(const float* K, int64_t N, const int64_t* x_index, int64_t P, int64_t n,
+                                 double* s_xx) {
+  // Blocks of permutations share each pass over K (K is streamed from memory once per block).
+  const int64_t threads = num_threads_for(P);
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(64, (P + threads - 1) / threads));
+  const int64_t n_blocks = (P + nb - 1) / nb;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    std::vector<float> ind(static_cast<size_t>(nb * N));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t p0 = b * nb;
+      const int cnt = static_cast<int>(std::min<int64_t>(nb, P - p0));
+      std::fill(ind.begin(), ind.end(), 0.0f);
+      for (int p = 0; p < cnt; ++p) {
+        const int64_t* idx = x_index + (p0 + p) * n;
+        float* a = ind.data() + static_cast<int64_t>(p) * N;
+        for (int64_t t = 0; t < n; ++t) a[idx[t]] = 1.0f;
+      }
+      quad_forms_block(K, N, ind.data(), cnt, s_xx + p0);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace neuroadda

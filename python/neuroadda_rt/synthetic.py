@@ -40,9 +40,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputValueError, ShapeError
+from .errors import InputValueError, ShapeError, require
 
 __all__ = ["DomainStyle", "make_domain", "apply_artefact", "domain_family", "ARTEFACT_KINDS", "PARAMETER_BOUNDS"]
+
+_MIN_PIECE_PX = 12  # 2-D pieces of a neurite smaller than this become boundary (label 0)
 
 ARTEFACT_KINDS = ("fold", "stain", "defocus", "brightness_jump", "missing_section")
 
@@ -94,28 +96,28 @@ class DomainStyle:
     """
 
     name: str = "default"
-    cell_diameter_px: float = 40.0
-    size_variability: float = 0.5
-    warp_amplitude_px: float = 6.0
-    warp_scale_px: float = 64.0
+    cell_diameter_px: float = 55.0
+    size_variability: float = 0.7
+    warp_amplitude_px: float = 9.0
+    warp_scale_px: float = 56.0
     z_drift_px: float = 1.5
-    membrane_thickness_px: float = 3.0
-    membrane_darkness: float = 0.6
-    ecs_fraction: float = 0.15
+    membrane_thickness_px: float = 2.5
+    membrane_darkness: float = 0.7
+    ecs_fraction: float = 0.1
     ecs_width_px: float = 2.0
     cytoplasm_intensity: float = 0.62
     cell_contrast: float = 0.06
     texture_amplitude: float = 0.05
-    texture_scale_px: float = 1.5
+    texture_scale_px: float = 1.2
     mito_fraction: float = 0.2
-    mito_size_px: float = 14.0
-    mito_darkness: float = 0.35
+    mito_size_px: float = 24.0
+    mito_darkness: float = 0.3
     vesicle_fraction: float = 0.15
     vesicle_radius_px: float = 4.0
-    vesicle_density: float = 0.012
-    blur_sigma_px: float = 1.0
-    photons: float = 60.0
-    read_noise: float = 0.03
+    vesicle_density: float = 0.02
+    blur_sigma_px: float = 0.6
+    photons: float = 120.0
+    read_noise: float = 0.025
     contrast: float = 1.0
     gamma: float = 1.0
     brightness: float = 0.0
@@ -198,24 +200,32 @@ def _coarse_field(rng, zyx_shape, scale, z_scale, n_comp) -> np.ndarray:
     return f
 
 
-def _sample_coarse(field, z, h, w, scale, z_scale) -> np.ndarray:
-    """Interpolate a coarse field at slice ``z`` onto an (h, w) grid (cubic in xy, linear in z)."""
-    from scipy import ndimage
+def _cubic_matrix(n_out: int, n_in: int, scale: float) -> np.ndarray:
+    """(n_out, n_in) Catmull-Rom interpolation weights sampling a coarse grid (node spacing
+    ``scale`` px, offset 2 nodes) at every output pixel."""
+    x = np.arange(n_out, dtype=np.float64) / scale + 2.0
+    i0 = np.floor(x).astype(np.int64)
+    t = x - i0
+    w = np.stack([((-t + 2) * t - 1) * t / 2, ((3 * t - 5) * t * t + 2) / 2,
+                  ((-3 * t + 4) * t + 1) * t / 2, (t - 1) * t * t / 2], 1)
+    m = np.zeros((n_out, n_in))
+    for k in range(4):
+        np.add.at(m, (np.arange(n_out), np.clip(i0 - 1 + k, 0, n_in - 1)), w[:, k])
+    return m
 
+
+def _sample_coarse(field, z, h, w, scale, z_scale) -> np.ndarray:
+    """Interpolate a coarse field at slice ``z`` onto an (h, w) grid: Catmull-Rom in xy as two
+    small matrix products (far cheaper than map_coordinates), linear in z. The result is
+    rounded to 1/4096 so that last-bit differences between BLAS builds cannot change it."""
     zf = z / z_scale + 2.0
     z0 = int(math.floor(zf))
-    t = np.float32(zf - z0)
-    sl = (1 - t) * field[:, z0] + t * field[:, z0 + 1]
-    yy = (np.arange(h, dtype=np.float32) / scale + 2.0)
-    xx = (np.arange(w, dtype=np.float32) / scale + 2.0)
-    out = np.empty((field.shape[0], h, w), np.float32)
-    for c in range(field.shape[0]):
-        # separable cubic upsampling: rows, then columns (cheap, exact for a tensor grid)
-        rows = ndimage.map_coordinates(sl[c], np.meshgrid(yy, np.arange(sl.shape[2], dtype=np.float32), indexing="ij"),
-                                       order=3, mode="nearest")
-        out[c] = ndimage.map_coordinates(rows, np.meshgrid(np.arange(h, dtype=np.float32), xx, indexing="ij"),
-                                         order=3, mode="nearest")
-    return out
+    t = zf - z0
+    sl = (1 - t) * field[:, z0].astype(np.float64) + t * field[:, z0 + 1].astype(np.float64)
+    my = _cubic_matrix(h, sl.shape[1], scale)
+    mx = _cubic_matrix(w, sl.shape[2], scale)
+    out = np.einsum("yi,cij,xj->cyx", my, sl, mx, optimize=True)
+    return (np.rint(out * 4096.0) / 4096.0).astype(np.float32)
 
 
 def _stamp_max(canvas, patch, y0, x0):
@@ -275,6 +285,7 @@ def make_domain(style: DomainStyle | None, shape, *, seed, artefacts: dict | Non
     """
     from scipy import ndimage
 
+    cc3d = require("cc3d", "io")
     style = DomainStyle() if style is None else style
     if not isinstance(style, DomainStyle):
         raise InputValueError(f"expected a DomainStyle, got {type(style).__name__}")
@@ -297,11 +308,20 @@ def make_domain(style: DomainStyle | None, shape, *, seed, artefacts: dict | Non
     # --- seeds on a jittered grid (neuropil packs neurites densely), with per-seed radius
     margin = int(math.ceil(3 * s.warp_amplitude_px + s.z_drift_px * Z * 0.6 + s.cell_diameter_px)) + 2
     CH, CW = H + 2 * margin, W + 2 * margin
-    spacing = s.cell_diameter_px * 0.9
+    # A dense jittered grid thinned with a log-normal, spatially smooth keep-probability:
+    # mean cell area ~ cell_diameter_px**2, sizes heterogeneous like axons beside dendrites.
+    spacing = s.cell_diameter_px * 0.6
     gy, gx = np.meshgrid(np.arange(spacing / 2, CH, spacing), np.arange(spacing / 2, CW, spacing), indexing="ij")
-    n_seeds = gy.size
-    p0 = np.stack([gy.ravel(), gx.ravel()], 1) + rng_geo.uniform(-0.45, 0.45, (n_seeds, 2)) * spacing
-    radius = spacing * 0.42 * s.size_variability * rng_geo.beta(1.2, 2.0, n_seeds)
+    p0 = np.stack([gy.ravel(), gx.ravel()], 1) + rng_geo.uniform(-0.45, 0.45, (gy.size, 2)) * spacing
+    K = 16  # random Fourier features: a smooth unit-variance field at the scale of ~2 cells
+    om = rng_geo.normal(0, 1.0 / (2.0 * s.cell_diameter_px), (K, 2))
+    ph = rng_geo.uniform(0, 2 * np.pi, K)
+    g = np.sqrt(2.0 / K) * np.cos(p0 @ om.T + ph).sum(1)
+    sv = 1.5 * s.size_variability
+    keep_p = np.clip(0.36 * np.exp(sv * g - sv * sv / 2), 0.03, 1.0)
+    p0 = p0[rng_geo.random(p0.shape[0]) < keep_p]
+    n_seeds = p0.shape[0]
+    radius = s.cell_diameter_px * 0.5 * s.size_variability * rng_geo.beta(1.2, 2.0, n_seeds)
     vel = rng_geo.normal(0.0, s.z_drift_px, (n_seeds, 2))
     wob_amp = rng_geo.uniform(0, 1, (n_seeds, 2)) * s.z_drift_px * 2.0
     wob_freq = rng_geo.uniform(0.05, 0.3, (n_seeds, 1))
@@ -313,6 +333,9 @@ def make_domain(style: DomainStyle | None, shape, *, seed, artefacts: dict | Non
 
     # displacement field (2 comps), ECS field (1) and gradient direction
     warp_field = _coarse_field(rng_geo, (Z, H, W), s.warp_scale_px, 6.0, 3)
+    # a finer octave bends the straight Voronoi edges into curved membranes
+    fine_scale = max(8.0, s.warp_scale_px / 3.0)
+    warp_fine = _coarse_field(rng_geo, (Z, H, W), fine_scale, 4.0, 2)
     grad_angle = rng_img.uniform(0, 2 * np.pi)
     grad_drift = rng_img.normal(0, 0.02)
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
@@ -382,16 +405,23 @@ def make_domain(style: DomainStyle | None, shape, *, seed, artefacts: dict | Non
             v = -dx * st + dy * ct
             rr = (u / a) ** 2 + (v / b) ** 2
             inside = rr <= 1.0
-            cristae = 0.75 + 0.25 * np.cos(2 * np.pi * u / m_period[j])
-            rim = np.clip((rr - 0.7) / 0.3, 0, 1)  # darker outer membrane
-            patch = np.where(inside, np.maximum(cristae, rim) * np.float32(mito_seeds[j] + 1 > 0), 0).astype(np.float32)
+            # matrix, dark transverse cristae, a dark double outer membrane
+            cristae = 0.55 + 0.45 * np.clip((np.cos(2 * np.pi * u / m_period[j]) - 0.5) / 0.5, 0, 1)
+            rim = np.clip((rr - 0.72) / 0.15, 0, 1)
+            patch = np.where(inside, np.maximum(cristae, rim), 0).astype(np.float32)
             _stamp_max(mito, patch, cy - k, cx - k)
         # warp: output pixel p looks up the canvas at p + margin + displacement
         fld = _sample_coarse(warp_field, t, H, W, s.warp_scale_px, 6.0)
-        qy = yy + margin + fld[0] * np.float32(s.warp_amplitude_px)
-        qx = xx + margin + fld[1] * np.float32(s.warp_amplitude_px)
-        lab = ndimage.map_coordinates(vor, [qy, qx], order=0, mode="nearest").astype(np.int64)
-        mit = ndimage.map_coordinates(mito, [qy, qx], order=1, mode="constant", cval=0.0)
+        fine = _sample_coarse(warp_fine, t, H, W, fine_scale, 4.0)
+        qy = yy + margin + fld[0] * np.float32(s.warp_amplitude_px) + fine[0] * np.float32(0.35 * s.warp_amplitude_px)
+        qx = xx + margin + fld[1] * np.float32(s.warp_amplitude_px) + fine[1] * np.float32(0.35 * s.warp_amplitude_px)
+        iqy = np.clip(np.rint(qy).astype(np.int64), 0, CH - 1)
+        iqx = np.clip(np.rint(qx).astype(np.int64), 0, CW - 1)
+        lab = vor[iqy, iqx].astype(np.int64)
+        if mito.any():
+            mit = ndimage.map_coordinates(mito, [qy, qx], order=1, mode="constant", cval=0.0)
+        else:
+            mit = np.zeros((H, W), np.float32)
         # membranes: distance to the nearest label change, in output pixels
         bnd = np.zeros((H, W), bool)
         bnd[:-1, :] |= lab[:-1, :] != lab[1:, :]
@@ -403,13 +433,32 @@ def make_domain(style: DomainStyle | None, shape, *, seed, artefacts: dict | Non
         if ecs_level is None:
             ecs_level = float(np.quantile(fld[2], 1 - s.ecs_fraction)) if s.ecs_fraction > 0 else np.inf
         ecs = (fld[2] > ecs_level) & (dist < half_t + s.ecs_width_px) if s.ecs_fraction > 0 else np.zeros((H, W), bool)
+        # junctions of three or more neurites open into small rounded gaps (rounded corners)
+        l00, l01, l10, l11 = lab[:-1, :-1], lab[:-1, 1:], lab[1:, :-1], lab[1:, 1:]
+        n_dist = 1 + (l01 != l00) + ((l10 != l00) & (l10 != l01)) + ((l11 != l00) & (l11 != l01) & (l11 != l10))
+        junc = np.zeros((H, W), bool)
+        junc[:-1, :-1] = n_dist >= 3
+        if junc.any():
+            dj = ndimage.distance_transform_edt(~junc).astype(np.float32)
+            ecs |= dj < (half_t + s.ecs_width_px * np.clip(0.8 + 0.5 * fld[2], 0.2, 2.0))
         memb = dist < max(half_t, 0.5)
         lab_out = np.where(memb | ecs, 0, lab).astype(np.uint32)
+        # slivers cut off by membranes/gaps are not learnable instances: make them boundary
+        pieces = cc3d.connected_components(lab_out, connectivity=4)
+        sizes = np.bincount(pieces.ravel())
+        tiny = sizes < _MIN_PIECE_PX
+        tiny[0] = False
+        if tiny.any():
+            lab_out[tiny[pieces]] = 0
         labels[z] = lab_out
 
         # --- intensity
         I = np.float32(s.cytoplasm_intensity) + cell_offset[lab]
         tex = _smooth_noise_2d(rng_img, (H, W), s.texture_scale_px, out_std=s.texture_amplitude)
+        # granules (ribosomes, microtubule cross-sections): sparse dark dots
+        dots = ndimage.gaussian_filter((rng_img.random((H, W), dtype=np.float32) < 0.012).astype(np.float32),
+                                       0.9, truncate=2.5)
+        tex -= dots * np.float32(5.0 * 1.5 * s.texture_amplitude)
         I += tex * texture_gain[lab]
         # mitochondria, only inside their own neurite, away from the membrane
         mit *= (dist > half_t + 1.0)
@@ -427,7 +476,7 @@ def make_domain(style: DomainStyle | None, shape, *, seed, artefacts: dict | Non
                     np.maximum(sub, ring, out=sub)
                 I -= np.float32(0.55 * s.membrane_darkness) * ves[rk:rk + H, rk:rk + W]
         # membrane with a smooth profile; ECS as light gaps
-        prof = 1.0 / (1.0 + np.exp((dist - half_t) / 0.6))
+        prof = 1.0 / (1.0 + np.exp(np.minimum((dist - half_t) / 0.6, 40.0)))
         I = I * (1.0 - np.float32(s.membrane_darkness) * prof.astype(np.float32))
         if s.ecs_fraction > 0:
             ecs_soft = ndimage.gaussian_filter(ecs.astype(np.float32), 0.7)

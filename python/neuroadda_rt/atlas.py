@@ -392,16 +392,16 @@ def _atlas_from_banks(banks, *, method, n_permutations, sigma, seed) -> Atlas:
     return Atlas(names, m, p, method, settings)
 
 
-def _pooled_sigma(arrays: Sequence[np.ndarray], seed: int, max_rows: int = 2048) -> float:
-    """Median-heuristic bandwidth of the pooled banks (a deterministic subsample of at most
-    ``max_rows`` rows, so the cost stays bounded)."""
+def _pooled_sigma(arrays: Sequence[np.ndarray], seed: int = 0, max_rows: int = 2048) -> float:
+    """Median-heuristic bandwidth of the pooled banks: an evenly spaced subsample of at most
+    ``max_rows`` rows of their concatenation (deterministic, bounded cost), as ``mmd2_matrix``'s
+    ``sigma="pooled"`` does; returned so that the p-value tests use the very same bandwidth."""
     from . import mmd as _mmd
 
     pooled = np.concatenate(arrays, axis=0)
-    if len(pooled) > max_rows:
-        idx = np.random.default_rng(seed).choice(len(pooled), size=max_rows, replace=False)
-        pooled = pooled[np.sort(idx)]
-    return float(_mmd.median_sigma(pooled))
+    s = min(len(pooled), max_rows)
+    pooled = pooled[(np.arange(s) * len(pooled)) // s]
+    return float(_mmd.median_sigma(pooled[: s // 2], pooled[s // 2:]))
 
 
 def _atlas_from_zoo(zoo, targets, *, method, n_tiles, tile_size, seed, n_permutations, cache_dir, progress,

@@ -4,6 +4,7 @@ explicit-backend errors, auto logging, sliding-window blending against a brute-f
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,21 +21,22 @@ from neuroadda_rt.runtime import available_backends  # noqa: E402
 from conftest import DEVICES  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    n = UNet(widths=(4, 8, 16))
-    g = torch.Generator().manual_seed(0)
-    for m in n.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return n.eval()
+TINY = Path(__file__).resolve().parent / "assets" / "tiny_model"
 
 
 @pytest.fixture(scope="module")
-def ort_fx(net):
-    return {p: FeatureExtractor(net, backend="onnxruntime", device="cpu", pooling=p, threads=1)
+def pkg():
+    return neuroadda_rt.load_model(TINY)  # pre-exported ONNX: no export in most tests
+
+
+@pytest.fixture(scope="module")
+def net(pkg):
+    return pkg.unet()
+
+
+@pytest.fixture(scope="module")
+def ort_fx(pkg):
+    return {p: FeatureExtractor(pkg, backend="onnxruntime", device="cpu", pooling=p, threads=1)
             for p in ("mean", "max", "mean+std")}
 
 
@@ -51,11 +53,11 @@ def _ref_features(net, x, pooling):
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "mean+std"])
 @pytest.mark.parametrize("shape,batch", [((7, 37, 53), 3), ((4, 64, 64), 16), ((1, 8, 8), 1)])
-def test_features_parity_onnxruntime_torch_reference(net, ort_fx, pooling, shape, batch):
+def test_features_parity_onnxruntime_torch_reference(pkg, net, ort_fx, pooling, shape, batch):
     x = np.random.default_rng(shape[1]).random(shape, dtype=np.float32)
     ref = _ref_features(net, x, pooling)
     f_ort = ort_fx[pooling].features(x, batch_size=batch)
-    f_torch = FeatureExtractor(net, backend="torch", device="cpu", pooling=pooling).features(x, batch_size=batch)
+    f_torch = FeatureExtractor(pkg, backend="torch", device="cpu", pooling=pooling).features(x, batch_size=batch)
     assert f_ort.dtype == np.float32 and f_ort.shape == ref.shape == (shape[0], 32 if pooling == "mean+std" else 16)
     assert np.abs(f_ort - ref).max() <= 1e-4
     assert np.abs(f_torch - ref).max() <= 1e-4
@@ -100,8 +102,8 @@ def test_h5py_dataset(ort_fx, tmp_path):
     np.testing.assert_allclose(f, ort_fx["mean"].features(x), atol=1e-6)
 
 
-def test_onnx_file_source_and_progress(net, tmp_path, capsys):
-    p = neuroadda_rt.export_onnx(net, tmp_path / "enc.onnx")
+def test_onnx_file_source_and_progress(net, pkg, capsys):
+    p = pkg.encoder_onnx
     fx = FeatureExtractor(p, backend="onnxruntime", device="cpu")
     x = np.random.default_rng(6).random((3, 32, 32), dtype=np.float32)
     np.testing.assert_allclose(fx.features(x), _ref_features(net, x, "mean"), atol=1e-4)
@@ -113,9 +115,9 @@ def test_onnx_file_source_and_progress(net, tmp_path, capsys):
         FeatureExtractor(p, backend="torch", device="cpu")
 
 
-def test_auto_logs_choice(net, caplog):
+def test_auto_logs_choice(pkg, caplog):
     with caplog.at_level(logging.INFO, logger="neuroadda_rt"):
-        fx = FeatureExtractor(net, device="cpu")
+        fx = FeatureExtractor(pkg, device="cpu")
     assert fx.backend == "onnxruntime" and fx.device == "cpu"
     assert any("backend=onnxruntime" in r.message and "CPUExecutionProvider" in r.message for r in caplog.records)
 
@@ -156,13 +158,14 @@ def test_bad_arguments(net, ort_fx):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_features_on_device(net, device):
+def test_features_on_device(net, pkg, device):
     x = np.random.default_rng(8).random((5, 40, 33), dtype=np.float32)
     ref = _ref_features(net, x, "mean")
     for backend in ("torch", "onnxruntime"):
         if device == "cuda" and backend == "onnxruntime" and "cuda" not in available_backends().get(backend, []):
             continue
-        f = FeatureExtractor(net, backend=backend, device=device).features(x, batch_size=2)
+        f = FeatureExtractor(net if backend == "torch" else pkg, backend=backend, device=device).features(
+            x, batch_size=2)
         assert np.abs(f - ref).max() <= 1e-4, backend
 
 
@@ -175,3 +178,117 @@ def test_tensorrt_features_parity(net, tmp_path):
     assert np.abs(fx.features(x, batch_size=4) - _ref_features(net, x, "mean")).max() <= 1e-4
     with pytest.raises(ShapeError, match="profile"):
         fx.features(np.zeros((1, 256, 256), np.float32))
+
+
+# ------------------------------------------------------------------------------------------
+# Predictor
+# ------------------------------------------------------------------------------------------
+def _brute_force_blend(net, image, tile, overlap):
+    """Independent reference: explicit loops, Hann weights (floored at 1e-3), float64 sums."""
+    H, W = image.shape
+    th, tw = min(tile, H), min(tile, W)
+
+    def starts(n, t):
+        step = max(1, int(round(t * (1 - overlap))))
+        s, out = 0, []
+        while s + t <= n:
+            out.append(s)
+            s += step
+        if out[-1] != n - t:
+            out.append(n - t)
+        return out
+
+    def hann(n):
+        v = np.array([0.5 - 0.5 * np.cos(2 * np.pi * (i + 0.5) / n) for i in range(n)])
+        return np.maximum(v / v.max(), 1e-3)
+
+    w = np.outer(hann(th), hann(tw))
+    acc = np.zeros((net.out_channels, H, W))
+    wsum = np.zeros((H, W))
+    for y in starts(H, th):
+        for x in starts(W, tw):
+            with torch.no_grad():
+                p = net(torch.from_numpy(image[None, None, y:y + th, x:x + tw].copy())).double().numpy()[0]
+            acc[:, y:y + th, x:x + tw] += p * w
+            wsum[y:y + th, x:x + tw] += w
+    return acc / wsum
+
+
+@pytest.fixture(scope="module")
+def ort_pred(pkg):
+    return neuroadda_rt.Predictor(pkg, backend="onnxruntime", device="cpu", tile=32, overlap=0.25, batch_size=3,
+                                  threads=1)
+
+
+@pytest.mark.parametrize("shape", [(70, 53), (32, 32), (45, 100)])
+def test_predict_matches_brute_force_blending(net, ort_pred, shape):
+    img = np.random.default_rng(shape[1]).random(shape, dtype=np.float32)
+    ref = _brute_force_blend(net, img, 32, 0.25)
+    p_ort = ort_pred.predict(img)
+    p_torch = neuroadda_rt.Predictor(net, backend="torch", device="cpu", tile=32, overlap=0.25).predict(img)
+    assert p_ort.shape == ref.shape == (1, *shape) and p_ort.dtype == np.float32
+    assert np.abs(p_ort - ref).max() <= 1e-4
+    assert np.abs(p_torch - ref).max() <= 1e-4
+
+
+def test_predict_single_window_is_whole_image(net):
+    img = np.random.default_rng(1).random((37, 53), dtype=np.float32)
+    p = neuroadda_rt.Predictor(TINY, backend="onnxruntime", device="cpu", tile=64).predict(img)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(img)[None, None]).numpy()[0]
+    assert np.abs(p - ref).max() <= 1e-4
+
+
+def test_predict_volume_slice_by_slice_and_lazy(net, ort_pred):
+    vol = np.random.default_rng(2).integers(0, 256, (3, 40, 36), dtype=np.uint8)
+
+    class Lazy:
+        shape, dtype = vol.shape, vol.dtype
+        reads = 0
+
+        def __getitem__(self, key):
+            Lazy.reads += 1
+            return vol[key]
+
+    p = ort_pred.predict(Lazy())
+    assert p.shape == (1, 3, 40, 36) and Lazy.reads == 3
+    for z in range(3):
+        np.testing.assert_allclose(p[:, z], ort_pred.predict(vol[z]), atol=1e-6)
+    np.testing.assert_allclose(p[:, 1], ort_pred.predict(vol[1].astype(np.float32) / 255), atol=1e-5)
+
+
+def test_predict_3d_affinities():
+    torch.manual_seed(5)
+    net3 = UNet(dim=3, widths=(3, 6), head="affinities").eval()
+    vol = np.random.default_rng(3).random((9, 20, 17), dtype=np.float32)
+    whole = neuroadda_rt.Predictor(net3, backend="onnxruntime", device="cpu", tile=(16, 32, 32)).predict(vol)
+    with torch.no_grad():
+        ref = net3(torch.from_numpy(vol)[None, None]).numpy()[0]
+    assert whole.shape == (3, 9, 20, 17)
+    assert np.abs(whole - ref).max() <= 1e-4
+    windows = neuroadda_rt.Predictor(net3, backend="torch", device="cpu", tile=(4, 8, 8), overlap=0.5).predict(vol)
+    assert windows.shape == whole.shape and 0 <= windows.min() and windows.max() <= 1
+
+
+def test_predict_tiny_and_tiles(net, ort_pred):
+    img = np.random.default_rng(4).random((3, 50), dtype=np.float32)  # 3 < 2**(depth-1) = 4
+    p = ort_pred.predict(img)
+    assert p.shape == (1, 3, 50) and np.isfinite(p).all()
+    tiles = np.random.default_rng(5).random((4, 24, 24), dtype=np.float32)
+    pt = ort_pred.predict_tiles(tiles)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(tiles)[:, None]).numpy()
+    assert pt.shape == (4, 1, 24, 24) and np.abs(pt - ref).max() <= 1e-4
+
+
+def test_predict_bad_arguments(net, ort_pred):
+    with pytest.raises(InputValueError):
+        neuroadda_rt.Predictor(net, backend="torch", overlap=1.0)
+    with pytest.raises(InputValueError):
+        neuroadda_rt.Predictor(net, backend="torch", tile=2)
+    with pytest.raises(InputValueError):
+        neuroadda_rt.Predictor(net, backend="torch", blend="triangle")
+    with pytest.raises(ShapeError):
+        ort_pred.predict(np.zeros(10, np.float32))
+    with pytest.raises(ShapeError):
+        ort_pred.predict(np.zeros((0, 10), np.float32))

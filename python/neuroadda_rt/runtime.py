@@ -14,12 +14,12 @@ backends compute the same function (tested to 1e-4).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import shutil
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,6 @@ class _Source:
         self.onnx: dict[str, Path] = {}
         self.package = None
         self.normalization: dict | None = None
-        self._tmp: str | None = None
         if type(model_or_path).__name__ == "ModelPackage":
             self._from_package(model_or_path)
         elif isinstance(model_or_path, (str, os.PathLike)):
@@ -162,13 +161,40 @@ class _Source:
             return self.onnx[part]
         if self.torch_net() is None:
             return None
-        from .export import export_onnx
-
-        if self._tmp is None:
-            self._tmp = tempfile.mkdtemp(prefix="neuroadda-onnx-")
-            weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        self.onnx[part] = export_onnx(self.net, Path(self._tmp) / f"{part}.onnx", part=part)
+        self.onnx[part] = _exported(self.net, part)
         return self.onnx[part]
+
+
+_EXPORTS: dict[str, Path] = {}
+_EXPORT_DIR: list[str] = []
+
+
+def _net_digest(net, part: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([net.config, part], sort_keys=True).encode())
+    for k, v in net.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _exported(net, part: str) -> Path:
+    """ONNX export of an in-memory UNet, memoised per process on (config, weights, part) so that a
+    FeatureExtractor and a Predictor of the same network export once. Files live in a private
+    temporary folder removed at interpreter exit."""
+    from .export import export_onnx
+
+    key = _net_digest(net, part)
+    path = _EXPORTS.get(key)
+    if path is not None and path.is_file():
+        return path
+    if not _EXPORT_DIR:
+        _EXPORT_DIR.append(tempfile.mkdtemp(prefix="neuroadda-onnx-"))
+        atexit.register(shutil.rmtree, _EXPORT_DIR[0], True)
+    path = export_onnx(net, Path(_EXPORT_DIR[0]) / f"{key[:24]}-{part}.onnx", part=part)
+    _EXPORTS[key] = path
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,3 +615,232 @@ def _first_len(arr) -> int:
     if len(shape) == 0:
         raise ShapeError(f"expected an array of tiles, got a scalar of shape {tuple(shape)}")
     return int(shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# sliding-window prediction
+# --------------------------------------------------------------------------------------------
+def _window_starts(length: int, tile: int, step: int) -> list[int]:
+    """Start offsets covering ``[0, length)`` with windows of ``tile`` (the last flush with the end)."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def blend_weights(shape: tuple[int, ...], kind: str = "cosine") -> np.ndarray:
+    """Separable smooth window weights: ``"cosine"`` (Hann, offset by half a pixel so the edge
+    weight stays positive), ``"gaussian"`` (sigma = size / 8, as nnU-Net), or ``"constant"``.
+
+    Examples
+    --------
+    >>> from neuroadda_rt.runtime import blend_weights
+    >>> w = blend_weights((4,))
+    >>> bool(w[0] > 0 and w[1] > w[0])
+    True
+    """
+    w = np.ones(shape, dtype=np.float64)
+    for ax, n in enumerate(shape):
+        t = np.arange(n, dtype=np.float64)
+        if kind == "cosine":
+            v = 0.5 - 0.5 * np.cos(2 * np.pi * (t + 0.5) / n)
+        elif kind == "gaussian":
+            v = np.exp(-0.5 * ((t - (n - 1) / 2) / max(n / 8, 1e-6)) ** 2)
+        elif kind == "constant":
+            v = np.ones(n)
+        else:
+            raise InputValueError(f"expected blend 'cosine', 'gaussian' or 'constant', got {kind!r}")
+        v = np.maximum(v / v.max(), 1e-3)  # never zero: every pixel keeps a defined average
+        w *= v.reshape([-1 if i == ax else 1 for i in range(len(shape))])
+    return w.astype(np.float32)
+
+
+class Predictor:
+    """Probabilities for a whole 2-D image or 3-D volume by overlapping, smoothly blended windows.
+
+    Parameters
+    ----------
+    model_or_path : UNet, ModelPackage, str or path-like
+        A network, a loaded package, a package folder, or a full-model ONNX file
+        (``part="full"``) from :func:`~neuroadda_rt.export_onnx`.
+    backend, device, ort_providers, trt_profile, fp16, cache_dir, threads
+        As for :class:`FeatureExtractor` (the same decision code).
+    tile : int or tuple of int, optional
+        Window size per spatial axis (default 256 in 2-D, ``(32, 128, 128)`` in 3-D). Axes
+        shorter than the window use a window of their full length.
+    overlap : float
+        Fraction of the window shared with its neighbour, in ``[0, 1)`` (default 0.25).
+    batch_size : int
+        Windows per network call.
+    blend : {"cosine", "gaussian", "constant"}
+        Weights of the weighted average where windows overlap (see :func:`blend_weights`).
+    normalize : bool
+        Apply the model's intensity rule. Statistics-based rules (``"percentile"``) are computed on
+        the whole 2-D image, on each slice when a 2-D model runs over a volume, or on the whole
+        volume for a 3-D model, then applied to every window identically.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neuroadda_rt import Predictor
+    >>> from neuroadda_rt.models import UNet
+    >>> pr = Predictor(UNet(widths=(4, 8)), backend="torch", device="cpu", tile=32)
+    >>> pr.predict(np.random.rand(50, 70).astype(np.float32)).shape
+    (1, 50, 70)
+    """
+
+    def __init__(self, model_or_path, *, backend: str = "auto", device: str = "auto", tile=None,
+                 overlap: float = 0.25, batch_size: int = 8, blend: str = "cosine",
+                 ort_providers: list[str] | None = None, trt_profile: dict | None = None, fp16: bool = False,
+                 cache_dir=None, threads: int | None = None, normalize: bool = True):
+        if not 0.0 <= float(overlap) < 1.0:
+            raise InputValueError(f"expected 0 <= overlap < 1, got {overlap}")
+        if int(batch_size) < 1:
+            raise InputValueError(f"expected batch_size >= 1, got {batch_size}")
+        blend_weights((2,), blend)  # validates the name
+        self._source = _Source(model_or_path)
+        dim = self._source.dim
+        if tile is None:
+            tile = (256, 256) if dim == 2 else (32, 128, 128)
+        tile = (int(tile),) * dim if np.isscalar(tile) else tuple(int(t) for t in tile)
+        if len(tile) != dim or min(tile) < self._source.multiple:
+            raise InputValueError(f"expected {dim} window sizes >= {self._source.multiple} (2**(depth-1)), "
+                                  f"got {tile}")
+        self.tile, self.overlap, self.batch_size, self.blend = tile, float(overlap), int(batch_size), blend
+        self.normalize = bool(normalize)
+        self._runner = _make_runner(self._source, "full", backend=backend, device=device,
+                                    ort_providers=ort_providers, trt_profile=trt_profile, fp16=fp16,
+                                    cache_dir=cache_dir, threads=threads, who="Predictor")
+        self._weights: dict[tuple[int, ...], np.ndarray] = {}
+
+    backend = FeatureExtractor.backend
+    device = FeatureExtractor.device
+    providers = FeatureExtractor.providers
+
+    @property
+    def out_channels(self) -> int:
+        """1 for boundary models, 2 (2-D) or 3 (3-D) for affinity models."""
+        from .models import HEAD_CHANNELS
+
+        return HEAD_CHANNELS[(self._source.config.get("head", "boundary"), self._source.dim)]
+
+    def predict_tiles(self, tiles, batch_size: int | None = None) -> np.ndarray:
+        """Network outputs for a batch of tiles, ``(N, C_out, *spatial)`` float32 (no blending).
+
+        ``tiles`` as for :meth:`FeatureExtractor.features` (read in batches, never modified).
+        """
+        bs = int(batch_size or self.batch_size)
+        n = _first_len(tiles)
+        outs = []
+        for i in range(0, n, bs):
+            x = _as_network_input(tiles[i:i + bs], dim=self._source.dim, in_channels=self._source.in_channels,
+                                  rule=self._source.normalization, normalize=self.normalize)
+            if min(x.shape[2:]) < self._source.multiple:
+                raise ShapeError(f"expected tiles of at least {self._source.multiple} pixels per axis, "
+                                 f"got {x.shape[2:]}")
+            outs.append(self._runner(x))
+        if not outs:
+            return np.empty((0, self.out_channels), np.float32)
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def predict(self, image, *, progress: bool = False) -> np.ndarray:
+        """Blended probabilities for a whole image or volume.
+
+        Parameters
+        ----------
+        image : array-like
+            2-D model: ``(H, W)`` image or ``(D, H, W)`` volume (predicted slice by slice);
+            3-D model: ``(D, H, W)`` volume. Models with several input channels take a leading
+            channel axis. NumPy arrays, h5py/zarr datasets or lazy volumes: only the windows
+            (or slices) are read. Never modified.
+        progress : bool
+            Show a tqdm progress bar over windows.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(C_out, *spatial)`` float32 probabilities, spatial shape equal to the input's.
+        """
+        shape = tuple(int(s) for s in getattr(image, "shape", np.shape(image)))
+        c_in, dim = self._source.in_channels, self._source.dim
+        spatial = shape[1:] if c_in > 1 else shape
+        if c_in > 1 and (len(shape) < 1 or shape[0] != c_in):
+            raise ShapeError(f"expected a leading axis of {c_in} channels, got shape {shape}")
+        if len(spatial) not in ((2, 3) if dim == 2 else (3,)):
+            raise ShapeError(f"expected a {'2-D image or 3-D volume' if dim == 2 else '3-D volume'} for a "
+                             f"{dim}-D model, got spatial shape {spatial}")
+        if min(spatial) < 1:
+            raise ShapeError(f"expected a non-empty image, got shape {shape}")
+        out = np.empty((self.out_channels, *spatial), dtype=np.float32)
+        if dim == 2 and len(spatial) == 3:
+            per_slice = self._n_windows(spatial[1:])
+            bar = _progress(per_slice * spatial[0], progress, "predict")
+            try:
+                for z in range(spatial[0]):
+                    sl = np.asarray(image[:, z] if c_in > 1 else image[z])
+                    out[:, z] = self._predict_array(sl if c_in > 1 else sl, spatial[1:], bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            return out
+        bar = _progress(self._n_windows(spatial), progress, "predict")
+        try:
+            out[...] = self._predict_array(image, spatial, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    # -- internals -------------------------------------------------------------------------
+    def _steps(self, spatial) -> list[list[int]]:
+        tiles = [min(t, s) for t, s in zip(self.tile, spatial)]
+        return [_window_starts(s, t, max(1, int(round(t * (1 - self.overlap))))) for s, t in zip(spatial, tiles)]
+
+    def _n_windows(self, spatial) -> int:
+        return int(np.prod([len(s) for s in self._steps(spatial)]))
+
+    def _rule_for(self, image, c_in: int) -> dict | None:
+        rule = self._source.normalization or DEFAULT_NORMALIZATION
+        if not self.normalize or rule.get("rule") != "percentile":
+            return rule
+        a = np.asarray(image)
+        lo, hi = (float(v) for v in np.percentile(a, [rule["low"], rule["high"]]))
+        return {"rule": "fixed", "low": lo, "high": hi} if hi > lo else {"rule": "fixed", "low": lo, "high": lo + 1}
+
+    def _predict_array(self, image, spatial, bar) -> np.ndarray:
+        c_in, m = self._source.in_channels, self._source.multiple
+        # axes shorter than 2**(depth-1) cannot be reflect-padded inside the graph: pad here
+        # (symmetric, any amount) and crop back
+        if min(spatial) < m:
+            a = np.asarray(image)
+            pads = [(0, max(0, m - s)) for s in spatial]
+            a = np.pad(a, ([(0, 0)] if c_in > 1 else []) + pads, mode="symmetric")
+            big = self._predict_array(a, tuple(s + p[1] for s, p in zip(spatial, pads)), bar)
+            return big[(slice(None),) + tuple(slice(0, s) for s in spatial)]
+        rule = self._rule_for(image, c_in)
+        starts = self._steps(spatial)
+        win = tuple(min(t, s) for t, s in zip(self.tile, spatial))
+        w = self._weights.get(win)
+        if w is None:
+            w = self._weights[win] = blend_weights(win, self.blend)
+        acc = np.zeros((self.out_channels, *spatial), dtype=np.float32)
+        wsum = np.zeros(spatial, dtype=np.float32)
+        import itertools
+
+        corners = list(itertools.product(*starts))
+        for i in range(0, len(corners), self.batch_size):
+            chunk = corners[i:i + self.batch_size]
+            sls = [tuple(slice(c, c + t) for c, t in zip(corner, win)) for corner in chunk]
+            batch = np.stack([np.asarray(image[((slice(None),) if c_in > 1 else ()) + s]) for s in sls])
+            x = _as_network_input(batch, dim=self._source.dim, in_channels=c_in, rule=rule,
+                                  normalize=self.normalize)
+            probs = self._runner(x)
+            for s, p in zip(sls, probs):
+                acc[(slice(None),) + s] += p * w
+                wsum[s] += w
+            if bar is not None:
+                bar.update(len(chunk))
+        acc /= wsum
+        return acc

@@ -1,0 +1,546 @@
+"""Model packages: self-describing, verifiable folders that carry a trained UNet between machines.
+
+A package is a directory::
+
+    model.json               metadata (below) + sha256 of every other file
+    weights.safetensors      the PyTorch state dict (safetensors: nothing is unpickled)
+    encoder.onnx             export_onnx(part="encoder"): input "input" -> "features"
+    model.onnx               export_onnx(part="full"):    input "input" -> "probabilities"
+    reference_features.npy   pooled encoder features of a fixed sample of the training tiles,
+                             so a target can be ranked against this source without its images
+
+``model.json`` keys: ``format`` (``"neuroadda_rt.model/1"``), ``name``, ``organism``, ``tissue``,
+``modality``, ``voxel_size_nm``, ``representation``, ``normalization`` (an
+:func:`neuroadda_rt.io.intensity_rule` dict), ``network`` (the UNet config), ``training``
+(``data`` description, ``n_samples``, free-form extras), ``metrics``, ``reference_features``
+(``pooling``, ``n_tiles``, ``tile_size``, ``seed``), ``onnx`` (opset, I/O names),
+``neuroadda_rt_version``, ``files`` (name -> sha256), and optional ``extra``.
+
+:func:`load_model` verifies every checksum and raises :class:`~neuroadda_rt.errors.IntegrityError`
+naming the file for a tampered, truncated or missing one. :func:`save_model` writes into a
+temporary folder next to the destination and renames it into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import FormatError, InputValueError, IntegrityError, require
+
+log = logging.getLogger("neuroadda_rt")
+
+FORMAT = "neuroadda_rt.model/1"
+FILES = ("weights.safetensors", "encoder.onnx", "model.onnx", "reference_features.npy")
+_ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ModelPackage:
+    """A loaded (verified) model package. Create with :func:`load_model` or :func:`save_model`.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The package folder.
+    metadata : dict
+        The parsed ``model.json``.
+
+    Examples
+    --------
+    >>> import neuroadda_rt                                              # doctest: +SKIP
+    >>> pkg = neuroadda_rt.load_model("tests/assets/tiny_model")         # doctest: +SKIP
+    >>> pkg.name, pkg.representation, pkg.reference_features.shape      # doctest: +SKIP
+    ('tiny', 'boundary', (32, 16))
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, Any], reference_features: np.ndarray):
+        self.path = Path(path)
+        self.metadata = metadata
+        self._ref = reference_features
+        self._ref.setflags(write=False)
+
+    # -- metadata accessors ------------------------------------------------------------------
+    meta = property(lambda self: self.metadata, doc="Alias of :attr:`metadata`.")
+    name = property(lambda self: str(self.metadata["name"]), doc="Model name.")
+    organism = property(lambda self: self.metadata.get("organism"), doc="Source organism.")
+    tissue = property(lambda self: self.metadata.get("tissue"), doc="Source tissue / brain region.")
+    modality = property(lambda self: self.metadata.get("modality"), doc="Imaging modality (e.g. 'ssTEM', 'FIB-SEM').")
+    voxel_size_nm = property(lambda self: self.metadata.get("voxel_size_nm"), doc="Voxel size in nm (z, y, x).")
+    representation = property(lambda self: str(self.metadata["representation"]),
+                              doc="'boundary' or 'affinities'.")
+    normalization = property(lambda self: dict(self.metadata["normalization"]),
+                             doc="Input intensity rule (a neuroadda_rt.io.intensity_rule dict).")
+    config = property(lambda self: dict(self.metadata["network"]), doc="UNet config: ``UNet(**config)``.")
+    training = property(lambda self: dict(self.metadata.get("training") or {}), doc="Training data description.")
+    metrics = property(lambda self: dict(self.metadata.get("metrics") or {}), doc="Training/validation metrics.")
+    pooling = property(lambda self: str(self.metadata["reference_features"]["pooling"]),
+                       doc="Pooling of the reference features (use the same for targets).")
+
+    @property
+    def reference_features(self) -> np.ndarray:
+        """``(n_tiles, n_features)`` float32, read-only."""
+        return self._ref
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the package: SHA-256 over its sorted ``files`` checksums (and config)."""
+        blob = json.dumps({"files": self.metadata["files"], "network": self.metadata["network"]}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def encoder_onnx(self) -> Path:
+        return self.path / "encoder.onnx"
+
+    @property
+    def model_onnx(self) -> Path:
+        return self.path / "model.onnx"
+
+    def unet(self):
+        """A fresh :class:`~neuroadda_rt.models.UNet` with the package's weights, in eval mode."""
+        from .models import unet_from_config
+
+        st = require("safetensors.torch", "runtime")
+        net = unet_from_config(self.config)
+        state = st.load_file(str(self.path / "weights.safetensors"))
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise IntegrityError(f"{self.path / 'weights.safetensors'}: weights do not match the network "
+                                 f"config {self.config}: {exc}") from exc
+        return net.eval()
+
+    def feature_extractor(self, **kwargs):
+        """:class:`~neuroadda_rt.FeatureExtractor` of this package (pooling defaults to the reference's)."""
+        from .runtime import FeatureExtractor
+
+        kwargs.setdefault("pooling", self.pooling)
+        return FeatureExtractor(self, **kwargs)
+
+    def predictor(self, **kwargs):
+        """:class:`~neuroadda_rt.Predictor` of this package."""
+        from .runtime import Predictor
+
+        return Predictor(self, **kwargs)
+
+    def save(self, path, *, overwrite: bool = False) -> "ModelPackage":
+        """Copy this (verified) package to ``path`` atomically; returns the copy, loaded."""
+        dest = Path(path)
+        if dest.resolve() == self.path.resolve():
+            return self
+        tmp = _tmp_dir_for(dest)
+        try:
+            for name in ("model.json", *FILES):
+                shutil.copy2(self.path / name, tmp / name)
+            _commit_dir(tmp, dest, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return load_model(dest)
+
+    def summary(self) -> dict[str, Any]:
+        """The metadata fields a listing shows."""
+        return {k: self.metadata.get(k) for k in ("name", "organism", "tissue", "modality", "voxel_size_nm",
+                                                    "representation")} | {"path": str(self.path)}
+
+    def __repr__(self) -> str:
+        return (f"ModelPackage(name={self.name!r}, organism={self.organism!r}, modality={self.modality!r}, "
+                f"representation={self.representation!r}, path='{self.path}')")
+
+
+# --------------------------------------------------------------------------------------------
+# loading and verification
+# --------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise IntegrityError(f"{path}: missing (not a model package, or an incomplete one)") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise IntegrityError(f"{path}: unreadable or truncated JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise IntegrityError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    if meta.get("format") != FORMAT:
+        raise FormatError(f"{path}: expected format {FORMAT!r}, got {meta.get('format')!r}")
+    required = ("name", "representation", "normalization", "network", "files", "reference_features")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise IntegrityError(f"{path}: missing keys {missing}")
+    files = meta["files"]
+    if not isinstance(files, dict) or any(f not in files for f in FILES):
+        raise IntegrityError(f"{path}: expected sha256 entries for {list(FILES)}, got "
+                             f"{sorted(files) if isinstance(files, dict) else files!r}")
+
+
+def load_model(path: str | os.PathLike, *, verify: bool = True) -> ModelPackage:
+    """Load a model package, verifying the SHA-256 of every file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The package folder.
+    verify : bool
+        Check every file's checksum (default). ``False`` only skips the hashing (sizes of the
+        files are still required to exist); use it for fast listings, never for inference.
+
+    Returns
+    -------
+    ModelPackage
+
+    Raises
+    ------
+    IntegrityError
+        A file is missing, truncated or modified; the message names it.
+    FormatError
+        Not a package of a known format.
+
+    Examples
+    --------
+    >>> import neuroadda_rt                                          # doctest: +SKIP
+    >>> pkg = neuroadda_rt.load_model("tests/assets/tiny_model")     # doctest: +SKIP
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FormatError(f"{root}: expected a model package folder, got "
+                          f"{'a file' if root.exists() else 'a missing path'}")
+    meta = _read_json(root / "model.json")
+    _check_meta(root / "model.json", meta)
+    for name in FILES:
+        f = root / name
+        if not f.is_file():
+            raise IntegrityError(f"{f}: missing from the package")
+        if verify:
+            got = _sha256(f)
+            if got != meta["files"][name]:
+                raise IntegrityError(f"{f}: checksum mismatch (expected sha256 {meta['files'][name]}, got {got}); "
+                                     f"the file is truncated or was modified")
+    try:
+        ref = np.load(root / "reference_features.npy", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise IntegrityError(f"{root / 'reference_features.npy'}: unreadable ({exc})") from exc
+    if ref.ndim != 2 or ref.dtype != np.float32:
+        raise IntegrityError(f"{root / 'reference_features.npy'}: expected a 2-D float32 array, got "
+                             f"{ref.dtype} {ref.shape}")
+    return ModelPackage(root, meta, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------
+def _tmp_dir_for(dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+
+
+def _commit_dir(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Rename the finished temp folder into place (replacing ``dest`` only if ``overwrite``)."""
+    from .export import _umask
+
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    if dest.exists():
+        if not overwrite:
+            raise FileExistsError(f"{dest}: already exists (pass overwrite=True to replace it)")
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+        old.rmdir()
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def save_model(model, path: str | os.PathLike, *, name: str | None = None, organism: str | None = None,
+               tissue: str | None = None, modality: str | None = None, voxel_size_nm=None,
+               normalization: dict | None = None, training: dict | None = None, metrics: dict | None = None,
+               reference_features: np.ndarray | None = None, reference_tiles=None, pooling: str = "mean",
+               reference_info: dict | None = None, extra: dict | None = None, overwrite: bool = False) -> ModelPackage:
+    """Write a model package atomically (temporary folder next to ``path``, then rename).
+
+    Parameters
+    ----------
+    model : UNet or ModelPackage
+        The network (its ``config`` and weights are stored). A ``ModelPackage`` is re-saved with
+        its metadata, each field overridable by the keywords below.
+    path : str or path-like
+        Destination folder; must not exist unless ``overwrite``.
+    name, organism, tissue, modality : str
+        Descriptive metadata (``name`` defaults to the folder name).
+    voxel_size_nm : sequence of float, optional
+        ``(z, y, x)`` or ``(y, x)`` in nm.
+    normalization : dict, optional
+        Input intensity rule (:func:`neuroadda_rt.io.intensity_rule`); default ``{"rule": "dtype"}``.
+    training : dict, optional
+        Training data description: ``{"data": str, "n_samples": int, ...}``.
+    metrics : dict, optional
+        Training / validation metrics (JSON-able).
+    reference_features : array, optional
+        ``(n, d)`` float32 pooled encoder features of a fixed sample of training tiles.
+    reference_tiles : array-like, optional
+        Training tiles to compute them from (with the exported encoder on ONNX Runtime, the same
+        path targets take); one of ``reference_features`` / ``reference_tiles`` is required.
+    pooling : {"mean", "max", "mean+std"}
+        Pooling of the reference features, recorded for the targets.
+    reference_info : dict, optional
+        How the reference tiles were drawn (e.g. ``{"tile_size": 256, "seed": 0}``).
+    extra : dict, optional
+        Any further JSON-able metadata, stored under ``"extra"``.
+    overwrite : bool
+        Replace an existing package at ``path``.
+
+    Returns
+    -------
+    ModelPackage
+        The written package, loaded and verified.
+
+    Examples
+    --------
+    >>> import numpy as np, neuroadda_rt, tempfile, os                   # doctest: +SKIP
+    >>> from neuroadda_rt.models import UNet                             # doctest: +SKIP
+    >>> pkg = neuroadda_rt.save_model(UNet(widths=(4, 8)), os.path.join(tempfile.mkdtemp(), "m"),
+    ...     organism="mouse", modality="ssTEM", voxel_size_nm=(40, 4, 4),
+    ...     reference_tiles=np.random.rand(8, 64, 64))                    # doctest: +SKIP
+    """
+    from . import __version__
+    from .export import INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
+    from .models import UNet
+    from .runtime import POOLINGS
+
+    st = require("safetensors.torch", "runtime")
+    dest = Path(path)
+    base: dict[str, Any] = {}
+    if isinstance(model, ModelPackage):
+        base = json.loads(json.dumps(model.metadata))
+        if reference_features is None and reference_tiles is None:
+            reference_features = model.reference_features
+            pooling = model.pooling
+            reference_info = reference_info or {k: v for k, v in base["reference_features"].items()
+                                                if k not in ("pooling", "n_tiles", "n_features")}
+        net = model.unet()
+    elif isinstance(model, UNet):
+        net = model
+    else:
+        raise InputValueError(f"expected a UNet or a ModelPackage, got {type(model).__name__}")
+    if pooling not in POOLINGS:
+        raise InputValueError(f"expected pooling in {POOLINGS}, got {pooling!r}")
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest}: already exists (pass overwrite=True to replace it)")
+    if normalization is None:
+        normalization = base.get("normalization") or {"rule": "dtype"}
+    from .io import intensity_rule
+
+    normalization = intensity_rule(normalization)
+    if voxel_size_nm is not None:
+        voxel_size_nm = [float(v) for v in voxel_size_nm]
+        if len(voxel_size_nm) not in (2, 3) or min(voxel_size_nm) <= 0:
+            raise InputValueError(f"expected 2 or 3 positive voxel sizes in nm, got {voxel_size_nm}")
+
+    net = net.eval()
+    width = net.config["widths"][-1] * (2 if pooling == "mean+std" else 1)
+
+    def check_ref(ref: np.ndarray) -> np.ndarray:
+        ref = np.ascontiguousarray(ref, dtype=np.float32)
+        if ref.ndim != 2 or ref.shape[0] < 1 or ref.shape[1] != width:
+            raise InputValueError(f"expected reference_features of shape (n >= 1, {width}) for pooling "
+                                  f"{pooling!r}, got {ref.shape}")
+        if not np.isfinite(ref).all():
+            raise InputValueError("expected finite reference_features, got NaN or inf")
+        return ref
+
+    if reference_features is not None:
+        reference_features = check_ref(reference_features)  # fail before any export
+    elif reference_tiles is None:
+        raise InputValueError("expected reference_features or reference_tiles (the source-free "
+                              "reference for ranking), got neither")
+    tmp = _tmp_dir_for(dest)
+    try:
+        if isinstance(model, ModelPackage):
+            # same weights: the verified files are reused byte for byte (no re-export)
+            for f in ("weights.safetensors", "encoder.onnx", "model.onnx"):
+                shutil.copyfile(model.path / f, tmp / f)
+        else:
+            state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+            st.save_file(state, str(tmp / "weights.safetensors"), metadata={"config": json.dumps(net.config)})
+            export_onnx(net, tmp / "encoder.onnx", part="encoder")
+            export_onnx(net, tmp / "model.onnx", part="full")
+        if reference_features is None:
+            from .runtime import FeatureExtractor
+
+            fx = FeatureExtractor(tmp / "encoder.onnx", backend="onnxruntime", device="cpu", pooling=pooling)
+            fx._source.normalization = normalization
+            reference_features = fx.features(reference_tiles)
+        ref = check_ref(reference_features)
+        np.save(tmp / "reference_features.npy", ref, allow_pickle=False)
+
+        def pick(key, value, default=None):
+            return value if value is not None else base.get(key, default)
+
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "name": pick("name", name, dest.name),
+            "organism": pick("organism", organism),
+            "tissue": pick("tissue", tissue),
+            "modality": pick("modality", modality),
+            "voxel_size_nm": pick("voxel_size_nm", voxel_size_nm),
+            "representation": net.config["head"],
+            "normalization": normalization,
+            "network": net.config,
+            "training": pick("training", training, {}),
+            "metrics": pick("metrics", metrics, {}),
+            "reference_features": {"file": "reference_features.npy", "pooling": pooling, "n_tiles": int(ref.shape[0]),
+                                   "n_features": int(ref.shape[1]), **(reference_info or {})},
+            "onnx": {"opset": OPSET, "input": INPUT_NAME, "outputs": OUTPUT_NAMES,
+                     "files": {"encoder": "encoder.onnx", "full": "model.onnx"}},
+            "neuroadda_rt_version": __version__,
+            "files": {f: _sha256(tmp / f) for f in FILES},
+        }
+        if extra is not None or "extra" in base:
+            meta["extra"] = pick("extra", extra)
+        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+        (tmp / "model.json").write_text(text + "\n", encoding="utf-8")
+        _commit_dir(tmp, dest, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_model(dest)
+
+
+# --------------------------------------------------------------------------------------------
+# zoo
+# --------------------------------------------------------------------------------------------
+class Zoo:
+    """A folder of model packages (one per sub-folder holding a ``model.json``).
+
+    Parameters
+    ----------
+    root : str or path-like
+        The zoo folder.
+
+    Notes
+    -----
+    Filtering reads only the ``model.json`` files; iterating yields packages loaded with
+    :func:`load_model` (every checksum verified), each with its ``.path``.
+
+    Examples
+    --------
+    >>> import neuroadda_rt                                           # doctest: +SKIP
+    >>> zoo = neuroadda_rt.Zoo("models/").filter(modality="ssTEM")    # doctest: +SKIP
+    >>> [pkg.name for pkg in zoo]                                     # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike, *, _paths: list[Path] | None = None):
+        self.root = Path(root)
+        if _paths is None:
+            if not self.root.is_dir():
+                raise FormatError(f"{self.root}: expected a zoo folder of model packages, got "
+                                  f"{'a file' if self.root.exists() else 'a missing path'}")
+            _paths = sorted(p.parent for p in self.root.glob("*/model.json"))
+        self._paths = list(_paths)
+
+    @property
+    def paths(self) -> list[Path]:
+        """Package folders, sorted."""
+        return list(self._paths)
+
+    def _meta(self, p: Path) -> dict[str, Any]:
+        return _read_json(p / "model.json")
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """name/organism/tissue/modality/voxel size/representation/path per package (no verification)."""
+        out = []
+        for p in self._paths:
+            m = self._meta(p)
+            out.append({k: m.get(k) for k in ("name", "organism", "tissue", "modality", "voxel_size_nm",
+                                              "representation")} | {"path": str(p)})
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [s["name"] for s in self.summaries()]
+
+    def filter(self, *, organism: str | None = None, modality: str | None = None,
+               representation: str | None = None, tissue: str | None = None, name: str | None = None) -> "Zoo":
+        """A sub-zoo of the packages matching every given field (case-insensitive equality)."""
+        want = {k: v for k, v in dict(organism=organism, modality=modality, representation=representation,
+                                       tissue=tissue, name=name).items() if v is not None}
+
+        def ok(p: Path) -> bool:
+            m = self._meta(p)
+            return all(str(m.get(k) or "").lower() == str(v).lower() for k, v in want.items())
+
+        return Zoo(self.root, _paths=[p for p in self._paths if ok(p)])
+
+    def verify(self) -> dict[str, str | None]:
+        """Package folder name -> None if it verifies, else the error message."""
+        out: dict[str, str | None] = {}
+        for p in self._paths:
+            try:
+                load_model(p)
+                out[p.name] = None
+            except (IntegrityError, FormatError) as exc:
+                out[p.name] = str(exc)
+        return out
+
+    def __getitem__(self, name: str) -> ModelPackage:
+        for p in self._paths:
+            if p.name == name or self._meta(p).get("name") == name:
+                return load_model(p)
+        raise KeyError(f"no model named {name!r} in {self.root} (have {self.names})")
+
+    def __iter__(self) -> Iterator[ModelPackage]:
+        for p in self._paths:
+            yield load_model(p)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __repr__(self) -> str:
+        return f"Zoo(root='{self.root}', n={len(self)})"
+
+
+def default_zoo(*, allow_empty: bool = False) -> Zoo:
+    """The zoo bundled with the package (``neuroadda_rt/zoo/``, built by ``neuroadda-rt zoo build``).
+
+    Parameters
+    ----------
+    allow_empty : bool
+        Return an empty :class:`Zoo` instead of raising when no package is bundled.
+
+    Raises
+    ------
+    FormatError
+        When the bundled zoo holds no model package (and ``allow_empty`` is False).
+
+    Examples
+    --------
+    >>> import neuroadda_rt
+    >>> isinstance(neuroadda_rt.default_zoo(allow_empty=True), neuroadda_rt.Zoo)
+    True
+    """
+    if not _ZOO_DIR.is_dir():
+        if allow_empty:
+            return Zoo(_ZOO_DIR, _paths=[])
+        raise FormatError(f"the bundled zoo folder {_ZOO_DIR} is missing; build it with `neuroadda-rt zoo build`")
+    zoo = Zoo(_ZOO_DIR)
+    if len(zoo) == 0 and not allow_empty:
+        raise FormatError(f"the bundled zoo {_ZOO_DIR} holds no model package yet; build it with "
+                          f"`neuroadda-rt zoo build` (or pass a Zoo of your own models)")
+    return zoo

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Regenerate ``tests/assets/tiny_model/``: a tiny, deterministic model package (2-D boundary UNet,
+widths 4-8-16) so that tests and other engineers can load a model without training.
+
+The weights are a fixed random initialisation with non-trivial BatchNorm statistics (not trained:
+the package exercises formats and runtimes, not segmentation quality). Reference features are the
+mean-pooled encoder features of 32 tiles of 64 x 64 drawn from a synthetic EM domain.
+
+Usage::
+
+    python tools/make_test_assets.py            # rewrite tests/assets/tiny_model
+    python tools/make_test_assets.py --check    # exit 1 if the committed files differ
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tests" / "assets" / "tiny_model"
+
+
+def build(dest: Path) -> None:
+    import torch
+
+    import neuroadda_rt
+    from neuroadda_rt.models import UNet
+
+    torch.manual_seed(20260101)
+    net = UNet(dim=2, widths=(4, 8, 16), head="boundary")
+    g = torch.Generator().manual_seed(7)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    net.eval()
+    try:
+        from neuroadda_rt.synthetic import make_domain
+
+        image = make_domain(None, (256, 256), seed=3)[0]
+        source = "neuroadda_rt.synthetic.make_domain(None, (256, 256), seed=3)"
+    except ImportError:  # pragma: no cover - the data layer is part of the package
+        image = (np.random.default_rng(3).random((256, 256)) * 255).astype(np.uint8)
+        source = "uniform noise, seed 3"
+    rng = np.random.default_rng(0)
+    ys, xs = rng.integers(0, 256 - 64, 32), rng.integers(0, 256 - 64, 32)
+    tiles = np.stack([image[y:y + 64, x:x + 64] for y, x in zip(ys, xs)])
+    neuroadda_rt.save_model(
+        net, dest, name="tiny", organism="synthetic", tissue="neuropil", modality="synthetic-ssTEM",
+        voxel_size_nm=(40.0, 4.0, 4.0), normalization={"rule": "dtype"},
+        training={"data": f"untrained test asset; reference tiles from {source}", "n_samples": 0},
+        metrics={}, reference_tiles=tiles, pooling="mean",
+        reference_info={"tile_size": 64, "seed": 0, "source": source},
+        extra={"generator": "tools/make_test_assets.py"}, overwrite=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare with the committed asset instead of writing")
+    args = ap.parse_args(argv)
+    if not args.check:
+        build(OUT)
+        size = sum(f.stat().st_size for f in OUT.iterdir())
+        print(f"wrote {OUT} ({size / 1024:.0f} KiB)")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        build(Path(tmp) / "tiny_model")
+        new = json.loads((Path(tmp) / "tiny_model" / "model.json").read_text())["files"]
+        old = json.loads((OUT / "model.json").read_text())["files"]
+        same = new == old and filecmp.cmp(Path(tmp) / "tiny_model" / "model.json", OUT / "model.json", shallow=False)
+        diff = sorted(k for k in new if new[k] != old.get(k))
+        print("asset up to date" if same else f"asset differs: {diff or ['model.json']}")
+        return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

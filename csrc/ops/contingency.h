@@ -13,8 +13,9 @@
 // Invariants: counts are exact uint64; every sum is order independent (integers, or x ln x
 // scaled by 2^64 and summed exactly in 128-bit fixed point), so a table filled block by block, merged
 // from workers in any order, or filled by any number of threads gives bit-identical scores.
-// Memory: O(K) for K distinct (seg, gt) pairs, 48 bytes per pair at worst (24-byte slots, load
-// >= 1/4 after growth) per thread map plus the merged map; nothing proportional to the voxels.
+// Memory: O(K) for K distinct (seg, gt) pairs: 24-byte slots at a load factor between 1/4 and 1/2,
+// i.e. 48-96 bytes per pair, for each thread's map and the merged map (and the marginals while
+// scoring); nothing proportional to the number of voxels.
 #pragma once
 #include <cstdint>
 #include <mutex>

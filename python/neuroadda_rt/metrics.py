@@ -82,7 +82,7 @@ class ContingencyTable:
     Fill it with :meth:`add` on aligned blocks of two segmentations (e.g. chunks of volumes
     larger than memory, or blocks on different workers, then :meth:`merge` or pickle the
     tables); the scores equal those of a one-shot count exactly. Memory is proportional to the
-    number of distinct label pairs (at most 48 bytes each), never to the number of voxels.
+    number of distinct label pairs (48 to 96 bytes each), never to the number of voxels.
     Thread safe: several threads may :meth:`add` to one table at once (the GIL is released).
 
     Examples

@@ -246,6 +246,8 @@ def test_errors(rng):
         nr.adapted_rand_error(a, a.astype(np.float64))
     with pytest.raises(DTypeError, match="integer"):
         nr.variation_of_information(a, a, ignore_gt=(0.5,))
+    with pytest.raises(DTypeError, match="byte order"):
+        nr.variation_of_information(a.astype(">u8"), a)
     with pytest.raises(InputValueError, match="2\\*\\*64"):
         nr.variation_of_information(a, a, ignore_gt=(2**64,))
     with pytest.raises(ValueError, match="alpha"):
@@ -256,6 +258,18 @@ def test_errors(rng):
         nr.variation_of_information(a, a, device="cuda")
     with pytest.raises(ValueError, match="device"):
         nr.adapted_rand_error(a, a, device="gpu")
+
+
+def test_zero_d_bool_and_unaligned():
+    assert nr.variation_of_information(np.array(3), np.array(4)) == (0.0, 0.0)
+    b = np.array([True, True, False, False, True])
+    check(b, ~b, ignore_gt=())
+    raw = np.zeros(8 * 60 + 1, np.uint8)
+    un = np.frombuffer(raw.data, dtype=np.uint64, count=60, offset=1)  # misaligned view
+    assert not un.flags.aligned
+    lab = np.arange(60, dtype=np.uint64) // 7
+    raw[1:] = lab.view(np.uint8)
+    assert nr.variation_of_information(un, lab, ignore_gt=()) == (0.0, 0.0)
 
 
 def test_single_voxel():

@@ -117,6 +117,13 @@ def test_layouts_without_and_with_copy(rng):
     # Fortran order and strided spatial axes are copied once (documented).
     np.testing.assert_allclose(nr.tile_uncertainty(np.asfortranarray(base)), expected, **TOL)
     np.testing.assert_allclose(nr.tile_uncertainty(base[..., ::2]), ref(base[..., ::2], "entropy"), **TOL)
+    raw = np.zeros(base.nbytes + 1, np.uint8)
+    raw[1:] = base.reshape(-1).view(np.uint8)
+    unaligned = np.frombuffer(raw.data, dtype=np.float32, offset=1).reshape(base.shape)
+    assert not unaligned.flags.aligned
+    np.testing.assert_allclose(nr.tile_uncertainty(unaligned), expected, **TOL)
+    with pytest.raises(DTypeError, match="float32"):
+        nr.tile_uncertainty(base.astype(">f4"))
     ro = base.copy()
     ro.setflags(write=False)
     np.testing.assert_allclose(nr.tile_uncertainty(ro), expected, **TOL)

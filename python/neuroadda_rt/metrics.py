@@ -43,6 +43,11 @@ def _labels(x, name: str) -> np.ndarray:
     if a.dtype.kind not in "iub":
         raise DTypeError(f"expected an integer (or bool) {name} label array, got dtype {a.dtype} "
                          f"(labels are not converted silently)")
+    if not a.dtype.isnative:
+        raise DTypeError(f"expected native byte order for {name}, got dtype {a.dtype.str} (e.g. from N5); "
+                         f"convert explicitly with .astype({a.dtype.str!r}.replace('>', '<'))")
+    if not a.flags.aligned:  # rare (views into byte buffers); reading them in place is undefined in C++
+        a = np.require(a, requirements="A")
     return a
 
 
@@ -107,7 +112,8 @@ class ContingencyTable:
 
         Copy policy: NumPy arrays of any integer or bool dtype (the two may differ), any
         memory order and any strides are read in place, never copied; other array-likes are
-        converted with ``np.asarray``. Labels are keyed by their value as a 64-bit word, so a
+        converted with ``np.asarray``; unaligned arrays are copied, non-native byte order is refused
+        (:class:`~neuroadda_rt.errors.DTypeError`). Labels are keyed by their value as a 64-bit word, so a
         negative id in a signed dtype equals ``2**64`` minus its magnitude in ``uint64``.
         """
         seg, gt = _pair(seg, gt)

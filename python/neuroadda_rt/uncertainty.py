@@ -101,7 +101,8 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
     -----
     Copy policy: ``probs`` is read in place when each ``(t, n, c)`` spatial block is
     C-contiguous (any C-ordered array, and any slicing of the leading axes); other layouts, e.g.
-    Fortran order, are copied once to C order. The mask is read in place (broadcasting is a
+    Fortran order, and unaligned buffers are copied once to C order. Non-native byte order
+    (``>f4``) is refused like any other dtype. The mask is read in place (broadcasting is a
     view) unless its spatial part is itself broadcast or strided, in which case only its own
     ``(N or 1, C or 1, *spatial)`` extent is materialised. No temporary of the size of ``probs``
     is created by the reduction. Per element the arithmetic is float32 (a polynomial log,
@@ -141,8 +142,8 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
         raise ShapeError(f"expected a non-empty probs array, got shape {probs.shape}")
     if mc_samples and measure in _MC_ONLY and probs.shape[0] < 2:
         raise ShapeError(f"expected at least 2 Monte-Carlo samples for {measure!r}, got T = {probs.shape[0]}")
-    if not _spatial_contiguous(probs, lead) or any(s % 4 for s in probs.strides):
-        probs = np.ascontiguousarray(probs)
+    if not _spatial_contiguous(probs, lead) or any(s % 4 for s in probs.strides) or not probs.flags.aligned:
+        probs = np.require(probs, requirements=("C", "A"))
     m = None if mask is None else _prepare_mask(mask, probs.shape[lead - 2:])
     values, bad = _core.tile_uncertainty(probs, mc_samples, m, MEASURES[measure], dev == "cuda")
     if bad >= 0:

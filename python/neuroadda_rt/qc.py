@@ -50,13 +50,13 @@ from .errors import DTypeError, FormatError, InputValueError, ShapeError, requir
 __all__ = ["QCMonitor", "QCReport", "WindowResult"]
 
 _STATE_VERSION = 1
-#: Intensity descriptors computed per tile (all on the [0, 1] normalised image).
-_IMAGE_STATS = ("mean", "std", "sharpness", "block_min", "block_max")
-#: Tail of each descriptor that signals an artefact: -1 low, +1 high, 0 both.
-_IMAGE_TAILS = {"mean": 0, "std": 0, "sharpness": -1, "block_min": -1, "block_max": 1}
-#: Most likely cause named after the most extreme descriptor (or detector).
-_KIND_OF = {"mean": "brightness", "std": "contrast", "sharpness": "defocus", "block_min": "dark_region",
-            "block_max": "bright_region", "similarity": "feature_outlier", "uncertainty": "uncertainty"}
+#: Intensity descriptors computed per tile (all on the [0, 1] normalised image), their
+#: artefact tail (-1 low, +1 high, 0 both) and the likely cause they name.
+_IMAGE_STATS = ("mean", "std", "sharpness", "line_min", "flat", "block_min", "block_max")
+_IMAGE_TAILS = {"mean": 0, "std": 0, "sharpness": -1, "line_min": -1, "flat": -1, "block_min": -1, "block_max": 1}
+_KIND_OF = {"mean": "brightness", "std": "contrast", "sharpness": "defocus", "line_min": "fold", "flat": "stain",
+            "block_min": "dark_region", "block_max": "bright_region", "similarity": "feature_outlier",
+            "uncertainty": "uncertainty"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,22 +202,31 @@ def _as_tiles(tiles, name: str = "tiles") -> np.ndarray:
         return arr.astype(np.float32) * np.float32(1 / 65535)
     if arr.dtype in (np.float32, np.float64):
         out = arr.astype(np.float32)
-        if not np.isfinite(out).all() or out.min() < 0 or out.max() > 1:
-            raise InputValueError(f"expected float {name} finite and in [0, 1], got range "
-                                  f"[{np.nanmin(out):.4g}, {np.nanmax(out):.4g}]")
+        if not np.isfinite(out).all():
+            raise InputValueError(f"expected finite float {name} in [0, 1], got NaN or inf")
+        if out.min() < 0 or out.max() > 1:
+            raise InputValueError(f"expected float {name} in [0, 1], got range [{out.min():.4g}, {out.max():.4g}]")
         return out
     raise DTypeError(f"expected {name} of dtype uint8, uint16, float32 or float64, got {arr.dtype}")
 
 
-def image_stats(tiles: np.ndarray) -> np.ndarray:
+def image_stats(tiles: np.ndarray, *, chunk: int = 32) -> np.ndarray:
     """Cheap intensity descriptors per tile, columns in the order of ``_IMAGE_STATS``.
 
-    ``sharpness`` is the mean absolute 4-neighbour Laplacian over the tile's standard
-    deviation (defocus lowers it whatever the contrast); ``block_min`` / ``block_max`` are the
-    darkest / brightest mean of 8×8 blocks (folds, stains, debris cover whole blocks, membranes
-    do not).
+    * ``mean``, ``std``: brightness and contrast;
+    * ``sharpness``: mean absolute 4-neighbour Laplacian over the standard deviation (defocus
+      lowers it whatever the contrast);
+    * ``line_min``: darkest mean along a straight segment (about a quarter of the tile long,
+      12 orientations, at half resolution): folds are long dark lines, membranes are short;
+    * ``flat``: smallest standard deviation of 4×4 blocks: stains and other deposits are dark
+      *and* smooth, tissue always carries texture and shot noise;
+    * ``block_min`` / ``block_max``: darkest / brightest mean of 8×8 blocks.
+
+    Cost O(pixels · orientations); tiles are processed ``chunk`` at a time to stay in cache.
     """
     t = np.asarray(tiles, dtype=np.float32)
+    if t.shape[0] > chunk:
+        return np.concatenate([image_stats(t[i:i + chunk], chunk=chunk) for i in range(0, t.shape[0], chunk)])
     n, h, w = t.shape
     mean = t.mean(axis=(1, 2), dtype=np.float64)
     std = t.std(axis=(1, 2), dtype=np.float64)
@@ -226,7 +235,37 @@ def image_stats(tiles: np.ndarray) -> np.ndarray:
     b = 8 if min(h, w) >= 32 else 4
     hb, wb = h // b, w // b
     blocks = t[:, :hb * b, :wb * b].reshape(n, hb, b, wb, b).mean(axis=(2, 4), dtype=np.float64)
-    return np.stack([mean, std, sharp, blocks.min(axis=(1, 2)), blocks.max(axis=(1, 2))], axis=1)
+    h4, w4 = h // 4, w // 4
+    flat = t[:, :h4 * 4, :w4 * 4].reshape(n, h4, 4, w4, 4).std(axis=(2, 4)).min(axis=(1, 2))
+    return np.stack([mean, std, sharp, _line_min(t), flat, blocks.min(axis=(1, 2)), blocks.max(axis=(1, 2))], axis=1)
+
+
+def _line_min(t: np.ndarray, n_angles: int = 12) -> np.ndarray:
+    """Darkest mean over straight segments of the half-resolution tile. Each direction within
+    45 degrees of an axis is made axis-aligned by shearing rows (one slice copy per row), then a
+    running mean along that axis gives every segment's mean at once: O(pixels) per angle."""
+    from scipy import ndimage
+
+    n, h, w = t.shape
+    x = t[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4), dtype=np.float32)
+    length = max(5, min(31, int(0.24 * min(x.shape[1:])) | 1))
+    best = np.full(n, np.inf, dtype=np.float32)
+    for img in (x, x.transpose(0, 2, 1)):
+        hh, ww = img.shape[1:]
+        pad = hh // 2 + 1
+        xp = np.pad(img, ((0, 0), (0, 0), (pad, pad)), mode="reflect") if pad < ww else \
+            np.pad(img, ((0, 0), (0, 0), (pad, pad)), mode="edge")
+        ys = np.arange(hh) - hh / 2
+        sheared = np.empty_like(img)
+        for theta in np.linspace(-np.pi / 4, np.pi / 4, n_angles // 2, endpoint=False):
+            off = np.round(ys * math.tan(theta)).astype(int) + pad
+            for y in range(hh):
+                sheared[:, y, :] = xp[:, y, off[y]:off[y] + ww]
+            le = max(3, int(round(length * math.cos(theta))))
+            run = ndimage.uniform_filter1d(sheared, le, axis=1, mode="nearest")
+            r = le // 2
+            best = np.minimum(best, run[:, r:hh - r, :].min(axis=(1, 2)))
+    return best.astype(np.float64)
 
 
 class _Model:
@@ -235,9 +274,10 @@ class _Model:
     ``model`` may be a model package directory or ONNX file (through
     :class:`~neuroadda_rt.FeatureExtractor`), an object with ``.features(tiles)`` (a
     FeatureExtractor), or a callable mapping (N, H, W) float32 tiles to (N, d) features.
-    ``uncertainty`` may be None, a callable mapping tiles to (N,) uncertainties, or an object
-    with ``.predict(tiles)`` returning probabilities (N, C, H, W) reduced with
-    :func:`~neuroadda_rt.tile_uncertainty`.
+    ``uncertainty`` may be None, a model package / full-network ONNX path or a
+    :class:`~neuroadda_rt.Predictor` (probabilities of each tile reduced with
+    :func:`~neuroadda_rt.tile_uncertainty`, mean binary entropy), or a callable mapping tiles to
+    (N,) uncertainties.
     """
 
     def __init__(self, model, uncertainty=None, *, backend="auto", batch_size=32):
@@ -259,15 +299,19 @@ class _Model:
         else:
             raise DTypeError(f"expected model as a path, a FeatureExtractor or a callable, got {type(model).__name__}")
         self._uncertainty = None
+        if isinstance(uncertainty, (str, os.PathLike)):
+            from . import runtime
+
+            uncertainty = runtime.Predictor(uncertainty, backend=backend)
         if uncertainty is not None:
-            if hasattr(uncertainty, "predict"):
+            if hasattr(uncertainty, "predict_tiles"):
                 predictor = uncertainty
 
                 def unc(x):
                     from .uncertainty import tile_uncertainty
 
-                    probs = np.ascontiguousarray(predictor.predict(x[:, None]), dtype=np.float32)
-                    return tile_uncertainty(probs)
+                    probs = predictor.predict_tiles(x[:, None], batch_size=self.batch_size)
+                    return tile_uncertainty(np.ascontiguousarray(probs, dtype=np.float32))
                 self._uncertainty = unc
             elif callable(uncertainty):
                 self._uncertainty = uncertainty
@@ -332,28 +376,29 @@ def _kernel(d2: np.ndarray, gammas: np.ndarray) -> np.ndarray:
     return out
 
 
-def _tail_rank(ref: np.ndarray, x: np.ndarray, tail: int, *, loo: bool) -> np.ndarray:
-    """Conformal tail p-values of ``x`` among ``ref``: (1 + #{ref at least as extreme}) / (M + 1).
+def _tail_fraction(ref: np.ndarray, x: np.ndarray, tail: int, *, loo: bool) -> np.ndarray:
+    """Fraction of ``ref`` at least as extreme as each ``x``.
 
     ``tail`` -1 = small values are extreme, +1 = large, 0 = two-sided (twice the smaller tail,
-    capped at 1). With ``loo`` the values are the reference itself, each ranked against the
-    others (leave-one-out), so the reference is never scored against itself."""
+    capped at 1). With ``loo`` the values are the reference itself, each compared with the
+    others only (leave-one-out), so a reference tile is never compared with itself."""
     srt = np.sort(ref)
     m = len(ref)
-
-    def low(v):  # #{ref <= v}
-        return np.searchsorted(srt, v, side="right")
-
-    def high(v):  # #{ref >= v}
-        return m - np.searchsorted(srt, v, side="left")
-
     sub = 1 if loo else 0
-    denom = m - sub + 1
+    low = np.searchsorted(srt, x, side="right") - sub  # #{ref <= x}
+    high = m - np.searchsorted(srt, x, side="left") - sub  # #{ref >= x}
+    n = m - sub
     if tail < 0:
-        return (1 + low(x) - sub) / denom
+        return low / n
     if tail > 0:
-        return (1 + high(x) - sub) / denom
-    return np.minimum(1.0, 2 * np.minimum(1 + low(x) - sub, 1 + high(x) - sub) / denom)
+        return high / n
+    return np.minimum(1.0, 2 * np.minimum(low, high) / n)
+
+
+def _conformal_p(ref_scores: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(1 + #{reference score <= x}) / (M + 1): small scores are extreme; ties count against x."""
+    srt = np.sort(ref_scores)
+    return (1 + np.searchsorted(srt, x, side="right")) / (len(srt) + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,6 +480,7 @@ class QCMonitor:
         self._history_len = int(history)
         self._model = _Model(model, uncertainty, backend=backend, batch_size=batch_size)
         self._lock = threading.Lock()
+        self.loaded_extra: dict = {}
         if _state is not None:
             self._restore(_state)
             return
@@ -524,18 +570,9 @@ class QCMonitor:
             return s
         half = len(feats) // 2
         perm = rng.permutation(len(feats))
-        try:
-            from .mmd import median_sigma
-        except ImportError:  # TEMPORARY until the kernels land
-            def median_sigma(a, b):
-                z = np.concatenate([a, b])[:2048].astype(np.float64)
-                d = _sqdist(z, z)[np.triu_indices(len(z), 1)]
-                return math.sqrt(np.median(d) / 2)
+        from .mmd import median_sigma  # the package kernel (C++), on a random half/half split
 
-        s = float(median_sigma(feats[perm[:half]], feats[perm[half:]]))
-        if not s > 0:  # all reference features identical
-            s = 1.0
-        return np.array([s])
+        return np.array([float(median_sigma(feats[perm[:half]], feats[perm[half:]]))])
 
     def _derive_permutation_matrices(self) -> None:
         n, b = self.window, self.n_permutations
@@ -547,9 +584,18 @@ class QCMonitor:
 
     def _calibrate_combined(self) -> None:
         m = len(self.ref)
-        ranks = np.stack([_tail_rank(r, r, t, loo=True) for r, t in zip(self._det_ref, self._det_tail)])
-        self._combined_ref = ranks.min(axis=0)  # small = extreme on some detector
+        self._robust = self._robust_scales()
+        values = dict(zip(self._det_names, self._det_ref))
+        self._combined_ref = self._combined_score(values, loo=True)[0]
         assert self._combined_ref.shape == (m,)
+
+    def _robust_scales(self) -> np.ndarray:
+        """(median, robust sd) per detector, to name the most extreme one of a flagged tile."""
+        out = []
+        for r in self._det_ref:
+            q1, med, q3 = np.quantile(r, [0.25, 0.5, 0.75])
+            out.append((med, max((q3 - q1) / 1.349, 1e-12 * max(1.0, abs(med)), 1e-300)))
+        return np.array(out)
 
     def _features_batched(self, tiles: np.ndarray) -> np.ndarray:
         return self._model.features(tiles)
@@ -671,18 +717,32 @@ class QCMonitor:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _combined_score(self, values: dict, *, loo: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Combined artefact score (small = extreme) and the robust z of every detector.
+
+        The score is the smallest tail fraction over the detectors; ties (typically tiles beyond
+        the whole reference on some detector, fraction 0) are broken by how far out they are in
+        robust standard deviations, by less than half a fraction step, so the ordering between
+        different fractions is unchanged."""
+        m = len(self.ref)
+        fr = np.stack([_tail_fraction(r, values[name], t, loo=loo)
+                       for name, r, t in zip(self._det_names, self._det_ref, self._det_tail)])
+        z = np.stack([(values[name] - med) / sd * (t if t else np.sign(values[name] - med))
+                      for name, (med, sd), t in zip(self._det_names, self._robust, self._det_tail)])
+        best = fr.min(axis=0)
+        z_at = np.where(fr <= best[None], z, -np.inf).max(axis=0)
+        tie = 1.0 - np.exp(-np.maximum(z_at, 0.0) / 10.0)  # in [0, 1), increasing with z
+        return best - 0.4 / m * tie, np.where(fr <= best[None], z, -np.inf)
+
     def _artefacts(self, sim, unc, stats) -> tuple[np.ndarray, list[str]]:
         values = {"similarity": sim, "uncertainty": unc}
         if stats is not None:
             values.update({name: stats[:, j] for j, name in enumerate(_IMAGE_STATS)})
-        ranks = np.stack([_tail_rank(r, values[name], t, loo=False)
-                          for name, r, t in zip(self._det_names, self._det_ref, self._det_tail)])
-        combined = ranks.min(axis=0)
+        score, z = self._combined_score(values, loo=False)
         # conformal p-value of the combined score against the reference's own (leave-one-out) scores
-        p = _tail_rank(self._combined_ref, combined, -1, loo=False)
-        # name the cause after the most extreme image descriptor when one is extreme, else the detector
-        order = np.argmin(ranks, axis=0)
-        kinds = [_KIND_OF[self._det_names[j]] for j in order]
+        p = _conformal_p(self._combined_ref, score)
+        # likely cause: the detector at the smallest tail fraction furthest out in robust sds
+        kinds = [_KIND_OF[self._det_names[j]] for j in np.argmax(z, axis=0)]
         return p, kinds
 
     def _test_window(self) -> WindowResult:
@@ -738,11 +798,21 @@ class QCMonitor:
 
     # -- state -------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
         """Write the monitor's state (reference, calibration, window, counters, history) to one
         safetensors file, atomically (temporary file, then rename). The model is not saved.
 
-        Returns the path written.
+        Parameters
+        ----------
+        path : path-like
+            File to write.
+        extra : dict, optional
+            JSON-serialisable data stored with the state (given back as ``loaded_extra``).
+
+        Returns
+        -------
+        pathlib.Path
+            The path written.
         """
         st = require("safetensors.numpy", "runtime")
         path = Path(path)
@@ -766,6 +836,7 @@ class QCMonitor:
                 "n_drift_windows": self.n_drift_windows, "n_flagged": self.n_flagged,
                 "flag_counts": self.flag_counts, "prev_p": self._prev_p,
                 "windows": [w.to_dict() for w in self._windows], "model": self._model.fingerprint,
+                "extra": extra or {},
             }
             arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -829,6 +900,7 @@ class QCMonitor:
             self._det_names = list(meta["detectors"])
             self._det_tail = [int(t) for t in meta["tails"]]
             self._det_ref = [a[f"det_{name}"] for name in self._det_names]
+            self._robust = self._robust_scales()
             if "uncertainty" in self._det_names and not self._model.has_uncertainty:
                 raise FormatError(f"{state['path']}: the saved monitor uses an uncertainty model; pass uncertainty=")
             self._reset_stream()
@@ -844,6 +916,7 @@ class QCMonitor:
             self.flag_counts = {str(k): int(v) for k, v in meta["flag_counts"].items()}
             self._prev_p = float(meta["prev_p"])
             self._windows.extend(WindowResult(**w) for w in meta["windows"])
+            self.loaded_extra = dict(meta.get("extra") or {})
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"{state['path']}: inconsistent QC state ({exc!r})") from exc
 

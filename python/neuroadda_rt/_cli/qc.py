@@ -1,0 +1,88 @@
+"""``neuroadda-rt qc``: watch an acquisition folder for drift and artefacts, and report.
+
+``neuroadda-rt qc watch DIR --model M --reference REF [--db DB] [--once]`` processes every image
+in DIR (and, unless ``--once``, every image written there later) with a
+:class:`~neuroadda_rt.QCMonitor`, prints alerts and records everything in an SQLite database
+that survives restarts. ``neuroadda-rt qc report --db DB --out report.html`` renders it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("qc", help="acquisition-time QC: watch a folder for drift and artefacts, report")
+    sub = p.add_subparsers(dest="qc_command", metavar="QC_COMMAND")
+    sub.required = True
+
+    w = sub.add_parser("watch", help="watch a folder the microscope writes into")
+    w.add_argument("folder", type=Path, help="folder to watch (not recursive)")
+    w.add_argument("--model", required=True, help="model package directory or encoder ONNX file (int8 or fp32)")
+    w.add_argument("--reference", required=True, type=Path,
+                   help="reference tiles: an image, a multi-page TIFF, a folder of images, or a .npy of tiles "
+                        "(N, H, W) or of encoder features (N, d)")
+    w.add_argument("--db", type=Path, default=None,
+                   help="SQLite database (default: <folder>.qc.sqlite beside the folder)")
+    w.add_argument("--once", action="store_true", help="process the files present now, then exit")
+    w.add_argument("--tile-size", type=int, default=None, help="cut images into tiles of this size")
+    w.add_argument("--window", type=int, default=256, help="tiles per drift test (default 256)")
+    w.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate per window (default 0.01)")
+    w.add_argument("--n-permutations", type=int, default=500, help="permutations of the drift test")
+    w.add_argument("--artefact-fpr", type=float, default=0.01, help="false-positive rate of artefact flags")
+    w.add_argument("--backend", default="auto", help="inference backend (auto, onnxruntime, tensorrt, torch)")
+    w.add_argument("--settle", type=float, default=1.0,
+                   help="seconds a file must stay unchanged before it is read (default 1)")
+    w.add_argument("--give-up", type=float, default=60.0,
+                   help="seconds after which an undecodable file is recorded as an error (default 60)")
+    w.add_argument("--timeout", type=float, default=None, help="stop watching after this many seconds")
+    w.add_argument("--seed", type=int, default=0)
+    w.set_defaults(func=run_watch)
+
+    r = sub.add_parser("report", help="render a QC database as an HTML page")
+    r.add_argument("--db", type=Path, required=True, help="database written by `qc watch`")
+    r.add_argument("--out", type=Path, default=Path("qc_report.html"), help="HTML file (default qc_report.html)")
+    r.add_argument("--max-gallery", type=int, default=120, help="most flagged tiles shown")
+    r.set_defaults(func=run_report)
+
+
+def run_watch(args) -> int:
+    from ..qc import QCMonitor, _load_array
+    from ..qc_service import QCService, read_tiles
+    from ..runtime import FeatureExtractor
+
+    if not args.folder.is_dir():
+        raise FileNotFoundError(f"watched folder {args.folder} does not exist")
+    model = FeatureExtractor(args.model, backend=args.backend)
+
+    def factory():
+        ref_path = args.reference
+        if ref_path.suffix == ".npy":
+            reference = _load_array(ref_path)
+            if reference.ndim == 3 and args.tile_size:
+                from ..qc_service import split_tiles
+
+                reference = split_tiles(reference, args.tile_size)
+        else:
+            reference = read_tiles(ref_path, tile_size=args.tile_size)
+        return QCMonitor(model, reference, window=args.window, alpha=args.alpha,
+                         n_permutations=args.n_permutations, artefact_fpr=args.artefact_fpr, seed=args.seed)
+
+    svc = QCService(args.folder, factory, model, db=args.db, tile_size=args.tile_size, settle=args.settle,
+                    give_up=args.give_up, echo=lambda s: print(s, flush=True))
+    print(f"qc: watching {svc.folder} -> {svc.db_path} ({svc.monitor.n_tiles} tiles, "
+          f"{svc.monitor.n_windows} windows so far)", flush=True)
+    try:
+        n = svc.run(once=args.once, timeout=args.timeout)
+    finally:
+        svc.close()
+    print(f"qc: processed {n} files", flush=True)
+    return 0
+
+
+def run_report(args) -> int:
+    from ..qc_service import write_report
+
+    out = write_report(args.db, args.out, max_gallery=args.max_gallery)
+    print(out)
+    return 0

@@ -190,6 +190,8 @@ void launch_row_norms(const float* z, int64_t N, int64_t d, float* norms, cudaSt
 // Full symmetric N x N kernel matrix (diagonal 1).
 void launch_kernel_matrix(const float* z, const float* norms, int64_t N, int64_t d, const float* neg_inv_2s2,
                           int n_sigma, float* K, cudaStream_t stream);
+// r[i] = sum_j K_ij in float64.
+void launch_row_sums(const float* K, int64_t N, double* r, cudaStream_t stream);
 // s_xx[p] = a_p' K a_p (s_xx zeroed by the caller); x_index P x n; indicator: P x N floats scratch.
 void launch_permutation_quadratic_forms(const float* K, int64_t N, const int64_t* x_index, int64_t P, int64_t n,
                                         float* indicator, double* s_xx, cudaStream_t stream);

@@ -75,13 +75,13 @@ def _features(a, name: str) -> np.ndarray:
             a = np.asarray(a)
         except (TypeError, ValueError) as exc:
             raise DTypeError(f"expected a float32 (n, d) array for {name}, got {type(a).__name__}") from exc
+    if a.dtype.kind not in "fiu":
+        raise DTypeError(f"expected float32 features for {name}, got dtype {a.dtype}")
     if a.ndim != 2:
         raise ShapeError(f"expected a 2-D (n_samples, n_features) array for {name}, got shape {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ShapeError(f"expected a non-empty (n_samples, n_features) array for {name}, got shape {a.shape}")
     if a.dtype != np.float32:
-        if a.dtype.kind not in "fiu":
-            raise DTypeError(f"expected float32 features for {name}, got dtype {a.dtype}")
         if a.size > MAX_IMPLICIT_COPY:
             raise DTypeError(
                 f"expected float32 features for {name}, got {a.dtype} with {a.size} elements; arrays above "

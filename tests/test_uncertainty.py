@@ -197,3 +197,42 @@ def test_shared_log_matches_libm():
     np.testing.assert_allclose(got, np.log(x.astype(np.float64)), rtol=3e-7, atol=2e-7)
     assert nr._core._fast_logf(1.0) == 0.0
     assert nr._core._binary_entropy_f(0.0) == 0.0 and nr._core._binary_entropy_f(1.0) == 0.0
+
+
+class _FakeGpuArray:
+    """Something that claims to live in GPU memory (a host pointer, never dereferenced here)."""
+
+    def __init__(self, a):
+        self._a = a
+        self.__cuda_array_interface__ = {"shape": a.shape, "typestr": a.dtype.str, "strides": None,
+                                         "data": (a.ctypes.data, True), "version": 3}
+
+
+def test_gpu_resident_input_is_refused_on_cpu_or_without_cuda(rng):
+    fake = _FakeGpuArray(rng.random((2, 1, 4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="GPU memory"):
+        nr.tile_uncertainty(fake, device="cpu")
+    if not nr.cuda_available():
+        with pytest.raises(RuntimeError):  # BackendUnavailableError says why
+            nr.tile_uncertainty(fake)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mc", [False, True])
+def test_torch_cuda_tensor_in_place(rng, mc):
+    torch = pytest.importorskip("torch")
+    p = rand_probs(rng, ((3,) if mc else ()) + (4, 3, 33, 35))
+    mask = rng.random((4, 1, 33, 35)) > 0.4
+    t = torch.from_numpy(p).cuda()
+    for measure in (["entropy", "margin", "bald", "variance"] if mc else ["entropy", "margin"]):
+        got = nr.tile_uncertainty(t, measure=measure, mask=mask, mc_samples=mc)
+        np.testing.assert_allclose(got, ref(p, measure, mask=mask, mc=mc), **TOL)
+    sliced = t[:, :, 1:] if mc else t[::2, 1:]  # leading-axis slices keep spatial blocks contiguous
+    np.testing.assert_allclose(nr.tile_uncertainty(sliced, mc_samples=mc),
+                               ref(sliced.cpu().numpy(), "entropy", mc=mc), **TOL)
+    bad = t.clone()
+    bad.view(-1)[bad.numel() // 2] = float("nan")
+    with pytest.raises(InputValueError):
+        nr.tile_uncertainty(bad, mc_samples=mc)
+    with pytest.raises(DTypeError):
+        nr.tile_uncertainty(t.double(), mc_samples=mc)

@@ -2,6 +2,7 @@
 // (never trusted from the caller) so no argument combination can read out of bounds.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 #include <utility>
@@ -71,12 +72,69 @@ std::pair<py::array_t<double>, int64_t> tile_uncertainty_py(const py::array& pro
   return {out, res.first_bad_tile};
 }
 
+// probs described by __cuda_array_interface__ (pointer, shape, strides in bytes); mask a host
+// array already broadcast to (N, C, *spatial) or None.
+std::pair<py::array_t<double>, int64_t> tile_uncertainty_cuda_array_py(uintptr_t ptr, const std::vector<int64_t>& shape,
+                                                                       const std::vector<int64_t>& strides, bool mc,
+                                                                       const py::object& mask_obj, int measure,
+                                                                       uintptr_t stream) {
+  const int lead = mc ? 3 : 2;
+  const int nd = static_cast<int>(shape.size());
+  NEUROADDA_CHECK(nd == lead + 2 || nd == lead + 3, "expected " << lead + 2 << " or " << lead + 3 << " dims, got " << nd);
+  NEUROADDA_CHECK(strides.size() == shape.size(), "expected one stride per dimension");
+  int64_t expect = sizeof(float);
+  for (int d = nd - 1; d >= lead; --d) {
+    NEUROADDA_CHECK(shape[d] >= 1, "expected a non-empty array");
+    NEUROADDA_CHECK(shape[d] == 1 || strides[d] == expect,
+                    "expected C-contiguous spatial dims on the GPU (call .contiguous()), got strides that are not");
+    expect *= shape[d];
+  }
+  for (int d = 0; d < lead; ++d)
+    NEUROADDA_CHECK(strides[d] % static_cast<int64_t>(sizeof(float)) == 0, "expected float32-aligned strides");
+  neuroadda::UncertaintyInput in;
+  in.probs = reinterpret_cast<const float*>(ptr);
+  in.T = mc ? shape[0] : 1;
+  in.stride_t = mc ? strides[0] / 4 : 0;
+  in.N = shape[lead - 2];
+  in.C = shape[lead - 1];
+  in.stride_n = strides[lead - 2] / 4;
+  in.stride_c = strides[lead - 1] / 4;
+  in.V = 1;
+  for (int d = lead; d < nd; ++d) in.V *= shape[d];
+  py::array mask;
+  if (!mask_obj.is_none()) {
+    mask = py::reinterpret_borrow<py::array>(mask_obj);
+    NEUROADDA_CHECK(mask.itemsize() == 1 && (mask.dtype().kind() == 'b' || mask.dtype().kind() == 'u'),
+                    "expected a bool mask");
+    NEUROADDA_CHECK(mask.ndim() == nd - (mc ? 1 : 0), "expected the mask broadcast to (N, C, *spatial)");
+    for (int d = 0; d < mask.ndim(); ++d)
+      NEUROADDA_CHECK(mask.shape(d) == shape[d + (mc ? 1 : 0)], "expected the mask broadcast to (N, C, *spatial)");
+    NEUROADDA_CHECK(spatial_contiguous(mask, 2, 1), "expected a mask with C-contiguous spatial dims");
+    in.mask = static_cast<const uint8_t*>(mask.data());
+    in.mask_stride_n = mask.strides(0);
+    in.mask_stride_c = mask.strides(1);
+  }
+  py::array_t<double> out(in.N);
+  double* out_ptr = out.mutable_data();
+  neuroadda::UncertaintyResult res;
+  {
+    // Safe: the caller keeps the GPU array and the mask alive; no Python API calls inside.
+    py::gil_scoped_release nogil;
+    res = neuroadda::tile_uncertainty_gpu_resident(in, static_cast<neuroadda::UncertaintyMeasure>(measure), out_ptr,
+                                                   stream);
+  }
+  return {out, res.first_bad_tile};
+}
+
 }  // namespace
 
 void register_uncertainty(py::module_& m) {
   m.def("tile_uncertainty", &tile_uncertainty_py, py::arg("probs"), py::arg("mc"), py::arg("mask"),
         py::arg("measure"), py::arg("use_cuda"),
         "Per-tile mean uncertainty; returns (values (N,) float64, first tile with invalid probabilities or -1).");
+  m.def("tile_uncertainty_cuda_array", &tile_uncertainty_cuda_array_py, py::arg("ptr"), py::arg("shape"),
+        py::arg("strides"), py::arg("mc"), py::arg("mask"), py::arg("measure"), py::arg("stream"),
+        "tile_uncertainty for probabilities already in GPU memory (__cuda_array_interface__).");
   m.def("_fast_logf", [](float x) { return neuroadda::fast_logf(x); });
   m.def("_binary_entropy_f", [](float p) { return neuroadda::binary_entropy_f(p); });
 }

@@ -124,6 +124,11 @@ NEUROADDA_UNC_HD bool prob_valid(float p) { return (p >= 0.0f) & (p <= 1.0f); } 
 UncertaintyResult tile_uncertainty(const UncertaintyInput& in, UncertaintyMeasure measure, double* out,
                                    bool use_cuda);
 
+// Same for probs already in GPU memory (e.g. a torch CUDA tensor); `stream` is a cudaStream_t
+// value (0, 1 = legacy default, 2 = per-thread default, or a handle). Throws without CUDA.
+UncertaintyResult tile_uncertainty_gpu_resident(const UncertaintyInput& in, UncertaintyMeasure measure, double* out,
+                                                uintptr_t stream);
+
 namespace cpu {
 UncertaintyResult tile_uncertainty_kernel(const UncertaintyInput& in, UncertaintyMeasure measure, double* out);
 }
@@ -141,6 +146,10 @@ void launch_tile_uncertainty(const UncertaintyInput& in, UncertaintyMeasure meas
                              long long* part_cnt, unsigned* tile_bad, double* out, CUstream_st* stream);
 // Host-memory wrapper: copies the touched span to the GPU, launches, copies back, synchronises.
 UncertaintyResult tile_uncertainty_host(const UncertaintyInput& in, UncertaintyMeasure measure, double* out);
+// probs already in GPU memory (checked with cudaPointerGetAttributes), mask (optional) in host
+// memory; runs on the caller's stream, then synchronises it to return out[N] in host memory.
+UncertaintyResult tile_uncertainty_device(const UncertaintyInput& in, UncertaintyMeasure measure, double* out,
+                                          CUstream_st* stream);
 }  // namespace cuda
 #endif
 

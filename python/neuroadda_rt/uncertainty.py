@@ -78,7 +78,10 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
     mc_samples : bool
         Whether axis 0 of ``probs`` holds T Monte-Carlo samples (e.g. dropout passes).
     device : {"auto", "cpu", "cuda"}
-        ``"auto"`` uses the CUDA kernel only when compiled in and a GPU is present.
+        ``"auto"`` uses the CUDA kernel only when compiled in and a GPU is present. A GPU-resident
+        ``probs`` (any object with ``__cuda_array_interface__``: a torch CUDA tensor, a CuPy
+        array) is reduced in place on its GPU with ``"auto"`` or ``"cuda"``, on the stream it
+        names (torch: the current stream); ``"cpu"`` refuses it.
 
     Returns
     -------
@@ -107,7 +110,9 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
     ``(N or 1, C or 1, *spatial)`` extent is materialised. No temporary of the size of ``probs``
     is created by the reduction. Per element the arithmetic is float32 (a polynomial log,
     absolute error ~1e-7 nats); sums are float64 and independent of the thread count.
-    On ``device="cuda"`` a host array is copied to the GPU (the kernel itself is one pass).
+    On ``device="cuda"`` a host array is copied to the GPU (the kernel itself is one pass), so
+    for host data the CPU kernel is usually as fast; GPU-resident inputs are not copied (only a
+    host mask is, once).
 
     Examples
     --------
@@ -128,6 +133,9 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
     if measure in _MC_ONLY and not mc_samples:
         raise ValueError(f"measure={measure!r} needs Monte-Carlo samples: pass probs as (T, N, C, ...) "
                          f"with mc_samples=True")
+    cai = None if isinstance(probs, np.ndarray) else getattr(probs, "__cuda_array_interface__", None)
+    if cai is not None:
+        return _gpu_resident(probs, cai, measure, mask, mc_samples, device)
     dev = resolve_device(device)
     if not isinstance(probs, np.ndarray):
         probs = np.asarray(probs)
@@ -146,6 +154,48 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
         probs = np.require(probs, requirements=("C", "A"))
     m = None if mask is None else _prepare_mask(mask, probs.shape[lead - 2:])
     values, bad = _core.tile_uncertainty(probs, mc_samples, m, MEASURES[measure], dev == "cuda")
+    if bad >= 0:
+        raise InputValueError(f"expected probabilities in [0, 1], got a value outside [0, 1] or NaN in tile {bad}")
+    return values
+
+
+def _gpu_resident(probs, cai: dict, measure: str, mask, mc_samples: bool, device: str) -> np.ndarray:
+    """tile_uncertainty for an array in GPU memory, described by __cuda_array_interface__."""
+    if isinstance(device, str) and device.lower() == "cpu":
+        raise ValueError("device='cpu' but probs lives in GPU memory; move it first (e.g. probs.cpu().numpy()) "
+                         "or use device='auto'/'cuda'")
+    resolve_device("cuda")  # raises BackendUnavailableError (a RuntimeError) with the reason
+    if cai.get("typestr") != "<f4":
+        raise DTypeError(f"expected float32 probabilities, got typestr {cai.get('typestr')!r}")
+    shape = tuple(int(s) for s in cai["shape"])
+    lead = 3 if mc_samples else 2
+    if len(shape) not in (lead + 2, lead + 3):
+        raise ShapeError(f"expected {lead + 2} or {lead + 3} dims, got {len(shape)} dims {shape}")
+    if 0 in shape:
+        raise ShapeError(f"expected a non-empty probs array, got shape {shape}")
+    if mc_samples and measure in _MC_ONLY and shape[0] < 2:
+        raise ShapeError(f"expected at least 2 Monte-Carlo samples for {measure!r}, got T = {shape[0]}")
+    strides = cai.get("strides")
+    if strides is None:  # C-contiguous
+        strides, step = [], 4
+        for n in reversed(shape):
+            strides.append(step)
+            step *= n
+        strides = strides[::-1]
+    ptr = int(cai["data"][0])
+    stream = cai.get("stream")
+    if stream is None and type(probs).__module__.startswith("torch"):
+        import torch  # the producer's current stream, so that the kernel is ordered after it
+
+        stream = torch.cuda.current_stream(probs.device).cuda_stream
+    m = None
+    if mask is not None:
+        if hasattr(mask, "__cuda_array_interface__"):
+            raise DTypeError("expected a NumPy bool mask with GPU probs (it is copied once); "
+                             "got a GPU array: pass mask.cpu().numpy()")
+        m = _prepare_mask(mask, shape[lead - 2:])
+    values, bad = _core.tile_uncertainty_cuda_array(ptr, list(shape), [int(s) for s in strides], mc_samples, m,
+                                                    MEASURES[measure], int(stream or 0))
     if bad >= 0:
         raise InputValueError(f"expected probabilities in [0, 1], got a value outside [0, 1] or NaN in tile {bad}")
     return values

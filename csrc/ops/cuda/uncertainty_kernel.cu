@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common/check.h"
@@ -145,17 +146,57 @@ void launch_tile_uncertainty(const UncertaintyInput& in, UncertaintyMeasure meas
   NEUROADDA_CUDA_CHECK(cudaGetLastError());
 }
 
+namespace {
+
+struct DeviceGuard {  // restores the caller's current device
+  int prev = -1;
+  explicit DeviceGuard(int dev) {
+    NEUROADDA_CUDA_CHECK(cudaGetDevice(&prev));
+    if (dev != prev) NEUROADDA_CUDA_CHECK(cudaSetDevice(dev));
+  }
+  ~DeviceGuard() {
+    if (prev >= 0) cudaSetDevice(prev);
+  }
+};
+
+// `dev` holds device pointers. Allocates the workspace, launches on `stream`, copies the N
+// results back to host memory and synchronises that stream (this wrapper, not launch_*, does).
+UncertaintyResult run_on_device(const UncertaintyInput& dev, UncertaintyMeasure measure, double* out,
+                                cudaStream_t stream) {
+  const size_t items = workspace_items(dev);
+  DeviceBuffer d_sum(items * sizeof(double)), d_cnt(items * sizeof(long long));
+  DeviceBuffer d_bad(static_cast<size_t>(dev.N) * sizeof(unsigned)), d_out(static_cast<size_t>(dev.N) * sizeof(double));
+  NEUROADDA_CUDA_CHECK(cudaMemsetAsync(d_bad.p, 0, static_cast<size_t>(dev.N) * sizeof(unsigned), stream));
+  launch_tile_uncertainty(dev, measure, static_cast<double*>(d_sum.p), static_cast<long long*>(d_cnt.p),
+                          static_cast<unsigned*>(d_bad.p), static_cast<double*>(d_out.p), stream);
+  std::vector<unsigned> bad(static_cast<size_t>(dev.N));
+  NEUROADDA_CUDA_CHECK(cudaMemcpyAsync(out, d_out.p, static_cast<size_t>(dev.N) * sizeof(double),
+                                       cudaMemcpyDeviceToHost, stream));
+  NEUROADDA_CUDA_CHECK(cudaMemcpyAsync(bad.data(), d_bad.p, bad.size() * sizeof(unsigned), cudaMemcpyDeviceToHost,
+                                       stream));
+  NEUROADDA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  UncertaintyResult res;
+  for (int64_t n = 0; n < dev.N; ++n)
+    if (bad[static_cast<size_t>(n)]) {
+      res.first_bad_tile = n;
+      break;
+    }
+  return res;
+}
+
+void mask_span(const UncertaintyInput& in, int64_t& lo, int64_t& hi) {
+  const int64_t m_shape[2] = {in.N, in.C}, m_str[2] = {in.mask_stride_n, in.mask_stride_c};
+  span(m_shape, m_str, 2, in.V, lo, hi);
+}
+
+}  // namespace
+
 UncertaintyResult tile_uncertainty_host(const UncertaintyInput& in, UncertaintyMeasure measure, double* out) {
   // Host arrays: copy the touched span of probs (and of the mask) once, then one pass on the GPU.
   const int64_t p_shape[3] = {in.T, in.N, in.C}, p_str[3] = {in.stride_t, in.stride_n, in.stride_c};
-  int64_t p_lo, p_hi;
+  int64_t p_lo, p_hi, m_lo = 0, m_hi = 0;
   span(p_shape, p_str, 3, in.V, p_lo, p_hi);
-  int64_t m_lo = 0, m_hi = 0;
-  if (in.mask) {
-    const int64_t m_shape[2] = {in.N, in.C}, m_str[2] = {in.mask_stride_n, in.mask_stride_c};
-    span(m_shape, m_str, 2, in.V, m_lo, m_hi);
-  }
-  const size_t items = workspace_items(in);
+  if (in.mask) mask_span(in, m_lo, m_hi);
   cudaStream_t stream;
   NEUROADDA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   struct StreamGuard {
@@ -164,8 +205,6 @@ UncertaintyResult tile_uncertainty_host(const UncertaintyInput& in, UncertaintyM
   } guard{stream};
   DeviceBuffer d_probs(static_cast<size_t>(p_hi - p_lo) * sizeof(float));
   DeviceBuffer d_mask(static_cast<size_t>(m_hi - m_lo));
-  DeviceBuffer d_sum(items * sizeof(double)), d_cnt(items * sizeof(long long));
-  DeviceBuffer d_bad(static_cast<size_t>(in.N) * sizeof(unsigned)), d_out(static_cast<size_t>(in.N) * sizeof(double));
   NEUROADDA_CUDA_CHECK(cudaMemcpyAsync(d_probs.p, in.probs + p_lo, static_cast<size_t>(p_hi - p_lo) * sizeof(float),
                                        cudaMemcpyHostToDevice, stream));
   UncertaintyInput dev = in;
@@ -175,22 +214,28 @@ UncertaintyResult tile_uncertainty_host(const UncertaintyInput& in, UncertaintyM
                                          cudaMemcpyHostToDevice, stream));
     dev.mask = static_cast<const uint8_t*>(d_mask.p) - m_lo;
   }
-  NEUROADDA_CUDA_CHECK(cudaMemsetAsync(d_bad.p, 0, static_cast<size_t>(in.N) * sizeof(unsigned), stream));
-  launch_tile_uncertainty(dev, measure, static_cast<double*>(d_sum.p), static_cast<long long*>(d_cnt.p),
-                          static_cast<unsigned*>(d_bad.p), static_cast<double*>(d_out.p), stream);
-  std::vector<unsigned> bad(static_cast<size_t>(in.N));
-  NEUROADDA_CUDA_CHECK(cudaMemcpyAsync(out, d_out.p, static_cast<size_t>(in.N) * sizeof(double),
-                                       cudaMemcpyDeviceToHost, stream));
-  NEUROADDA_CUDA_CHECK(cudaMemcpyAsync(bad.data(), d_bad.p, bad.size() * sizeof(unsigned), cudaMemcpyDeviceToHost,
-                                       stream));
-  NEUROADDA_CUDA_CHECK(cudaStreamSynchronize(stream));  // the host wrapper, not launch_*, synchronises
-  UncertaintyResult res;
-  for (int64_t n = 0; n < in.N; ++n)
-    if (bad[static_cast<size_t>(n)]) {
-      res.first_bad_tile = n;
-      break;
-    }
-  return res;
+  return run_on_device(dev, measure, out, stream);
+}
+
+UncertaintyResult tile_uncertainty_device(const UncertaintyInput& in, UncertaintyMeasure measure, double* out,
+                                          CUstream_st* stream) {
+  cudaPointerAttributes attr;
+  NEUROADDA_CUDA_CHECK(cudaPointerGetAttributes(&attr, in.probs));
+  NEUROADDA_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
+                  "expected probabilities in GPU memory, got a pointer the CUDA runtime does not know as device "
+                  "memory");
+  DeviceGuard on(attr.device);
+  UncertaintyInput dev = in;
+  std::unique_ptr<DeviceBuffer> d_mask;
+  if (in.mask) {  // a host mask (at most one byte per voxel of one sample) is copied once
+    int64_t m_lo, m_hi;
+    mask_span(in, m_lo, m_hi);
+    d_mask = std::make_unique<DeviceBuffer>(static_cast<size_t>(m_hi - m_lo));
+    NEUROADDA_CUDA_CHECK(cudaMemcpyAsync(d_mask->p, in.mask + m_lo, static_cast<size_t>(m_hi - m_lo),
+                                         cudaMemcpyHostToDevice, stream));
+    dev.mask = static_cast<const uint8_t*>(d_mask->p) - m_lo;
+  }
+  return run_on_device(dev, measure, out, stream);
 }
 
 }  // namespace cuda

@@ -341,7 +341,7 @@ class RankedSource:
     path: str | None
     mmd2: float
     p_value: float
-    sigma: float | None = None
+    sigma: float | list | None = None
     n_reference: int = 0
     n_target: int = 0
     sha256: str = ""
@@ -556,6 +556,11 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
         if feats.shape[1] != ref.shape[1]:
             raise ShapeError(f"model {name!r}: expected target features with {ref.shape[1]} columns like its "
                              f"reference_features, got {feats.shape[1]}")
+        # The Gaussian kernel depends only on differences, so centring both sets on the reference
+        # mean changes nothing mathematically; it keeps the float32 |a|²+|b|²-2a·b distances of the
+        # kernels accurate when features share a large offset and differ little (untrained encoders).
+        mu = ref.mean(axis=0, dtype=np.float64).astype(np.float32)
+        ref, feats = ref - mu, feats - mu
         if n_permutations > 0:
             res = mmd2_test(ref, feats, n_permutations=n_permutations, seed=seed)
             stat = float(_field(res, ("mmd2", "statistic", "value")))
@@ -564,7 +569,7 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
         else:  # no test asked for (e.g. the atlas): the statistic alone
             stat, p, sigma = float(mmd2(ref, feats)), float("nan"), None
         entries.append(RankedSource(name=name, path=_pkg_path(pkg), mmd2=stat, p_value=p,
-                                    sigma=None if sigma is None else float(sigma), n_reference=len(ref),
+                                    sigma=_as_sigma(sigma), n_reference=len(ref),
                                     n_target=len(feats), sha256=sha, cached=was_cached, model=pkg))
     settings = {"n_tiles": n_tiles, "tile_size": tile_size, "seed": seed, "n_permutations": n_permutations,
                 "kernel": "gaussian, median-heuristic bandwidth (mmd2_test default)",
@@ -572,6 +577,14 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
                 "target": _describe_target(target, volume),
                 "cache_dir": None if cache is None else str(cache)}
     return SourceRanking(entries, settings, coords)
+
+
+def _as_sigma(sigma):
+    if sigma is None:
+        return None
+    if np.ndim(sigma) == 0:
+        return float(sigma)
+    return [float(v) for v in sigma]
 
 
 def _field(obj, names, default=...):

@@ -196,6 +196,14 @@ def _flatten(d, prefix="") -> list[tuple[str, str]]:
     return [(prefix.rstrip("."), json.dumps(d) if not isinstance(d, str) else d)]
 
 
+def _fmt_sigma(s) -> str:
+    if s is None:
+        return ""
+    if isinstance(s, (list, tuple)):
+        return ", ".join(f"{float(v):.3g}" for v in s)
+    return f"{float(s):.3g}"
+
+
 def _table(rows: list[list[Any]], header: list[str]) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -262,7 +270,7 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     parts.append(_img(_ranking_figure(ranking), "source ranking bar chart", "fig-ranking"))
     parts.append(_table([[r.get("rank", i + 1), r["name"], f"{r['mmd2']:.5g}",
                           "n/a" if r.get("p_value") is None else f"{r['p_value']:.3g}",
-                          "" if r.get("sigma") is None else f"{r['sigma']:.3g}", r.get("n_reference"),
+                          _fmt_sigma(r.get("sigma")), r.get("n_reference"),
                           r.get("n_target")] for i, r in enumerate(ranking["ranking"])],
                         ["rank", "source", "MMD²", "p-value", "kernel σ", "n ref", "n target"]))
     parts.append('<p class="note">MMD² between each source\'s stored reference features and the target tiles '

@@ -34,7 +34,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -213,28 +212,36 @@ def _choose(strategy: str, scores: np.ndarray, n: int, *, seed: int = 0, feature
 # --------------------------------------------------------------------------------------------
 # model glue
 # --------------------------------------------------------------------------------------------
-def _probabilities(pkg, tiles: np.ndarray, *, backend: str, device: str, batch_size: int,
-                   progress: bool) -> np.ndarray:
-    """Source-model probabilities ``(N, C, H, W)`` for normalised tiles."""
-    from .runtime import Predictor
+def _uncertainty_scores(pkg, tiles: np.ndarray, *, measure: str, backend: str, device: str, batch_size: int,
+                        progress: bool, chunk: int = 64) -> np.ndarray:
+    """Uncertainty of every tile under the source model, computed chunk by chunk.
 
-    x = _normalize(pkg, tiles)
-    pred = Predictor(pkg, backend=backend, device=device)
-    fn = getattr(pred, "predict_tiles", None)
-    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    Only ``chunk`` tiles' probability maps exist at a time (a 2048-tile pool of 256² maps would
+    be 512 MB of float32).
+    """
+    from .runtime import Predictor
+    from .uncertainty import tile_uncertainty
+
+    pred = Predictor(pkg, backend=backend, device=device, batch_size=batch_size)
+    scores = np.empty(len(tiles), dtype=np.float64)
+    bar = None
     if progress:
-        kwargs["progress"] = True
-    if fn is None:
-        fn = pred.predict
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tiles), desc="scoring uncertainty", unit="tile")
     try:
-        probs = fn(x, **kwargs)
-    except TypeError:
-        kwargs.pop("progress", None)
-        probs = fn(x, **kwargs)
-    probs = np.asarray(probs, dtype=np.float32)
-    if probs.ndim == 3:
-        probs = probs[:, None]
-    return probs
+        for i in range(0, len(tiles), chunk):
+            x = _normalize(pkg, tiles[i:i + chunk])
+            probs = np.asarray(pred.predict_tiles(x), dtype=np.float32)
+            if probs.ndim == 3:
+                probs = probs[:, None]
+            scores[i:i + len(probs)] = np.asarray(tile_uncertainty(probs, measure=measure), dtype=np.float64)
+            if bar is not None:
+                bar.update(len(probs))
+    finally:
+        if bar is not None:
+            bar.close()
+    return scores
 
 
 def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int = 2048, tile_size: int = 256,
@@ -292,10 +299,8 @@ def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int =
     pkg = _load_package(model)
     tiles, coords = _sample(volume, pool, tile_size, seed)
 
-    from .uncertainty import tile_uncertainty
-
-    probs = _probabilities(pkg, tiles, backend=backend, device=device, batch_size=batch_size, progress=progress)
-    scores = np.asarray(tile_uncertainty(probs, measure=measure), dtype=np.float64).reshape(-1)
+    scores = _uncertainty_scores(pkg, tiles, measure=measure, backend=backend, device=device,
+                                 batch_size=batch_size, progress=progress)
     features = None
     if strategy in ("kcenter", "median-diverse"):
         features = _embed(pkg, tiles, pooling=_pkg_pooling(pkg), backend=backend, device=device,

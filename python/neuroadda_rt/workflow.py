@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from .errors import FormatError, InputValueError, ShapeError
-from .ranking import (RankedSource, SourceRanking, _as_volume, _atomic_write_text, _json_default,
-                      _load_package, _pkg_name, _pkg_path, _volume_shape, rank_sources)
+from .ranking import (RankedSource, SourceRanking, _as_volume, _atomic_write_text, _json_default, _volume_shape,
+                      rank_sources)
 from .selection import TileSelection, select_tiles
 
 log = logging.getLogger("neuroadda_rt")
@@ -363,27 +362,18 @@ def _history_of(pkg) -> dict | None:
     return None
 
 
-def _save_package(pkg, dest: Path) -> str | None:
-    """Put a trained package at ``dest`` (copying its directory or saving it); return the path."""
+def _save_package(pkg, dest: Path) -> str:
+    """Put a trained package at ``dest`` (replacing what is there, atomically); return the path."""
+    dest = Path(dest)
     src = getattr(pkg, "path", None)
     if src is not None and Path(src).resolve() == dest.resolve():
         return str(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
-    if src is not None and Path(src).is_dir():
-        tmp = dest.with_name(dest.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        shutil.copytree(src, tmp)
-        os.replace(tmp, dest)
-        return str(dest)
-    save = getattr(pkg, "save", None)
-    if callable(save):
-        save(dest)
+    if callable(getattr(pkg, "save", None)):
+        pkg.save(dest, overwrite=True)
         return str(dest)
     from .package import save_model
 
-    save_model(pkg, dest)
+    save_model(pkg, dest, overwrite=True)
     return str(dest)
 
 

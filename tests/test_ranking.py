@@ -1,0 +1,176 @@
+"""Source ranking: MMD² and permutation p-values against a float64 NumPy reference on the same
+tiles and features, the ordering on a family with known relatives, the feature cache, and the
+accepted target / zoo types and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+import _workflow_zoo as wz  # noqa: E402
+
+import neuroadda_rt as nr  # noqa: E402
+from neuroadda_rt.errors import InputValueError, ShapeError  # noqa: E402
+from neuroadda_rt.ranking import SourceRanking, rank_sources  # noqa: E402
+
+N_TILES = 24
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return wz.shared_zoo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def targets():
+    return [wz.volume(s, seed=300 + i)[0] for i, s in enumerate(wz.domains())]
+
+
+def _mmd2_ref(x, y, sigma):
+    """Unbiased MMD² (Gretton et al. 2012, eq. 3) in float64, by brute force."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+
+    def k(a, b):
+        return np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * sigma**2))
+
+    n, m = len(x), len(y)
+    kxx, kyy = k(x, x), k(y, y)
+    return ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * k(x, y).mean())
+
+
+def test_mmd2_and_p_values_match_reference(zoo, targets, tmp_path):
+    target = targets[1]
+    r = rank_sources(target, zoo, n_tiles=N_TILES, tile_size=wz.TILE, seed=3, n_permutations=60,
+                     cache_dir=tmp_path)
+    tiles = nr.sample_tiles(target, N_TILES, wz.TILE, seed=3)
+    np.testing.assert_array_equal(r.target_coords, tiles.coords)
+    for e in r:
+        pkg = nr.load_model(e.path)
+        feats = nr.FeatureExtractor(pkg, backend="onnxruntime", pooling=pkg.pooling).features(tiles.tiles)
+        ref = pkg.reference_features
+        # median heuristic on the pooled sample, as mmd2_test documents
+        z = np.concatenate([ref, feats]).astype(np.float64)
+        d2 = ((z[:, None] - z[None]) ** 2).sum(-1)[np.triu_indices(len(z), 1)]
+        assert e.sigma == pytest.approx(np.sqrt(np.median(d2) / 2), rel=1e-3)
+        assert e.mmd2 == pytest.approx(_mmd2_ref(ref, feats, e.sigma), rel=1e-3, abs=1e-6)
+        # permutation p-value with the documented draw order
+        rng = np.random.default_rng(3)
+        null = []
+        for _ in range(60):
+            idx = rng.permutation(len(z))
+            a = np.zeros(len(z), bool)
+            a[idx[: len(ref)]] = True
+            null.append(_mmd2_ref(z[a], z[~a], e.sigma))
+        p = (1 + np.sum(np.asarray(null) >= e.mmd2 - 1e-9)) / 61
+        assert e.p_value == pytest.approx(p, abs=1.5 / 61)
+        assert e.n_reference == len(ref) and e.n_target == N_TILES
+
+
+def test_each_domain_ranks_its_own_source_first(zoo, targets):
+    names = [s.name for s in wz.domains()]
+    for name, target in zip(names, targets):
+        r = rank_sources(target, zoo, n_tiles=N_TILES, tile_size=wz.TILE, n_permutations=50, cache_dir=False)
+        assert r[0].name == name, r
+        assert [e.mmd2 for e in r] == sorted(e.mmd2 for e in r)
+        assert r.best.name == name and r.best.path == r[0].model.path
+        # the far domain differs significantly from the near ones (and vice versa)
+        assert {e.name: e.p_value for e in r}["far" if name != "far" else "near_a"] < 0.05
+
+
+def test_result_exports(zoo, targets, tmp_path):
+    r = rank_sources(targets[0], zoo, n_tiles=N_TILES, tile_size=wz.TILE, n_permutations=20, cache_dir=False)
+    df = r.to_frame()
+    assert list(df["name"]) == r.names and list(df.index) == [1, 2, 3]
+    assert {"mmd2", "p_value", "sigma", "path", "sha256"} <= set(df.columns)
+    d = json.loads(r.to_json(tmp_path / "r.json"))
+    assert [x["name"] for x in d["ranking"]] == r.names and d["settings"]["n_tiles"] == N_TILES
+    back = SourceRanking.from_json(tmp_path / "r.json")
+    assert back.names == r.names and back[0].mmd2 == r[0].mmd2
+    assert back.best.name == r.best.name  # loaded again from its path
+    assert "near_a" in repr(r)
+
+
+def test_zoo_and_target_kinds_agree(zoo, targets, tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    kw = dict(n_tiles=N_TILES, tile_size=wz.TILE, n_permutations=0, cache_dir=False)
+    ref = rank_sources(targets[0], zoo, **kw)
+    assert np.isnan(ref[0].p_value)  # no test asked for
+    pkgs = [nr.load_model(p) for p in zoo]
+    from_pkgs = rank_sources(targets[0], pkgs, **kw)
+    from_zoo = rank_sources(targets[0], nr.Zoo(zoo[0].parent), **kw)
+    from_dir = rank_sources(targets[0], str(zoo[0].parent), **kw)
+    path = tmp_path / "target.tif"
+    tifffile.imwrite(path, targets[0], photometric="minisblack")
+    from_path = rank_sources(str(path), zoo, **kw)
+    from_volume = rank_sources(nr.open_volume(path), zoo, **kw)
+    for other in (from_pkgs, from_zoo, from_dir, from_path, from_volume):
+        assert other.names == ref.names
+        np.testing.assert_allclose([e.mmd2 for e in other], [e.mmd2 for e in ref], rtol=1e-6)
+    # the unbiased statistic alone equals mmd2() on the same features
+    pkg = pkgs[0]
+    tiles = nr.sample_tiles(targets[0], N_TILES, wz.TILE, seed=0).tiles
+    feats = nr.FeatureExtractor(pkg, pooling=pkg.pooling).features(tiles)
+    by = {e.name: e for e in ref}
+    # (rank_sources centres the features first: equal up to float32 rounding)
+    assert by[pkg.name].mmd2 == pytest.approx(nr.mmd2(pkg.reference_features, feats), rel=1e-4)
+
+
+def test_feature_cache(zoo, targets, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROADDA_CACHE", str(tmp_path / "envcache"))
+    kw = dict(n_tiles=N_TILES, tile_size=wz.TILE, n_permutations=20)
+    first = rank_sources(targets[2], zoo, **kw)
+    files = sorted((tmp_path / "envcache" / "features").rglob("*.npy"))
+    assert len(files) == 3 and not any(f.name.endswith(".tmp") for f in files)
+    assert not any(e.cached for e in first)
+
+    calls = []
+    import neuroadda_rt.ranking as ranking
+
+    real = ranking._embed
+    monkeypatch.setattr(ranking, "_embed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = rank_sources(targets[2], zoo, **kw)
+    assert calls == [] and all(e.cached for e in second)
+    assert [(e.name, e.mmd2, e.p_value) for e in second] == [(e.name, e.mmd2, e.p_value) for e in first]
+    # another tile sample, another model or a changed target: new keys
+    rank_sources(targets[2], zoo, **{**kw, "seed": 1})
+    assert len(calls) == 3
+    changed = targets[2] ^ 1  # every pixel: the key hashes the sampled tiles' content
+    rank_sources(changed, zoo, **{**kw, "seed": 1})
+    assert len(calls) == 6
+    # a corrupt entry is recomputed, not trusted
+    files = sorted((tmp_path / "envcache" / "features").rglob("*.npy"), key=os.path.getmtime)
+    files[0].write_bytes(b"garbage")
+    rank_sources(targets[2], zoo, **kw)
+    rank_sources(changed, zoo, **{**kw, "seed": 1})
+    assert len(calls) == 7
+    # cache_dir=False never writes
+    n = len(list((tmp_path / "envcache").rglob("*.npy")))
+    rank_sources(targets[1], zoo, **{**kw, "cache_dir": False})
+    assert len(list((tmp_path / "envcache").rglob("*.npy"))) == n
+
+
+def test_errors(zoo, targets, tmp_path):
+    kw = dict(tile_size=wz.TILE, n_permutations=0, cache_dir=False)
+    with pytest.raises(FileNotFoundError, match="target volume not found"):
+        rank_sources(tmp_path / "missing.h5", zoo, n_tiles=4, **kw)
+    with pytest.raises(FileNotFoundError, match="zoo not found"):
+        rank_sources(targets[0], tmp_path / "nozoo", n_tiles=4, **kw)
+    with pytest.raises(FileNotFoundError, match="model package not found"):
+        rank_sources(targets[0], [tmp_path / "nomodel"], n_tiles=4, **kw)
+    with pytest.raises(InputValueError, match="at least one source model"):
+        rank_sources(targets[0], [], n_tiles=4, **kw)
+    with pytest.raises(InputValueError, match="n_tiles >= 2"):
+        rank_sources(targets[0], zoo, n_tiles=1, **kw)
+    with pytest.raises(ShapeError, match="at least 200x200"):
+        rank_sources(targets[0], zoo, n_tiles=4, tile_size=200, n_permutations=0, cache_dir=False)
+    with pytest.raises(ShapeError):
+        rank_sources(np.zeros(5, np.uint8), zoo, n_tiles=4, **kw)
+    with pytest.raises(InputValueError, match="expected a target"):
+        rank_sources(object(), zoo, n_tiles=4, **kw)

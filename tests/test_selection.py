@@ -127,3 +127,89 @@ def test_selection_json_roundtrip(tmp_path):
     np.testing.assert_array_equal(back.coords, sel.coords)
     np.testing.assert_array_equal(back.pool_scores, sel.pool_scores)
     assert back.strategy == "median" and back.tile_size == 8
+
+
+# --------------------------------------------------------------------------------------------
+# select_tiles end to end with a small model package
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torch")
+    import _workflow_zoo as wz
+
+    return wz.shared_zoo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def target():
+    import _workflow_zoo as wz
+
+    return wz.volume(wz.domains()[0], seed=500, shape=(2, 96, 96))[0]
+
+
+def _entropy_ref(p):
+    p = np.clip(np.asarray(p, np.float64), 0, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(np.where(p > 0, p * np.log(p), 0) + np.where(p < 1, (1 - p) * np.log(1 - p), 0))
+    return h.reshape(len(h), -1).mean(axis=1)
+
+
+def test_select_tiles_scores_and_median_rule(zoo, target):
+    import neuroadda_rt as nr
+    from neuroadda_rt.selection import select_tiles
+
+    sel = select_tiles(target, zoo[0], 4, pool=40, tile_size=32, seed=2)
+    pool = nr.sample_tiles(target, 40, 32, seed=2)
+    np.testing.assert_array_equal(sel.pool_coords, pool.coords)
+    probs = nr.Predictor(nr.load_model(zoo[0])).predict_tiles(pool.tiles)
+    np.testing.assert_allclose(sel.pool_scores, _entropy_ref(probs), rtol=1e-5, atol=1e-7)
+    # the median rule on the reference scores, skipping overlapping tiles
+    med = np.median(sel.pool_scores)
+    expected = []
+    for i in sorted(range(40), key=lambda i: (abs(sel.pool_scores[i] - med), i)):
+        if all(not (pool.coords[i][0] == pool.coords[j][0] and abs(pool.coords[i][1] - pool.coords[j][1]) < 32
+                    and abs(pool.coords[i][2] - pool.coords[j][2]) < 32) for j in expected):
+            expected.append(i)
+        if len(expected) == 4:
+            break
+    assert list(sel.indices) == expected
+    np.testing.assert_array_equal(sel.coords, pool.coords[expected])
+    np.testing.assert_array_equal(sel.tiles, pool.tiles[expected])
+    np.testing.assert_allclose(sel.scores, sel.pool_scores[expected])
+    assert sel.settings["model"]["name"] == "near_a" and sel.strategy == "median"
+
+
+def test_select_tiles_strategies(zoo, target):
+    import neuroadda_rt as nr
+    from neuroadda_rt.selection import select_tiles
+
+    kw = dict(pool=40, tile_size=32, seed=2)
+    out = {s: select_tiles(target, zoo[0], 3, strategy=s, **kw) for s in STRATEGIES}
+    scores = out["median"].pool_scores
+    for s, sel in out.items():
+        assert len(sel) == 3 and len(set(sel.indices)) == 3, s
+        np.testing.assert_array_equal(sel.pool_scores, scores)  # the same pool, scored once per call
+    assert max(out["min"].scores) <= np.median(scores) <= min(out["max"].scores)
+    feats = nr.FeatureExtractor(nr.load_model(zoo[0])).features(nr.sample_tiles(target, 40, 32, seed=2).tiles)
+    assert out["kcenter"].indices[0] == np.argmin(np.linalg.norm(feats - feats.mean(0), axis=1))
+    assert out["median-diverse"].settings["band"] == 0.25
+    # the measure passes through to tile_uncertainty
+    m = select_tiles(target, zoo[0], 2, measure="margin", **kw)
+    assert not np.allclose(m.pool_scores, scores)
+
+
+def test_select_tiles_errors(zoo, target, tmp_path):
+    from neuroadda_rt.errors import InputValueError as IVE
+    from neuroadda_rt.selection import select_tiles
+
+    with pytest.raises(IVE, match="strategy"):
+        select_tiles(target, zoo[0], 2, strategy="best", pool=8, tile_size=32)
+    with pytest.raises(IVE, match="pool >= n"):
+        select_tiles(target, zoo[0], 9, pool=8, tile_size=32)
+    with pytest.raises(IVE, match="n >= 1"):
+        select_tiles(target, zoo[0], 0, pool=8, tile_size=32)
+    with pytest.raises(FileNotFoundError, match="model package not found"):
+        select_tiles(target, tmp_path / "nomodel", 2, pool=8, tile_size=32)
+    with pytest.raises(FileNotFoundError, match="target volume not found"):
+        select_tiles(tmp_path / "x.tif", zoo[0], 2, pool=8, tile_size=32)

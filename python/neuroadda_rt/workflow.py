@@ -29,7 +29,9 @@ import numpy as np
 from .errors import FormatError, InputValueError, ShapeError
 from .ranking import (RankedSource, SourceRanking, _as_volume, _atomic_write_text, _json_default, _volume_shape,
                       rank_sources)
+from .evaluation import evaluate
 from .selection import TileSelection, select_tiles
+from .training import finetune, train_from_scratch
 
 log = logging.getLogger("neuroadda_rt")
 
@@ -39,20 +41,6 @@ __all__ = ["rank_sources", "SourceRanking", "RankedSource", "select_tiles", "Til
 
 ANNOTATION_FORMAT = "neuroadda_rt.annotation/1"
 RUN_FORMAT = "neuroadda_rt.run/1"
-
-
-def __getattr__(name: str):
-    # finetune / train_from_scratch / evaluate import torch-side modules: resolve them lazily so that
-    # ``from neuroadda_rt.workflow import rank_sources`` stays light.
-    if name in ("finetune", "train_from_scratch"):
-        from . import training
-
-        return getattr(training, name)
-    if name == "evaluate":
-        from . import evaluation
-
-        return evaluation.evaluate
-    raise AttributeError(f"module 'neuroadda_rt.workflow' has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +374,8 @@ def _call(fn, *args, **kwargs):
     except (TypeError, ValueError):
         return fn(*args, **kwargs)
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        dropped = [k for k in kwargs if k not in params and k in ("progress", "checkpoint_dir", "backend", "device")]
+        dropped = [k for k in kwargs if k not in params and k in ("progress", "checkpoint_dir", "backend", "device",
+                                                                   "out", "overwrite")]
         for k in dropped:
             kwargs.pop(k)
     return fn(*args, **kwargs)
@@ -399,18 +388,16 @@ def train_pair(model, images, labels, *, out_dir, train: dict | None = None, pro
     Returns ``(finetuned, scratch, timings)``; checkpoints go to ``out_dir/checkpoints/`` so an
     interrupted call resumes.
     """
-    from .training import finetune, train_from_scratch
-
     train = dict(train or {})
     out_dir = Path(out_dir)
     timings = {}
     t0 = time.perf_counter()
     ft = _call(finetune, model, images, labels, checkpoint_dir=out_dir / "checkpoints" / "finetuned",
-               progress=progress, device=device, **train)
+               progress=progress, device=device, out=out_dir / "models" / "finetuned", overwrite=True, **train)
     timings["finetune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sc = _call(train_from_scratch, model, images, labels, checkpoint_dir=out_dir / "checkpoints" / "scratch",
-               progress=progress, device=device, **train)
+               progress=progress, device=device, out=out_dir / "models" / "scratch", overwrite=True, **train)
     timings["scratch"] = time.perf_counter() - t0
     return ft, sc, timings
 
@@ -542,8 +529,6 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
             result.report = write_report(run_dir)
         log.info("annotate the tiles in %s, then rerun with labels=", ann_dir)
         return result
-
-    from .evaluation import evaluate
 
     label_tiles, label_volume = _label_tiles(labels, volume, selection)
     images = selection.tiles

@@ -120,7 +120,7 @@ def test_resume_skips_finished_runs_and_reruns_failed_ones(study, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("simulated crash during evaluation")
 
-    monkeypatch.setattr(evaluation, "evaluate", broken)
+    monkeypatch.setattr(evaluation, "score_segmentation", broken)
     crashed = ex.run_experiment(SMALL, out, scheduler="synchronous")
     assert len(crashed.failures) == 2 and crashed.n_skipped == N_ROWS - 2
     assert len(crashed.table) == N_ROWS - 2
@@ -210,3 +210,10 @@ def test_summary_on_a_hand_made_table():
     assert red["mean_percent"] == pytest.approx(want)
     paths = ex.make_figures(pd.DataFrame(rows), __import__("tempfile").mkdtemp())
     assert len(paths) == len(ex.FIGURES) - 1  # no atlas given
+
+
+def test_local_dask_cluster_runs_one_task_per_item_and_reports_failures():
+    pytest.importorskip("distributed")
+    results, failures = ex._run_tasks(int, ["1", "2", "x"], scheduler=None, workers=1, progress=False, desc="t")
+    assert sorted(results) == [1, 2]
+    assert len(failures) == 1 and failures[0][0] == "x" and "ValueError" in failures[0][1]

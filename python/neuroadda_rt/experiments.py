@@ -75,6 +75,7 @@ _DEFAULTS: dict[str, Any] = {
     "sources": {
         "zoo": None,         # reuse an existing zoo: {domain name: package path} or a zoo folder
         "network": {"widths": [16, 32, 64, 128]},
+        "export": False,     # also write each source as a full model package (ONNX) in <source>/package
         "train": {"steps": 2000, "lr": 1e-3, "batch_size": 8, "patch_size": 128},
     },
     "mmd": {"n_tiles": 128, "n_permutations": 200},
@@ -404,24 +405,102 @@ def _stack_tiles(volume: np.ndarray, coords: np.ndarray, size: int) -> np.ndarra
     return np.asarray(extract_tiles(volume, np.asarray(coords, dtype=np.int64), size))
 
 
+SOURCE_FORMAT = "neuroadda_rt.experiment-source/1"
+
+
+def _feature_extractor(net, pooling: str = "mean"):
+    from .runtime import FeatureExtractor
+
+    return FeatureExtractor(net, backend="torch", device="cpu", pooling=pooling)
+
+
 def _train_source(dom: Domain, cfg: ExperimentConfig, dest: Path) -> str:
-    """Train the source model of ``dom`` into ``dest`` (a model package folder)."""
-    from .package import save_model
-    from .training import train_source
+    """Train the source model of ``dom`` into the folder ``dest``.
+
+    The same recipe for every domain: a fresh :class:`~neuroadda_rt.models.UNet` of
+    ``sources.network`` (initialised from ``torch.manual_seed(seed)``), trained by
+    :func:`~neuroadda_rt.training.train_network` -- the engine of ``finetune`` /
+    ``train_from_scratch`` -- with ``sources.train`` on the domain's source volume. The folder holds
+    the weights (safetensors), ``source.json`` (config, tuned threshold) and the reference features
+    of ``mmd.n_tiles`` random source tiles; with ``sources.export: true`` also a full model package
+    in ``package/`` (ONNX, usable as a zoo). Resumable through its training checkpoint.
+    """
+    torch = require("torch", "torch")
+    st = require("safetensors.torch", "runtime")
+
+    from .models import UNet
+    from .tiles import sample_tiles
+    from .training import TrainRecipe, train_network
 
     src = cfg.raw["sources"]
+    seed = int(cfg.raw["seed"])
     images = dom.load("source_image", mmap=False)
     labels = dom.load("source_labels", mmap=False)
-    pkg = train_source(images, labels, network=dict(src["network"]), name=dom.name,
-                       seed=int(cfg.raw["seed"]), checkpoint_dir=dest.parent / (dest.name + ".ckpt"),
-                       **_train_kwargs(src["train"]))
+    ims = list(images) if images.ndim == 3 else [images]
+    lbs = list(labels) if labels.ndim == 3 else [labels]
+    torch.manual_seed(seed)
+    net = UNet(**dict(src["network"]))
+    ckpt = dest.parent / (dest.name + ".ckpt")
+    recipe = TrainRecipe(seed=seed, **_train_kwargs(src["train"]))
+    history = train_network(net, ims, lbs, recipe=recipe, checkpoint_dir=ckpt, desc=f"source {dom.name}")
+    ref_tiles = sample_tiles(images, int(cfg.raw["mmd"]["n_tiles"]), cfg.tile_size, seed=seed).tiles
+    ref = np.asarray(_feature_extractor(net).features(ref_tiles), dtype=np.float32)
+    meta = {"format": SOURCE_FORMAT, "name": dom.name, "organism": dom.organism, "network": net.config,
+            "threshold": _tune_threshold(net, ims, lbs), "pooling": "mean", "recipe": recipe.to_dict(),
+            "reference": {"n": int(len(ref_tiles)), "tile_size": cfg.tile_size, "seed": seed},
+            "final_loss": float(np.mean(history.loss[-10:])) if history.loss else None}
     tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(pkg, tmp)
-    os.replace(tmp, dest)
-    shutil.rmtree(dest.parent / (dest.name + ".ckpt"), ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    st.save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp / "network.safetensors"))
+    np.save(tmp / "reference_features.npy", ref, allow_pickle=False)
+    if src.get("export"):
+        from .package import save_model
+
+        save_model(net, tmp / "package", name=dom.name, organism=dom.organism, reference_tiles=ref_tiles,
+                   reference_info=meta["reference"], training={"data": f"experiment domain {dom.name}",
+                                                               "recipe": recipe.to_dict()})
+    (tmp / "source.json").write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)  # the folder appears complete or not at all
+    shutil.rmtree(ckpt, ignore_errors=True)
     return str(dest)
+
+
+def load_source(path) -> tuple[Any, dict, np.ndarray]:
+    """``(UNet in eval mode, metadata, reference features)`` of a source trained by the runner or
+    of a model package (a zoo entry)."""
+    p = Path(path)
+    if (p / "source.json").exists():
+        torch = require("torch", "torch")
+        st = require("safetensors.torch", "runtime")
+        from .models import unet_from_config
+
+        meta = json.loads((p / "source.json").read_text(encoding="utf-8"))
+        net = unet_from_config(meta["network"])
+        net.load_state_dict(st.load_file(str(p / "network.safetensors")))
+        del torch
+        return net.eval(), meta, np.load(p / "reference_features.npy", allow_pickle=False)
+    from .evaluation import stored_threshold
+    from .package import load_model
+    from .ranking import _pkg_pooling
+
+    pkg = load_model(p)
+    meta = {"name": pkg.name if hasattr(pkg, "name") else p.name, "threshold": stored_threshold(pkg),
+            "pooling": _pkg_pooling(pkg), "network": dict(pkg.metadata.get("network", {}))}
+    return pkg.unet().eval(), meta, np.asarray(pkg.reference_features, dtype=np.float32)
+
+
+def _tune_threshold(net, images, labels) -> float | None:
+    """Segmentation threshold minimising VI on the model's own training images (never test data)."""
+    try:
+        from .segmentation import tune_threshold
+
+        return float(tune_threshold(_probabilities(net, images), [np.asarray(l) for l in labels],
+                                    net.config.get("head", "boundary")).threshold)
+    except Exception as exc:  # a default threshold is still a valid (if weaker) model
+        log.warning("threshold tuning failed (%s); the evaluation default applies", exc)
+        return None
 
 
 def _train_kwargs(train: Mapping) -> dict:
@@ -536,7 +615,12 @@ def execute_run(spec: dict, runs_dir: str) -> dict:
     row_path = Path(runs_dir) / f"{spec['run_id']}.json"
     if row_path.exists():
         return json.loads(row_path.read_text(encoding="utf-8"))
-    from .package import load_model
+    torch = require("torch", "torch")
+    import copy
+
+    from .models import unet_from_config
+    from .selection import select_tiles
+    from .training import TrainRecipe, train_network
 
     s = spec["settings"]
     _set_threads(s.get("threads", 1))
@@ -544,35 +628,41 @@ def execute_run(spec: dict, runs_dir: str) -> dict:
     tdir = Path(spec["target_dir"])
     target = np.load(tdir / "target_image.npy", mmap_mode="r")
     target_labels = np.load(tdir / "target_labels.npy", mmap_mode="r")
-    test_images, test_labels, test_coords = _held_out(tdir, s["tile_size"], s["n_test"])
+    test_images, test_labels, _ = _held_out(tdir, s["tile_size"], s["n_test"])
 
-    from .selection import select_tiles
-
-    selector = load_model(spec["selector_package"])
+    # tiles chosen by the selector source's uncertainty (source-free)
+    selector, _, _ = load_source(spec["selector_package"])
     sel = select_tiles(target, selector, spec["n"], strategy=spec["strategy"], pool=s["pool"],
-                       tile_size=s["tile_size"], seed=spec["seed"])
+                       tile_size=s["tile_size"], seed=spec["seed"], backend="torch", device="cpu")
     coords = np.asarray(sel.coords, dtype=np.int64)
     images = _stack_tiles(target, coords, s["tile_size"])
     labels = _stack_tiles(target_labels, coords, s["tile_size"])
 
-    from .training import finetune, train_from_scratch
-
+    # fine-tune a copy of the source, or train its architecture from a fresh seeded initialisation:
+    # the same recipe either way (what finetune / train_from_scratch do, without the ONNX export)
+    if spec["init"] == "scratch":
+        torch.manual_seed(spec["seed"])
+        net = unet_from_config(selector.config)
+    else:
+        net = copy.deepcopy(load_source(spec["source_package"])[0])
     work = Path(runs_dir).parent / "work" / spec["run_id"]
-    base = selector if spec["init"] == "scratch" else load_model(spec["source_package"])
-    fn = train_from_scratch if spec["init"] == "scratch" else finetune
+    recipe = TrainRecipe(seed=spec["seed"], **s["train"])
     t0 = time.perf_counter()
-    model = fn(base, images, labels, seed=spec["seed"], checkpoint_dir=work / "checkpoint", **s["train"])
+    history = train_network(net, list(images), list(labels), recipe=recipe, checkpoint_dir=work,
+                            desc=spec["run_id"])
+    threshold = _tune_threshold(net, list(images), list(labels))
     train_s = time.perf_counter() - t0
 
-    from .evaluation import evaluate
-
     t0 = time.perf_counter()
-    ev = evaluate(model, test_images, test_labels)
+    ev = _evaluate(net, test_images, test_labels, threshold)
     eval_s = time.perf_counter() - t0
     if s.get("keep_models"):
-        from .package import save_model
-
-        save_model(model, Path(runs_dir).parent / "models" / spec["run_id"])
+        st = require("safetensors.torch", "runtime")
+        dest = Path(runs_dir).parent / "models" / f"{spec['run_id']}.safetensors"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        st.save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        os.replace(tmp, dest)
     row = {
         "run_id": spec["run_id"], "target": spec["target"], "init": spec["init"],
         "init_kind": "scratch" if spec["init"] == "scratch" else "source",
@@ -580,12 +670,12 @@ def execute_run(spec: dict, runs_dir: str) -> dict:
         "is_best_source": spec["init"] == spec["best_source"],
         "source_rank": spec["source_rank"], "mmd2": spec["mmd2"], "mmd2_p": spec["mmd2_p"],
         "n": spec["n"], "strategy": spec["strategy"], "seed": spec["seed"],
-        "vi_total": float(ev.overall["vi_total"]), "vi_split": float(ev.overall["vi_split"]),
-        "vi_merge": float(ev.overall["vi_merge"]), "adapted_rand_error": float(ev.overall["adapted_rand_error"]),
-        "threshold": float(ev.threshold), "n_test": int(len(test_images)),
+        **ev,
+        "n_test": int(len(test_images)),
         "tile_size": s["tile_size"], "pool": s["pool"],
         **{f"train_{k}": v for k, v in s["train"].items()},
         "tile_coords": json.dumps(coords.tolist()),
+        "final_loss": float(np.mean(history.loss[-3:])) if history.loss else None,
         "train_seconds": round(train_s, 3), "eval_seconds": round(eval_s, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -593,6 +683,40 @@ def execute_run(spec: dict, runs_dir: str) -> dict:
     _atomic_write_json(row_path, row)
     shutil.rmtree(work, ignore_errors=True)
     return row
+
+
+def _probabilities(net, images) -> list[np.ndarray]:
+    """Boundary / affinity probabilities of whole 2-D images with the PyTorch network."""
+    import torch
+
+    from .training import _to_unit_float
+
+    out = []
+    with torch.no_grad():
+        for im in images:
+            p = net.eval()(torch.from_numpy(_to_unit_float(np.asarray(im))[None, None]))[0].numpy()
+            out.append(p[0] if p.shape[0] == 1 else p)  # boundary: (H, W); affinities: (C, H, W)
+    return out
+
+
+def _evaluate(net, images, labels, threshold: float | None) -> dict:
+    """Mean VI split / merge / total and adapted Rand error over the held-out tiles.
+
+    The same conventions as :func:`~neuroadda_rt.evaluate` (:func:`~neuroadda_rt.segment` with the
+    threshold tuned on the training tiles, :func:`~neuroadda_rt.evaluation.score_segmentation`),
+    computed on the PyTorch network.
+    """
+    from . import evaluation
+    from .segmentation import segment
+
+    rep = net.config.get("head", "boundary")
+    kw = {} if threshold is None else {"threshold": float(threshold)}
+    scores = [evaluation.score_segmentation(np.asarray(segment(p, rep, **kw)), np.asarray(gt))
+              for p, gt in zip(_probabilities(net, images), labels)]
+    out = {m: float(np.mean([sc[m] for sc in scores])) for m in evaluation.METRICS}
+    out["threshold"] = float("nan") if threshold is None else float(threshold)
+    out["threshold_source"] = "default" if threshold is None else "tuned on the annotated tiles"
+    return out
 
 
 def _held_out(tdir: Path, size: int, n_test: int):
@@ -687,15 +811,22 @@ def _run_task(args) -> dict:
 # --------------------------------------------------------------------------------------------
 def compute_mmd_matrix(cfg: ExperimentConfig, domains: Sequence[Domain], packages: Mapping[str, str],
                        out: Path, *, progress: bool = False):
-    """``M[s, t]`` and p-values for every source ``s`` and every domain ``t`` (an :class:`Atlas`
-    over the domains that have a source), cached in ``mmd/``."""
-    from .atlas import Atlas
-    from .package import load_model
-    from .ranking import rank_sources
+    """``M[s, t]`` with permutation p-values for every source ``s`` and every domain ``t``.
+
+    Exactly what :func:`~neuroadda_rt.rank_sources` computes per target: ``mmd.n_tiles`` random
+    tiles of ``t``'s target volume embedded by ``s``'s encoder (mean-pooled bottleneck, the
+    package default), against ``s``'s reference features, by :func:`~neuroadda_rt.mmd2_test` with
+    its median-heuristic bandwidth -- run on the PyTorch encoders so that no ONNX export is needed.
+    Cached in ``mmd/mmd.json`` under a key of everything it depends on.
+    """
+    from .mmd import mmd2_test
+    from .tiles import sample_tiles
 
     names = [d.name for d in domains if d.name in packages]
+    targets = [d.name for d in domains]
     mm = cfg.raw["mmd"]
-    key = hashlib.sha256(json.dumps({"mmd": mm, "tile": cfg.tile_size, "seed": cfg.raw["seed"],
+    seed = int(cfg.raw["seed"])
+    key = hashlib.sha256(json.dumps({"mmd": mm, "tile": cfg.tile_size, "seed": seed,
                                      "pk": {n: _package_digest(packages[n]) for n in names},
                                      "dirs": [d.dir for d in domains]}, sort_keys=True).encode()).hexdigest()[:12]
     path = out / "mmd" / "mmd.json"
@@ -705,20 +836,18 @@ def compute_mmd_matrix(cfg: ExperimentConfig, domains: Sequence[Domain], package
             m = np.asarray(saved["mmd2"], dtype=np.float64)
             p = np.asarray([[np.nan if v is None else v for v in row] for row in saved["p_values"]])
             return saved["sources"], saved["targets"], m, p
-    models = [load_model(packages[n]) for n in names]
-    targets = [d.name for d in domains]
+    tiles = {d.name: sample_tiles(d.load("target_image"), int(mm["n_tiles"]), cfg.tile_size, seed=seed).tiles
+             for d in domains}
     m = np.full((len(names), len(targets)), np.nan)
     p = np.full_like(m, np.nan)
-    for j, dom in enumerate(domains):
-        ranking = rank_sources(dom.load("target_image"), models, n_tiles=int(mm["n_tiles"]),
-                               tile_size=cfg.tile_size, seed=int(cfg.raw["seed"]),
-                               n_permutations=int(mm["n_permutations"]), cache_dir=out / "cache",
-                               progress=progress)
-        by_path = {str(Path(e.path).resolve()) if e.path else e.name: e for e in ranking}
-        for i, n in enumerate(names):
-            e = by_path.get(str(Path(packages[n]).resolve())) or next(x for x in ranking if x.name == n)
-            m[i, j] = e.mmd2
-            p[i, j] = e.p_value
+    for i, sname in enumerate(names):
+        net, meta, ref = load_source(packages[sname])
+        fx = _feature_extractor(net, meta.get("pooling", "mean"))
+        for j, tname in enumerate(targets):
+            feats = np.asarray(fx.features(tiles[tname]), dtype=np.float32)
+            res = mmd2_test(ref, feats, n_permutations=max(1, int(mm["n_permutations"])), seed=seed)
+            m[i, j] = float(res.mmd2)
+            p[i, j] = float(res.p_value) if int(mm["n_permutations"]) > 0 else np.nan
     _atomic_write_json(path, {"key": key, "sources": names, "targets": targets, "mmd2": m.tolist(),
                               "p_values": [[_float_or_none(v) for v in row] for row in p.tolist()]})
     return names, targets, m, p
@@ -852,7 +981,7 @@ def _sources(cfg: ExperimentConfig, domains: Sequence[Domain], out: Path, *, sch
             continue  # an unlabelled domain has no source model; it is still a target for the atlas
         dest = src_dir / _safe(d.name)
         packages[d.name] = str(dest)
-        if not (dest / "model.json").exists():
+        if not (dest / "source.json").exists():
             todo.append((dataclasses.asdict(d), cfg.raw, str(dest)))
     _, fails = _run_tasks(_train_source_task, todo, scheduler=scheduler, workers=workers, progress=progress,
                           desc="sources")

@@ -79,7 +79,6 @@ PARAMETER_BOUNDS: dict[str, tuple[float, float, str]] = {
     "gradient": (0.0, 0.4, "lin"),
 }
 
-
 @dataclass(frozen=True)
 class DomainStyle:
     """Parameters of one synthetic EM domain (lengths in pixels of the xy grid).
@@ -623,9 +622,10 @@ def domain_family(n: int, *, seed, root: DomainStyle | None = None, drift: float
     The tree grows by Yule splits (a random leaf splits into two, branch lengths uniform in
     [0.2, 1.0]). Every node's parameter vector (:meth:`DomainStyle.to_vector`, unbounded
     coordinates) is its parent's plus Gaussian drift of variance ``drift**2 * branch_length``
-    per coordinate (Brownian motion), so the expected squared distance between two leaves
-    is ``drift**2 * n_params * path_length``: an additive tree metric, which MMD² between
-    encoder features of the domains should recover.
+    per coordinate (Brownian motion), so the expected squared parameter distance between two
+    leaves is ``drift**2 * n_params * path_length``: an additive tree metric. How faithfully
+    image features follow it depends on the rendering, which is nonlinear in the
+    parameters: see ``docs/data.md`` for measurements.
 
     Parameters
     ----------

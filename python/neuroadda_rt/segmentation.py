@@ -263,23 +263,11 @@ def segment(probs, representation: str, *, threshold: float = 0.5, per_slice: bo
 
 # ----------------------------------------------------------------------------- tuning
 def _vi(seg: np.ndarray, gt: np.ndarray, ignore_zero: bool) -> float:
-    """Variation of information (split + merge, nats), ignoring ground-truth 0 if asked."""
-    try:  # the package's own metric once it exists
-        from .metrics import variation_of_information as _pkg_vi  # type: ignore[attr-defined]
-    except ImportError:
-        _pkg_vi = None
-    if _pkg_vi is not None:
-        try:
-            r = _pkg_vi(seg, gt, ignore_labels=(0,) if ignore_zero else ())
-        except TypeError:
-            r = None
-        if r is not None:
-            if hasattr(r, "total"):
-                return float(r.total)
-            return float(np.sum(np.asarray(r, dtype=np.float64)))
-    from skimage.metrics import variation_of_information
+    """Variation of information (split + merge, bits), ignoring ground-truth 0 if asked."""
+    from .metrics import variation_of_information
 
-    return float(np.sum(variation_of_information(gt, seg, ignore_labels=(0,) if ignore_zero else ())))
+    split, merge = variation_of_information(seg, gt, ignore_gt=(0,) if ignore_zero else ())
+    return float(split + merge)
 
 
 @dataclass

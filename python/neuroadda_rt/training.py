@@ -620,3 +620,233 @@ def train_network(net, images, labels, *, recipe: TrainRecipe | None = None, rep
             bar.close()
         net.eval()
     return history
+
+
+# --------------------------------------------------------------------------------------------
+# model packages in, model packages out
+# --------------------------------------------------------------------------------------------
+#: The recipe of ``finetune`` and ``train_from_scratch`` (see docs/method.md, "Training").
+DEFAULT_RECIPE = TrainRecipe(steps=200, lr=3e-4, batch_size=8, patch_size=128, augment=True, seed=0)
+
+
+def _as_package(model):
+    """A loaded ModelPackage from a package or a package folder."""
+    from .package import ModelPackage, load_model
+
+    if isinstance(model, ModelPackage):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    raise InputValueError(f"expected a ModelPackage or a model package folder, got {type(model).__name__}")
+
+
+def _normalise_all(images: Sequence[np.ndarray], rule: dict) -> list[np.ndarray]:
+    from .io import normalize_intensity
+
+    return [normalize_intensity(im, rule) for im in images]
+
+
+def _reference_tiles(images: Sequence[np.ndarray], size: int, *, max_tiles: int = 64, seed: int = 0) -> np.ndarray:
+    """Tiles of ``size`` covering the training images (half-overlapping grid, at most ``max_tiles``,
+    a seeded subset when there are more): the sample the new ``reference_features`` come from."""
+    tiles = []
+    for im in images:
+        h, w = im.shape
+        s = min(size, h, w)
+        ys = sorted(set(list(range(0, h - s + 1, max(1, s // 2))) + [h - s]))
+        xs = sorted(set(list(range(0, w - s + 1, max(1, s // 2))) + [w - s]))
+        tiles += [(im, y, x, s) for y in ys for x in xs]
+    s_min = min(t[3] for t in tiles)
+    if len(tiles) > max_tiles:
+        pick = np.sort(np.random.default_rng(seed).choice(len(tiles), max_tiles, replace=False))
+        tiles = [tiles[i] for i in pick]
+    return np.stack([im[y:y + s_min, x:x + s_min] for im, y, x, _ in tiles])
+
+
+def _tune_threshold(net, images_f: Sequence[np.ndarray], labels: Sequence[np.ndarray], representation: str
+                    ) -> dict[str, Any]:
+    """Segmentation threshold minimising VI on the (un-augmented) training images."""
+    from .runtime import Predictor
+    from .segmentation import tune_threshold
+
+    pred = Predictor(net, backend="torch", device="cpu", normalize=False)
+    probs = []
+    for im in images_f:
+        p = pred.predict(im)
+        probs.append(p[0] if representation == "boundary" else p)
+    res = tune_threshold(probs, [np.asarray(lb) for lb in labels], representation)
+    return {"threshold": float(res.threshold), "vi_train": float(res.vi) / max(1, len(probs)),
+            "tuned_on": f"{len(probs)} training images (un-augmented), VI with ground-truth 0 ignored",
+            "method": "neuroadda_rt.tune_threshold over 0.05..0.95",
+            "scores": {f"{k:g}": float(v) for k, v in res.scores.items()}}
+
+
+def _history_dict(history: TrainHistory, recipe: TrainRecipe) -> dict[str, Any]:
+    return {"loss": [round(float(v), 6) for v in history.loss], "steps": len(history.loss),
+            "seconds": round(history.seconds, 3), "steps_per_second": round(history.steps_per_second, 3)
+            if history.steps_run else None, "resumed_from": history.resumed_from,
+            "final_loss": float(np.mean(history.loss[-10:])) if history.loss else None,
+            "recipe": recipe.to_dict()}
+
+
+def _train_package(source, images, labels, *, mode: str, recipe: TrainRecipe, checkpoint_dir, checkpoint_every: int,
+                   progress: bool, device: str, out, name: str | None, callback, overwrite: bool):
+    torch = require("torch", "torch")
+    from .models import unet_from_config
+    from .package import save_model
+
+    pkg = _as_package(source)
+    raw_i, lbs = _as_image_list_raw(images, labels)
+    rule = pkg.normalization
+    ims = _normalise_all(raw_i, rule)
+    if mode == "finetune":
+        net = pkg.unet()
+    else:
+        # a fresh initialisation of the source's architecture, drawn from the seed without
+        # touching the caller's global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            net = unet_from_config(pkg.config)
+    patch = min(recipe.patch_size, *(min(im.shape) for im in ims))
+    if patch != recipe.patch_size:
+        log.info("patch_size %d > smallest training image: using %d", recipe.patch_size, patch)
+        recipe = TrainRecipe(**{**recipe.to_dict(), "patch_size": int(patch)})
+    desc = f"{'fine-tuning' if mode == 'finetune' else 'scratch'} {pkg.name}"
+    history = train_network(net, ims, lbs, recipe=recipe, representation=pkg.representation,
+                            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
+                            device=device, callback=callback, desc=desc)
+    net = net.cpu().eval()
+    seg = _tune_threshold(net, ims, lbs, pkg.representation)
+    ref_info = dict(pkg.metadata.get("reference_features") or {})
+    ref_size = int(ref_info.get("tile_size") or 256)
+    ref_tiles = _reference_tiles(raw_i, ref_size, seed=recipe.seed)
+    name = name or f"{pkg.name}-{'finetuned' if mode == 'finetune' else 'scratch'}"
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="neuroadda-trained-")) / name
+    training = {
+        "mode": mode,
+        "data": f"{len(ims)} annotated tiles ({', '.join(sorted({'x'.join(map(str, im.shape)) for im in ims}))})",
+        "n_samples": len(ims),
+        "source_model": {"name": pkg.name, "sha256": pkg.sha256},
+        "initialisation": ("the source model's weights" if mode == "finetune"
+                           else f"fresh (torch.manual_seed({recipe.seed})), the source's network config"),
+        "recipe": recipe.to_dict(),
+        "loss": "BCE on boundary/affinity targets from the instance labels",
+        "augmentation": "flips, 90-degree rotations, elastic, intensity jitter" if recipe.augment else "none",
+    }
+    metrics = {"training": _history_dict(history, recipe), "segmentation_threshold": seg["threshold"],
+               "vi_train": seg["vi_train"]}
+    extra = dict(pkg.metadata.get("extra") or {})
+    extra["segmentation"] = seg
+    new = save_model(net, out, name=name, organism=pkg.organism, tissue=pkg.tissue, modality=pkg.modality,
+                     voxel_size_nm=pkg.voxel_size_nm, normalization=rule, training=training, metrics=metrics,
+                     reference_tiles=ref_tiles, pooling=pkg.pooling,
+                     reference_info={"tile_size": int(ref_tiles.shape[-1]), "seed": recipe.seed,
+                                     "source": "the training tiles (half-overlapping grid)"},
+                     extra=extra, overwrite=overwrite)
+    new.history = history  # the in-memory result also carries the loss curve
+    return new
+
+
+def _as_image_list_raw(images, labels):
+    """Like :func:`_as_image_list` but keeps the raw dtype (normalisation follows the package rule)."""
+    ims_f, lbs = _as_image_list(images, labels)  # validates shapes / dtypes
+    if isinstance(images, (list, tuple)):
+        raw = [np.asarray(v) for v in images]
+    else:
+        a = np.asarray(images)
+        raw = [a] if a.ndim == 2 else [a[i] for i in range(a.shape[0])]
+    del ims_f
+    return raw, lbs
+
+
+_TRAIN_DOC = """
+    Parameters
+    ----------
+    model : ModelPackage or path
+        The source model package (its folder, or a loaded package).
+    images : (N, H, W) array or list of 2-D arrays
+        The annotated tiles, raw (the package's intensity rule is applied) -- e.g.
+        ``select_tiles(...).tiles``. Read, never modified.
+    labels : (N, H, W) integer array or list of 2-D arrays
+        Their instance labels (0 = membrane / unlabelled, counted as boundary).
+    steps, lr, batch_size, patch_size, augment, seed
+        The recipe (:class:`TrainRecipe`); defaults :data:`DEFAULT_RECIPE`, the same for
+        fine-tuning and scratch.
+    checkpoint_dir : path, optional
+        Keep a resumable checkpoint here; a call with the same arguments resumes from it.
+    checkpoint_every : int
+        Steps between checkpoints.
+    progress : bool
+        tqdm progress bar (loss, steps/s, ETA).
+    device : {"cpu", "cuda", "auto"}
+        Where to train (bit-for-bit determinism on the CPU).
+    out : path, optional
+        Where to write the new package (default: a new temporary folder; ``.save(path)`` it).
+    name : str, optional
+        Package name (default ``"<source>-finetuned"`` / ``"<source>-scratch"``).
+    callback : callable(step, loss), optional
+        Called after every step.
+    overwrite : bool
+        Replace an existing package at ``out``.
+
+    Returns
+    -------
+    ModelPackage
+        Weights, ONNX exports, ``reference_features`` recomputed on the training tiles, the
+        segmentation threshold tuned on the training tiles (``model.json`` ``extra.segmentation``
+        and ``metrics.segmentation_threshold``), and the loss curve (``metrics.training``;
+        also ``.history`` on the returned object).
+"""
+
+
+def finetune(model, images, labels, *, steps: int = DEFAULT_RECIPE.steps, lr: float = DEFAULT_RECIPE.lr,
+             batch_size: int = DEFAULT_RECIPE.batch_size, patch_size: int = DEFAULT_RECIPE.patch_size,
+             augment: bool = True, seed: int = 0, checkpoint_dir=None, checkpoint_every: int = 50,
+             progress: bool = False, device: str = "cpu", out=None, name: str | None = None,
+             callback: Callable[[int, float], None] | None = None, overwrite: bool = False):
+    recipe = TrainRecipe(steps=steps, lr=lr, batch_size=batch_size, patch_size=patch_size, augment=augment,
+                         seed=seed)
+    return _train_package(model, images, labels, mode="finetune", recipe=recipe, checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=checkpoint_every, progress=progress, device=device, out=out, name=name,
+                          callback=callback, overwrite=overwrite)
+
+
+def train_from_scratch(model, images, labels, *, steps: int = DEFAULT_RECIPE.steps, lr: float = DEFAULT_RECIPE.lr,
+                       batch_size: int = DEFAULT_RECIPE.batch_size, patch_size: int = DEFAULT_RECIPE.patch_size,
+                       augment: bool = True, seed: int = 0, checkpoint_dir=None, checkpoint_every: int = 50,
+                       progress: bool = False, device: str = "cpu", out=None, name: str | None = None,
+                       callback: Callable[[int, float], None] | None = None, overwrite: bool = False):
+    recipe = TrainRecipe(steps=steps, lr=lr, batch_size=batch_size, patch_size=patch_size, augment=augment,
+                         seed=seed)
+    return _train_package(model, images, labels, mode="scratch", recipe=recipe, checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=checkpoint_every, progress=progress, device=device, out=out, name=name,
+                          callback=callback, overwrite=overwrite)
+
+
+finetune.__doc__ = """Fine-tune a source model package on a few annotated tiles.
+
+    The source's weights are trained further with :data:`DEFAULT_RECIPE` (Adam, BCE on
+    boundary / affinity targets derived from the labels, augmentation) -- the same recipe
+    :func:`train_from_scratch` uses, so the two are directly comparable.
+""" + _TRAIN_DOC + """
+    Examples
+    --------
+    >>> import neuroadda_rt as nr
+    >>> src = nr.load_model("tests/assets/tiny_model")                        # doctest: +SKIP
+    >>> ft = nr.finetune(src, tiles, label_tiles, steps=200, out="ft_model")  # doctest: +SKIP
+    >>> nr.evaluate(ft, test_images, test_labels).overall["vi_total"]         # doctest: +SKIP
+"""
+
+train_from_scratch.__doc__ = """Train the source's network architecture from a fresh initialisation on the tiles.
+
+    The baseline of NeuroADDA's comparison: same architecture (``UNet(**model.config)``),
+    same recipe as :func:`finetune`, weights initialised from ``seed`` instead of the
+    source's training. The source package supplies only its config and intensity rule.
+""" + _TRAIN_DOC + """
+    Examples
+    --------
+    >>> import neuroadda_rt as nr
+    >>> src = nr.load_model("tests/assets/tiny_model")                             # doctest: +SKIP
+    >>> sc = nr.train_from_scratch(src, tiles, label_tiles, out="scratch_model")   # doctest: +SKIP
+"""

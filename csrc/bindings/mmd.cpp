@@ -3,7 +3,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -33,23 +32,14 @@ Device as_device(const std::string& d) {
   throw py::value_error("expected device 'cpu' or 'cuda', got '" + d + "'");
 }
 
-// Kernel input errors become neuroadda_rt.errors.InputValueError (a ValueError).
-[[noreturn]] void raise_input_error(const std::invalid_argument& e) {
-  py::object cls = py::module_::import("neuroadda_rt.errors").attr("InputValueError");
-  PyErr_SetString(cls.ptr(), e.what());
-  throw py::error_already_set();
-}
-
+// Kernel input errors (std::invalid_argument) reach Python as ValueError through pybind11's
+// own translation; neuroadda_rt.mmd re-raises them as InputValueError.
 template <class F>
 auto call_kernel(F&& f) -> decltype(f()) {
-  try {
-    // Safe without the GIL: the kernels read only the buffers of arrays the caller keeps
-    // alive for the duration of this call and touch no Python object.
-    py::gil_scoped_release release;
-    return f();
-  } catch (const std::invalid_argument& e) {
-    raise_input_error(e);
-  }
+  // Safe without the GIL: the kernels read only the buffers of arrays the caller keeps alive for
+  // the duration of this call and touch no Python object.
+  py::gil_scoped_release release;
+  return f();
 }
 
 }  // namespace

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _core
 from ._device import resolve_device
-from .errors import DTypeError, InputValueError, ShapeError
+from .errors import DTypeError, InputValueError, NeuroaddaError, ShapeError
 
 __all__ = ["mmd2", "median_sigma", "mmd2_test", "mmd2_matrix", "MMDTestResult", "MAX_IMPLICIT_COPY"]
 
@@ -66,6 +66,28 @@ class MMDTestResult:
     sigma: Union[float, tuple]
     n_permutations: int
     seed: Union[int, None]
+
+
+class _Kernels:
+    """``_core`` with kernel input errors (C++ std::invalid_argument -> ValueError) re-raised as
+    :class:`InputValueError`; everything reaching them was validated here first except values
+    (NaN / inf), which the kernels detect while packing the rows they read anyway."""
+
+    def __getattr__(self, name):
+        fn = getattr(_core, name)
+
+        def call(*args):
+            try:
+                return fn(*args)
+            except ValueError as exc:
+                if isinstance(exc, NeuroaddaError):
+                    raise
+                raise InputValueError(str(exc)) from None
+
+        return call
+
+
+_kernels = _Kernels()
 
 
 def _features(a, name: str) -> np.ndarray:
@@ -141,7 +163,7 @@ def _sigmas(sigma) -> list[float] | None:
 
 
 def _median_sigma_checked(x: np.ndarray, y: np.ndarray) -> float:
-    s = float(_core._median_sigma(x, y, MEDIAN_MAX_POINTS))
+    s = float(_kernels._median_sigma(x, y, MEDIAN_MAX_POINTS))
     if not s > 0.0:
         raise InputValueError(
             "expected a positive median pairwise distance for the median heuristic, got 0 (more than half of "
@@ -240,7 +262,7 @@ def mmd2(x, y, *, sigma: SigmaArg = None, estimator: str = "unbiased", device: s
     dev = resolve_device(device)
     if sigmas is None:
         sigmas = [_median_sigma_checked(x, y)]
-    return float(_core._mmd2(x, y, sigmas, unbiased, dev))
+    return float(_kernels._mmd2(x, y, sigmas, unbiased, dev))
 
 
 def _permutation_indices(seed, N: int, n: int, P: int) -> np.ndarray:
@@ -312,7 +334,7 @@ def mmd2_test(x, y, *, n_permutations: int = 1000, sigma: SigmaArg = None, seed:
     if sigmas is None:
         sigmas = [_median_sigma_checked(x, y)]
     x_index = _permutation_indices(seed, n + m, n, int(n_permutations))
-    observed, null = _core._mmd2_permutation(x, y, sigmas, x_index, unbiased, dev)
+    observed, null = _kernels._mmd2_permutation(x, y, sigmas, x_index, unbiased, dev)
     null = np.asarray(null, dtype=np.float64)
     p_value = (1.0 + float(np.count_nonzero(null >= observed))) / (1.0 + n_permutations)
     return MMDTestResult(mmd2=float(observed), p_value=p_value, null=null, sigma=_report_sigma(sigmas, given),
@@ -372,13 +394,13 @@ def mmd2_matrix(features, *, sigma: Union[SigmaArg, str] = None, estimator: str 
         for i in range(K):
             for j in range(i + 1, K):
                 s = _median_sigma_checked(feats[i], feats[j])
-                out[i, j] = out[j, i] = _core._mmd2(feats[i], feats[j], [s], unbiased, dev)
+                out[i, j] = out[j, i] = _kernels._mmd2(feats[i], feats[j], [s], unbiased, dev)
         return out
-    self_sums = [_core._mmd_sums(f, f, sigmas, _BLOCK_XX, dev)[0] for f in feats]
+    self_sums = [_kernels._mmd_sums(f, f, sigmas, _BLOCK_XX, dev)[0] for f in feats]
     for i in range(K):
         for j in range(i + 1, K):
-            kxy = _core._mmd_sums(feats[i], feats[j], sigmas, _BLOCK_XY, dev)[2]
-            out[i, j] = out[j, i] = _core._mmd2_from_sums(self_sums[i], self_sums[j], kxy, float(feats[i].shape[0]),
+            kxy = _kernels._mmd_sums(feats[i], feats[j], sigmas, _BLOCK_XY, dev)[2]
+            out[i, j] = out[j, i] = _kernels._mmd2_from_sums(self_sums[i], self_sums[j], kxy, float(feats[i].shape[0]),
                                                           float(feats[j].shape[0]), unbiased)
     return out
 

@@ -1236,10 +1236,13 @@ def _fig_rank_vs_vi(table):
         for name, r in m.iterrows():
             ax.annotate(str(name), (r["rank"], r["vi"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         rho = summ["spearman"]["per_target"].get(t, {}).get("spearman_rho", float("nan"))
+        ax.set_xticks(sorted(set(int(v) for v in m["rank"])))
         ax.set_title(f"target {t}: Spearman ρ = {rho:.2f}")
         ax.set_xlabel("MMD² rank of the source (1 = closest)")
         ax.set_ylabel(f"fine-tuned VI (n = {n4})")
         pooled_ax.scatter(m["rank"], rankdata(m["vi"].to_numpy()), color=f"C{k % 10}", label=str(t))
+    if len(sub):
+        pooled_ax.set_xticks(sorted(set(int(v) for v in sub.source_rank.dropna())))
     pooled_ax.set_title(f"pooled: Spearman ρ = {summ['spearman']['pooled']:.2f}")
     pooled_ax.set_xlabel("MMD² rank of the source")
     pooled_ax.set_ylabel("VI rank within target")

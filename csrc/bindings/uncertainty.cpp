@@ -49,7 +49,8 @@ std::pair<py::array_t<double>, int64_t> tile_uncertainty_py(const py::array& pro
 
   py::array mask;
   if (!mask_obj.is_none()) {
-    mask = py::reinterpret_borrow<py::array>(mask_obj);
+    mask = py::array::ensure(mask_obj);  // checked conversion: never reinterpret a non-array
+    NEUROADDA_CHECK(mask, "expected a NumPy mask array");
     NEUROADDA_CHECK(mask.itemsize() == 1 && (mask.dtype().kind() == 'b' || mask.dtype().kind() == 'u'),
                     "expected a bool mask, got dtype " << std::string(py::str(mask.dtype())));
     NEUROADDA_CHECK(mask.ndim() == probs.ndim() - (mc ? 1 : 0), "expected the mask broadcast to (N, C, *spatial)");
@@ -103,7 +104,8 @@ std::pair<py::array_t<double>, int64_t> tile_uncertainty_cuda_array_py(uintptr_t
   for (int d = lead; d < nd; ++d) in.V *= shape[d];
   py::array mask;
   if (!mask_obj.is_none()) {
-    mask = py::reinterpret_borrow<py::array>(mask_obj);
+    mask = py::array::ensure(mask_obj);  // checked conversion: never reinterpret a non-array
+    NEUROADDA_CHECK(mask, "expected a NumPy mask array");
     NEUROADDA_CHECK(mask.itemsize() == 1 && (mask.dtype().kind() == 'b' || mask.dtype().kind() == 'u'),
                     "expected a bool mask");
     NEUROADDA_CHECK(mask.ndim() == nd - (mc ? 1 : 0), "expected the mask broadcast to (N, C, *spatial)");

@@ -124,33 +124,9 @@ def test_style_validation_and_vector_roundtrip():
 
 
 def _patristic(newick: str):
-    from neuroadda_rt._newick import parse_newick  # the atlas engineer's reader
+    from neuroadda_rt._newick import patristic_distances  # the atlas engineer's reader
 
-    root = parse_newick(newick)
-    leaves, up = {}, {}
-
-    def walk(node, depth, path):
-        path = path + [node]
-        if not node.children:
-            leaves[node.name] = (depth, path)
-        for c in node.children:
-            walk(c, depth + c.length, path)
-
-    walk(root, 0.0, [])
-    names = sorted(leaves)
-    d = np.zeros((len(names), len(names)))
-    for i, a in enumerate(names):
-        for j, b in enumerate(names):
-            da, pa = leaves[a]
-            db, pb = leaves[b]
-            k = 0
-            while k < min(len(pa), len(pb)) and pa[k] is pb[k]:
-                k += 1
-            lca_depth = 0.0
-            for n in pa[1:k]:
-                lca_depth += n.length
-            d[i, j] = da + db - 2 * lca_depth
-    return names, d
+    return patristic_distances(newick)
 
 
 def test_domain_family_tree_and_drift():
@@ -162,7 +138,9 @@ def test_domain_family_tree_and_drift():
     assert names == [f"syn{i:02d}" for i in range(10)]
     assert sorted(re.findall(r"syn\d\d", newick)) == names and newick.endswith(";")
     tree_names, pat = _patristic(newick)
-    assert tree_names == names
+    assert sorted(tree_names) == names
+    order = [tree_names.index(n) for n in names]
+    pat = pat[np.ix_(order, order)]
     u = np.stack([s.to_vector() for s in styles])
     sq = ((u[:, None] - u[None]) ** 2).sum(-1)
     iu = np.triu_indices(10, 1)

@@ -80,6 +80,12 @@ def run(args) -> int:
         if coords.shape[1] != volume.ndim:
             raise ValueError(f"{args.coords}: expected {volume.ndim} coordinates per tile for a volume of shape "
                              f"{tuple(volume.shape)}, got {coords.shape[1]}")
+        shape = tuple(int(v) for v in volume.shape)
+        for i, c in enumerate(coords):
+            *z, y, x = (int(v) for v in c)
+            if min(c) < 0 or y + args.tile_size > shape[-2] or x + args.tile_size > shape[-1] or (z and z[0] >= shape[0]):
+                raise ValueError(f"{args.coords}: tile {i} at {tuple(int(v) for v in c)} of size {args.tile_size} lies "
+                                 f"outside the volume of shape {shape}")
         tiles = extract_tiles(volume, coords, args.tile_size)
         sel = TileSelection(coords=coords, scores=np.full(len(coords), np.nan), pool_coords=coords,
                             pool_scores=np.full(len(coords), np.nan), indices=np.arange(len(coords)),

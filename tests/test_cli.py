@@ -1,0 +1,161 @@
+"""The workflow's CLI steps, in-process through ``neuroadda_rt.cli.main`` and once as a subprocess:
+rank -> select -> (paint) -> finetune -> evaluate -> export -> report, and the one-line errors (exit
+status 2, no traceback) for bad paths, tiles outside the volume and labels that do not match."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+tifffile = pytest.importorskip("tifffile")
+
+import _workflow_zoo as wz  # noqa: E402
+
+from neuroadda_rt.cli import main  # noqa: E402
+
+COMMANDS = ["rank", "select", "finetune", "evaluate", "export", "report", "demo"]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return wz.shared_zoo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A target volume and its labels as TIFF files."""
+    d = tmp_path_factory.mktemp("cli_data")
+    img, lab = wz.volume(wz.domains()[1], seed=600, shape=(2, 96, 96))
+    tifffile.imwrite(d / "target.tif", img, photometric="minisblack")
+    tifffile.imwrite(d / "labels.tif", lab, photometric="minisblack")
+    return d, img, lab
+
+
+def run_json(capsys, argv):
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def error_of(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    assert cmd in capsys.readouterr().out
+
+
+def test_workflow_steps(zoo, data, tmp_path, capsys):
+    d, img, lab = data
+    zoo_dir = str(zoo[0].parent)
+    common = ["--tile-size", "32", "--no-progress"]
+    r = run_json(capsys, ["rank", str(d / "target.tif"), "--zoo", zoo_dir, "--n-tiles", "16", "--permutations", "20",
+                          "--no-cache", "--out", str(tmp_path / "ranking.json"), "--json", *common])
+    assert [x["name"] for x in r["ranking"]][0] == "near_b"
+    assert json.loads((tmp_path / "ranking.json").read_text())["ranking"][0]["name"] == "near_b"
+    # human-readable output too
+    assert main(["rank", str(d / "target.tif"), "--zoo", zoo_dir, "--n-tiles", "8", "--permutations", "0",
+                 "--no-cache", *common]) == 0
+    assert "best: near_b" in capsys.readouterr().out
+
+    ann = tmp_path / "ann"
+    s = run_json(capsys, ["select", str(d / "target.tif"), "--model", str(tmp_path / "ranking.json"), "-n", "3",
+                          "--pool", "24", "--out", str(ann), "--json", *common])
+    assert len(s["coords"]) == 3 and s["strategy"] == "median"
+    coords = np.asarray(s["coords"])
+    # the annotation folder: images are the target's tiles at the listed coordinates
+    names = sorted(p.stem for p in (ann / "images").iterdir())
+    for name, (z, y, x) in zip(names, coords):
+        assert name.endswith(f"_z{z}_y{y}_x{x}")
+        np.testing.assert_array_equal(tifffile.imread(ann / "images" / f"{name}.tif"), img[z, y:y + 32, x:x + 32])
+
+    # finetune refuses missing labels, then trains on the "painted" (oracle) ones
+    err = error_of(capsys, ["finetune", str(ann), "--out", str(tmp_path / "ft"), "--steps", "2"])
+    assert "no label for tile" in err
+    for name, (z, y, x) in zip(names, coords):
+        tifffile.imwrite(ann / "labels" / f"{name}.tif", lab[z, y:y + 32, x:x + 32])
+    f = run_json(capsys, ["finetune", str(ann), "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size", "2",
+                          "--no-progress", "--json"])
+    assert f["tiles"] == 3 and f["mode"] == "finetune" and f["source"].endswith("near_b")
+    import neuroadda_rt as nr
+
+    ft = nr.load_model(tmp_path / "ft")
+    assert ft.metadata["training"]["n_samples"] == 3
+
+    # evaluate on volumes and on the annotation folder
+    ev = run_json(capsys, ["evaluate", str(tmp_path / "ft"), str(d / "target.tif"), str(d / "labels.tif"),
+                           "--n-tiles", "2", "--tile-size", "32", "--no-progress", "--json"])
+    assert set(ev["overall"]) >= {"vi_split", "vi_merge", "vi_total", "adapted_rand_error"}
+    ev2 = run_json(capsys, ["evaluate", str(tmp_path / "ft"), str(ann), "--no-progress", "--json"])
+    assert ev2["n_images"] == 3
+
+    # export the ONNX network and check it runs like the package's own
+    ex = run_json(capsys, ["export", str(tmp_path / "ft"), "--format", "onnx", "--part", "encoder",
+                           "--out", str(tmp_path / "enc.onnx"), "--json"])
+    assert ex["bytes"] > 0
+    x = img[:1, :32, :32]
+    np.testing.assert_allclose(nr.FeatureExtractor(str(tmp_path / "enc.onnx")).features(x),
+                               nr.FeatureExtractor(ft).features(x), atol=1e-4)
+    err = error_of(capsys, ["export", str(tmp_path / "ft"), "--format", "int8", "--out", str(tmp_path / "q.onnx")])
+    assert "--calibration" in err
+
+
+def test_errors(zoo, data, tmp_path, capsys):
+    d, img, lab = data
+    zoo_dir = str(zoo[0].parent)
+    assert "target volume not found" in error_of(capsys, ["rank", str(tmp_path / "nope.h5"), "--zoo", zoo_dir])
+    assert "zoo not found" in error_of(capsys, ["rank", str(d / "target.tif"), "--zoo", str(tmp_path / "nozoo")])
+    assert "model not found" in error_of(capsys, ["select", str(d / "target.tif"), "--model", str(tmp_path / "m"),
+                                                  "--out", str(tmp_path / "a")])
+    (tmp_path / "bad.tif").write_bytes(b"not a tiff at all")
+    error_of(capsys, ["rank", str(tmp_path / "bad.tif"), "--zoo", zoo_dir, "--tile-size", "32"])
+    # a tile larger than the volume, and hand-given tiles outside it
+    assert "at least 500x500" in error_of(capsys, ["rank", str(d / "target.tif"), "--zoo", zoo_dir, "--tile-size", "500",
+                                               "--no-cache"])
+    (tmp_path / "coords.csv").write_text("z,y,x\n0,10,10\n1,80,80\n")
+    err = error_of(capsys, ["select", str(d / "target.tif"), "--model", str(zoo[0]), "--coords",
+                            str(tmp_path / "coords.csv"), "--tile-size", "32", "--out", str(tmp_path / "a")])
+    assert "tile 1 at (1, 80, 80) of size 32 lies outside the volume of shape (2, 96, 96)" in err
+    (tmp_path / "coords.csv").write_text("z,y,x\n0,10,10\n1,60,20\n")
+    assert main(["select", str(d / "target.tif"), "--model", str(zoo[0]), "--coords", str(tmp_path / "coords.csv"),
+                 "--tile-size", "32", "--out", str(tmp_path / "given")]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "given" / "tiles.tif")[1], img[1, 60:92, 20:52])
+    # labels that do not match the selected tiles
+    ann = tmp_path / "given"
+    tifffile.imwrite(ann / "labels" / "tile_000_z0_y10_x10.tif", lab[0, 10:42, 10:42])
+    tifffile.imwrite(ann / "labels" / "tile_001_z1_y60_x20.tif", lab[1, 60:92, 20:50])
+    err = error_of(capsys, ["finetune", str(ann), "--model", str(zoo[0]), "--out", str(tmp_path / "ft")])
+    assert "label has shape (32, 30), expected (32, 32)" in err
+    (ann / "labels" / "tile_001_z1_y60_x20.tif").unlink()
+    tifffile.imwrite(ann / "labels" / "tile_001_z1_y61_x20.tif", lab[1, 61:93, 20:52])
+    err = error_of(capsys, ["finetune", str(ann), "--model", str(zoo[0]), "--out", str(tmp_path / "ft")])
+    assert "does not match any selected tile" in err
+    assert "run directory not found" in error_of(capsys, ["report", str(tmp_path / "norun")])
+    assert "expected a LABELS volume" in error_of(capsys, ["evaluate", str(zoo[0]), str(d / "target.tif")])
+
+
+def test_subprocess(zoo, data):
+    d, _, _ = data
+    cmd = [sys.executable, "-m", "neuroadda_rt", "rank", str(d / "target.tif"), "--zoo", str(zoo[0].parent),
+           "--tile-size", "32", "--n-tiles", "8", "--permutations", "10", "--no-cache", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ranking"][0]["name"] == "near_b"
+    bad = subprocess.run(cmd[:4] + [str(d / "missing.tif")] + cmd[5:], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("neuroadda-rt rank: error: target volume not found")
+    assert "Traceback" not in bad.stderr

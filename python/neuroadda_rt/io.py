@@ -809,7 +809,7 @@ def normalize_intensity(image, rule: str | dict = "dtype", *, low: float | None 
     if hi <= lo:  # a constant image: all zeros rather than NaN
         return np.zeros_like(out)
     out -= np.float32(lo)
-    out *= np.float32(1.0 / (hi - lo))
+    out /= np.float32(hi - lo)
     np.clip(out, 0.0, 1.0, out=out)
     return out
 

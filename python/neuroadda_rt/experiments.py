@@ -353,10 +353,12 @@ def _prepare_dataset(spec, cfg: ExperimentConfig, out: Path) -> Domain:
     ds = Dataset.from_json(p, data_root=data_root)
     name = str(name or ds.name)
     d = out / "data" / _safe(name)
-    labelled = ds.has_labels("train") and "test" in ds.splits and ds.has_labels("test")
+    labelled = all(sp in ds.splits and ds.has_labels(sp) for sp in ("train", "test"))
     dom = Domain(name, "dataset", str(d), labelled, ds.organism, {"manifest": str(p)})
     if not dom.path("target_image").exists():
-        train = np.asarray(ds.image("train")[...])
+        # an unlabelled set (e.g. Kasthuri) may have no "train" split: its first split is the target
+        pool_split = "train" if "train" in ds.splits else ds.splits[0]
+        train = np.asarray(ds.image(pool_split)[...])
         if labelled:
             _atomic_save_npy(dom.path("target_labels"), np.asarray(ds.labels("train")))
             test_img = np.asarray(ds.image("test")[...])

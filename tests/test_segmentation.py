@@ -12,8 +12,17 @@ from neuroadda_rt.labels import instances_to_affinities, instances_to_boundary
 from neuroadda_rt.segmentation import waterz_available
 from neuroadda_rt.synthetic import make_domain
 
-METHODS = ["fallback", pytest.param("waterz", marks=pytest.mark.skipif(not waterz_available(),
-                                                                       reason="waterz not installed"))]
+def _has(mod):
+    try:
+        __import__(mod)
+    except ImportError:
+        return False
+    return True
+
+
+METHODS = ["fallback",
+           pytest.param("waterz", marks=pytest.mark.skipif(not waterz_available(), reason="waterz not installed")),
+           pytest.param("mws", marks=pytest.mark.skipif(not _has("mwatershed"), reason="mwatershed not installed"))]
 
 
 def vi(gt, seg):

@@ -172,6 +172,23 @@ def _fallback_affinities(affs: np.ndarray, threshold: float) -> np.ndarray:
     return watershed(bmap, markers=markers).astype(np.uint32)
 
 
+def _mws(p: np.ndarray, threshold: float, per_slice: bool) -> np.ndarray:
+    """Mutex watershed (mwatershed): edges above ``1 - threshold`` attract, below repel."""
+    from .labels import affinity_offsets
+
+    mws = require("mwatershed", "mws")
+    w = p.astype(np.float64) - (1.0 - threshold)
+    if p.ndim == 4 and per_slice:
+        out = np.zeros(p.shape[1:], np.uint64)
+        nxt = 0
+        for z in range(p.shape[1]):
+            s = relabel_consecutive(np.asarray(mws.agglom(np.ascontiguousarray(w[1:, z]), affinity_offsets(2))))
+            out[z] = s.astype(np.uint64) + nxt
+            nxt = int(out[z].max())
+        return relabel_consecutive(out)
+    return relabel_consecutive(np.asarray(mws.agglom(np.ascontiguousarray(w), affinity_offsets(p.ndim - 1))))
+
+
 def _waterz(affs3: np.ndarray, threshold: float) -> np.ndarray:
     waterz = require("waterz", "waterz")
     a = np.ascontiguousarray(affs3, dtype=np.float32)
@@ -197,8 +214,10 @@ def segment(probs, representation: str, *, threshold: float = 0.5, per_slice: bo
         (or, in the fallback, the boundary threshold). Larger → fewer, larger segments.
     per_slice : bool, optional
         Segment each z slice on its own (ids stay unique across slices). Default: 3-D.
-    method : {"auto", "waterz", "fallback"}
-        Affinities only: ``"auto"`` uses waterz when installed, else the fallback.
+    method : {"auto", "waterz", "mws", "fallback"}
+        Affinities only: ``"auto"`` uses waterz when installed, else the fallback; ``"mws"``
+        is the mutex watershed of mwatershed (``pip install 'neuroadda_rt[mws]'``) on the
+        nearest-neighbour edges, weights ``affinity - (1 - threshold)``.
     seeds : {"components", "distance"}
         Boundary seeds: interior components, or interior voxels at least
         ``seed_distance`` from the boundary (splits touching cells; fewer false merges).
@@ -232,8 +251,10 @@ def segment(probs, representation: str, *, threshold: float = 0.5, per_slice: bo
 
     if p.ndim not in (3, 4) or p.shape[0] != p.ndim - 1:
         raise ShapeError(f"expected affinities of shape (2, h, w) or (3, z, h, w), got {p.shape}")
-    if method not in ("auto", "waterz", "fallback"):
-        raise InputValueError(f"expected method 'auto', 'waterz' or 'fallback', got {method!r}")
+    if method not in ("auto", "waterz", "mws", "fallback"):
+        raise InputValueError(f"expected method 'auto', 'waterz', 'mws' or 'fallback', got {method!r}")
+    if method == "mws":
+        return _mws(p, float(threshold), per_slice)
     use_waterz = method == "waterz" or (method == "auto" and waterz_available())
     if not use_waterz:
         if p.ndim == 4 and per_slice:  # in-plane edges only, ids unique across slices

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -1015,15 +1015,3 @@ def write_slices(folder, array, *, fmt: str = "png") -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def _as_sequence(x, n: int, name: str) -> tuple[int, ...]:
-    t = (int(x),) * n if np.isscalar(x) else tuple(int(v) for v in x)
-    if len(t) != n:
-        raise ShapeError(f"expected {name} of length {n}, got {t}")
-    return t
-
-
-def _check_same_shape(image_shape: Sequence[int], label_shape: Sequence[int], where: str):
-    if tuple(image_shape) != tuple(label_shape):
-        raise ShapeError(f"{where}: labels have shape {tuple(label_shape)}, expected the image shape {tuple(image_shape)}")

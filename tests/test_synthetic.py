@@ -150,3 +150,18 @@ def test_domain_family_tree_and_drift():
     assert len(one) == 1 and t1 == "syn00;"
     with pytest.raises(InputValueError):
         domain_family(0, seed=0)
+
+
+def test_same_bytes_in_a_fresh_process(vol):
+    """No hidden state (hash seeds, thread counts, import order) leaks into the render."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from neuroadda_rt.synthetic import DomainStyle, make_domain; "
+            f"i, l = make_domain(DomainStyle(), {SHAPE}, seed=11); "
+            "print(hashlib.sha256(i.tobytes() + l.tobytes()).hexdigest())")
+    env = dict(os.environ, PYTHONHASHSEED="123", OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == hashlib.sha256(vol[0].tobytes() + vol[1].tobytes()).hexdigest()

@@ -104,3 +104,90 @@ def test_exclusion_mask_matches_brute_force():
             for x in range(shape[2] - size + 1):
                 overlaps = any(z == c[0] and abs(y - c[1]) < size and abs(x - c[2]) < size for c in chosen)
                 assert mask[z, y + h, x + h] == (not overlaps), (z, y, x)
+
+
+# --------------------------------------------------------------------------------------------
+# run_workflow end to end (small zoo, tiny training)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torch")
+    import _workflow_zoo as wz
+
+    return wz.shared_zoo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def target():
+    import _workflow_zoo as wz
+
+    return wz.volume(wz.domains()[1], seed=700, shape=(2, 128, 128))
+
+
+KW = dict(n=3, tile_size=32, n_tiles=16, pool=24, n_permutations=20)
+
+
+def test_run_workflow_without_labels_writes_the_hand_off(zoo, target, tmp_path):
+    from neuroadda_rt.workflow import run_workflow
+
+    img, _ = target
+    res = run_workflow(img, zoo, out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", **KW)
+    assert res.status == "awaiting_labels" and res.finetuned is None
+    assert res.ranking[0].name == "near_b"
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "awaiting_labels" and run["best"]["name"] == "near_b"
+    ann = tmp_path / "run" / "annotation"
+    assert len(list((ann / "images").iterdir())) == 3 and (ann / "labels").is_dir()
+    for t in json.loads((ann / "tiles.json").read_text())["tiles"]:
+        z, y, x = t["coords"]
+        np.testing.assert_array_equal(tifffile.imread(ann / "images" / f"{t['name']}.tif"), img[z, y:y + 32, x:x + 32])
+    assert "waiting for labels" in res.report.read_text()
+    # deterministic for a seed (and the second ranking comes from the feature cache)
+    again = run_workflow(img, zoo, out_dir=tmp_path / "run2", cache_dir=tmp_path / "cache", report=False, **KW)
+    np.testing.assert_array_equal(again.selection.coords, res.selection.coords)
+    assert all(e.cached for e in again.ranking)
+
+
+def test_run_workflow_with_oracle_labels(zoo, target, tmp_path):
+    import neuroadda_rt as nr
+    from neuroadda_rt.workflow import _label_tiles, run_workflow
+
+    img, lab = target
+    train = {"steps": 2, "batch_size": 2, "patch_size": 32}
+    res = run_workflow(img, zoo, labels=lab, out_dir=tmp_path / "run", train=train, n_test=3, cache_dir=False, **KW)
+    assert res.status == "complete"
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    for key in ("finetuned", "scratch", "source"):
+        o = run["evaluation"][key]["overall"]
+        assert o["vi_total"] == pytest.approx(o["vi_split"] + o["vi_merge"])
+        assert len(run["evaluation"][key]["per_image"]) == 3
+    assert run["vi_reduction"] == pytest.approx(1 - run["evaluation"]["finetuned"]["overall"]["vi_total"]
+                                                / run["evaluation"]["scratch"]["overall"]["vi_total"])
+    assert len(run["training"]["finetuned"]["loss"]) == 2 and len(run["training"]["scratch"]["loss"]) == 2
+    ft, sc = nr.load_model(tmp_path / "run" / "models" / "finetuned"), nr.load_model(tmp_path / "run/models/scratch")
+    assert ft.metadata["training"]["mode"] == "finetune" and sc.metadata["training"]["mode"] == "scratch"
+    assert ft.metadata["training"]["source_model"]["name"] == "near_b"
+    # the same annotated tiles for both, and held-out tiles that overlap none of them
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "annotation" / "label_tiles.npy"),
+                                  np.stack([lab[z, y:y + 32, x:x + 32] for z, y, x in res.selection.coords]))
+    for tz, ty, tx in run["test"]["coords"]:
+        for z, y, x in res.selection.coords:
+            assert not (tz == z and abs(ty - y) < 32 and abs(tx - x) < 32)
+    text = res.report.read_text()
+    for fig in ("fig-ranking", "fig-uncertainty", "fig-chosen", "fig-uncertain", "fig-training", "fig-vi"):
+        assert f'id="{fig}"' in text
+    # painted labels read back from the annotation folder must match this selection
+    ann = tmp_path / "run" / "annotation"
+    for t in json.loads((ann / "tiles.json").read_text())["tiles"]:
+        z, y, x = t["coords"]
+        tifffile.imwrite(ann / "labels" / f"{t['name']}.tif", lab[z, y:y + 32, x:x + 32])
+    got, vol = _label_tiles(ann / "labels", img, res.selection)
+    assert vol is None
+    np.testing.assert_array_equal(got, np.load(ann / "label_tiles.npy"))
+    other = res.selection
+    other.coords = other.coords + np.array([0, 1, 0])
+    with pytest.raises(FormatError, match="do not match this selection"):
+        _label_tiles(ann / "labels", img, other)
+    with pytest.raises(ShapeError, match="labels of the target's shape"):
+        _label_tiles(lab[:1], img, res.selection)

@@ -280,3 +280,22 @@ def test_real_formats(em_data):
     assert raw.shape == (20, 1024, 1024)
     epfl = open_volume(em_data / "epfl_hippocampus_mouse_dense/data/epfl_train/slices")  # LA mode PNG
     assert epfl.shape == (27, 768, 1024) and epfl.dtype == np.uint8
+
+
+def test_volumes_pickle_by_path(tmp_path, vol):
+    """Volumes travel to worker processes: file-backed ones reopen by path (no HDF5 handle
+    in the pickle), arrays travel as arrays, dataset slabs keep their z range."""
+    import pickle
+
+    from neuroadda_rt import Dataset
+
+    write_volume(tmp_path / "p.h5:raw", vol, voxel_size_nm=(40, 4, 4))
+    v = open_volume(f"{tmp_path / 'p.h5'}:raw")
+    w = pickle.loads(pickle.dumps(v))
+    assert w.path == v.path and w.key == "raw" and w.voxel_size_nm == (40, 4, 4)
+    np.testing.assert_array_equal(w[2, :3], vol[2, :3])
+    a = pickle.loads(pickle.dumps(open_volume(vol[:2])))
+    np.testing.assert_array_equal(a[...], vol[:2])
+    ds = Dataset.from_dict({"name": "p", "image": "p.h5:raw", "splits": {"test": {"z": [3, 6]}}}, data_root=tmp_path)
+    slab = pickle.loads(pickle.dumps(ds.image("test")))
+    np.testing.assert_array_equal(slab[...], vol[3:6])

@@ -379,6 +379,19 @@ class Volume:
             self.voxels_read += int(box.size)
         return np.ascontiguousarray(box[tuple(post)])
 
+    def __reduce__(self):
+        # Pickling (e.g. to DataLoader workers or dask) reopens the file by path rather than
+        # shipping an open HDF5 handle; in-memory arrays travel as arrays.
+        reopen = getattr(self, "_reopen", None)
+        if reopen is not None:
+            return (_reopen_volume, (reopen[0], reopen[1], self.voxel_size_nm))
+        if isinstance(self._b, _ArrayBackend) and isinstance(self._b.arr, np.ndarray):
+            return (_array_volume, (self._b.arr, self.voxel_size_nm))
+        slab = getattr(self._b, "vol", None)
+        if slab is not None and hasattr(self._b, "z0"):
+            return (_slab_volume, (slab, self._b.z0, self._b.z0 + self.shape[0], self.voxel_size_nm))
+        raise TypeError(f"{self._name()}: this Volume cannot be pickled")
+
     def close(self):
         """Release the file handle (HDF5); slicing afterwards is an error for HDF5 volumes."""
         self._b.close()
@@ -388,6 +401,20 @@ class Volume:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _reopen_volume(path, key, voxel_size_nm):
+    return open_volume(path, key=key, voxel_size_nm=voxel_size_nm)
+
+
+def _array_volume(arr, voxel_size_nm):
+    return Volume(_ArrayBackend(arr), voxel_size_nm=voxel_size_nm)
+
+
+def _slab_volume(vol, z0, z1, voxel_size_nm):
+    from .datasets import _ZSlab
+
+    return Volume(_ZSlab(vol, z0, z1), path=vol.path, key=vol.key, voxel_size_nm=voxel_size_nm)
 
 
 # ----------------------------------------------------------------------------- open_volume
@@ -700,6 +727,7 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
         v.voxel_size_nm = tuple(float(x) for x in voxel_size_nm)
         if len(v.voxel_size_nm) != v.ndim:
             raise ShapeError(f"{path}: expected {v.ndim} voxel sizes, got {len(v.voxel_size_nm)}")
+    v._reopen = (str(path), key)
     return v
 
 

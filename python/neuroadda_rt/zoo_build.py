@@ -1,0 +1,469 @@
+"""Build a zoo of source models on a synthetic domain family (``neuroadda-rt zoo build``).
+
+The bundled default zoo (``neuroadda_rt/zoo/``) is the output of :func:`build_zoo` with its
+defaults (:data:`DEFAULT_ZOO`). The recipe, step by step:
+
+1. :func:`neuroadda_rt.synthetic.domain_family` draws ``n_domains`` styles along a random tree
+   (family seed ``seed``) and returns the tree in Newick.
+2. One domain is held out (no model is trained on it): the demo's target. It is the leaf
+   whose nearest relative among the other leaves is the clearest (largest ratio of the
+   second-smallest to the smallest patristic distance); that relative stays in the zoo.
+3. For every other domain, ``volumes`` synthetic volumes of ``volume_shape`` are rendered
+   (seeds derived from the family seed and the domain index), and a UNet of ``widths`` is
+   trained on all their slices with :func:`neuroadda_rt.training.train_network` (the same
+   engine as fine-tuning; recipe ``steps``/``lr``/``batch_size``/``patch_size``, augmented).
+4. Each model is written as a model package: ``organism``, ``tissue`` and ``modality`` say
+   "synthetic"; the segmentation threshold is tuned on ``threshold_tiles`` of its own
+   training tiles; ``reference_features`` are the encoder features of ``reference_tiles``
+   training tiles of ``tile_size`` (the source-free reference for ranking).
+5. ``family.json`` records the styles, the Newick tree, the seeds, the held-out domain and
+   every domain's nearest relative in the zoo.
+
+Training is resumable: each domain checkpoints into ``<out_dir>/.checkpoints/<name>/`` and a
+rerun resumes (or, when a checkpoint is complete, skips straight to packaging). That is also how
+the zoo can be trained on a faster machine and packaged elsewhere: ``train_only=True`` leaves
+the finished checkpoints, a later call with the same arguments packages them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputValueError
+
+log = logging.getLogger(__name__)
+
+FAMILY_FORMAT = "neuroadda_rt.family/1"
+
+
+@dataclass(frozen=True)
+class ZooRecipe:
+    """Settings of a zoo build (the defaults build the bundled zoo)."""
+
+    n_domains: int = 8
+    seed: int = 158  # choose_family_seed(8): the most clearly posed family among seeds 0..399
+    widths: tuple[int, ...] = (8, 16, 32, 64)
+    representation: str = "boundary"
+    volumes: int = 4
+    volume_shape: tuple[int, int, int] = (8, 384, 384)
+    steps: int = 5000
+    lr: float = 1e-3
+    batch_size: int = 16
+    patch_size: int = 128
+    tile_size: int = 128
+    reference_tiles: int = 256
+    threshold_tiles: int = 16
+    held_out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        d["volume_shape"] = list(self.volume_shape)
+        return d
+
+
+#: The bundled zoo's recipe (``neuroadda-rt zoo build`` with no options).
+DEFAULT_ZOO = ZooRecipe()
+
+
+# --------------------------------------------------------------------------------------------
+# the family and its held-out domain
+# --------------------------------------------------------------------------------------------
+def _nearest(dist_row: np.ndarray, names: list[str], candidates: list[str]) -> tuple[str, float, float]:
+    """(nearest candidate, its distance, ratio second/first distance) for one row of distances."""
+    idx = {n: i for i, n in enumerate(names)}
+    d = sorted((float(dist_row[idx[c]]), c) for c in candidates)
+    ratio = d[1][0] / d[0][0] if len(d) > 1 and d[0][0] > 0 else float("inf")
+    return d[0][1], d[0][0], ratio
+
+
+def family_spec(n_domains: int, seed: int, *, held_out: str | None = None) -> dict[str, Any]:
+    """The domain family, its tree, the held-out domain and everyone's nearest relative.
+
+    Parameters
+    ----------
+    n_domains : int
+        Number of domains (leaves), at least 3.
+    seed : int
+        Family seed (passed to :func:`neuroadda_rt.synthetic.domain_family`).
+    held_out : str, optional
+        The domain to keep out of the zoo (default: the leaf whose nearest relative is the
+        clearest, see the module notes).
+
+    Returns
+    -------
+    dict
+        The content of ``family.json`` (without the build settings): ``names``, ``styles``
+        (name -> style dict), ``newick``, ``patristic`` (name -> name -> distance),
+        ``held_out``, ``zoo_domains``, ``nearest`` (every domain -> its nearest relative among
+        the zoo domains other than itself), ``nearest_margin`` (second / first distance).
+
+    Examples
+    --------
+    >>> spec = family_spec(5, seed=0)
+    >>> spec["held_out"] in spec["names"] and spec["held_out"] not in spec["zoo_domains"]
+    True
+    """
+    from ._newick import patristic_distances
+    from .synthetic import domain_family
+
+    if int(n_domains) < 3:
+        raise InputValueError(f"expected n_domains >= 3 (a held-out domain and two sources), got {n_domains}")
+    styles, newick = domain_family(int(n_domains), seed=int(seed))
+    names = [s.name for s in styles]
+    tree_names, dist = patristic_distances(newick)
+    order = [tree_names.index(n) for n in names]
+    dist = dist[np.ix_(order, order)]
+    if held_out is None:
+        # the clearest nearest relative; ties broken by name for determinism
+        scores = []
+        for i, n in enumerate(names):
+            _, _, ratio = _nearest(dist[i], names, [m for m in names if m != n])
+            scores.append((-ratio, n))
+        held_out = sorted(scores)[0][1]
+    elif held_out not in names:
+        raise InputValueError(f"expected held_out among the family's domains {names}, got {held_out!r}")
+    zoo = [n for n in names if n != held_out]
+    nearest, margin = {}, {}
+    for i, n in enumerate(names):
+        cands = [m for m in zoo if m != n]
+        best, _, ratio = _nearest(dist[i], names, cands)
+        nearest[n], margin[n] = best, (None if not np.isfinite(ratio) else round(float(ratio), 4))
+    return {
+        "names": names,
+        "styles": {s.name: s.to_dict() for s in styles},
+        "newick": newick,
+        "patristic": {a: {b: round(float(dist[i, j]), 6) for j, b in enumerate(names)} for i, a in enumerate(names)},
+        "held_out": held_out,
+        "zoo_domains": zoo,
+        "nearest": nearest,
+        "nearest_margin": margin,
+    }
+
+
+def family_clarity(n_domains: int, seed: int) -> dict[str, Any]:
+    """How clearly a family's relationships are posed (the criterion the default seed was chosen by).
+
+    For every domain as a target, among the zoo domains other than itself: does the nearest
+    relative in the tree equal the nearest in the style's parameter coordinates
+    (:meth:`~neuroadda_rt.synthetic.DomainStyle.to_vector`, where the drift happens), and by
+    what ratio (second / first distance) is it nearer, in the tree and in parameters? This
+    looks only at the generator's output, never at any model.
+
+    Returns ``{"consistent": bool, "tree_margin": float, "param_margin": float, "min_photons": float}``
+    (margins are minima over the targets).
+    """
+    from .synthetic import DomainStyle
+
+    f = family_spec(n_domains, seed)
+    vec = {k: DomainStyle.from_dict(v).to_vector() for k, v in f["styles"].items()}
+    consistent, pm, tm = True, [], []
+    for t in f["names"]:
+        cands = sorted((m for m in f["zoo_domains"] if m != t), key=lambda m: float(np.linalg.norm(vec[t] - vec[m])))
+        d = [float(np.linalg.norm(vec[t] - vec[m])) for m in cands]
+        consistent &= cands[0] == f["nearest"][t]
+        pm.append(d[1] / d[0] if len(d) > 1 and d[0] > 0 else float("inf"))
+        tm.append(f["nearest_margin"][t] or float("inf"))
+    return {"consistent": bool(consistent), "tree_margin": float(min(tm)), "param_margin": float(min(pm)),
+            "min_photons": float(min(v["photons"] for v in f["styles"].values()))}
+
+
+def choose_family_seed(n_domains: int = 8, candidates=range(400)) -> int:
+    """The candidate seed whose family is the most clearly posed (:func:`family_clarity`):
+    consistent tree / parameter nearest relatives for every target, then the largest
+    ``min(tree_margin, param_margin)``. ``choose_family_seed(8)`` gives the bundled zoo's seed (158).
+    """
+    best = None
+    for s in candidates:
+        c = family_clarity(n_domains, int(s))
+        if not c["consistent"]:
+            continue
+        key = (min(c["tree_margin"], c["param_margin"]), -int(s))
+        if best is None or key > best[0]:
+            best = (key, int(s))
+    if best is None:
+        raise InputValueError(f"no family among the candidate seeds has consistent nearest relatives")
+    return best[1]
+
+
+def _domain_seed(family_seed: int, index: int, volume: int) -> int:
+    """Rendering seed of volume ``volume`` of domain ``index`` (disjoint from the demo's seeds >= 1000)."""
+    return int(np.random.SeedSequence([int(family_seed), int(index), int(volume), 0x200]).generate_state(1)[0]
+               % 900_000 + 100_000)
+
+
+def _render(style_dict: dict, recipe: ZooRecipe, index: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    from .synthetic import DomainStyle, make_domain
+
+    style = DomainStyle.from_dict(style_dict)
+    ims, lbs, seeds = [], [], []
+    for v in range(recipe.volumes):
+        s = _domain_seed(recipe.seed, index, v)
+        img, lab = make_domain(style, tuple(recipe.volume_shape), seed=s)
+        ims += [img[z] for z in range(img.shape[0])]
+        lbs += [lab[z] for z in range(lab.shape[0])]
+        seeds.append(s)
+    return ims, lbs, seeds
+
+
+def _sample_tiles(images: list[np.ndarray], labels: list[np.ndarray], n: int, size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    ti, tl = [], []
+    for _ in range(n):
+        k = int(rng.integers(len(images)))
+        h, w = images[k].shape
+        y, x = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        ti.append(images[k][y:y + size, x:x + size])
+        tl.append(labels[k][y:y + size, x:x + size])
+    return np.stack(ti), np.stack(tl)
+
+
+# --------------------------------------------------------------------------------------------
+# one source model
+# --------------------------------------------------------------------------------------------
+def _train_domain(args) -> dict[str, Any]:
+    """Worker: render, train (resumable), return the history. Runs in a subprocess when parallel."""
+    name, index, style_dict, recipe_d, ckpt_dir, device, progress, threads = args
+    import torch
+
+    from .models import UNet
+    from .training import TrainRecipe, train_network
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    recipe = ZooRecipe(**{**recipe_d, "widths": tuple(recipe_d["widths"]), "volume_shape": tuple(recipe_d["volume_shape"])})
+    t0 = time.perf_counter()
+    ims, lbs, seeds = _render(style_dict, recipe, index)
+    t_render = time.perf_counter() - t0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed * 1000 + index)
+        net = UNet(widths=recipe.widths, head=recipe.representation)
+    tr = TrainRecipe(steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, patch_size=recipe.patch_size,
+                     augment=True, seed=recipe.seed * 1000 + index)
+    hist = train_network(net, ims, lbs, recipe=tr, checkpoint_dir=ckpt_dir, checkpoint_every=250,
+                         progress=progress, device=device, desc=f"zoo {name}")
+    return {"name": name, "loss": hist.loss, "seconds": hist.seconds, "steps_run": hist.steps_run,
+            "resumed_from": hist.resumed_from, "render_seconds": t_render, "seeds": seeds, "device": device,
+            "recipe": tr.to_dict(), "threads": torch.get_num_threads()}
+
+
+def _package_domain(name: str, index: int, style_dict: dict, recipe: ZooRecipe, ckpt_dir: Path, out_dir: Path,
+                    info: dict, family: dict):
+    """Load the finished checkpoint, tune the threshold, write the package."""
+    import torch  # noqa: F401
+    from safetensors import safe_open
+
+    from .models import UNet
+    from .package import save_model
+    from .training import CHECKPOINT_NAME, TrainHistory, _history_dict, _tune_threshold, TrainRecipe
+
+    ims, lbs, seeds = _render(style_dict, recipe, index)
+    net = UNet(widths=recipe.widths, head=recipe.representation)
+    ck = ckpt_dir / CHECKPOINT_NAME
+    with safe_open(str(ck), framework="pt") as f:
+        state = {k[len("model/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("model/")}
+        meta = json.loads(f.metadata()["neuroadda_rt"])
+    if int(meta["step"]) != recipe.steps:
+        raise InputValueError(f"{ck}: training stopped at step {meta['step']} of {recipe.steps}; rerun to resume")
+    net.load_state_dict(state)
+    net.eval()
+    from .io import normalize_intensity
+
+    rule = {"rule": "dtype"}
+    th_i, th_l = _sample_tiles(ims, lbs, recipe.threshold_tiles, recipe.tile_size, seed=recipe.seed * 7919 + index)
+    seg = _tune_threshold(net, [normalize_intensity(t, rule) for t in th_i], list(th_l), recipe.representation)
+    seg["tuned_on"] = (f"{recipe.threshold_tiles} random {recipe.tile_size}x{recipe.tile_size} training tiles, "
+                       "VI with ground-truth 0 ignored")
+    ref_i, _ = _sample_tiles(ims, lbs, recipe.reference_tiles, recipe.tile_size, seed=recipe.seed * 104729 + index)
+    tr = TrainRecipe(**info["recipe"]) if "recipe" in info else TrainRecipe(steps=recipe.steps)
+    hist = TrainHistory(loss=[float(v) for v in meta["loss"]], seconds=float(info.get("seconds", 0.0)),
+                        steps_run=int(info.get("steps_run", 0)), resumed_from=int(info.get("resumed_from", 0)))
+    training = {
+        "data": (f"synthetic domain {name!r} of the family in family.json: {recipe.volumes} volumes "
+                 f"{'x'.join(map(str, recipe.volume_shape))} (seeds {seeds}), every slice"),
+        "n_samples": len(ims),
+        "mode": "zoo source",
+        "domain": name,
+        "style": style_dict,
+        "family": {"seed": recipe.seed, "n_domains": recipe.n_domains, "newick": family["newick"]},
+        "recipe": tr.to_dict(),
+        "loss": "BCE on boundary targets from the instance labels",
+        "augmentation": "flips, 90-degree rotations, elastic, intensity jitter",
+        "built_by": "neuroadda-rt zoo build (neuroadda_rt.zoo_build.build_zoo)",
+        "device": info.get("device"),
+    }
+    h = _history_dict(hist, tr)
+    # keep model.json small: the curve every 10 steps (running mean), the full curve is in training
+    loss = np.asarray(hist.loss)
+    k = 10
+    h["loss"] = [round(float(loss[i:i + k].mean()), 5) for i in range(0, len(loss), k)]
+    h["loss_every"] = k
+    metrics = {"training": h, "segmentation_threshold": seg["threshold"], "vi_train": seg["vi_train"]}
+    pkg = save_model(net, out_dir / name, name=name, organism="synthetic", tissue="synthetic neuropil",
+                     modality="synthetic EM", voxel_size_nm=(4.0, 4.0), normalization=rule, training=training,
+                     metrics=metrics, reference_tiles=ref_i, pooling="mean",
+                     reference_info={"tile_size": recipe.tile_size, "seed": recipe.seed * 104729 + index,
+                                     "source": f"{recipe.reference_tiles} random training tiles"},
+                     extra={"segmentation": seg, "synthetic_family": {"domain": name, "held_out": family["held_out"]}},
+                     overwrite=True)
+    return pkg
+
+
+# --------------------------------------------------------------------------------------------
+def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DEFAULT_ZOO.seed,
+              held_out: str | None = None, widths=DEFAULT_ZOO.widths, steps: int = DEFAULT_ZOO.steps,
+              lr: float = DEFAULT_ZOO.lr, batch_size: int = DEFAULT_ZOO.batch_size,
+              patch_size: int = DEFAULT_ZOO.patch_size, volumes: int = DEFAULT_ZOO.volumes,
+              volume_shape=DEFAULT_ZOO.volume_shape, tile_size: int = DEFAULT_ZOO.tile_size,
+              reference_tiles: int = DEFAULT_ZOO.reference_tiles, threshold_tiles: int = DEFAULT_ZOO.threshold_tiles,
+              device: str = "cpu", workers: int = 1, threads: int | None = None, progress: bool = False,
+              train_only: bool = False, checkpoint_root=None, keep_checkpoints: bool = False) -> dict[str, Any]:
+    """Train one source model per domain of a synthetic family and write them as a zoo.
+
+    Parameters
+    ----------
+    out_dir : path
+        The zoo folder (created; existing packages of the same names are replaced).
+    n_domains, seed : int
+        The family: :func:`neuroadda_rt.synthetic.domain_family` ``(n_domains, seed=seed)``.
+    held_out : str, optional
+        Domain kept out of the zoo for the demo (default: chosen as in :func:`family_spec`).
+    widths : sequence of int
+        UNet widths of the sources (default ``8-16-32-64``: small, fast to fine-tune on a CPU).
+    steps, lr, batch_size, patch_size : training recipe of each source.
+    volumes, volume_shape : training data per domain (every slice of each volume).
+    tile_size, reference_tiles, threshold_tiles : reference features and threshold tuning.
+    device : {"cpu", "cuda", "auto"}
+        Where to train (CPU runs are bit-for-bit reproducible).
+    workers : int
+        Domains trained in parallel processes.
+    threads : int, optional
+        PyTorch threads per worker.
+    progress : bool
+        Progress bars.
+    train_only : bool
+        Stop after training (checkpoints stay in ``checkpoint_root``).
+    checkpoint_root : path, optional
+        Where the per-domain checkpoints live (default ``<out_dir>/.checkpoints``).
+    keep_checkpoints : bool
+        Keep the checkpoints after packaging.
+
+    Returns
+    -------
+    dict
+        The ``family.json`` content written to ``out_dir``.
+
+    Examples
+    --------
+    >>> from neuroadda_rt.zoo_build import build_zoo
+    >>> fam = build_zoo("my_zoo", n_domains=4, steps=20, volumes=1, volume_shape=(2, 128, 128))  # doctest: +SKIP
+    >>> fam["held_out"], fam["zoo_domains"]                                                     # doctest: +SKIP
+    """
+    recipe = ZooRecipe(n_domains=int(n_domains), seed=int(seed), widths=tuple(int(w) for w in widths),
+                       volumes=int(volumes), volume_shape=tuple(int(s) for s in volume_shape), steps=int(steps),
+                       lr=float(lr), batch_size=int(batch_size), patch_size=int(patch_size), tile_size=int(tile_size),
+                       reference_tiles=int(reference_tiles), threshold_tiles=int(threshold_tiles), held_out=held_out)
+    if len(recipe.volume_shape) != 3:
+        raise InputValueError(f"expected volume_shape (z, h, w), got {recipe.volume_shape}")
+    if min(recipe.volume_shape[1:]) < max(recipe.tile_size, recipe.patch_size):
+        raise InputValueError(f"expected volume slices of at least tile_size/patch_size "
+                              f"{max(recipe.tile_size, recipe.patch_size)} px, got {recipe.volume_shape}")
+    if int(workers) < 1:
+        raise InputValueError(f"expected workers >= 1, got {workers}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckroot = Path(checkpoint_root) if checkpoint_root is not None else out / ".checkpoints"
+    fam = family_spec(recipe.n_domains, recipe.seed, held_out=held_out)
+    zoo_names = fam["zoo_domains"]
+    index = {n: i for i, n in enumerate(fam["names"])}
+    t0 = time.perf_counter()
+    # domains whose checkpoint already holds every step are not trained again (e.g. trained on
+    # another machine with train_only=True and copied here)
+    todo = [n for n in zoo_names if _checkpoint_step(ckroot / n) != recipe.steps]
+    jobs = [(n, index[n], fam["styles"][n], recipe.to_dict(), str(ckroot / n), device,
+             progress and int(workers) == 1, threads) for n in todo]
+    if int(workers) > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=int(workers), mp_context=mp.get_context("spawn")) as ex:
+            infos = list(ex.map(_train_domain, jobs))
+    else:
+        infos = [_train_domain(j) for j in jobs]
+    train_s = time.perf_counter() - t0
+    info_by = {i["name"]: i for i in infos}
+    for n in info_by:  # keep what the training run said, for the packaging run
+        p = ckroot / n / "train_info.json"
+        i = dict(info_by[n])
+        i.pop("loss", None)
+        if i.get("steps_run", 0) > 0 or not p.exists():
+            _atomic_text(p, json.dumps(i, indent=1))
+    if train_only:
+        return {"trained": zoo_names, "checkpoints": str(ckroot), "train_seconds": train_s}
+    pkgs = {}
+    for n in zoo_names:
+        p = ckroot / n / "train_info.json"
+        info = json.loads(p.read_text()) if p.exists() else info_by.get(n, {})
+        pkgs[n] = _package_domain(n, index[n], fam["styles"][n], recipe, ckroot / n, out, info, fam)
+    family = {
+        "format": FAMILY_FORMAT,
+        "n": recipe.n_domains,
+        "seed": recipe.seed,
+        **fam,
+        "demo_target": fam["held_out"],
+        "demo_seed": 1000,
+        "recipe": recipe.to_dict(),
+        "built_by": "neuroadda-rt zoo build (neuroadda_rt.zoo_build.build_zoo)",
+        "train_devices": sorted({str(json.loads((ckroot / n / 'train_info.json').read_text()).get('device'))
+                                 for n in zoo_names if (ckroot / n / 'train_info.json').exists()}),
+        "models": {n: {"path": n, "sha256": pkgs[n].sha256, "segmentation_threshold":
+                       pkgs[n].metadata["metrics"]["segmentation_threshold"]} for n in zoo_names},
+    }
+    _atomic_text(out / "family.json", json.dumps(family, indent=1, sort_keys=False) + "\n")
+    if not keep_checkpoints and checkpoint_root is None:
+        shutil.rmtree(ckroot, ignore_errors=True)
+    return family
+
+
+def _checkpoint_step(ckpt_dir: Path) -> int | None:
+    """The step a domain's checkpoint reached (None: no readable checkpoint)."""
+    from .training import CHECKPOINT_NAME
+
+    f = Path(ckpt_dir) / CHECKPOINT_NAME
+    if not f.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="np") as fh:
+            return int(json.loads(fh.metadata()["neuroadda_rt"])["step"])
+    except Exception:  # unreadable: train (train_network reports the problem)
+        return None
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the zoo is read by everyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def zoo_size_bytes(root) -> int:
+    """Total size of the files under ``root`` (the bundled zoo must stay under 20 MB)."""
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())

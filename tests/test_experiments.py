@@ -217,3 +217,22 @@ def test_local_dask_cluster_runs_one_task_per_item_and_reports_failures():
     results, failures = ex._run_tasks(int, ["1", "2", "x"], scheduler=None, workers=1, progress=False, desc="t")
     assert sorted(results) == [1, 2]
     assert len(failures) == 1 and failures[0][0] == "x" and "ValueError" in failures[0][1]
+
+
+def test_reusing_a_zoo_of_model_packages(tmp_path):
+    """sources.zoo maps domains to existing packages (here three copies of the tiny test model):
+    no source is trained, the MMD² matrix uses each package with its own intensity rule."""
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny_model"
+    if not (tiny / "model.json").exists():
+        pytest.skip("tests/assets/tiny_model is missing (tools/make_test_assets.py writes it)")
+    cfg = {**SMALL, "sources": {"zoo": {f"syn0{i}": str(tiny) for i in range(3)}},
+           "finetune": {**SMALL["finetune"], "n": [2], "sources": "best", "scratch": False}}
+    res = ex.run_experiment(cfg, tmp_path, scheduler="synchronous")
+    assert not res.failures and not (tmp_path / "sources").exists()
+    m = pd.read_csv(tmp_path / "mmd" / "mmd2.csv")
+    # the same network for every source: each target column is constant over the sources
+    for _, g in m.groupby("target"):
+        assert np.ptp(g.mmd2.to_numpy()) < 1e-9
+    assert len(res.table) == 3 and (res.table.init_kind == "source").all()  # the best source per target

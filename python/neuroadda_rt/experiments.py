@@ -471,7 +471,8 @@ def _train_source(dom: Domain, cfg: ExperimentConfig, dest: Path) -> str:
 
 def load_source(path) -> tuple[Any, dict, np.ndarray]:
     """``(UNet in eval mode, metadata, reference features)`` of a source trained by the runner or
-    of a model package (a zoo entry)."""
+    of a model package (a zoo entry). For a package, ``metadata["package"]`` holds the loaded
+    package, which inference should use so that its own intensity rule applies."""
     p = Path(path)
     if (p / "source.json").exists():
         torch = require("torch", "torch")
@@ -489,7 +490,7 @@ def load_source(path) -> tuple[Any, dict, np.ndarray]:
 
     pkg = load_model(p)
     meta = {"name": pkg.name if hasattr(pkg, "name") else p.name, "threshold": stored_threshold(pkg),
-            "pooling": _pkg_pooling(pkg), "network": dict(pkg.metadata.get("network", {}))}
+            "pooling": _pkg_pooling(pkg), "network": dict(pkg.metadata.get("network", {})), "package": pkg}
     return pkg.unet().eval(), meta, np.asarray(pkg.reference_features, dtype=np.float32)
 
 
@@ -633,9 +634,9 @@ def execute_run(spec: dict, runs_dir: str) -> dict:
     test_images, test_labels, _ = _held_out(tdir, s["tile_size"], s["n_test"])
 
     # tiles chosen by the selector source's uncertainty (source-free)
-    selector, _, _ = load_source(spec["selector_package"])
-    sel = select_tiles(target, selector, spec["n"], strategy=spec["strategy"], pool=s["pool"],
-                       tile_size=s["tile_size"], seed=spec["seed"], backend="torch", device="cpu")
+    selector, sel_meta, _ = load_source(spec["selector_package"])
+    sel = select_tiles(target, sel_meta.get("package", selector), spec["n"], strategy=spec["strategy"],
+                       pool=s["pool"], tile_size=s["tile_size"], seed=spec["seed"], backend="torch", device="cpu")
     coords = np.asarray(sel.coords, dtype=np.int64)
     images = _stack_tiles(target, coords, s["tile_size"])
     labels = _stack_tiles(target_labels, coords, s["tile_size"])
@@ -811,6 +812,24 @@ def _run_task(args) -> dict:
 # --------------------------------------------------------------------------------------------
 # MMD² matrix
 # --------------------------------------------------------------------------------------------
+def _mmd_test(ref: np.ndarray, feats: np.ndarray, n_permutations: int, seed: int) -> tuple[float, float]:
+    """MMD² and p-value with the median-heuristic bandwidth; when most feature rows coincide (dead
+    ReLU features of a weak network) the median is 0, so the RMS pairwise distance is used instead."""
+    from .errors import InputValueError as _IVE
+    from .mmd import mmd2_test
+
+    perms = max(1, n_permutations)
+    try:
+        res = mmd2_test(ref, feats, n_permutations=perms, seed=seed)
+    except _IVE:
+        z = np.concatenate([ref, feats]).astype(np.float64)
+        ms = 2 * (z.var(axis=0).sum())  # mean squared pairwise distance
+        if not ms > 0:
+            return 0.0, 1.0  # identical samples
+        res = mmd2_test(ref, feats, n_permutations=perms, seed=seed, sigma=float(np.sqrt(ms / 2)))
+    return float(res.mmd2), (float(res.p_value) if n_permutations > 0 else float("nan"))
+
+
 def compute_mmd_matrix(cfg: ExperimentConfig, domains: Sequence[Domain], packages: Mapping[str, str],
                        out: Path, *, progress: bool = False):
     """``M[s, t]`` with permutation p-values for every source ``s`` and every domain ``t``.
@@ -821,7 +840,6 @@ def compute_mmd_matrix(cfg: ExperimentConfig, domains: Sequence[Domain], package
     its median-heuristic bandwidth -- run on the PyTorch encoders so that no ONNX export is needed.
     Cached in ``mmd/mmd.json`` under a key of everything it depends on.
     """
-    from .mmd import mmd2_test
     from .tiles import sample_tiles
 
     names = [d.name for d in domains if d.name in packages]
@@ -844,12 +862,10 @@ def compute_mmd_matrix(cfg: ExperimentConfig, domains: Sequence[Domain], package
     p = np.full_like(m, np.nan)
     for i, sname in enumerate(names):
         net, meta, ref = load_source(packages[sname])
-        fx = _feature_extractor(net, meta.get("pooling", "mean"))
+        fx = _feature_extractor(meta.get("package", net), meta.get("pooling", "mean"))
         for j, tname in enumerate(targets):
             feats = np.asarray(fx.features(tiles[tname]), dtype=np.float32)
-            res = mmd2_test(ref, feats, n_permutations=max(1, int(mm["n_permutations"])), seed=seed)
-            m[i, j] = float(res.mmd2)
-            p[i, j] = float(res.p_value) if int(mm["n_permutations"]) > 0 else np.nan
+            m[i, j], p[i, j] = _mmd_test(ref, feats, int(mm["n_permutations"]), seed)
     _atomic_write_json(path, {"key": key, "sources": names, "targets": targets, "mmd2": m.tolist(),
                               "p_values": [[_float_or_none(v) for v in row] for row in p.tolist()]})
     return names, targets, m, p

@@ -1,4 +1,4 @@
-"""Shared fixtures and markers. GPU cases stay in every parametrisation and are skipped
+"""Shared fixtures and markers for tests/ and benchmarks/. GPU cases stay in every parametrisation and are skipped
 with a reason when no CUDA build or GPU is present, so they show up in the report."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import neuroadda_rt
 from neuroadda_rt._device import cuda_unavailable_reason
 
-EM_DATA = Path(os.environ.get("NEUROADDA_EM_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "em_data"))
+EM_DATA = Path(os.environ.get("NEUROADDA_EM_DATA", Path(__file__).resolve().parent.parent / "shared" / "em_data"))
 
 
 def pytest_collection_modifyitems(config, items):

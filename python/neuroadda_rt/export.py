@@ -374,9 +374,14 @@ def _build_engine(trt, onnx_path: Path, profile: dict[str, Any], fp16: bool, wor
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     if fp16:
-        if not builder.platform_has_fast_fp16:
-            log.warning("fp16 requested but this GPU has no fast fp16; building anyway")
-        config.set_flag(trt.BuilderFlag.FP16)
+        # TensorRT 10 "weak typing": let the builder pick fp16 kernels. TensorRT 11 removed the
+        # flag (precision must then be in the ONNX graph itself), so say so instead of ignoring it.
+        flag = getattr(trt.BuilderFlag, "FP16", None)
+        if flag is None:
+            raise BackendUnavailableError(f"fp16=True needs TensorRT 10.x (BuilderFlag.FP16); TensorRT "
+                                          f"{trt.__version__} only builds strongly typed networks. Use fp16=False "
+                                          f"or install 'tensorrt>=10,<11'")
+        config.set_flag(flag)
     opt = builder.create_optimization_profile()
     inp = network.get_input(0)
     opt.set_shape(inp.name, tuple(profile["min"]), tuple(profile["opt"]), tuple(profile["max"]))

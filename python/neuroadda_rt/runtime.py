@@ -279,6 +279,7 @@ class _TensorRTRunner:
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self.profile = profile
+        self.stream = torch.cuda.Stream()
         self.providers = [f"TensorRT {trt.__version__}{' fp16' if fp16 else ''}"]
         self.device = "cuda"
 
@@ -288,18 +289,20 @@ class _TensorRTRunner:
         if len(x.shape) != len(lo) or any(not (a <= s <= b) for a, s, b in zip(lo, x.shape, hi)):
             raise ShapeError(f"expected an input shape between {tuple(lo)} and {tuple(hi)} (the TensorRT "
                              f"optimisation profile; pass trt_profile= to widen it), got {x.shape}")
-        xin = torch.from_numpy(x).to("cuda", non_blocking=False).contiguous()
-        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+        if not self.context.set_input_shape(self.input_name, tuple(int(s) for s in x.shape)):
             raise ShapeError(f"TensorRT rejected input shape {x.shape}")
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address(self.input_name, int(xin.data_ptr()))
-        self.context.set_tensor_address(self.output_name, int(out.data_ptr()))
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise BackendUnavailableError("TensorRT execute_async_v3 failed (see its log)")
-        stream.synchronize()
-        return out.cpu().numpy()
+        out_shape = tuple(int(s) for s in self.context.get_tensor_shape(self.output_name))
+        # a private stream: enqueueV3 on the legacy default stream forces extra synchronisation
+        with torch.cuda.stream(self.stream):
+            xin = torch.from_numpy(x).to("cuda", non_blocking=True)
+            out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(self.input_name, int(xin.data_ptr()))
+            self.context.set_tensor_address(self.output_name, int(out.data_ptr()))
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise BackendUnavailableError("TensorRT execute_async_v3 failed (see its log)")
+            host = out.to("cpu", non_blocking=False)
+        self.stream.synchronize()
+        return host.numpy()
 
 
 # --------------------------------------------------------------------------------------------

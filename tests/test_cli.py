@@ -159,3 +159,29 @@ def test_subprocess(zoo, data):
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("neuroadda-rt rank: error: target volume not found")
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_demo_fast(zoo, tmp_path, capsys):
+    """The README's main command on a stand-in zoo: a family.json naming a held-out domain."""
+    root = tmp_path / "zoo"
+    root.mkdir()
+    for p in zoo:
+        (root / p.name).symlink_to(p, target_is_directory=True)
+    styles = {s.name: s.to_dict() for s in wz.domains()}
+    held = wz.domains()[1].replace(name="held", photons=50.0)
+    styles["held"] = held.to_dict()
+    (root / "family.json").write_text(json.dumps({"styles": styles, "held_out": "held", "demo_seed": 1000,
+                                                  "nearest": {"held": "near_b"}}))
+    out = run_json(capsys, ["demo", "--zoo", str(root), "--fast", "--steps", "2", "--out", str(tmp_path / "demo"),
+                            "--no-progress", "--json"])
+    assert out["target_domain"] == "held" and out["best_source"] == "near_b"
+    assert out["nearest_relative"] == "near_b"
+    assert set(out["vi"]) == {"finetuned", "scratch", "source"}
+    report = tmp_path / "demo" / "report.html"
+    assert out["report"] == str(report) and report.exists()
+    run = json.loads((tmp_path / "demo" / "run.json").read_text())
+    assert run["settings"]["demo"]["target_domain"] == "held" and run["settings"]["n"] == 4
+    assert run["settings"]["strategy"] == "median"
+    assert "family.json" in error_of(capsys, ["demo", "--zoo", str(zoo[0].parent.parent / "_base"),
+                                              "--out", str(tmp_path / "x")])

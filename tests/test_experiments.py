@@ -236,3 +236,28 @@ def test_reusing_a_zoo_of_model_packages(tmp_path):
     for _, g in m.groupby("target"):
         assert np.ptp(g.mmd2.to_numpy()) < 1e-9
     assert len(res.table) == 3 and (res.table.init_kind == "source").all()  # the best source per target
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_manifests_labelled_and_unlabelled(em_data, tmp_path):
+    """Two labelled public sets and one unlabelled one: the unlabelled set gets no source and no
+    runs, but it is a column of the MMD² matrix (a target to place among the known domains)."""
+    from pathlib import Path
+
+    manifests = Path(__file__).resolve().parents[1] / "examples" / "datasets"
+    cfg = {"name": "real-ci", "tile_size": 64,
+           "domains": {"datasets": [str(manifests / "isbi2012.json"), str(manifests / "gala_fibsem.json"),
+                                    str(manifests / "kasthuri_cortex.json")], "data_root": str(em_data)},
+           "sources": {"network": {"widths": [4, 8]}, "train": {"steps": 2, "batch_size": 2, "patch_size": 64}},
+           "mmd": {"n_tiles": 8, "n_permutations": 10},
+           "finetune": {"n": [1], "strategies": ["median"], "seeds": [0], "pool": 4,
+                        "train": {"steps": 2, "batch_size": 2, "patch_size": 64}},
+           "evaluate": {"n_test": 1}}
+    res = ex.run_experiment(cfg, tmp_path, scheduler="synchronous")
+    assert not res.failures
+    m = pd.read_csv(tmp_path / "mmd" / "mmd2.csv")
+    assert set(m.source) == {"isbi2012", "gala_fibsem"}
+    assert set(m.target) == {"isbi2012", "gala_fibsem", "kasthuri_cortex"}
+    assert set(res.table.target) == {"isbi2012", "gala_fibsem"} and len(res.table) == 4
+    assert set(res.table.init) == {"isbi2012", "gala_fibsem", "scratch"}

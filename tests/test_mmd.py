@@ -240,13 +240,24 @@ def test_concurrent_calls_match_serial():
 
 
 def test_python_runs_while_a_kernel_runs():
-    # With the GIL held for the whole call, no main-thread iteration could be stamped inside it.
-    x, y = make_pair(2500, 2500, 256)
+    # With the GIL held for the whole call the main thread is stopped from the moment the worker
+    # enters C++ until it returns, so it stamps nothing in the first half of the call (it can only
+    # run just before the call, and after it returned but before the worker stamps t1). Grow the
+    # problem until one call lasts >= 0.15 s on this machine so the window is wide whatever the
+    # core count.
+    n = 1024
+    while True:
+        x, y = make_pair(n, n, 256)
+        t = time.perf_counter()
+        nr.mmd2(x, y, sigma=20.0, device="cpu")
+        if time.perf_counter() - t >= 0.15 or n >= 16384:
+            break
+        n *= 2
     span = {}
 
-    def work():
+    def work():  # the private kernel directly: no Python between the stamps and the C++ call
         span["t0"] = time.perf_counter()
-        span["value"] = nr.mmd2(x, y, sigma=20.0, device="cpu")
+        span["value"] = _core._mmd2(x, y, [20.0], True, "cpu")
         span["t1"] = time.perf_counter()
 
     stamps = []
@@ -254,11 +265,9 @@ def test_python_runs_while_a_kernel_runs():
     t.start()
     while t.is_alive():
         stamps.append(time.perf_counter())
-        time.sleep(0.001)
     t.join()
     t0, t1 = span["t0"], span["t1"]
-    q = (t1 - t0) / 4
-    inside = [s for s in stamps if t0 + q < s < t1 - q]
+    inside = [s for s in stamps if t0 + 0.025 < s < (t0 + t1) / 2]  # 0.025 s: a few 5 ms GIL switch intervals
     assert len(inside) >= 3, (t1 - t0, len(stamps))
 
 

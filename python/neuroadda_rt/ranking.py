@@ -177,8 +177,9 @@ def _pkg_name(pkg) -> str:
 
 
 def _pkg_path(pkg) -> str | None:
+    # absolute, so that a ranking.json / tiles.json still points at the model from another directory
     p = getattr(pkg, "path", None)
-    return str(p) if p is not None else None
+    return str(Path(p).resolve()) if p is not None else None
 
 
 def _pkg_sha(pkg) -> str:

@@ -2,8 +2,8 @@
 """Regenerate ``tests/assets/tiny_model/``: a tiny, deterministic model package (2-D boundary UNet,
 widths 4-8-16) so that tests and other engineers can load a model without training.
 
-The weights are a fixed random initialisation with non-trivial BatchNorm statistics (not trained:
-the package exercises formats and runtimes, not segmentation quality). Reference features are the
+The weights are a fixed random initialisation (not trained: the package exercises formats and
+runtimes, not segmentation quality) with BatchNorm statistics estimated on the reference tiles. Reference features are the
 mean-pooled encoder features of 32 tiles of 64 x 64 drawn from a synthetic EM domain.
 
 Usage::
@@ -35,12 +35,6 @@ def build(dest: Path) -> None:
 
     torch.manual_seed(20260101)
     net = UNet(dim=2, widths=(4, 8, 16), head="boundary")
-    g = torch.Generator().manual_seed(7)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    net.eval()
     try:
         from neuroadda_rt.synthetic import make_domain
 
@@ -52,10 +46,25 @@ def build(dest: Path) -> None:
     rng = np.random.default_rng(0)
     ys, xs = rng.integers(0, 256 - 64, 32), rng.integers(0, 256 - 64, 32)
     tiles = np.stack([image[y:y + 64, x:x + 64] for y, x in zip(ys, xs)])
+    # BatchNorm statistics estimated on the tiles (one cumulative pass in train mode): with
+    # arbitrary statistics the pooled features are nearly constant across tiles, useless for
+    # ranking tests; with data statistics they spread like a trained encoder's
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(tiles.astype(np.float32) / 255)[:, None])
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
+    net.eval()
     neuroadda_rt.save_model(
         net, dest, name="tiny", organism="synthetic", tissue="neuropil", modality="synthetic-ssTEM",
         voxel_size_nm=(40.0, 4.0, 4.0), normalization={"rule": "dtype"},
-        training={"data": f"untrained test asset; reference tiles from {source}", "n_samples": 0},
+        training={"data": f"untrained test asset (random weights, BatchNorm statistics of the reference "
+                          f"tiles); reference tiles from {source}", "n_samples": 0},
         metrics={}, reference_tiles=tiles, pooling="mean",
         reference_info={"tile_size": 64, "seed": 0, "source": source},
         extra={"generator": "tools/make_test_assets.py"}, overwrite=True)

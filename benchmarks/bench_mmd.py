@@ -109,27 +109,43 @@ def test_mmd2_torch_cdist(benchmark, data, expected):
     np.testing.assert_allclose(got, expected, **TOL)
 
 
-def _status_kib(key):
+_MEMORY_PROBE = r"""
+import sys
+import numpy as np
+import neuroadda_rt as nr
+
+def kib(key):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key):
                 return int(line.split()[1])
-    raise KeyError(key)
+
+n, d = int(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+x = rng.normal(size=(n, d)).astype(np.float32)
+y = (rng.normal(size=(n, d)) + 0.05).astype(np.float32)
+nr.mmd2(x[:64], y[:64], sigma=float(np.sqrt(d)))  # load everything, start the OpenMP pool
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the RSS high-water mark to the current RSS
+before = kib("VmRSS")
+value = nr.mmd2(x, y, sigma=float(np.sqrt(d)))
+print(value, (kib("VmHWM") - before) / 1024)
+"""
 
 
 def test_mmd2_peak_memory(data, expected):
-    """Peak RSS growth of one call: reset the high-water mark (Linux clear_refs), call, read VmHWM."""
-    x, y, s = data
-    nr.mmd2(x[:64], y[:64], sigma=s)  # load the module, start the OpenMP pool
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError as exc:
-        pytest.skip(f"cannot reset the RSS high-water mark here ({exc})")
-    before = _status_kib("VmRSS")
-    got = nr.mmd2(x, y, sigma=s)
-    extra_mib = (_status_kib("VmHWM") - before) / 1024
-    np.testing.assert_allclose(got, expected, **TOL)
+    """Peak RSS growth of one mmd2 call, measured in a fresh interpreter (so that no freed, still
+    resident heap is reused) with glibc's mmap threshold at 64 KiB (large buffers are fresh pages)."""
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(N_MMD), str(D)], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    value, extra_mib = float(out[0]), float(out[1])
+    np.testing.assert_allclose(value, expected, **TOL)
     # packed panels: (n + m) rounded up to 16 rows x d x 4 bytes, plus O(#panels) partial sums
     panels_mib = ((N_MMD + 15) // 16 * 16 * 2) * D * 4 / 2**20
     print(f"\nmmd2 n=m={N_MMD} d={D}: peak extra RSS {extra_mib:.1f} MiB (packed panels {panels_mib:.1f} MiB)")

@@ -292,3 +292,36 @@ def test_predict_bad_arguments(net, ort_pred):
         ort_pred.predict(np.zeros(10, np.float32))
     with pytest.raises(ShapeError):
         ort_pred.predict(np.zeros((0, 10), np.float32))
+
+
+def test_explicit_ort_providers(pkg):
+    fx = FeatureExtractor(pkg, backend="onnxruntime", ort_providers=["CPUExecutionProvider"])
+    assert fx.device == "cpu" and fx.providers == ["CPUExecutionProvider"]
+    with pytest.raises(BackendUnavailableError, match="not available"):
+        FeatureExtractor(pkg, backend="onnxruntime", ort_providers=["NoSuchExecutionProvider"])
+    # device="cuda" with CPU-only providers is a contradiction (or, without any GPU, unavailable)
+    with pytest.raises((InputValueError, BackendUnavailableError)):
+        FeatureExtractor(pkg, backend="onnxruntime", device="cuda", ort_providers=["CPUExecutionProvider"])
+
+
+def test_empty_batch(ort_fx):
+    out = ort_fx["mean"].features(np.zeros((0, 16, 16), np.float32))
+    assert out.shape == (0, 16) and out.dtype == np.float32
+
+
+@pytest.mark.cuda
+def test_onnxruntime_gpu_providers(pkg, tmp_path, monkeypatch):
+    """CUDA and TensorRT execution providers of onnxruntime-gpu (skipped without them)."""
+    prov = available_backends().get("onnxruntime", [])
+    if "cuda" not in prov:
+        pytest.skip("onnxruntime-gpu (CUDAExecutionProvider) is not installed")
+    x = np.random.default_rng(10).random((5, 37, 53), dtype=np.float32)
+    ref = FeatureExtractor(pkg, backend="onnxruntime", device="cpu").features(x)
+    fx = FeatureExtractor(pkg, backend="onnxruntime", device="cuda")
+    assert fx.device == "cuda" and "CUDAExecutionProvider" in fx.providers
+    assert np.abs(fx.features(x, batch_size=2) - ref).max() <= 1e-4
+    if "tensorrt-ep" in prov:
+        monkeypatch.setenv("NEUROADDA_CACHE", str(tmp_path))
+        ft = FeatureExtractor(pkg, backend="onnxruntime", ort_providers=[
+            "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+        assert np.abs(ft.features(x, batch_size=2) - ref).max() <= 1e-3

@@ -308,6 +308,32 @@ class _TensorRTRunner:
 # --------------------------------------------------------------------------------------------
 # the decision
 # --------------------------------------------------------------------------------------------
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def _explicit_providers(requested, fp16: bool) -> list:
+    """Check user-named ONNX Runtime providers (names or ``(name, options)``); give the TensorRT
+    provider an engine cache and the fp16 choice unless options were passed."""
+    from .export import default_cache_dir
+
+    out, missing = [], []
+    for p in requested:
+        name = p[0] if isinstance(p, (tuple, list)) else p
+        if name not in _ort_providers():
+            missing.append(name)
+        elif name == "TensorrtExecutionProvider" and not isinstance(p, (tuple, list)):
+            cache = default_cache_dir() / "ort-tensorrt"
+            cache.mkdir(parents=True, exist_ok=True)
+            out.append((name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                               "trt_fp16_enable": bool(fp16)}))
+        else:
+            out.append(tuple(p) if isinstance(p, (tuple, list)) else p)
+    if missing:
+        raise BackendUnavailableError(f"ONNX Runtime providers {missing} are not available; "
+                                      f"available: {_ort_providers()}")
+    return out
+
+
 def _ort_providers() -> list[str]:
     try:
         import onnxruntime as ort
@@ -413,11 +439,12 @@ def _make_runner(source: _Source, part: str, *, backend: str, device: str, ort_p
         if path is None:
             raise BackendUnavailableError(f"no ONNX file for part {part!r} and no network to export it from")
         if ort_providers is not None:
-            missing = [p for p in ort_providers if p not in _ort_providers()]
-            if missing:
-                raise BackendUnavailableError(f"ONNX Runtime providers {missing} are not available; "
-                                              f"available: {_ort_providers()}")
-            providers = list(ort_providers)
+            providers = _explicit_providers(ort_providers, fp16)
+            names = [p[0] if isinstance(p, tuple) else p for p in providers]
+            gpu = any(n in _GPU_PROVIDERS for n in names)
+            if device == "cuda" and not gpu:
+                raise InputValueError(f"device='cuda' but ort_providers {names} holds no GPU provider")
+            device = "cuda" if gpu else "cpu"
         elif device == "cuda":
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
@@ -496,12 +523,15 @@ class FeatureExtractor:
         backend cannot use a GPU.
     pooling : {"mean", "max", "mean+std"}
         Per-channel pooling over the bottleneck map; ``"mean+std"`` gives ``2 * C`` features.
-    ort_providers : list of str, optional
-        Explicit ONNX Runtime providers, e.g. ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``.
+    ort_providers : list, optional
+        Explicit ONNX Runtime providers (names or ``(name, options)`` pairs), e.g.
+        ``["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]``; a bare
+        ``"TensorrtExecutionProvider"`` gets an engine cache under ``$NEUROADDA_CACHE/ort-tensorrt``
+        and ``fp16``. The device follows the providers.
     trt_profile : dict, optional
         TensorRT optimisation profile ``{"min": shape, "opt": shape, "max": shape}``.
     fp16 : bool
-        TensorRT fp16 engine.
+        TensorRT fp16 engine (``backend="tensorrt"`` or the ONNX Runtime TensorRT provider).
     cache_dir : path-like, optional
         TensorRT engine cache (default ``$NEUROADDA_CACHE/tensorrt``).
     threads : int, optional

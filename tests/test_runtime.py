@@ -325,3 +325,11 @@ def test_onnxruntime_gpu_providers(pkg, tmp_path, monkeypatch):
         ft = FeatureExtractor(pkg, backend="onnxruntime", ort_providers=[
             "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
         assert np.abs(ft.features(x, batch_size=2) - ref).max() <= 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_predict_on_device(pkg, ort_pred, device):
+    img = np.random.default_rng(11).integers(0, 256, (70, 90), dtype=np.uint8)
+    p = neuroadda_rt.Predictor(pkg, backend="torch", device=device, tile=32, overlap=0.25, batch_size=3)
+    assert p.device == device
+    assert np.abs(p.predict(img) - ort_pred.predict(img)).max() <= 1e-4

@@ -222,7 +222,9 @@ def image_stats(tiles: np.ndarray, *, chunk: int = 32) -> np.ndarray:
       16 orientations): folds are long dark lines, membranes are short ones;
     * ``flat``: smallest standard deviation of 4×4 blocks: stains and other deposits are dark
       *and* smooth, tissue always carries texture and shot noise;
-    * ``block_max``: brightest 4×4 block mean (debris, bright deposits, beam damage).
+    * ``block_max``: brightest 4×4 block mean (debris, bright deposits, beam damage);
+    * a last column, ``texture`` (median 4×4-block standard deviation), is not a detector: it
+      tells a global blur (every block smooth) from a local deposit when naming the cause.
 
     Tiles are processed ``chunk`` at a time to stay in cache.
     """
@@ -247,9 +249,11 @@ def image_stats(tiles: np.ndarray, *, chunk: int = 32) -> np.ndarray:
     # 4x4 block moments by two contiguous reductions (a 5-d reshape-reduce is several times slower)
     s1 = c.reshape(n, h4 * 4, w4, 4).sum(-1).reshape(n, h4, 4, w4).sum(2) * np.float32(1 / 16)
     s2 = (c * c).reshape(n, h4 * 4, w4, 4).sum(-1).reshape(n, h4, 4, w4).sum(2) * np.float32(1 / 16)
-    flat = np.sqrt(np.maximum(s2 - s1 * s1, 0)).min(axis=(1, 2)).astype(np.float64)
+    bstd = np.sqrt(np.maximum(s2 - s1 * s1, 0)).reshape(n, -1)
+    flat = bstd.min(axis=1).astype(np.float64)
+    texture = np.median(bstd, axis=1).astype(np.float64)
     bmax = s1.max(axis=(1, 2)).astype(np.float64)
-    return np.stack([mean, std, sharp, _line_min(t), flat, bmax], axis=1)
+    return np.stack([mean, std, sharp, _line_min(t), flat, bmax, texture], axis=1)
 
 
 def _line_min(t: np.ndarray, n_angles: int = 16) -> np.ndarray:
@@ -568,6 +572,9 @@ class QCMonitor:
                 self._det_names.append(name)
                 self._det_ref.append(ref_stats[:, j].copy())
                 self._det_tail.append(_IMAGE_TAILS[name])
+            self._ref_texture = float(np.median(ref_stats[:, len(_IMAGE_STATS)]))
+        else:
+            self._ref_texture = 0.0
         self._calibrate_combined()
 
     def _subsample(self, n: int, rng) -> np.ndarray:
@@ -603,12 +610,9 @@ class QCMonitor:
         assert self._combined_ref.shape == (m,)
 
     def _robust_scales(self) -> np.ndarray:
-        """(median, robust sd) per detector, to name the most extreme one of a flagged tile."""
-        out = []
-        for r in self._det_ref:
-            q1, med, q3 = np.quantile(r, [0.25, 0.5, 0.75])
-            out.append((med, max((q3 - q1) / 1.349, 1e-12 * max(1.0, abs(med)), 1e-300)))
-        return np.array(out)
+        """(lowest, median, highest) reference value per detector: a tile's excess beyond the
+        reference range, relative to the half-range on that side, names its likely cause."""
+        return np.array([np.quantile(r, [0.0, 0.5, 1.0]) for r in self._det_ref])
 
     def _features_batched(self, tiles: np.ndarray) -> np.ndarray:
         return self._model.features(tiles)
@@ -731,32 +735,54 @@ class QCMonitor:
     # -- internals --------------------------------------------------------------------------
 
     def _combined_score(self, values: dict, *, loo: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Combined artefact score (small = extreme) and the robust z of every detector.
+        """Combined artefact score (small = extreme) and every detector's excess beyond the
+        reference range.
 
         The score is the smallest tail fraction over the detectors; ties (typically tiles beyond
-        the whole reference on some detector, fraction 0) are broken by how far out they are in
-        robust standard deviations, by less than half a fraction step, so the ordering between
-        different fractions is unchanged."""
+        the whole reference on some detector, fraction 0) are broken by the excess, by less than
+        half a fraction step, so the order between different fractions is unchanged."""
         m = len(self.ref)
         fr = np.stack([_tail_fraction(r, values[name], t, loo=loo)
                        for name, r, t in zip(self._det_names, self._det_ref, self._det_tail)])
-        z = np.stack([(values[name] - med) / sd * (t if t else np.sign(values[name] - med))
-                      for name, (med, sd), t in zip(self._det_names, self._robust, self._det_tail)])
+        ex = []
+        for name, (lo, med, hi), t in zip(self._det_names, self._robust, self._det_tail):
+            v = values[name]
+            low = (lo - v) / max(med - lo, 1e-12)
+            high = (v - hi) / max(hi - med, 1e-12)
+            ex.append(low if t < 0 else high if t > 0 else np.maximum(low, high))
+        ex = np.stack(ex)
         best = fr.min(axis=0)
-        z_at = np.where(fr <= best[None], z, -np.inf).max(axis=0)
-        tie = 1.0 - np.exp(-np.maximum(z_at, 0.0) / 10.0)  # in [0, 1), increasing with z
-        return best - 0.4 / m * tie, np.where(fr <= best[None], z, -np.inf)
+        ex_at = np.where(fr <= best[None], ex, -np.inf).max(axis=0)
+        tie = 1.0 - np.exp(-np.maximum(ex_at, 0.0))  # in [0, 1), increasing with the excess
+        return best - 0.4 / m * tie, np.where(fr <= best[None], ex, -np.inf)
 
     def _artefacts(self, sim, unc, stats) -> tuple[np.ndarray, list[str]]:
         values = {"similarity": sim, "uncertainty": unc}
         if stats is not None:
             values.update({name: stats[:, j] for j, name in enumerate(_IMAGE_STATS)})
-        score, z = self._combined_score(values, loo=False)
+        score, ex = self._combined_score(values, loo=False)
         # conformal p-value of the combined score against the reference's own (leave-one-out) scores
         p = _conformal_p(self._combined_ref, score)
-        # likely cause: the detector at the smallest tail fraction furthest out in robust sds
-        kinds = [_KIND_OF[self._det_names[j]] for j in np.argmax(z, axis=0)]
-        return p, kinds
+        return p, self._name_causes(ex, stats)
+
+    def _name_causes(self, ex: np.ndarray, stats) -> list[str]:
+        """Likely cause per tile among the detectors at its most extreme tail fraction (finite
+        ``ex``): a global change first (brightness; defocus when the median block texture fell
+        below half the reference's), then the largest excess beyond the reference range relative
+        to that side's half-range (fold vs stain vs bright region vs feature outlier ...)."""
+        names = self._det_names
+        out = []
+        for i in range(ex.shape[1]):
+            cand = {names[j]: ex[j, i] for j in range(len(names)) if np.isfinite(ex[j, i])}
+            if "mean" in cand and cand["mean"] > 0:
+                out.append(_KIND_OF["mean"])
+            elif ("sharpness" in cand and stats is not None and self._ref_texture > 0
+                  and stats[i, len(_IMAGE_STATS)] < 0.5 * self._ref_texture):
+                out.append(_KIND_OF["sharpness"])
+            else:
+                cand.pop("sharpness", None) if len(cand) > 1 else None
+                out.append(_KIND_OF[max(cand, key=cand.get)])
+        return out
 
     def _test_window(self) -> WindowResult:
         """Unbiased MMD² of the ring (exactly one window) against the reference, with the
@@ -844,6 +870,7 @@ class QCMonitor:
                 "n_permutations": self.n_permutations, "artefact_fpr": self.artefact_fpr,
                 "max_reference": self.max_reference, "seed": self.seed, "history": self._history_len,
                 "ref_total": self._ref_total, "detectors": self._det_names, "tails": self._det_tail,
+                "ref_texture": self._ref_texture,
                 "ring_id": self._ring_id, "ring_pos": self._ring_pos, "ring_fill": self._ring_fill,
                 "since_test": self._since_test, "n_tiles": self.n_tiles, "n_windows": self.n_windows,
                 "n_drift_windows": self.n_drift_windows, "n_flagged": self.n_flagged,
@@ -913,6 +940,7 @@ class QCMonitor:
             self._det_names = list(meta["detectors"])
             self._det_tail = [int(t) for t in meta["tails"]]
             self._det_ref = [a[f"det_{name}"] for name in self._det_names]
+            self._ref_texture = float(meta["ref_texture"])
             self._robust = self._robust_scales()
             if "uncertainty" in self._det_names and not self._model.has_uncertainty:
                 raise FormatError(f"{state['path']}: the saved monitor uses an uncertainty model; pass uncertainty=")

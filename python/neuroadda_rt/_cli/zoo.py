@@ -1,0 +1,210 @@
+"""``neuroadda-rt zoo build|list|show|verify``: the model zoo (bundled or a folder of packages)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "zoo", help="build, list, show or verify a zoo of model packages (default: the bundled zoo)",
+        description="Work with a zoo: a folder of model packages. Without --zoo, list/show/verify use the zoo "
+                    "bundled with neuroadda_rt (source models trained on a synthetic domain family).")
+    sub = p.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
+
+    b = sub.add_parser(
+        "build", help="train one source model per synthetic domain and write the zoo",
+        description="Train a UNet on each domain of a synthetic domain family (neuroadda_rt.synthetic."
+                    "domain_family), hold one domain out for the demo, and write the model packages plus "
+                    "family.json into OUT. With no options this rebuilds the bundled zoo's recipe. Training "
+                    "checkpoints per domain and resumes after an interruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ..zoo_build import DEFAULT_ZOO as d
+
+    b.add_argument("out", help="zoo folder to write")
+    b.add_argument("--n-domains", type=int, default=d.n_domains, help="domains in the family")
+    b.add_argument("--seed", type=int, default=d.seed, help="family seed")
+    b.add_argument("--held-out", default=None, help="domain kept out of the zoo (default: the clearest one)")
+    b.add_argument("--widths", default=",".join(map(str, d.widths)), help="UNet widths, comma-separated")
+    b.add_argument("--steps", type=int, default=d.steps, help="training steps per source")
+    b.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    b.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
+    b.add_argument("--patch-size", type=int, default=d.patch_size, help="training patch edge")
+    b.add_argument("--volumes", type=int, default=d.volumes, help="synthetic volumes per domain")
+    b.add_argument("--volume-shape", default="x".join(map(str, d.volume_shape)), help="z x h x w of each volume")
+    b.add_argument("--tile-size", type=int, default=d.tile_size, help="reference / threshold tile edge")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="training device")
+    b.add_argument("--workers", type=int, default=1, help="domains trained in parallel processes")
+    b.add_argument("--threads", type=int, default=None, help="PyTorch threads per worker")
+    b.add_argument("--train-only", action="store_true", help="stop after training (keep the checkpoints)")
+    b.add_argument("--checkpoints", default=None, help="checkpoint folder (default OUT/.checkpoints)")
+    b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b.set_defaults(func=run_build)
+
+    ls = sub.add_parser("list", help="one line per model package",
+                        description="List the model packages of a zoo (metadata only, no checksums).")
+    ls.add_argument("--zoo", default="default", help="zoo folder (default: the bundled zoo)")
+    ls.add_argument("--organism", default=None, help="keep models of this organism")
+    ls.add_argument("--modality", default=None, help="keep models of this imaging modality")
+    ls.add_argument("--representation", default=None, choices=["boundary", "affinities"])
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=run_list)
+
+    sh = sub.add_parser("show", help="the full metadata of one model (or the zoo's family.json)",
+                        description="Print a model package's model.json (verified), or with NAME 'family' the "
+                                    "zoo's family.json.")
+    sh.add_argument("name", help="model name or package folder name ('family' for family.json)")
+    sh.add_argument("--zoo", default="default", help="zoo folder (default: the bundled zoo)")
+    sh.add_argument("--json", action="store_true", help="machine-readable output")
+    sh.set_defaults(func=run_show)
+
+    v = sub.add_parser("verify", help="check every file's sha256 in every package",
+                       description="Verify every package of the zoo (checksums of every file); exit status 1 "
+                                   "when any package fails, naming the file.")
+    v.add_argument("--zoo", default="default", help="zoo folder (default: the bundled zoo)")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=run_verify)
+
+
+def _zoo(spec: str):
+    from ..package import Zoo, default_zoo
+
+    if spec in (None, "default"):
+        return default_zoo(allow_empty=True)
+    p = Path(spec)
+    if not p.is_dir():
+        raise FileNotFoundError(f"zoo folder not found: {spec}")
+    return Zoo(p)
+
+
+def _ints(text: str, what: str, sep: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.lower().split(sep) if v.strip())
+    except ValueError:
+        raise ValueError(f"expected {what} as integers separated by '{sep}', got {text!r}") from None
+    if not vals:
+        raise ValueError(f"expected {what}, got {text!r}")
+    return vals
+
+
+def run_build(args) -> int:
+    from ..cli import print_json
+    from ..zoo_build import build_zoo, zoo_size_bytes
+
+    widths = _ints(args.widths, "--widths", ",")
+    shape = _ints(args.volume_shape, "--volume-shape", "x")
+    res = build_zoo(args.out, n_domains=args.n_domains, seed=args.seed, held_out=args.held_out, widths=widths,
+                    steps=args.steps, lr=args.lr, batch_size=args.batch_size, patch_size=args.patch_size,
+                    volumes=args.volumes, volume_shape=shape, tile_size=args.tile_size, device=args.device,
+                    workers=args.workers, threads=args.threads, progress=not args.no_progress and not args.json,
+                    train_only=args.train_only, checkpoint_root=args.checkpoints)
+    if args.train_only:
+        if args.json:
+            print_json(res)
+        else:
+            print(f"trained {', '.join(res['trained'])}; checkpoints in {res['checkpoints']} "
+                  f"(run the same command without --train-only to package them)")
+        return 0
+    size = zoo_size_bytes(args.out)
+    summary = {"zoo": str(Path(args.out)), "models": res["zoo_domains"], "held_out": res["held_out"],
+               "nearest_relative_of_held_out": res["nearest"][res["held_out"]], "size_bytes": size,
+               "family": str(Path(args.out) / "family.json")}
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"zoo of {len(res['zoo_domains'])} models in {args.out} ({size / 1e6:.1f} MB); held out for the demo: "
+          f"{res['held_out']} (nearest relative in the zoo: {summary['nearest_relative_of_held_out']})")
+    return 0
+
+
+def run_list(args) -> int:
+    from ..cli import print_json
+
+    zoo = _zoo(args.zoo).filter(organism=args.organism, modality=args.modality, representation=args.representation)
+    rows = zoo.summaries()
+    for r, p in zip(rows, zoo.paths):
+        m = json.loads((p / "model.json").read_text(encoding="utf-8"))
+        r["segmentation_threshold"] = (m.get("metrics") or {}).get("segmentation_threshold")
+        r["widths"] = (m.get("network") or {}).get("widths")
+    if args.json:
+        print_json({"zoo": str(zoo.root), "models": rows})
+        return 0
+    if not rows:
+        print(f"no model packages in {zoo.root}")
+        return 0
+    w = max(len(str(r["name"])) for r in rows)
+    print(f"{'name':<{w}}  {'organism':<10} {'modality':<14} {'representation':<14} widths")
+    for r in rows:
+        print(f"{r['name']:<{w}}  {str(r['organism']):<10} {str(r['modality']):<14} {str(r['representation']):<14} "
+              f"{'-'.join(map(str, r['widths'] or []))}")
+    print(f"({len(rows)} models in {zoo.root})")
+    return 0
+
+
+def run_show(args) -> int:
+    from ..cli import print_json
+    from ..package import load_model
+
+    zoo = _zoo(args.zoo)
+    if args.name == "family":
+        f = Path(zoo.root) / "family.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found (the zoo was not built by `neuroadda-rt zoo build`)")
+        fam = json.loads(f.read_text(encoding="utf-8"))
+        if args.json:
+            print_json(fam)
+        else:
+            print(f"family of {fam.get('n')} synthetic domains, seed {fam.get('seed')}")
+            print(f"tree: {fam.get('newick')}")
+            print(f"held out (demo target): {fam.get('held_out')} -> nearest relative in the zoo: "
+                  f"{(fam.get('nearest') or {}).get(fam.get('held_out'))}")
+            print(f"zoo domains: {', '.join(fam.get('zoo_domains') or [])}")
+        return 0
+    path = next((p for p in zoo.paths if p.name == args.name), None)
+    if path is None:
+        for p in zoo.paths:
+            if json.loads((p / "model.json").read_text(encoding="utf-8")).get("name") == args.name:
+                path = p
+                break
+    if path is None:
+        raise ValueError(f"no model named {args.name!r} in {zoo.root} (have {', '.join(zoo.names) or 'none'})")
+    pkg = load_model(path)
+    meta = dict(pkg.metadata)
+    if args.json:
+        print_json({"path": str(pkg.path), **meta})
+        return 0
+    tr = (meta.get("metrics") or {}).get("training") or {}
+    print(f"{pkg.name}  ({pkg.path})")
+    for k in ("organism", "tissue", "modality", "voxel_size_nm", "representation"):
+        print(f"  {k:<22} {meta.get(k)}")
+    print(f"  {'network':<22} {meta['network']}")
+    print(f"  {'normalization':<22} {meta['normalization']}")
+    print(f"  {'training data':<22} {(meta.get('training') or {}).get('data')}")
+    if tr:
+        print(f"  {'training':<22} {tr.get('steps')} steps, final loss {tr.get('final_loss'):.4f}, "
+              f"recipe {tr.get('recipe')}")
+    print(f"  {'segmentation threshold':<22} {(meta.get('metrics') or {}).get('segmentation_threshold')}")
+    rf = meta["reference_features"]
+    print(f"  {'reference features':<22} {rf.get('n_tiles')} tiles x {rf.get('n_features')} ({rf.get('pooling')}), "
+          f"tile {rf.get('tile_size')}")
+    print(f"  {'sha256':<22} {pkg.sha256}")
+    return 0
+
+
+def run_verify(args) -> int:
+    from ..cli import print_json
+
+    zoo = _zoo(args.zoo)
+    res = zoo.verify()
+    ok = all(v is None for v in res.values())
+    if args.json:
+        print_json({"zoo": str(zoo.root), "ok": ok, "models": res})
+        return 0 if ok else 1
+    for name, err in res.items():
+        print(f"{name}: {'ok' if err is None else 'FAILED: ' + err}")
+    print(f"{sum(v is None for v in res.values())}/{len(res)} packages verified in {zoo.root}")
+    return 0 if ok else 1

@@ -1,0 +1,250 @@
+"""QC folder watcher: complete-file detection, SQLite records, errors that do not stop it,
+restart without reprocessing or losing files (and crash consistency of state vs database),
+the live watchdog loop, the HTML report and the CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neuroadda_rt import FormatError, QCMonitor
+from neuroadda_rt.qc_service import QCService, read_tiles, split_tiles, write_report
+
+pytest.importorskip("watchdog")
+pytest.importorskip("safetensors")
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "tiny_model"
+_PROJ = np.random.default_rng(3).normal(size=(18, 6)) / 3
+
+
+def enc(tiles):
+    n, h, w = tiles.shape
+    b = tiles[:, :h // 4 * 4, :w // 4 * 4].reshape(n, 4, h // 4, 4, w // 4).mean(axis=(2, 4)).reshape(n, 16)
+    f = np.concatenate([b - 0.5, tiles.mean((1, 2))[:, None] - 0.5, tiles.std((1, 2))[:, None]], 1)
+    return np.tanh(f @ _PROJ).astype(np.float32)
+
+
+def tiles(rng, n, mean=128.0, size=32):
+    return np.clip(rng.normal(mean, 30, size=(n, size, size)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def setup(tmp_path, rng):
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    ref = tiles(rng, 256)
+
+    def factory():
+        return QCMonitor(enc, ref, window=16, n_permutations=60, alpha=0.02)
+
+    return folder, factory
+
+
+def write_npy(path: Path, arr):
+    np.save(path, arr)
+    return path
+
+
+def test_read_tiles_formats(tmp_path, rng):
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+
+    stack = tiles(rng, 3, size=64)
+    np.save(tmp_path / "a.npy", stack)
+    tifffile.imwrite(tmp_path / "b.tif", stack, photometric="minisblack")
+    Image.fromarray(stack[0]).save(tmp_path / "c.png")
+    np.testing.assert_array_equal(read_tiles(tmp_path / "a.npy"), stack)
+    np.testing.assert_array_equal(read_tiles(tmp_path / "b.tif"), stack)
+    np.testing.assert_array_equal(read_tiles(tmp_path / "c.png"), stack[:1])
+    cut = read_tiles(tmp_path / "a.npy", tile_size=32)
+    assert cut.shape == (12, 32, 32)
+    np.testing.assert_array_equal(cut[1], stack[0, :32, 32:])  # row-major within an image
+    np.testing.assert_array_equal(split_tiles(stack, 64), stack)
+    assert read_tiles(tmp_path).shape[0] == 3 + 3 + 1  # a folder: every image, natural order
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(FormatError, match="bad.png"):
+        read_tiles(tmp_path / "bad.png")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(FormatError):
+        read_tiles(tmp_path / "obj.npy")  # never unpickled
+
+
+def test_once_records_everything_and_errors(setup, rng, tmp_path):
+    folder, factory = setup
+    for i in range(3):
+        write_npy(folder / f"t{i:03d}.npy", tiles(rng, 8))
+    (folder / "broken.npy").write_bytes(b"\x93NUMPY garbage")
+    (folder / ".hidden.npy").write_bytes(b"ignored")
+    (folder / "notes.txt").write_text("ignored")
+    lines = []
+    svc = QCService(folder, factory, enc, settle=0.0, give_up=0.0, echo=lines.append)
+    assert svc.db_path == tmp_path / "acq.qc.sqlite"  # beside the folder, not in it
+    assert svc.run(once=True) == 4
+    con = sqlite3.connect(svc.db_path)
+    files = dict(con.execute("SELECT path, status FROM files").fetchall())
+    assert files == {"t000.npy": "ok", "t001.npy": "ok", "t002.npy": "ok", "broken.npy": "error"}
+    assert con.execute("SELECT COUNT(*) FROM tiles").fetchone()[0] == 24
+    assert con.execute("SELECT COUNT(*) FROM windows").fetchone()[0] == 1  # 24 tiles, window 16
+    err = con.execute("SELECT error FROM files WHERE status='error'").fetchone()[0]
+    assert "broken.npy" in err
+    assert any(line.startswith("ERROR") for line in lines)
+    assert svc.monitor.n_tiles == 24
+    svc.close()
+
+
+def test_restart_resumes_without_reprocessing_or_losing(setup, rng):
+    folder, factory = setup
+    data = [tiles(rng, 7) for _ in range(6)]
+    for i in range(3):
+        write_npy(folder / f"t{i}.npy", data[i])
+    svc = QCService(folder, factory, enc, settle=0.0)
+    svc.run(once=True)
+    svc.close()
+    # files that arrive while the watcher is down
+    for i in range(3, 6):
+        write_npy(folder / f"t{i}.npy", data[i])
+    svc2 = QCService(folder, factory, enc, settle=0.0)
+    assert svc2.monitor.n_tiles == 21  # state restored, not rebuilt
+    assert svc2.run(once=True) == 3  # only the new files
+    assert svc2.monitor.n_tiles == 42
+    # same windows as one uninterrupted monitor fed the same files in the same order
+    ref_mon = factory()
+    for d in data:
+        ref_mon.update(d)
+    got = [(w.index, w.mmd2, w.p_value) for w in svc2.monitor.windows]
+    assert got == [(w.index, w.mmd2, w.p_value) for w in ref_mon.windows]
+    con = sqlite3.connect(svc2.db_path)
+    assert [r[0] for r in con.execute("SELECT seq FROM files ORDER BY seq")] == list(range(1, 7))
+    svc2.close()
+
+
+def test_crash_between_state_and_database_is_consistent(setup, rng):
+    folder, factory = setup
+    write_npy(folder / "a.npy", tiles(rng, 10))
+    svc = QCService(folder, factory, enc, settle=0.0)
+    svc.run(once=True)
+    b = write_npy(folder / "b.npy", tiles(rng, 10))
+    # what a crash after saving the state of file 2 but before committing its rows leaves behind
+    svc.monitor.update(read_tiles(b))
+    svc._save_state(svc.monitor, 2)
+    svc.close()
+    svc2 = QCService(folder, factory, enc, settle=0.0)
+    assert svc2.monitor.n_tiles == 10  # the previous state, the one matching the database
+    assert svc2.run(once=True) == 1  # b.npy processed exactly once
+    assert svc2.monitor.n_tiles == 20
+    svc2.close()
+    # a database whose state files are gone is refused, not silently restarted
+    for p in (svc2.state_path, svc2.prev_state_path):
+        p.unlink()
+    with pytest.raises(FormatError, match="no QC state"):
+        QCService(folder, factory, enc)
+
+
+def test_waits_for_complete_files(setup, rng):
+    folder, factory = setup
+    svc = QCService(folder, factory, enc, settle=0.3, give_up=30.0)
+    arr = tiles(rng, 5)
+    path = folder / "slow.npy"
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    raw = buf.getvalue()
+    with open(path, "wb") as f:
+        f.write(raw[:100])  # half written: header only
+        f.flush()
+        svc.scan()
+        assert svc.step() == 0  # size just seen: not settled
+        time.sleep(0.35)
+        assert svc.step() == 0  # settled but truncated: decode fails, retried later
+        f.write(raw[100:])
+    time.sleep(0.35)
+    svc.step()  # size changed: settle again
+    time.sleep(0.35)
+    assert svc.step() == 1
+    assert svc.monitor.n_tiles == 5
+    con = sqlite3.connect(svc.db_path)
+    assert con.execute("SELECT status FROM files").fetchall() == [("ok",)]
+    svc.close()
+
+
+def test_live_watcher_picks_up_new_files(setup, rng):
+    folder, factory = setup
+    lines = []
+    svc = QCService(folder, factory, enc, settle=0.2, echo=lines.append)
+    th = threading.Thread(target=svc.run, kwargs={"poll": 0.05, "timeout": 20})
+    th.start()
+    try:
+        time.sleep(0.5)
+        tmp = folder / ".incoming.npy"
+        np.save(tmp, tiles(rng, 16, mean=128))
+        os.replace(tmp, folder / "x1.npy")  # atomic delivery (moved event)
+        np.save(folder / "x2.npy", tiles(rng, 16, mean=200))  # direct write (created/modified)
+        deadline = time.time() + 15
+        while svc.monitor.n_tiles < 32 and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        svc.stop()
+        th.join()
+    assert svc.monitor.n_tiles == 32
+    assert any("DRIFT" in s for s in lines)  # the second file is a strong brightness step
+    svc.close()
+
+
+def test_report_html(setup, rng, tmp_path):
+    pytest.importorskip("matplotlib")
+    folder, factory = setup
+    for i in range(4):
+        write_npy(folder / f"t{i}.npy", tiles(rng, 16, mean=128 if i < 2 else 190))
+    bad = tiles(rng, 4)
+    bad[:, :, :] = 5  # dark, flat: flagged
+    write_npy(folder / "t9.npy", bad)
+    (folder / "zz.npy").write_bytes(b"junk")
+    svc = QCService(folder, factory, enc, settle=0.0, give_up=0.0)
+    svc.run(once=True)
+    svc.close()
+    out = write_report(svc.db_path, tmp_path / "r" / "report.html")
+    page = out.read_text()
+    imgs = re.findall(r"src=.data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(imgs) >= 3  # drift plot, counts plot, gallery thumbnails
+    for b64 in imgs:
+        assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Drift windows" in page and "zz.npy" in page
+    con = sqlite3.connect(svc.db_path)
+    for kind, n in con.execute("SELECT kind, COUNT(*) FROM tiles WHERE flagged=1 GROUP BY kind"):
+        assert f"<td>{kind}</td><td>{n}</td>" in page
+    with pytest.raises(FileNotFoundError):
+        write_report(tmp_path / "nope.sqlite", tmp_path / "x.html")
+
+
+def test_cli_watch_and_report(tmp_path, rng, capsys):
+    pytest.importorskip("onnxruntime")
+    if not (ASSETS / "encoder.onnx").is_file():
+        pytest.skip(f"tiny model asset missing at {ASSETS}")
+    from neuroadda_rt.cli import main
+
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    np.save(tmp_path / "ref.npy", tiles(rng, 64, size=32))
+    for i in range(2):
+        np.save(folder / f"f{i}.npy", tiles(rng, 8, size=32))
+    (folder / "bad.tif").write_bytes(b"II*\x00junk")
+    args = ["qc", "watch", str(folder), "--model", str(ASSETS), "--reference", str(tmp_path / "ref.npy"),
+            "--window", "8", "--n-permutations", "50", "--once", "--settle", "0", "--give-up", "0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "processed 3 files" in out and "ERROR" in out
+    db = tmp_path / "acq.qc.sqlite"
+    assert main(["qc", "report", "--db", str(db), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+    # a second run finds nothing new
+    assert main(args) == 0
+    assert "processed 0 files" in capsys.readouterr().out
+    assert main(["qc", "report", "--db", str(tmp_path / "missing.sqlite")]) == 2

@@ -252,9 +252,20 @@ class _TorchRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         torch = self.torch
-        with torch.inference_mode():
-            t = torch.from_numpy(x).to(self.device).contiguous(memory_format=self.memory_format)
-            return self.fn(t).float().cpu().numpy()
+        if self.device != "cuda":
+            with torch.inference_mode():
+                return self.fn(torch.from_numpy(x).contiguous(memory_format=self.memory_format)).numpy()
+        # cuDNN would run fp32 convolutions in TF32 (10-bit mantissa, ~1e-3 error): keep them IEEE
+        # fp32 so every backend gives the same features (parity <= 1e-4), restoring the flag after
+        cudnn = torch.backends.cudnn
+        old = cudnn.allow_tf32
+        try:
+            cudnn.allow_tf32 = False
+            with torch.inference_mode():
+                t = torch.from_numpy(x).to(self.device).contiguous(memory_format=self.memory_format)
+                return self.fn(t).float().cpu().numpy()
+        finally:
+            cudnn.allow_tf32 = old
 
 
 class _TensorRTRunner:

@@ -268,3 +268,38 @@ def test_bad_inputs_raise_typed_errors(toy):
         TrainRecipe(lr=-1.0)
     with pytest.raises(ShapeError):
         augment_pair(np.zeros((4, 5), np.float32), np.zeros((4, 5), np.int32), np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------------ packages
+def test_finetune_and_scratch_write_complete_packages(tmp_path):
+    """Both return verified packages with a tuned threshold, new reference features and the curve."""
+    from pathlib import Path
+
+    from neuroadda_rt.evaluation import stored_threshold
+    from neuroadda_rt.package import load_model
+    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.training import finetune, train_from_scratch
+
+    src = load_model(Path(__file__).resolve().parent / "assets" / "tiny_model")
+    img, lab = make_domain(None, (2, 64, 64), seed=11)
+    kw = dict(steps=3, batch_size=2, patch_size=32, seed=1)
+    ft = finetune(src, img, lab, out=tmp_path / "ft", **kw)
+    sc = train_from_scratch(src, img, lab, out=tmp_path / "sc", **kw)
+    for pkg, mode in ((ft, "finetune"), (sc, "scratch")):
+        again = load_model(pkg.path)  # verifies every checksum
+        m = again.metadata
+        assert m["training"]["mode"] == mode and m["training"]["n_samples"] == 2
+        assert m["training"]["source_model"]["name"] == src.name
+        assert m["organism"] == src.organism and m["network"] == src.config
+        assert len(m["metrics"]["training"]["loss"]) == 3 and len(pkg.history.loss) == 3
+        assert 0.0 < stored_threshold(again) < 1.0
+        assert m["extra"]["segmentation"]["threshold"] == m["metrics"]["segmentation_threshold"]
+        # reference features recomputed on the training tiles (64 px images, reference tile 64)
+        assert again.reference_features.shape == (2, src.reference_features.shape[1])
+        assert m["reference_features"]["tile_size"] == 64
+    st_src = {k: v for k, v in src.unet().state_dict().items() if k.endswith("weight")}
+    ft_net, sc_net = ft.unet(), sc.unet()
+    # fine-tuning starts from the source: a few small steps stay close to it; scratch does not
+    d_ft = max(float((ft_net.state_dict()[k].float() - v.float()).abs().max()) for k, v in st_src.items())
+    d_sc = max(float((sc_net.state_dict()[k].float() - v.float()).abs().max()) for k, v in st_src.items())
+    assert d_ft < d_sc

@@ -445,10 +445,15 @@ def _train_source(dom: Domain, cfg: ExperimentConfig, dest: Path) -> str:
     ckpt = dest.parent / (dest.name + ".ckpt")
     recipe = TrainRecipe(seed=seed, **_train_kwargs(src["train"]))
     history = train_network(net, ims, lbs, recipe=recipe, checkpoint_dir=ckpt, desc=f"source {dom.name}")
-    ref_tiles = sample_tiles(images, int(cfg.raw["mmd"]["n_tiles"]), cfg.tile_size, seed=seed).tiles
+    sample = sample_tiles(images, int(cfg.raw["mmd"]["n_tiles"]), cfg.tile_size, seed=seed)
+    ref_tiles = sample.tiles
     ref = np.asarray(_feature_extractor(net).features(ref_tiles), dtype=np.float32)
+    # the threshold is tuned on (at most 16 of) the same tiles: whole slices would cost minutes
+    k = min(16, len(ref_tiles))
+    tune_labels = _stack_tiles(labels, sample.coords[:k], cfg.tile_size)
     meta = {"format": SOURCE_FORMAT, "name": dom.name, "organism": dom.organism, "network": net.config,
-            "threshold": _tune_threshold(net, ims, lbs), "pooling": "mean", "recipe": recipe.to_dict(),
+            "threshold": _tune_threshold(net, list(ref_tiles[:k]), list(tune_labels)), "pooling": "mean",
+            "recipe": recipe.to_dict(),
             "reference": {"n": int(len(ref_tiles)), "tile_size": cfg.tile_size, "seed": seed},
             "final_loss": float(np.mean(history.loss[-10:])) if history.loss else None}
     tmp = dest.with_name(dest.name + ".tmp")

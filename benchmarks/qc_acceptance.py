@@ -93,8 +93,19 @@ class CachedEncoder:
     """Wraps a FeatureExtractor; features of a tile already seen come from a dict (keyed by the
     tile's float32 bytes), so the statistical experiments can replay tiles cheaply."""
 
-    def __init__(self, fx, batch_size=32):
-        self.fx, self.batch_size, self.store, self.misses = fx, batch_size, {}, 0
+    def __init__(self, fx, batch_size=32, path: Path | None = None):
+        self.fx, self.batch_size, self.store, self.misses, self.path = fx, batch_size, {}, 0, path
+        if path is not None and path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                self.store = {k.tobytes(): f for k, f in zip(z["keys"], z["features"])}
+
+    def save(self):
+        if self.path is None or not self.store:
+            return
+        keys = np.stack([np.frombuffer(k, dtype=np.uint8) for k in self.store])
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=keys, features=np.stack(list(self.store.values())))
+        os.replace(tmp, self.path)
 
     @staticmethod
     def key(t):
@@ -109,6 +120,8 @@ class CachedEncoder:
             for i, fi in zip(idx, f):
                 self.store[self.key(x[i])] = fi
             log(f"  features {s + len(idx)}/{len(todo)}")
+        if todo:
+            self.save()
 
     def __call__(self, tiles):
         keys = [self.key(t) for t in tiles]
@@ -206,7 +219,7 @@ def main(argv=None) -> int:
     pool = pool_all[perm[n_ref:]]
     fp32_path, int8_path = build_encoders(cache, ref[:32])
     fx8 = FeatureExtractor(int8_path, backend="onnxruntime", threads=2)
-    enc = CachedEncoder(fx8)
+    enc = CachedEncoder(fx8, path=cache / f"features_int8_{n_images}.npz")
     if parts & {"fa", "drift", "artefacts"}:
         log("reference + pool features (int8) ...")
         enc.warm(pool_all)

@@ -371,6 +371,29 @@ def _file_fingerprint(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # kernel helpers (float64; the reference side is fixed after construction)
 
+_BLAS = None
+
+
+def _single_blas():
+    """Context in which BLAS runs on one thread. The QC matrix products are small (a window
+    against <= 2048 references); with the encoder already using the cores, a multi-threaded
+    BLAS spends its time waiting for them (measured 10-100x slower on a busy 2-core machine).
+    Uses threadpoolctl when installed (the ``qc`` extra), else leaves BLAS alone."""
+    global _BLAS
+    if _BLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+        except ImportError:  # pragma: no cover - optional
+            _BLAS = False
+    if _BLAS is False:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 
 def _sqdist(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
     a = a.astype(np.float64, copy=False)
@@ -548,7 +571,7 @@ class QCMonitor:
         # reference-reference part of every permutation's quadratic form.
         rowsum = np.zeros(m)
         kx = np.zeros((m, b))
-        for s in range(0, m, 512):
+        for s in range(0, m, 512):  # one-off: BLAS may use every thread here
             blk = _kernel(_sqdist(feats[s:s + 512], feats, self._ref_sq), self._gammas)
             idx = np.arange(s, min(s + 512, m))
             blk[idx - s, idx] = 0.0
@@ -691,14 +714,14 @@ class QCMonitor:
             raise ShapeError(f"expected features of dimension {self.dim} (the reference's), got {feats.shape[1]}")
         unc = self._model.uncertainty(x) if "uncertainty" in self._det_names else None
         stats = image_stats(x) if "mean" in self._det_names else None
-        k_ref = _kernel(_sqdist(feats, self.ref, self._ref_sq), self._gammas)
-        sim = k_ref.mean(axis=1)
-        p_rows = k_ref @ self._xr
+        with _single_blas():
+            k_ref = _kernel(_sqdist(feats, self.ref, self._ref_sq), self._gammas)
+            sim = k_ref.mean(axis=1)
+            p_rows = k_ref @ self._xr
         del k_ref
         artefact_p, kinds = self._artefacts(sim, unc, stats)
         flags = artefact_p <= self.artefact_fpr
-        kinds = [k if f else "" for k, f in zip(kinds, flags)]
-        with self._lock:
+        with self._lock, _single_blas():
             if ids is None:
                 ids = [str(self.n_tiles + i) for i in range(n_new)]
             done: list[WindowResult] = []
@@ -763,7 +786,13 @@ class QCMonitor:
         score, ex = self._combined_score(values, loo=False)
         # conformal p-value of the combined score against the reference's own (leave-one-out) scores
         p = _conformal_p(self._combined_ref, score)
-        return p, self._name_causes(ex, stats)
+        kinds = [""] * len(p)
+        flagged = np.flatnonzero(p <= self.artefact_fpr)
+        if len(flagged):
+            names = self._name_causes(ex[:, flagged], None if stats is None else stats[flagged])
+            for i, k in zip(flagged, names):
+                kinds[i] = k
+        return p, kinds
 
     def _name_causes(self, ex: np.ndarray, stats) -> list[str]:
         """Likely cause per tile among the detectors at its most extreme tail fraction (finite

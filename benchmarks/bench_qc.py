@@ -1,0 +1,109 @@
+"""QC throughput (pytest-benchmark).
+
+* ``qc-update``: ``QCMonitor.update`` end to end (uint8 tiles -> normalise, features, witness,
+  artefact scores, window tests) with the int8 encoder beside the fp32 encoder.
+* ``qc-window-test``: one drift test of a full window against the reference, ours (reference
+  sums and permutations computed once) beside the package's general ``mmd2_test`` (pooled
+  kernel recomputed for every window), same window, same permutation count.
+
+Small by default (tiny model from tests/assets, 64x64 tiles, window 64); ``NEUROADDA_BENCH_FULL=1``
+gives the issue's sizes (default UNet, 256x256 tiles, window 256, reference 2048, 500
+permutations). Every benchmark checks its result against a float64 NumPy reference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import neuroadda_rt as nr
+from neuroadda_rt import QCMonitor
+
+FULL = os.environ.get("NEUROADDA_BENCH_FULL") == "1"
+TILE = 256 if FULL else 64
+WINDOW = 256 if FULL else 64
+N_REF = 2048 if FULL else 256
+N_PERM = 500 if FULL else 200
+ASSETS = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tiny_model"
+
+pytest.importorskip("onnxruntime")
+
+
+def _tiles(n, seed):
+    from neuroadda_rt.synthetic import make_domain
+
+    size = 1024 if FULL else 256
+    k = size // TILE
+    out, i = [], 0
+    while sum(len(o) for o in out) < n:
+        img, _ = make_domain(None, (size, size), seed=seed + i)
+        out.append(img.reshape(k, TILE, k, TILE).transpose(0, 2, 1, 3).reshape(k * k, TILE, TILE))
+        i += 1
+    return np.concatenate(out)[:n]
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qc_bench")
+    if FULL:
+        torch = pytest.importorskip("torch")
+        from neuroadda_rt.models import UNet
+
+        torch.manual_seed(0)
+        fp32 = nr.export_onnx(UNet().eval(), d / "encoder.onnx", part="encoder")
+    else:
+        if not (ASSETS / "encoder.onnx").is_file():
+            pytest.skip(f"tiny model asset missing at {ASSETS}")
+        fp32 = ASSETS / "encoder.onnx"
+    calib = _tiles(32, 900).astype(np.float32) / 255
+    int8 = nr.quantize_int8(fp32, calib, d / "encoder.int8.onnx")
+    return {"fp32": fp32, "int8": int8}
+
+
+@pytest.fixture(scope="module")
+def data():
+    tiles = _tiles(N_REF + WINDOW, 1000)
+    return tiles[:N_REF], tiles[N_REF:]
+
+
+def _kernel_mean(x, ref, sigma):
+    d2 = ((x[:, None, :].astype(np.float64) - ref[None].astype(np.float64)) ** 2).sum(-1)
+    return np.exp(-d2 / (2 * sigma**2)).mean(1)
+
+
+@pytest.mark.benchmark(group="qc-update")
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_update_throughput(benchmark, encoders, data, precision):
+    ref, batch = data
+    fx = nr.FeatureExtractor(encoders[precision], backend="onnxruntime", threads=2)
+    mon = QCMonitor(fx, ref, window=WINDOW, n_permutations=N_PERM)
+    rep = benchmark(mon.update, batch)
+    assert len(rep.windows) == 1 and rep.scores.shape == (WINDOW,)
+    feats = fx.features(batch[:8].astype(np.float32)[:, None] / 255)
+    np.testing.assert_allclose(rep.similarity[:8], _kernel_mean(feats, mon.ref, mon.sigma), rtol=1e-6, atol=1e-9)
+    benchmark.extra_info["tiles_per_update"] = WINDOW
+
+
+@pytest.mark.benchmark(group="qc-window-test")
+@pytest.mark.parametrize("impl", ["qc_cached_reference", "mmd2_test_per_window"])
+def test_window_test(benchmark, data, impl):
+    rng = np.random.default_rng(0)
+    d = 128 if FULL else 16
+    ref = rng.normal(size=(N_REF, d)).astype(np.float32)
+    win = (rng.normal(size=(WINDOW, d)) + 0.05).astype(np.float32)
+    ident = lambda t: win[: len(t)]  # noqa: E731 - the "encoder" returns the window's features
+    mon = QCMonitor(ident, ref, window=WINDOW, n_permutations=N_PERM)
+    tiles = np.zeros((WINDOW, 8, 8), np.float32)
+    expect = float(nr.mmd2(win, ref, sigma=mon.sigma))
+    if impl == "qc_cached_reference":
+        def run():
+            mon._since_test = 0
+            return mon.update(tiles).windows[0].mmd2
+    else:
+        def run():
+            return float(nr.mmd2_test(win, ref, n_permutations=N_PERM, sigma=mon.sigma).mmd2)
+    got = benchmark(run)
+    assert got == pytest.approx(expect, rel=1e-3, abs=1e-6)

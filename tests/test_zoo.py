@@ -1,0 +1,181 @@
+"""The bundled zoo: loads, verifies, stays small, and its family.json poses the demo correctly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import neuroadda_rt
+from neuroadda_rt._newick import parse_newick, patristic_distances
+from neuroadda_rt.errors import FormatError
+
+ZOO = Path(neuroadda_rt.__file__).resolve().parent / "zoo"
+MAX_BYTES = 20 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def family():
+    f = ZOO / "family.json"
+    if not f.is_file():
+        pytest.fail(f"the bundled zoo has no family.json at {f}")
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def test_bundled_zoo_is_under_20_mb():
+    files = [p for p in ZOO.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    total = sum(p.stat().st_size for p in files)
+    assert files and total < MAX_BYTES, f"bundled zoo is {total / 1e6:.1f} MB"
+    assert not [p for p in files if ".checkpoints" in p.parts], "training checkpoints must not ship"
+
+
+def test_bundled_zoo_loads_and_verifies(family):
+    zoo = neuroadda_rt.default_zoo()
+    assert len(zoo) == len(family["zoo_domains"]) >= 3
+    assert zoo.verify() == {n: None for n in sorted(family["zoo_domains"])}
+    for pkg in zoo:  # iterating loads (and verifies) every package
+        assert pkg.path.parent == ZOO
+        assert pkg.organism == "synthetic" and "synthetic" in pkg.modality and "synthetic" in pkg.tissue
+        assert pkg.representation == "boundary"
+        t = pkg.metadata["extra"]["segmentation"]["threshold"]
+        assert 0 < t < 1 and pkg.metadata["metrics"]["segmentation_threshold"] == t
+        assert pkg.reference_features.shape[0] >= 64
+        assert pkg.metadata["training"]["domain"] == pkg.name
+        assert family["models"][pkg.name]["sha256"] == pkg.sha256
+
+
+def test_family_holds_out_a_domain_whose_nearest_relative_is_in_the_zoo(family):
+    names, dist = patristic_distances(family["newick"])
+    assert sorted(names) == sorted(family["names"]) and len(names) == family["n"]
+    held = family["held_out"]
+    assert family["demo_target"] == held
+    assert held not in family["zoo_domains"] and not (ZOO / held).exists()
+    assert sorted(family["zoo_domains"] + [held]) == sorted(names)
+    i = names.index(held)
+    others = [(dist[i, j], n) for j, n in enumerate(names) if n != held]
+    nearest = min(others)[1]
+    assert nearest in family["zoo_domains"] and family["nearest"][held] == nearest
+    # every domain's recorded nearest relative (among the zoo models other than itself)
+    for t in names:
+        row = {n: dist[names.index(t), j] for j, n in enumerate(names)}
+        cands = [n for n in family["zoo_domains"] if n != t]
+        assert family["nearest"][t] == min(cands, key=lambda n: row[n])
+    # the styles regenerate the family: the demo can render the held-out domain
+    from neuroadda_rt.synthetic import DomainStyle, domain_family
+
+    styles, newick = domain_family(family["n"], seed=family["seed"])
+    assert newick == family["newick"]
+    assert {s.name: s.to_dict() for s in styles} == family["styles"]
+    DomainStyle.from_dict(family["styles"][held])
+
+
+def test_family_spec_is_deterministic_and_matches_the_bundle(family):
+    from neuroadda_rt.zoo_build import family_spec
+
+    spec = family_spec(family["n"], family["seed"])
+    for k in ("names", "newick", "held_out", "zoo_domains", "nearest"):
+        assert spec[k] == family[k]
+
+
+def test_the_source_models_segment_their_own_domain():
+    """A bundled source on fresh data of its own domain: a sane segmentation (not everything merged)."""
+    from neuroadda_rt.evaluation import evaluate
+    from neuroadda_rt.synthetic import DomainStyle, make_domain
+
+    zoo = neuroadda_rt.default_zoo()
+    pkg = next(iter(zoo))
+    style = DomainStyle.from_dict(pkg.metadata["training"]["style"])
+    img, lab = make_domain(style, (2, 128, 128), seed=4242)
+    ev = evaluate(pkg, img, lab, backend="onnxruntime", device="cpu")
+    assert ev.threshold_source == "model.json"
+    assert ev.vi_total < 1.0, ev
+
+
+# ------------------------------------------------------------------------------ Newick
+def test_patristic_distances_against_brute_force_paths():
+    text = "((a:1,b:2)x:0.5,(c:1.5,(d:1,e:0.25):2):3,f:4);"
+    names, d = patristic_distances(text)
+    assert names == ["a", "b", "c", "d", "e", "f"]
+    # brute force: root-to-leaf paths as lists of (node id, length); distance = sum outside the shared prefix
+    root = parse_newick(text)
+
+    def paths(node, acc):
+        if not node.children:
+            yield node.name, acc
+        for c in node.children:
+            yield from paths(c, acc + [(id(c), c.length)])
+
+    p = dict(paths(root, []))
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            pa, pb = p[a], p[b]
+            k = 0
+            while k < min(len(pa), len(pb)) and pa[k][0] == pb[k][0]:
+                k += 1
+            ref = sum(v for _, v in pa[k:]) + sum(v for _, v in pb[k:])
+            assert d[i, j] == pytest.approx(ref)
+    assert np.allclose(d, d.T) and np.all(np.diag(d) == 0)
+
+
+@pytest.mark.parametrize("bad", ["(a:1,b:2)", "((a:1,b:2);", "(a:1,b:x);", "(a:1,a:2);"])
+def test_bad_newick_raises(bad):
+    with pytest.raises(FormatError):
+        patristic_distances(bad)
+
+
+# ------------------------------------------------------------------------------ CLI
+def _cli(capsys, *argv):
+    from neuroadda_rt.cli import main
+
+    rc = main(list(argv))
+    return rc, capsys.readouterr()
+
+
+def test_cli_zoo_list_show_verify_json(capsys, family):
+    rc, out = _cli(capsys, "zoo", "list", "--json")
+    assert rc == 0
+    rows = json.loads(out.out)["models"]
+    assert sorted(r["name"] for r in rows) == sorted(family["zoo_domains"])
+    rc, out = _cli(capsys, "zoo", "verify", "--json")
+    assert rc == 0 and json.loads(out.out)["ok"] is True
+    name = family["zoo_domains"][0]
+    rc, out = _cli(capsys, "zoo", "show", name, "--json")
+    assert rc == 0 and json.loads(out.out)["name"] == name
+    rc, out = _cli(capsys, "zoo", "show", "family", "--json")
+    assert rc == 0 and json.loads(out.out)["held_out"] == family["held_out"]
+
+
+def test_cli_zoo_errors_are_one_line(capsys, tmp_path):
+    rc, out = _cli(capsys, "zoo", "show", "no-such-model")
+    assert rc == 2 and "no model named" in out.err and "Traceback" not in out.err
+    rc, out = _cli(capsys, "zoo", "list", "--zoo", str(tmp_path / "missing"))
+    assert rc == 2 and "not found" in out.err
+
+
+def test_cli_zoo_verify_names_a_tampered_file(capsys, tmp_path):
+    import shutil
+
+    zoo = tmp_path / "zoo"
+    name = sorted(p.name for p in ZOO.iterdir() if (p / "model.json").exists())[0]
+    shutil.copytree(ZOO / name, zoo / name)
+    ref = zoo / name / "reference_features.npy"
+    ref.write_bytes(ref.read_bytes()[:-8])
+    rc, out = _cli(capsys, "zoo", "verify", "--zoo", str(zoo))
+    assert rc == 1 and "reference_features.npy" in out.out
+
+
+def test_build_zoo_smoke(tmp_path):
+    """A miniature build end to end (2 sources, a few steps) gives a loadable zoo and family.json."""
+    from neuroadda_rt.zoo_build import build_zoo
+
+    fam = build_zoo(tmp_path / "z", n_domains=3, seed=1, steps=2, batch_size=2, patch_size=64, volumes=1,
+                    volume_shape=(1, 64, 64), tile_size=64, reference_tiles=4, threshold_tiles=2)
+    assert len(fam["zoo_domains"]) == 2 and fam["held_out"] not in fam["zoo_domains"]
+    z = neuroadda_rt.Zoo(tmp_path / "z")
+    assert sorted(z.names) == sorted(fam["zoo_domains"])
+    assert all(v is None for v in z.verify().values())
+    assert not (tmp_path / "z" / ".checkpoints").exists()
+    with pytest.raises(FormatError):
+        neuroadda_rt.Zoo(tmp_path / "nothing")

@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     w.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate per window (default 0.01)")
     w.add_argument("--n-permutations", type=int, default=500, help="permutations of the drift test")
     w.add_argument("--artefact-fpr", type=float, default=0.01, help="false-positive rate of artefact flags")
+    w.add_argument("--uncertainty", action="store_true",
+                   help="also flag tiles on the model's prediction uncertainty (runs the full network from a "
+                        "model package: slower)")
     w.add_argument("--backend", default="auto", help="inference backend (auto, onnxruntime, tensorrt, torch)")
     w.add_argument("--settle", type=float, default=1.0,
                    help="seconds a file must stay unchanged before it is read (default 1)")
@@ -54,6 +57,11 @@ def run_watch(args) -> int:
     if not args.folder.is_dir():
         raise FileNotFoundError(f"watched folder {args.folder} does not exist")
     model = FeatureExtractor(args.model, backend=args.backend)
+    uncertainty = None
+    if args.uncertainty:
+        from ..runtime import Predictor
+
+        uncertainty = Predictor(args.model, backend=args.backend)
 
     def factory():
         ref_path = args.reference
@@ -65,11 +73,11 @@ def run_watch(args) -> int:
                 reference = split_tiles(reference, args.tile_size)
         else:
             reference = read_tiles(ref_path, tile_size=args.tile_size)
-        return QCMonitor(model, reference, window=args.window, alpha=args.alpha,
+        return QCMonitor(model, reference, window=args.window, alpha=args.alpha, uncertainty=uncertainty,
                          n_permutations=args.n_permutations, artefact_fpr=args.artefact_fpr, seed=args.seed)
 
     svc = QCService(args.folder, factory, model, db=args.db, tile_size=args.tile_size, settle=args.settle,
-                    give_up=args.give_up, echo=lambda s: print(s, flush=True))
+                    give_up=args.give_up, uncertainty=uncertainty, echo=lambda s: print(s, flush=True))
     print(f"qc: watching {svc.folder} -> {svc.db_path} ({svc.monitor.n_tiles} tiles, "
           f"{svc.monitor.n_windows} windows so far)", flush=True)
     try:

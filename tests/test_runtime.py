@@ -333,3 +333,22 @@ def test_predict_on_device(pkg, ort_pred, device):
     p = neuroadda_rt.Predictor(pkg, backend="torch", device=device, tile=32, overlap=0.25, batch_size=3)
     assert p.device == device
     assert np.abs(p.predict(img) - ort_pred.predict(img)).max() <= 1e-4
+
+
+def test_onnxruntime_path_needs_no_torch():
+    """A package runs on ONNX Runtime in an environment without PyTorch (torch import blocked)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np, neuroadda_rt as nr\n"
+        f"pkg = nr.load_model({str(TINY)!r})\n"
+        "fx = nr.FeatureExtractor(pkg, device='cpu')\n"
+        "assert fx.backend == 'onnxruntime', fx.backend\n"
+        "f = fx.features(np.zeros((2, 32, 32), np.uint8))\n"
+        "p = nr.Predictor(pkg, device='cpu', tile=32).predict(np.zeros((40, 50), np.uint8))\n"
+        "assert f.shape == (2, 16) and p.shape == (1, 40, 50)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

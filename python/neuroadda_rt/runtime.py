@@ -151,6 +151,11 @@ class _Source:
     def multiple(self) -> int:
         return 2 ** (len(self.config["widths"]) - 1)
 
+    @property
+    def has_weights(self) -> bool:
+        """Whether PyTorch weights exist (without loading them or importing torch)."""
+        return self.net is not None or self.package is not None
+
     def torch_net(self):
         if self.net is None and self.package is not None:
             self.net = self.package.unet()
@@ -159,8 +164,9 @@ class _Source:
     def onnx_path(self, part: str) -> Path | None:
         if part in self.onnx:
             return self.onnx[part]
-        if self.torch_net() is None:
+        if not self.has_weights:
             return None
+        self.torch_net()
         self.onnx[part] = _exported(self.net, part)
         return self.onnx[part]
 
@@ -409,8 +415,8 @@ def _make_runner(source: _Source, part: str, *, backend: str, device: str, ort_p
         raise InputValueError(f"expected device in {_DEVICES}, got {device!r}")
     device = device.lower()
     av = available_backends()
-    has_onnx = part in source.onnx or source.torch_net() is not None
-    has_net = source.torch_net() is not None
+    has_onnx = part in source.onnx or source.has_weights
+    has_net = source.has_weights
 
     if device == "cuda" and not any("cuda" in d for d in av.values()):
         raise BackendUnavailableError(f"device='cuda' requested but no backend can use a GPU here; "
@@ -766,9 +772,8 @@ class Predictor:
     @property
     def out_channels(self) -> int:
         """1 for boundary models, 2 (2-D) or 3 (3-D) for affinity models."""
-        from .models import HEAD_CHANNELS
-
-        return HEAD_CHANNELS[(self._source.config.get("head", "boundary"), self._source.dim)]
+        # same rule as models.HEAD_CHANNELS, without importing torch
+        return 1 if self._source.config.get("head", "boundary") == "boundary" else self._source.dim
 
     def predict_tiles(self, tiles, batch_size: int | None = None) -> np.ndarray:
         """Network outputs for a batch of tiles, ``(N, C_out, *spatial)`` float32 (no blending).

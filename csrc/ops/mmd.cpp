@@ -138,8 +138,9 @@ double mmd2_permutation(const MatView& x, const MatView& y, const std::vector<do
 #endif
   }
   const cpu::PackedSet z = cpu::pack_pooled_contiguous(x, y);
-  std::vector<float> K(static_cast<size_t>(N * N));
-  cpu::kernel_matrix(z, coef.data(), static_cast<int>(coef.size()), K.data());
+  const int64_t ld = (N + 15) / 16 * 16;  // padded rows: whole 16-float vectors, no scalar tails
+  std::vector<float> K(static_cast<size_t>(N * ld));
+  cpu::kernel_matrix(z, coef.data(), static_cast<int>(coef.size()), K.data(), ld);
   std::vector<double> r(static_cast<size_t>(N));
   double total = 0.0;
   {
@@ -148,7 +149,7 @@ double mmd2_permutation(const MatView& x, const MatView& y, const std::vector<do
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; ++i) {
       double acc = 0.0;
-      const float* row = Kp + i * N;
+      const float* row = Kp + i * ld;
       for (int64_t j = 0; j < N; ++j) acc += row[j];
       rp[i] = acc;
     }
@@ -157,9 +158,9 @@ double mmd2_permutation(const MatView& x, const MatView& y, const std::vector<do
   std::vector<int64_t> identity(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) identity[i] = i;
   double s_obs = 0.0;
-  cpu::permutation_quadratic_forms(K.data(), N, identity.data(), 1, n, &s_obs);
+  cpu::permutation_quadratic_forms(K.data(), N, ld, identity.data(), 1, n, &s_obs);
   std::vector<double> s_xx(static_cast<size_t>(P));
-  if (P > 0) cpu::permutation_quadratic_forms(K.data(), N, x_index, P, n, s_xx.data());
+  if (P > 0) cpu::permutation_quadratic_forms(K.data(), N, ld, x_index, P, n, s_xx.data());
   const double dn = static_cast<double>(n), dm = static_cast<double>(m);
   for (int64_t p = 0; p < P; ++p) {
     const int64_t* idx = x_index + p * n;

@@ -174,8 +174,10 @@ PackedSet pack_pooled_contiguous(const MatView& x, const MatView& y);
 MMDSums mmd_sums_views(const MatView& x, const MatView& y, const float* neg_inv_2s2, int n_sigma, int blocks);
 // d2 of all pairs i < j of one packed set, in row-major upper-triangle order (s(s-1)/2 floats).
 void pairwise_sq_dists_upper(const PackedSet& z, float* out);
-void kernel_matrix(const PackedSet& z, const float* neg_inv_2s2, int n_sigma, float* out);
-void permutation_quadratic_forms(const float* K, int64_t N, const int64_t* x_index, int64_t P, int64_t n,
+// out: N x N with row stride ld >= N (padding columns left untouched).
+void kernel_matrix(const PackedSet& z, const float* neg_inv_2s2, int n_sigma, float* out, int64_t ld);
+// K: N x N, row stride ld (a multiple of 16), zero in the padding columns.
+void permutation_quadratic_forms(const float* K, int64_t N, int64_t ld, const int64_t* x_index, int64_t P, int64_t n,
                                  double* s_xx);
 }  // namespace cpu
 

@@ -155,43 +155,52 @@ NEUROADDA_SIMD_CLONES void row_panel(const PanelJob& job, int64_t P, double* par
   }
 }
 
-// a' K a restricted to the block's rows: for each p, sum_{i in x_p} (1 + 2 sum_{j>i, j in x_p} K_ij).
-NEUROADDA_SIMD_CLONES void quad_forms_block(const float* K, int64_t N, const float* ind, int nb, double* out) {
-  for (int p = 0; p < nb; ++p) out[p] = 0.0;
-  for (int64_t i = 0; i < N; ++i) {
-    const float* row = K + i * N;
-    const int64_t len = N - i - 1;
+// a' K a for a block of permutations: for each p, sum_{i in x_p} (1 + 2 sum_{j>i, j in x_p} K_ij).
+// Rows of K and of the 0/1 indicators have stride ld (multiple of 16, zero padded). Rows go in
+// 16-row blocks: left of column i0 + 16 only the diagonal 16 x 16 tile remains (scalar), right of
+// it a rectangle shared by all 16 rows, walked in column chunks so that a chunk of one indicator
+// row (L1) serves up to 16 rows of K and the 16 x chunk tile of K (L2) serves every permutation.
+// float32 lanes are flushed to float64 after each chunk.
+NEUROADDA_SIMD_CLONES void quad_forms_block(const float* K, int64_t N, int64_t ld, const float* ind, int nb,
+                                            int64_t n_x, double* out) {
+  constexpr int64_t kChunk = 1024;
+  std::vector<double> dsum(static_cast<size_t>(nb), 0.0);
+  for (int64_t i0 = 0; i0 < N; i0 += kT) {
+    const int64_t i1 = std::min(N, i0 + kT);
+    const int64_t jr = i0 + kT;  // start of the rectangle (multiple of 16, <= ld)
     for (int p = 0; p < nb; ++p) {
-      const float* a = ind + static_cast<int64_t>(p) * N;
-      if (a[i] == 0.0f) continue;
-      const float* kr = row + i + 1;
-      const float* ar = a + i + 1;
-      v16f s0{}, s1{}, s2{}, s3{};
-      int64_t j = 0;
-      for (; j + 4 * kT <= len; j += 4 * kT) {
-        v16f k0, k1, k2, k3, a0, a1, a2, a3;
-        std::memcpy(&k0, kr + j, 64);
-        std::memcpy(&k1, kr + j + kT, 64);
-        std::memcpy(&k2, kr + j + 2 * kT, 64);
-        std::memcpy(&k3, kr + j + 3 * kT, 64);
-        std::memcpy(&a0, ar + j, 64);
-        std::memcpy(&a1, ar + j + kT, 64);
-        std::memcpy(&a2, ar + j + 2 * kT, 64);
-        std::memcpy(&a3, ar + j + 3 * kT, 64);
-        s0 += k0 * a0;
-        s1 += k1 * a1;
-        s2 += k2 * a2;
-        s3 += k3 * a3;
+      const float* a = ind + static_cast<int64_t>(p) * ld;
+      double h = 0.0;
+      for (int64_t i = i0; i < i1; ++i) {
+        if (a[i] == 0.0f) continue;
+        const float* row = K + i * ld;
+        for (int64_t j = i + 1; j < std::min(jr, N); ++j) h += static_cast<double>(row[j] * a[j]);
       }
-      v16f sv = (s0 + s1) + (s2 + s3);
-      double acc = 0.0;
-      for (int l = 0; l < kT; ++l) acc += static_cast<double>(sv[l]);
-      float tail = 0.0f;
-      for (; j < len; ++j) tail += kr[j] * ar[j];
-      acc += static_cast<double>(tail);
-      out[p] += 1.0 + 2.0 * acc;
+      dsum[p] += h;
+    }
+    for (int64_t jb = jr; jb < ld; jb += kChunk) {
+      const int64_t je = std::min(ld, jb + kChunk);
+      for (int p = 0; p < nb; ++p) {
+        const float* a = ind + static_cast<int64_t>(p) * ld;
+        v16f s0{}, s1{};
+        for (int64_t i = i0; i < i1; ++i) {
+          if (a[i] == 0.0f) continue;
+          const float* row = K + i * ld;
+          int64_t j = jb;
+          for (; j + 2 * kT <= je; j += 2 * kT) {
+            s0 += load16(row + j) * load16(a + j);
+            s1 += load16(row + j + kT) * load16(a + j + kT);
+          }
+          for (; j < je; j += kT) s0 += load16(row + j) * load16(a + j);
+        }
+        const v16f sv = s0 + s1;
+        double t = 0.0;
+        for (int l = 0; l < kT; ++l) t += static_cast<double>(sv[l]);
+        dsum[p] += t;
+      }
     }
   }
+  for (int p = 0; p < nb; ++p) out[p] = static_cast<double>(n_x) + 2.0 * dsum[p];
 }
 
 inline int num_threads_for(int64_t work_items) {
@@ -347,7 +356,7 @@ void pairwise_sq_dists_upper(const PackedSet& z, float* out) {
   run_panels<Mode::Dists>(job, nullptr);
 }
 
-void kernel_matrix(const PackedSet& z, const float* neg_inv_2s2, int n_sigma, float* out) {
+void kernel_matrix(const PackedSet& z, const float* neg_inv_2s2, int n_sigma, float* out, int64_t ld) {
   std::vector<int> valid;
   std::vector<int64_t> first;
   for (int64_t p = 0; p < z.n_panels; ++p) {
@@ -355,7 +364,7 @@ void kernel_matrix(const PackedSet& z, const float* neg_inv_2s2, int n_sigma, fl
     first.push_back(p * kT);
   }
   PanelJob job{z.panels.data(), z.norms.data(), valid.data(), first.data(), z.n_panels, z.n_panels, z.d,
-               neg_inv_2s2, n_sigma, kBlockAll, out, z.rows};
+               neg_inv_2s2, n_sigma, kBlockAll, out, ld};
   run_panels<Mode::Matrix>(job, nullptr);
 }
 
@@ -363,7 +372,7 @@ PackedSet pack_pooled_contiguous(const MatView& x, const MatView& y) {
   return pack_pooled(x, y, /*pad_between=*/false).ps;
 }
 
-void permutation_quadratic_forms(const float* K, int64_t N, const int64_t* x_index, int64_t P, int64_t n,
+void permutation_quadratic_forms(const float* K, int64_t N, int64_t ld, const int64_t* x_index, int64_t P, int64_t n,
                                  double* s_xx) {
   // Blocks of permutations share each pass over K (K is streamed from memory once per block).
   const int64_t threads = num_threads_for(P);
@@ -371,7 +380,7 @@ void permutation_quadratic_forms(const float* K, int64_t N, const int64_t* x_ind
   const int64_t n_blocks = (P + nb - 1) / nb;
 #pragma omp parallel num_threads(static_cast<int>(threads))
   {
-    std::vector<float> ind(static_cast<size_t>(nb * N));
+    std::vector<float> ind(static_cast<size_t>(nb * ld));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t p0 = b * nb;
@@ -379,10 +388,10 @@ void permutation_quadratic_forms(const float* K, int64_t N, const int64_t* x_ind
       std::fill(ind.begin(), ind.end(), 0.0f);
       for (int p = 0; p < cnt; ++p) {
         const int64_t* idx = x_index + (p0 + p) * n;
-        float* a = ind.data() + static_cast<int64_t>(p) * N;
+        float* a = ind.data() + static_cast<int64_t>(p) * ld;
         for (int64_t t = 0; t < n; ++t) a[idx[t]] = 1.0f;
       }
-      quad_forms_block(K, N, ind.data(), cnt, s_xx + p0);
+      quad_forms_block(K, N, ld, ind.data(), cnt, n, s_xx + p0);
     }
   }
 }

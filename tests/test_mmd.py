@@ -335,8 +335,15 @@ def test_permutation_unbiased_needs_two_samples():
     assert nr.mmd2_test(x, y, estimator="biased", n_permutations=10).null.shape == (10,)
 
 
-def test_permutation_kernel_rejects_bad_indices():
+def test_kernels_reject_bad_input_themselves():
+    # the C++ checks behind the Python validation (pybind11 turns them into ValueError)
     x, y = make_pair(3, 3, 2)
+    xn = x.copy()
+    xn[1, 1] = np.nan
+    with pytest.raises(ValueError, match="expected finite features, got 1 NaN or inf values in x"):
+        _core._mmd2(xn, y, [1.0], True, "cpu")
+    with pytest.raises(ValueError, match="expected sigma > 0"):
+        _core._mmd_sums(x, y, [-1.0], 7, "cpu")
     with pytest.raises(ValueError, match=r"expected permutation indices in \[0, 6\)"):
         _core._mmd2_permutation(x, y, [1.0], np.array([[0, 1, 6]], np.int64), True, "cpu")
     with pytest.raises(ValueError, match="distinct"):

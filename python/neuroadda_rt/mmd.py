@@ -114,7 +114,18 @@ def _features(a, name: str) -> np.ndarray:
         if a.size > MAX_IMPLICIT_COPY:
             raise DTypeError(f"expected {name} with 4-byte aligned strides, got strides {a.strides}")
         a = np.ascontiguousarray(a)
+    _check_finite(a, name)
     return a
+
+
+def _check_finite(a: np.ndarray, name: str) -> None:
+    """NaN / inf check in row blocks of ~2**18 elements (no full-size temporary). The kernels check
+    again while packing; checking here first keeps the common bad input away from C++ exceptions."""
+    step = max(1, (1 << 18) // a.shape[1])
+    for i in range(0, a.shape[0], step):
+        if not np.isfinite(a[i:i + step]).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise InputValueError(f"expected finite features, got {bad} NaN or inf values in {name}")
 
 
 def _pair(x, y):

@@ -81,9 +81,8 @@ def test_window_statistic_matches_package_kernel(rng):
     ref = rng.normal(size=(200, 8)).astype(np.float32)
     mon = QCMonitor(lambda t: t.reshape(len(t), -1)[:, :8].astype(np.float32) * 4, ref, window=32,
                     n_permutations=50)
-    rep = mon.update(rng.random((32, 4, 4)).astype(np.float32))
-    feats = rep  # noqa: F841
-    x = (mon._ring_f).copy()
+    rep = mon.update(rng.random((32, 8, 8)).astype(np.float32))
+    x = mon._ring_f.copy()  # the window's features (no wrap-around yet)
     assert rep.mmd2 == pytest.approx(float(mmd.mmd2(x, ref, sigma=mon.sigma)), rel=1e-4, abs=1e-6)
 
 
@@ -257,8 +256,6 @@ def test_update_from_several_threads(rng):
     assert ids == list(range(144))  # every tile numbered exactly once
     # scores do not depend on the thread: similarity is a function of the tile alone
     single = QCMonitor(toy_encoder, ref, window=16, n_permutations=40)
-    for r, b in zip(reports, [None] * len(reports)):
-        pass
     for b in batches[:3]:
         r_single = single.update(b)
         match = [r for r in reports if np.array_equal(r.similarity, r_single.similarity)]
@@ -308,3 +305,8 @@ def test_reference_as_features_and_errors(rng):
         QCMonitor(toy_encoder, np.full((20, 3), np.inf, np.float32))
     with pytest.raises(DTypeError):
         QCMonitor(42, feats)
+    tiled = QCMonitor(toy_encoder, noise_tiles(rng, 64), window=8, n_permutations=30)
+    with pytest.raises(ShapeError, match="reference"):
+        tiled.update(noise_tiles(rng, 2, size=48))  # descriptors are calibrated at 32x32
+    with pytest.raises(ShapeError):
+        tiled.update(np.zeros((2, 4, 4), np.uint8))

@@ -193,8 +193,8 @@ def _as_tiles(tiles, name: str = "tiles") -> np.ndarray:
         arr = arr[:, 0]
     if arr.ndim != 3:
         raise ShapeError(f"expected {name} as (N, H, W), (H, W) or (N, 1, H, W), got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] < 4 or arr.shape[2] < 4:
-        raise ShapeError(f"expected at least one tile of at least 4x4 pixels in {name}, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] < 8 or arr.shape[2] < 8:
+        raise ShapeError(f"expected at least one tile of at least 8x8 pixels in {name}, got shape {arr.shape}")
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) * np.float32(1 / 255)
     if arr.dtype == np.uint16:
@@ -263,7 +263,7 @@ def _line_min(t: np.ndarray, n_angles: int = 16) -> np.ndarray:
     transposed tile covers the other directions."""
     n, h, w = t.shape
     x = t
-    length = max(5, min(41, int(0.32 * min(x.shape[1:])) | 1))
+    length = min(max(5, min(41, int(0.32 * min(x.shape[1:])) | 1)), min(x.shape[1:]) - 1)
     best = np.full(n, np.inf, dtype=np.float32)
     for img in (x, x.transpose(0, 2, 1)):
         hh, ww = img.shape[1:]
@@ -535,6 +535,7 @@ class QCMonitor:
         ref = np.asarray(reference) if not isinstance(reference, (list, tuple)) else reference
         rng = np.random.default_rng(self.seed)
         ref_stats = ref_unc = None
+        self._tile_shape: list[int] | None = None
         if isinstance(ref, np.ndarray) and ref.ndim == 2 and ref.dtype.kind == "f":
             feats = np.array(ref, dtype=np.float32)
             keep = self._subsample(len(feats), rng)
@@ -552,6 +553,7 @@ class QCMonitor:
             tiles = tiles[keep]
             feats = self._features_batched(tiles)
             ref_stats = image_stats(tiles)
+            self._tile_shape = list(tiles.shape[1:])
             if self._model.has_uncertainty:
                 ref_unc = self._model.uncertainty(tiles)
         if len(feats) < 16:
@@ -703,6 +705,10 @@ class QCMonitor:
         """
         x = _as_tiles(tiles)
         n_new = x.shape[0]
+        if self._tile_shape is not None and list(x.shape[1:]) != self._tile_shape:
+            # the intensity descriptors are calibrated at the reference's tile size
+            raise ShapeError(f"expected tiles of shape {tuple(self._tile_shape)} (the reference's), "
+                             f"got {tuple(x.shape[1:])}")
         if ids is not None:
             ids = [str(i) for i in ids]
             if len(ids) != n_new:
@@ -899,7 +905,7 @@ class QCMonitor:
                 "n_permutations": self.n_permutations, "artefact_fpr": self.artefact_fpr,
                 "max_reference": self.max_reference, "seed": self.seed, "history": self._history_len,
                 "ref_total": self._ref_total, "detectors": self._det_names, "tails": self._det_tail,
-                "ref_texture": self._ref_texture,
+                "ref_texture": self._ref_texture, "tile_shape": self._tile_shape,
                 "ring_id": self._ring_id, "ring_pos": self._ring_pos, "ring_fill": self._ring_fill,
                 "since_test": self._since_test, "n_tiles": self.n_tiles, "n_windows": self.n_windows,
                 "n_drift_windows": self.n_drift_windows, "n_flagged": self.n_flagged,
@@ -970,6 +976,7 @@ class QCMonitor:
             self._det_tail = [int(t) for t in meta["tails"]]
             self._det_ref = [a[f"det_{name}"] for name in self._det_names]
             self._ref_texture = float(meta["ref_texture"])
+            self._tile_shape = meta["tile_shape"]
             self._robust = self._robust_scales()
             if "uncertainty" in self._det_names and not self._model.has_uncertainty:
                 raise FormatError(f"{state['path']}: the saved monitor uses an uncertainty model; pass uncertainty=")

@@ -26,9 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-
-from .errors import BackendUnavailableError, FormatError, InputValueError, IntegrityError, ShapeError, require
+from .errors import BackendUnavailableError, FormatError, InputValueError, ShapeError, require
 
 log = logging.getLogger("neuroadda_rt")
 
@@ -219,7 +217,7 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
     >>> import numpy as np, neuroadda_rt, tempfile, os                    # doctest: +SKIP
     >>> q = neuroadda_rt.quantize_int8("encoder.onnx", np.random.rand(16, 64, 64), "encoder.int8.onnx")  # doctest: +SKIP
     """
-    ort = require("onnxruntime", "runtime")
+    require("onnxruntime", "runtime")
     from onnxruntime import quantization as oq
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)
@@ -264,7 +262,6 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
             e = proto.metadata_props.add()
             e.key, e.value = k, v
         _atomic_write_bytes(out_path, proto.SerializeToString())
-    del ort
     return out_path
 
 
@@ -390,9 +387,3 @@ def _build_engine(trt, onnx_path: Path, profile: dict[str, Any], fp16: bool, wor
     if serialized is None:
         raise BackendUnavailableError(f"TensorRT failed to build an engine for {onnx_path} (see its log above)")
     return bytes(serialized)
-
-
-def _verify_file(path: Path, expected_sha256: str) -> None:
-    got = sha256_file(path)
-    if got != expected_sha256:
-        raise IntegrityError(f"{path}: expected sha256 {expected_sha256}, got {got}")

@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -390,7 +389,7 @@ def available_backends() -> dict[str, list[str]]:
         out["onnxruntime"] = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in prov else []) + \
             (["tensorrt-ep"] if "TensorrtExecutionProvider" in prov else [])
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (only whether it imports)
 
         out["torch"] = ["cpu"] + (["cuda"] if _torch_cuda() else [])
     except ImportError:

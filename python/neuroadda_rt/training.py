@@ -67,6 +67,10 @@ class TrainRecipe:
         Seeds every random choice of the run.
     weight_decay : float
         Adam weight decay (L2).
+    intensity : bool
+        Include the intensity jitter in the augmentation (geometry is augmented either way
+        when ``augment``). The zoo's sources are trained without it so that their encoders
+        stay sensitive to the imaging chain, which source ranking measures.
     """
 
     steps: int = 200
@@ -76,6 +80,7 @@ class TrainRecipe:
     augment: bool = True
     seed: int = 0
     weight_decay: float = 0.0
+    intensity: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "patch_size"):
@@ -379,7 +384,7 @@ def _make_batch(images, labels, rng: np.random.Generator, recipe: TrainRecipe, r
         x = int(rng.integers(max(1, im.shape[1] - s + 1)))
         pi, pl = _crop(im, y, x, s), _crop(lb, y, x, s)
         if recipe.augment:
-            pi, pl = augment_pair(pi, pl, rng)
+            pi, pl = augment_pair(pi, pl, rng, intensity=recipe.intensity)
         t, m = target_fn(pl, representation)
         xs.append(pi[None])
         ts.append(t)

@@ -64,6 +64,7 @@ class ZooRecipe:
     reference_tiles: int = 256
     threshold_tiles: int = 16
     held_out: str | None = None
+    intensity_augment: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -249,7 +250,7 @@ def _train_domain(args) -> dict[str, Any]:
         torch.manual_seed(recipe.seed * 1000 + index)
         net = UNet(widths=recipe.widths, head=recipe.representation)
     tr = TrainRecipe(steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, patch_size=recipe.patch_size,
-                     augment=True, seed=recipe.seed * 1000 + index)
+                     augment=True, seed=recipe.seed * 1000 + index, intensity=recipe.intensity_augment)
     hist = train_network(net, ims, lbs, recipe=tr, checkpoint_dir=ckpt_dir, checkpoint_every=250,
                          progress=progress, device=device, desc=f"zoo {name}")
     return {"name": name, "loss": hist.loss, "seconds": hist.seconds, "steps_run": hist.steps_run,
@@ -298,7 +299,8 @@ def _package_domain(name: str, index: int, style_dict: dict, recipe: ZooRecipe, 
         "family": {"seed": recipe.seed, "n_domains": recipe.n_domains, "newick": family["newick"]},
         "recipe": tr.to_dict(),
         "loss": "BCE on boundary targets from the instance labels",
-        "augmentation": "flips, 90-degree rotations, elastic, intensity jitter",
+        "augmentation": ("flips, 90-degree rotations, elastic" +
+                         (", intensity jitter" if recipe.intensity_augment else " (no intensity jitter)")),
         "built_by": "neuroadda-rt zoo build (neuroadda_rt.zoo_build.build_zoo)",
         "device": info.get("device"),
     }
@@ -327,7 +329,8 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
               volume_shape=DEFAULT_ZOO.volume_shape, tile_size: int = DEFAULT_ZOO.tile_size,
               reference_tiles: int = DEFAULT_ZOO.reference_tiles, threshold_tiles: int = DEFAULT_ZOO.threshold_tiles,
               device: str = "cpu", workers: int = 1, threads: int | None = None, progress: bool = False,
-              train_only: bool = False, checkpoint_root=None, keep_checkpoints: bool = False) -> dict[str, Any]:
+              train_only: bool = False, checkpoint_root=None, keep_checkpoints: bool = False,
+              intensity_augment: bool = DEFAULT_ZOO.intensity_augment) -> dict[str, Any]:
     """Train one source model per domain of a synthetic family and write them as a zoo.
 
     Parameters
@@ -357,6 +360,8 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
         Where the per-domain checkpoints live (default ``<out_dir>/.checkpoints``).
     keep_checkpoints : bool
         Keep the checkpoints after packaging.
+    intensity_augment : bool
+        Intensity jitter in the sources' augmentation (geometry is always augmented).
 
     Returns
     -------
@@ -372,7 +377,8 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
     recipe = ZooRecipe(n_domains=int(n_domains), seed=int(seed), widths=tuple(int(w) for w in widths),
                        volumes=int(volumes), volume_shape=tuple(int(s) for s in volume_shape), steps=int(steps),
                        lr=float(lr), batch_size=int(batch_size), patch_size=int(patch_size), tile_size=int(tile_size),
-                       reference_tiles=int(reference_tiles), threshold_tiles=int(threshold_tiles), held_out=held_out)
+                       reference_tiles=int(reference_tiles), threshold_tiles=int(threshold_tiles), held_out=held_out,
+                       intensity_augment=bool(intensity_augment))
     if len(recipe.volume_shape) != 3:
         raise InputValueError(f"expected volume_shape (z, h, w), got {recipe.volume_shape}")
     if min(recipe.volume_shape[1:]) < max(recipe.tile_size, recipe.patch_size):

@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     b.add_argument("--volumes", type=int, default=d.volumes, help="synthetic volumes per domain")
     b.add_argument("--volume-shape", default="x".join(map(str, d.volume_shape)), help="z x h x w of each volume")
     b.add_argument("--tile-size", type=int, default=d.tile_size, help="reference / threshold tile edge")
+    b.add_argument("--no-intensity-augment", action="store_true",
+                   help="train the sources without intensity jitter (geometry is always augmented)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="training device")
     b.add_argument("--workers", type=int, default=1, help="domains trained in parallel processes")
     b.add_argument("--threads", type=int, default=None, help="PyTorch threads per worker")
@@ -101,7 +103,8 @@ def run_build(args) -> int:
                     steps=args.steps, lr=args.lr, batch_size=args.batch_size, patch_size=args.patch_size,
                     volumes=args.volumes, volume_shape=shape, tile_size=args.tile_size, device=args.device,
                     workers=args.workers, threads=args.threads, progress=not args.no_progress and not args.json,
-                    train_only=args.train_only, checkpoint_root=args.checkpoints)
+                    train_only=args.train_only, checkpoint_root=args.checkpoints,
+                    intensity_augment=not args.no_intensity_augment)
     if args.train_only:
         if args.json:
             print_json(res)

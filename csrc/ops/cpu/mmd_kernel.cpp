@@ -73,7 +73,7 @@ struct PanelJob {
   int n_sigma;
   int blocks;
   float* out;             // Matrix: N x N; Dists: upper triangle of s x s
-  int64_t out_n;
+  int64_t out_n;          // Matrix: row stride of out; Dists: s
 };
 
 // One row panel P against panels Q >= P. Sums: partial[0..2] += (kxx, kyy, kxy) off-diagonal

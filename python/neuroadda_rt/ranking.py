@@ -28,7 +28,7 @@ from .errors import FormatError, InputValueError, ShapeError
 
 log = logging.getLogger("neuroadda_rt")
 
-__all__ = ["rank_sources", "SourceRanking", "RankedSource", "default_cache_dir"]
+__all__ = ["rank_sources", "SourceRanking", "RankedSource", "default_cache_dir", "standardize"]
 
 #: Version of the cache-key recipe; bump when what goes into a feature changes.
 _CACHE_VERSION = 1
@@ -557,11 +557,7 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
         if feats.shape[1] != ref.shape[1]:
             raise ShapeError(f"model {name!r}: expected target features with {ref.shape[1]} columns like its "
                              f"reference_features, got {feats.shape[1]}")
-        # The Gaussian kernel depends only on differences, so centring both sets on the reference
-        # mean changes nothing mathematically; it keeps the float32 |a|²+|b|²-2a·b distances of the
-        # kernels accurate when features share a large offset and differ little (untrained encoders).
-        mu = ref.mean(axis=0, dtype=np.float64).astype(np.float32)
-        ref, feats = ref - mu, feats - mu
+        ref, feats = standardize(ref, feats)
         if n_permutations > 0:
             res = mmd2_test(ref, feats, n_permutations=n_permutations, seed=seed)
             stat = float(_field(res, ("mmd2", "statistic", "value")))
@@ -573,11 +569,28 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
                                     sigma=_as_sigma(sigma), n_reference=len(ref),
                                     n_target=len(feats), sha256=sha, cached=was_cached, model=pkg))
     settings = {"n_tiles": n_tiles, "tile_size": tile_size, "seed": seed, "n_permutations": n_permutations,
-                "kernel": "gaussian, median-heuristic bandwidth (mmd2_test default)",
+                "kernel": "gaussian on features standardised by the source's reference mean/sd, median-heuristic "
+                          "bandwidth on the pooled sample (mmd2_test default)",
                 "pooling": sorted({_pkg_pooling(m) for m in models}),
                 "target": _describe_target(target, volume),
                 "cache_dir": None if cache is None else str(cache)}
     return SourceRanking(entries, settings, coords)
+
+
+def standardize(ref: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both feature sets in the source's standardised coordinates: ``(x - mean_ref) / sd_ref`` per channel.
+
+    The Gaussian kernel then weighs every channel by the source's own spread of it (a diagonal
+    Mahalanobis kernel) instead of letting high-variance channels dominate; the statistics come from
+    the reference features alone, so the ranking stays source-free. Channels the reference never
+    varies get the floor ``1e-3 * max(sd_ref)``. Centring also keeps the float32
+    ``|a|² + |b|² - 2 a·b`` distances of the MMD kernels accurate. New float32 arrays; inputs unchanged.
+    """
+    r = np.asarray(ref, dtype=np.float64)
+    mu, sd = r.mean(axis=0), r.std(axis=0)
+    sd = np.maximum(sd, max(1e-3 * float(sd.max(initial=0.0)), 1e-12))
+    return (((r - mu) / sd).astype(np.float32),
+            ((np.asarray(feats, dtype=np.float64) - mu) / sd).astype(np.float32))
 
 
 def _as_sigma(sigma):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 #: Settings of the full demo and of ``--fast`` (CI / a quick look).
 PRESETS = {
-    "full": {"shape": (8, 384, 384), "tile_size": 128, "n_tiles": 128, "pool": 512, "n_permutations": 200,
+    "full": {"shape": (8, 384, 384), "tile_size": 128, "n_tiles": 256, "pool": 512, "n_permutations": 200,
              "n_test": 8, "train": {}},
     "fast": {"shape": (3, 256, 256), "tile_size": 96, "n_tiles": 48, "pool": 96, "n_permutations": 100,
              "n_test": 4, "train": {"steps": 30}},

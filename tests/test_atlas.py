@@ -293,3 +293,31 @@ def test_atlas_recovers_generating_tree_of_a_synthetic_family():
     assert cmp.cophenetic_correlation >= 0.8
     assert cmp.mantel_p < 0.05
     assert cmp.mantel_r > 0.5
+
+
+def test_zoo_atlas_columns_are_rank_sources(tmp_path):
+    """Zoo mode: column t of M is rank_sources(target t, zoo) -- each source's encoder and its own
+    reference features -- and the atlas keeps the p-values."""
+    pytest.importorskip("onnxruntime")
+    from pathlib import Path
+
+    from neuroadda_rt.package import load_model, save_model
+
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny_model"
+    if not (tiny / "model.json").exists():
+        pytest.skip("tests/assets/tiny_model is missing (tools/make_test_assets.py writes it)")
+    pkg = load_model(tiny)
+    zoo = [save_model(pkg, tmp_path / "a", name="a"), save_model(pkg, tmp_path / "b", name="b")]
+    rng = np.random.default_rng(0)
+    targets = {"a": (rng.random((2, 96, 96)) * 255).astype(np.uint8),
+               "b": (rng.random((2, 96, 96)) * 120).astype(np.uint8)}
+    kw = dict(n_tiles=8, tile_size=32, n_permutations=20, seed=0, cache_dir=False)
+    atlas = nr.domain_atlas(zoo, targets, **kw)
+    assert atlas.names == ["a", "b"] and atlas.settings["mode"] == "zoo"
+    for j, t in enumerate(atlas.names):
+        ranking = {e.name: e for e in nr.rank_sources(targets[t], zoo, **kw)}
+        for i, s in enumerate(atlas.names):
+            assert atlas.mmd2[i, j] == ranking[s].mmd2
+            assert atlas.p_values[i, j] == ranking[s].p_value
+    with pytest.raises(nr.InputValueError, match="one target per source"):
+        nr.domain_atlas(zoo, {"a": targets["a"], "c": targets["b"]}, **kw)

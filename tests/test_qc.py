@@ -162,7 +162,7 @@ def test_artefact_flags_recall_and_fpr(em_tiles):
 
     ref, clean = em_tiles[:192], em_tiles[192:]
     mon = QCMonitor(toy_encoder, ref, window=32, n_permutations=50, artefact_fpr=0.05)
-    assert set(mon.detectors) >= {"similarity", "mean", "sharpness", "line_min", "flat", "block_max"}
+    assert set(mon.detectors) >= {"similarity", "mean", "sharpness", "line_ridge", "flat", "block_max"}
     rep = mon.update(clean)
     assert rep.flags.sum() <= stats.binom.ppf(0.999, len(clean), 0.05)
     for kind, expect in [("fold", None), ("stain", "stain"), ("defocus", "defocus"),

@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--zoo", default="default", help="zoo folder with family.json (default: bundled zoo)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--targets", type=int, default=None, help="limit the number of targets")
+    ap.add_argument("--only", default=None, help="comma-separated target names (default: every domain)")
     ap.add_argument("--fast", action="store_true", help="smoke run: 2 targets, 1 seed, the demo's --fast sizes")
     ap.add_argument("--rank-only", action="store_true", help="only the ranking criterion (no training)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
     preset = dict(PRESETS["fast" if args.fast else "full"])
     if args.fast:
         targets, seeds = targets[:2], seeds[:1]
+    if args.only:
+        targets = [t for t in args.only.split(",") if t]
     if args.targets:
         targets = targets[: args.targets]
     if args.rank_only:

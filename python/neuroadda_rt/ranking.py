@@ -269,6 +269,12 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
         raise
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +282,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -549,6 +556,11 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
         sha = _pkg_sha(pkg)
         pooling = _pkg_pooling(pkg)
         ref = _reference_features(pkg)
+        ref_size = (_meta(pkg).get("reference_features") or {}).get("tile_size")
+        if ref_size is not None and int(ref_size) != tile_size:
+            log.warning("model %r: its reference features come from %s px tiles but the target is embedded in "
+                        "%d px tiles; mean-pooled features depend on the tile size, so rank with tile_size=%s",
+                        name, ref_size, tile_size, ref_size)
         key = _cache_key(content, sha, pooling, tile_size)
         feats, was_cached = _cached_features(
             cache, key, len(tiles),

@@ -173,7 +173,7 @@ def _vi_figure(evaluation: dict) -> str | None:
     for xi, s, m in zip(x, split, merge):
         ax.text(xi, s + m, f"{s + m:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [labels[k] for k in keys])
-    ax.set_ylabel("variation of information (nats)")
+    ax.set_ylabel("variation of information")
     ax.set_title("VI on held-out tiles (lower is better)")
     ax.legend(fontsize=8)
     ax2.bar(x, are, color="#66a61e")
@@ -255,8 +255,10 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     best = ranking["ranking"][0] if ranking.get("ranking") else {}
     parts.append("<h1>neuroadda_rt report</h1>")
     target = (run.get("settings") or {}).get("target") or ranking.get("settings", {}).get("target") or {}
-    summary = [f"Target: <b>{html.escape(str(target.get('path') or target.get('name') or target.get('source', '')))}"
-               f"</b> {html.escape(str(target.get('shape', '')))}",
+    demo = (run.get("settings") or {}).get("demo") or {}
+    label = (f"synthetic domain {demo['target_domain']} (held out of the zoo)" if demo.get("target_domain")
+             else target.get("path") or target.get("name") or target.get("source", ""))
+    summary = [f"Target: <b>{html.escape(str(label))}</b> {html.escape(str(target.get('shape', '')))}",
                f"Best source: <b>{html.escape(str(best.get('name')))}</b> (MMD² {best.get('mmd2', float('nan')):.4g})",
                f"Status: <b>{html.escape(status)}</b>"]
     if run.get("vi_reduction") is not None:

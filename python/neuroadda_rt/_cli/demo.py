@@ -17,7 +17,7 @@ from pathlib import Path
 PRESETS = {
     "full": {"shape": (8, 384, 384), "tile_size": 128, "n_tiles": 256, "pool": 512, "n_permutations": 200,
              "n_test": 8, "train": {}},
-    "fast": {"shape": (3, 256, 256), "tile_size": 96, "n_tiles": 48, "pool": 96, "n_permutations": 100,
+    "fast": {"shape": (3, 256, 256), "tile_size": 128, "n_tiles": 64, "pool": 64, "n_permutations": 100,
              "n_test": 4, "train": {"steps": 30}},
 }
 

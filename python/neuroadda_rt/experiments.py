@@ -771,15 +771,21 @@ def _run_tasks(fn: Callable, items: Sequence, *, scheduler, workers: int | None,
         return results, failures
 
     distributed = require("distributed", "dask")
+    # Dask's cluster chatter (workers starting, nannies closing) is not the user's business.
+    quiet = {name: logging.getLogger(name).level for name in list(logging.root.manager.loggerDict)
+             if name == "distributed" or name.startswith("distributed.")}
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.ERROR)
     own_cluster = None
-    if scheduler in (None, "local", "distributed"):
-        n = workers or max(1, (os.cpu_count() or 2))
-        own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                               dashboard_address=None, silence_logs=logging.ERROR)
-        client = distributed.Client(own_cluster)
-    else:
-        client = distributed.Client(str(scheduler))
+    client = None
     try:
+        if scheduler in (None, "local", "distributed"):
+            n = workers or max(1, (os.cpu_count() or 2))
+            own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                   dashboard_address=":0", silence_logs=logging.ERROR)
+            client = distributed.Client(own_cluster)
+        else:
+            client = distributed.Client(str(scheduler))
         futures = client.map(guarded, list(items), pure=False)
         bar = None
         if progress:
@@ -797,9 +803,12 @@ def _run_tasks(fn: Callable, items: Sequence, *, scheduler, workers: int | None,
         if bar is not None:
             bar.close()
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         if own_cluster is not None:
             own_cluster.close()
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
     return results, failures
 
 

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import _atomic
 from .errors import BackendUnavailableError, FormatError, InputValueError, ShapeError, require
 
 log = logging.getLogger("neuroadda_rt")
@@ -51,28 +52,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager
@@ -167,7 +146,7 @@ def export_onnx(model, path: str | os.PathLike, part: str = "encoder", *, opset:
         entry.key, entry.value = k, v
     proto.producer_name = "neuroadda_rt"
     onnx.checker.check_model(proto)
-    _atomic_write_bytes(path, proto.SerializeToString())
+    _atomic.write_bytes(path, proto.SerializeToString())
     return path
 
 
@@ -261,7 +240,7 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
         for k, v in old.items():
             e = proto.metadata_props.add()
             e.key, e.value = k, v
-        _atomic_write_bytes(out_path, proto.SerializeToString())
+        _atomic.write_bytes(out_path, proto.SerializeToString())
     return out_path
 
 
@@ -351,8 +330,8 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, *, min_shape: Iterable[i
     data = _build_engine(trt, onnx_path, profile, fp16, workspace_bytes)
     dt = time.perf_counter() - t0
     log.warning("Built TensorRT engine in %.1f s; cached at %s", dt, engine_path)
-    _atomic_write_bytes(engine_path, data)
-    _atomic_write_bytes(meta_path, json.dumps({
+    _atomic.write_bytes(engine_path, data)
+    _atomic.write_bytes(meta_path, json.dumps({
         "onnx": str(onnx_path), "gpu": gpu, "tensorrt": trt.__version__, "precision": precision,
         "profile": profile, "engine_sha256": hashlib.sha256(data).hexdigest(), "build_seconds": dt,
     }, indent=2).encode())

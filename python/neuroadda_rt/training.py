@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import _atomic
 from .errors import DTypeError, InputValueError, ShapeError, require
 
 log = logging.getLogger(__name__)
@@ -422,16 +423,8 @@ def _save_checkpoint(path: Path, net, opt, step: int, history: list[float], rng:
         "param_groups": opt_state["param_groups"],
         "optim_scalars": scalars,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"neuroadda_rt": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with _atomic.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"neuroadda_rt": json.dumps(meta)})
 
 
 def _load_checkpoint(path: Path, net, opt, rng: np.random.Generator, torch_gen, fingerprint: str

@@ -1,0 +1,46 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from neuroadda_rt import _atomic
+
+
+def test_write_json_roundtrip_with_numpy_values(tmp_path):
+    out = _atomic.write_json(tmp_path / "sub" / "a.json", {"x": np.float32(1.5), "a": np.arange(3), "p": tmp_path})
+    assert json.loads(out.read_text()) == {"x": 1.5, "a": [0, 1, 2], "p": str(tmp_path)}
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "result.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with _atomic.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.txt"]
+
+
+def test_written_file_has_umask_permissions_not_0600(tmp_path):
+    out = _atomic.write_text(tmp_path / "t.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_save_npy_refuses_object_arrays_and_loads_without_pickle(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]
+    np.testing.assert_array_equal(np.load(_atomic.save_npy(tmp_path / "a.npy", a), allow_pickle=False), a)
+    with pytest.raises(ValueError):
+        _atomic.save_npy(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object))
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_read_json_source(tmp_path):
+    assert _atomic.read_json_source('{"a": 1}', "thing") == '{"a": 1}'
+    (tmp_path / "f.json").write_text('{"b": 2}')
+    assert json.loads(_atomic.read_json_source(tmp_path / "f.json", "thing")) == {"b": 2}
+    with pytest.raises(FileNotFoundError, match="thing file not found"):
+        _atomic.read_json_source(tmp_path / "missing.json", "thing")

@@ -327,8 +327,14 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
                              evaluation[k].get("threshold", "")])
         parts.append(_table(rows, ["model", "VI split", "VI merge", "VI total", "adapted Rand error", "threshold"]))
         test = run.get("test") or {}
-        parts.append(f'<p class="note">Held-out evaluation on {test.get("n", "?")} target tiles that do not overlap '
-                     "the annotated ones; segmentation thresholds tuned on each model's own training tiles.</p>")
+        if demo.get("test_volume_seed") is not None:
+            where = "tiles of a second, independent volume of the target domain"
+        elif test.get("source") == "given":
+            where = "held-out tiles given by the user"
+        else:
+            where = "target tiles that do not overlap the annotated ones"
+        parts.append(f'<p class="note">Evaluation on {test.get("n", "?")} {where}; segmentation thresholds tuned '
+                     "on each model's own training tiles, never on the evaluation tiles.</p>")
     elif status == "complete":
         parts.append('<p class="note">No held-out labels were given: no evaluation.</p>')
 

@@ -561,6 +561,7 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
                                                  device=device, progress=progress))
         timings["evaluate"] = time.perf_counter() - t0
         run["test"] = {"n": int(len(test_images)),
+                       "source": "given" if test is not None else "oracle labels, away from the annotated tiles",
                        "coords": None if test_coords is None else np.asarray(test_coords).tolist()}
         vi_ft, vi_sc = _vi_total(evaluation["finetuned"]), _vi_total(evaluation["scratch"])
         if vi_ft is not None and vi_sc is not None and vi_sc > 0:

@@ -4,7 +4,8 @@ The bundled zoo (:func:`neuroadda_rt.default_zoo`) holds models trained on a syn
 its ``family.json`` names one domain that no zoo model was trained on. The demo renders a fresh volume
 of that domain (with exact labels, which act as the annotator), ranks the zoo, selects n = 4 tiles by
 median uncertainty, fine-tunes the best source and trains from scratch on the same tiles, evaluates
-both (and the source as-is) on held-out tiles, and writes the HTML report.
+both (and the source as-is) on held-out tiles of a second, independent volume of the domain, and writes
+the HTML report.
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ def run(args) -> int:
     # a fresh volume of the held-out domain: its exact labels play the annotator and the test set
     seed = int(fam.get("demo_seed", 1_000)) + args.seed
     image, labels = make_domain(style, preset["shape"], seed=seed)
+    # held-out evaluation tiles from a second, independent volume of the same domain
+    from ..tiles import extract_tiles, sample_tiles
+
+    test_img, test_lab = make_domain(style, (2, *preset["shape"][1:]), seed=seed + 500)
+    test = sample_tiles(test_img, preset["n_test"], preset["tile_size"], seed=args.seed)
+    test_tiles = (test.tiles, extract_tiles(test_lab, test.coords, preset["tile_size"]))
     train = dict(preset["train"])
     if args.steps is not None:
         train["steps"] = args.steps
@@ -119,9 +126,10 @@ def run(args) -> int:
         print(f"demo: target domain {name!r}, volume {tuple(image.shape)}; zoo of {len(list(zoo))} source models")
     res = run_workflow(image, zoo, n=args.n, labels=labels, out_dir=args.out, strategy=args.strategy,
                        n_tiles=preset["n_tiles"], tile_size=preset["tile_size"], pool=preset["pool"], seed=args.seed,
-                       n_permutations=preset["n_permutations"], train=train, n_test=preset["n_test"],
+                       n_permutations=preset["n_permutations"], train=train, test=test_tiles,
                        cache_dir=args.cache_dir, progress=not args.no_progress,
                        extra_settings={"demo": {"target_domain": name, "volume_seed": seed,
+                                                "test_volume_seed": seed + 500,
                                                 "shape": list(preset["shape"]), "preset": "fast" if args.fast
                                                 else "full", "style": style.to_dict()}})
     wall = time.perf_counter() - t0

@@ -1,4 +1,5 @@
 // Bindings for ContingencyTable (variation of information, adapted Rand error).
+#include "bindings/nogil.h"
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -44,8 +45,7 @@ void table_add(ContingencyTable& t, const py::array& seg, const py::array& gt) {
   LabelView s = label_view(seg, "seg"), g = label_view(gt, "gt");
   NEUROADDA_CHECK(s.shape == g.shape, "expected seg and gt of the same shape");
   // Safe: seg/gt stay referenced by the caller's frame; the table locks its own state.
-  py::gil_scoped_release nogil;
-  t.add(s, g);
+  neuroadda_bindings::without_gil([&] { t.add(s, g); });
 }
 
 using U64Array = py::array_t<uint64_t, py::array::c_style>;
@@ -64,8 +64,8 @@ void table_add_entries(ContingencyTable& t, const U64Array& seg, const U64Array&
   NEUROADDA_CHECK(seg.ndim() == 1 && gt.ndim() == 1 && n.ndim() == 1 && seg.size() == gt.size() &&
                       seg.size() == n.size(),
                   "expected three 1-d arrays of equal length");
-  py::gil_scoped_release nogil;
-  t.add_entries(seg.data(), gt.data(), n.data(), static_cast<size_t>(seg.size()));
+  neuroadda_bindings::without_gil(
+      [&] { t.add_entries(seg.data(), gt.data(), n.data(), static_cast<size_t>(seg.size())); });
 }
 
 }  // namespace
@@ -77,8 +77,8 @@ void register_metrics(py::module_& m) {
       .def(
           "merge",
           [](ContingencyTable& t, const ContingencyTable& o) {
-            py::gil_scoped_release nogil;  // Safe: both tables lock their own state.
-            t.merge(o);
+            // Safe: both tables lock their own state.
+            neuroadda_bindings::without_gil([&] { t.merge(o); });
           },
           py::arg("other"))
       .def("entries", &table_entries)
@@ -89,16 +89,15 @@ void register_metrics(py::module_& m) {
       .def(
           "variation_of_information",
           [](const ContingencyTable& t, const std::vector<uint64_t>& ignore_seg, const std::vector<uint64_t>& ignore_gt) {
-            py::gil_scoped_release nogil;
-            const auto r = t.variation_of_information(ignore_seg, ignore_gt);
+            const auto r = neuroadda_bindings::without_gil(
+                [&] { return t.variation_of_information(ignore_seg, ignore_gt); });
             return std::make_tuple(r.split_nats, r.merge_nats, r.n);
           },
           py::arg("ignore_seg"), py::arg("ignore_gt"))
       .def(
           "adapted_rand_error",
           [](const ContingencyTable& t, const std::vector<uint64_t>& ignore_gt, double alpha) {
-            py::gil_scoped_release nogil;
-            const auto r = t.adapted_rand_error(ignore_gt, alpha);
+            const auto r = neuroadda_bindings::without_gil([&] { return t.adapted_rand_error(ignore_gt, alpha); });
             return std::make_tuple(r.error, r.precision, r.recall, r.n);
           },
           py::arg("ignore_gt"), py::arg("alpha"));

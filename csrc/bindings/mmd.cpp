@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/nogil.h"
 #include "ops/mmd.h"
 
 namespace py = pybind11;
@@ -38,8 +39,7 @@ template <class F>
 auto call_kernel(F&& f) -> decltype(f()) {
   // Safe without the GIL: the kernels read only the buffers of arrays the caller keeps alive for
   // the duration of this call and touch no Python object.
-  py::gil_scoped_release release;
-  return f();
+  return neuroadda_bindings::without_gil(std::forward<F>(f));
 }
 
 }  // namespace

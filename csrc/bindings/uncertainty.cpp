@@ -1,5 +1,6 @@
 // Bindings for the uncertainty reductions. Shapes and strides are read from the arrays here
 // (never trusted from the caller) so no argument combination can read out of bounds.
+#include "bindings/nogil.h"
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -64,12 +65,10 @@ std::pair<py::array_t<double>, int64_t> tile_uncertainty_py(const py::array& pro
   }
   py::array_t<double> out(in.N);
   double* out_ptr = out.mutable_data();
-  neuroadda::UncertaintyResult res;
-  {
-    // Safe: only raw pointers into arrays kept alive by this frame are used; no Python API calls.
-    py::gil_scoped_release nogil;
-    res = neuroadda::tile_uncertainty(in, static_cast<neuroadda::UncertaintyMeasure>(measure), out_ptr, use_cuda);
-  }
+  // Safe: only raw pointers into arrays kept alive by this frame are used; no Python API calls.
+  const neuroadda::UncertaintyResult res = neuroadda_bindings::without_gil([&] {
+    return neuroadda::tile_uncertainty(in, static_cast<neuroadda::UncertaintyMeasure>(measure), out_ptr, use_cuda);
+  });
   return {out, res.first_bad_tile};
 }
 
@@ -118,13 +117,11 @@ std::pair<py::array_t<double>, int64_t> tile_uncertainty_cuda_array_py(uintptr_t
   }
   py::array_t<double> out(in.N);
   double* out_ptr = out.mutable_data();
-  neuroadda::UncertaintyResult res;
-  {
-    // Safe: the caller keeps the GPU array and the mask alive; no Python API calls inside.
-    py::gil_scoped_release nogil;
-    res = neuroadda::tile_uncertainty_gpu_resident(in, static_cast<neuroadda::UncertaintyMeasure>(measure), out_ptr,
-                                                   stream);
-  }
+  // Safe: the caller keeps the GPU array and the mask alive; no Python API calls inside.
+  const neuroadda::UncertaintyResult res = neuroadda_bindings::without_gil([&] {
+    return neuroadda::tile_uncertainty_gpu_resident(in, static_cast<neuroadda::UncertaintyMeasure>(measure), out_ptr,
+                                                    stream);
+  });
   return {out, res.first_bad_tile};
 }
 

@@ -44,3 +44,21 @@ def test_read_json_source(tmp_path):
     assert json.loads(_atomic.read_json_source(tmp_path / "f.json", "thing")) == {"b": 2}
     with pytest.raises(FileNotFoundError, match="thing file not found"):
         _atomic.read_json_source(tmp_path / "missing.json", "thing")
+
+
+def test_commit_dir_replaces_by_rename_and_respects_overwrite(tmp_path):
+    dest = tmp_path / "pkg"
+    first = _atomic.temp_dir_beside(dest)
+    (first / "a.txt").write_text("1")
+    _atomic.commit_dir(first, dest)
+    second = _atomic.temp_dir_beside(dest)
+    (second / "b.txt").write_text("2")
+    with pytest.raises(FileExistsError):
+        _atomic.commit_dir(second, dest, overwrite=False)
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt"]
+    _atomic.commit_dir(second, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~mask

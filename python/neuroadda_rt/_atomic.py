@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +19,14 @@ from pathlib import Path
 import numpy as np
 
 
-def _default_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _default_mode() -> int:
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -110,3 +115,32 @@ def read_json_source(text_or_path, what: str) -> str:
     if not p.exists():
         raise FileNotFoundError(f"{what} file not found: {p}")
     return p.read_text(encoding="utf-8")
+
+
+def temp_dir_beside(dest: str | os.PathLike) -> Path:
+    """A fresh hidden temporary folder beside ``dest``, to fill and then :func:`commit_dir`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+
+
+def commit_dir(tmp: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Move the finished folder ``tmp`` to ``dest`` by renames only.
+
+    An existing ``dest`` is first renamed aside and deleted after the new folder is in place, so
+    ``dest`` is never half-written; with ``overwrite=False`` an existing ``dest`` raises
+    ``FileExistsError``. The folder gets the usual umask permissions (``mkdtemp`` makes 0700).
+    """
+    tmp, dest = Path(tmp), Path(dest)
+    os.chmod(tmp, 0o777 & ~_umask())
+    if dest.exists():
+        if not overwrite:
+            raise FileExistsError(f"{dest}: already exists (pass overwrite=True to replace it)")
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+        old.rmdir()
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return dest

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from . import _atomic
 from .errors import FormatError, InputValueError, ShapeError, require
 
 __all__ = ["Atlas", "PhylogenyComparison", "domain_atlas", "compare_to_phylogeny", "reference_species_tree",
@@ -174,9 +175,9 @@ class Atlas:
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """The atlas as JSON text (NaN p-values as null); also written atomically to ``path``."""
-        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
+        text = json.dumps(self.to_dict(), indent=2, default=_atomic.json_default)
         if path is not None:
-            _atomic_write_text(Path(path), text)
+            _atomic.write_text(Path(path), text)
         return text
 
     @classmethod
@@ -475,7 +476,7 @@ class PhylogenyComparison:
                 "names": list(self.names), "tips": list(self.tips), "patristic": self.patristic.tolist()}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+        return json.dumps(self.to_dict(), indent=2, default=_atomic.json_default)
 
 
 def reference_species_tree():
@@ -666,45 +667,7 @@ def _nan_to_none(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
 def _atomic_savefig(fig, path: Path, dpi: int = 150) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(p) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass

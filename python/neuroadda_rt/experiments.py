@@ -35,16 +35,15 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import _atomic
 from .errors import FormatError, InputValueError, require
 
 log = logging.getLogger("neuroadda_rt")
@@ -233,55 +232,6 @@ def _validate(cfg: ExperimentConfig) -> None:
 # --------------------------------------------------------------------------------------------
 # small file helpers (atomic writes)
 # --------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True).encode())
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(p) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
-    return str(o)
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "-", str(name)).strip("-") or "x"
 
@@ -333,8 +283,8 @@ def _prepare_synthetic(cfg: ExperimentConfig, out: Path) -> tuple[list[Domain], 
             seed = 1000 * (fam_seed + 1) + 10 * i + j
             with np.errstate(over="ignore", under="ignore"):
                 img, lab = make_domain(style, shape, seed=seed)
-            _atomic_save_npy(dom.path(f"{part}_labels"), lab)
-            _atomic_save_npy(dom.path(f"{part}_image"), img)
+            _atomic.save_npy(dom.path(f"{part}_labels"), lab)
+            _atomic.save_npy(dom.path(f"{part}_image"), img)
         domains.append(dom)
     return domains, newick
 
@@ -360,15 +310,15 @@ def _prepare_dataset(spec, cfg: ExperimentConfig, out: Path) -> Domain:
         pool_split = "train" if "train" in ds.splits else ds.splits[0]
         train = np.asarray(ds.image(pool_split)[...])
         if labelled:
-            _atomic_save_npy(dom.path("target_labels"), np.asarray(ds.labels("train")))
+            _atomic.save_npy(dom.path("target_labels"), np.asarray(ds.labels("train")))
             test_img = np.asarray(ds.image("test")[...])
-            _atomic_save_npy(dom.path("test_labels"), np.asarray(ds.labels("test")))
-            _atomic_save_npy(dom.path("test_image"), test_img)
+            _atomic.save_npy(dom.path("test_labels"), np.asarray(ds.labels("test")))
+            _atomic.save_npy(dom.path("test_image"), test_img)
             # The source of a real domain is trained on its own training split (the same slices
             # that serve as its annotation pool when it is the target: that source is then left out).
-            _atomic_save_npy(dom.path("source_labels"), np.asarray(ds.labels("train")))
-            _atomic_save_npy(dom.path("source_image"), train)
-        _atomic_save_npy(dom.path("target_image"), train)
+            _atomic.save_npy(dom.path("source_labels"), np.asarray(ds.labels("train")))
+            _atomic.save_npy(dom.path("source_image"), train)
+        _atomic.save_npy(dom.path("target_image"), train)
     return dom
 
 
@@ -467,7 +417,7 @@ def _train_source(dom: Domain, cfg: ExperimentConfig, dest: Path) -> str:
         save_model(net, tmp / "package", name=dom.name, organism=dom.organism, reference_tiles=ref_tiles,
                    reference_info=meta["reference"], training={"data": f"experiment domain {dom.name}",
                                                                "recipe": recipe.to_dict()})
-    (tmp / "source.json").write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
+    (tmp / "source.json").write_text(json.dumps(meta, indent=2, default=_atomic.json_default), encoding="utf-8")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)  # the folder appears complete or not at all
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -688,7 +638,7 @@ def execute_run(spec: dict, runs_dir: str) -> dict:
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _atomic_write_json(row_path, row)
+    _atomic.write_json(row_path, row)
     shutil.rmtree(work, ignore_errors=True)
     return row
 
@@ -880,7 +830,7 @@ def compute_mmd_matrix(cfg: ExperimentConfig, domains: Sequence[Domain], package
         for j, tname in enumerate(targets):
             feats = np.asarray(fx.features(tiles[tname]), dtype=np.float32)
             m[i, j], p[i, j] = _mmd_test(ref, feats, int(mm["n_permutations"]), seed)
-    _atomic_write_json(path, {"key": key, "sources": names, "targets": targets, "mmd2": m.tolist(),
+    _atomic.write_json(path, {"key": key, "sources": names, "targets": targets, "mmd2": m.tolist(),
                               "p_values": [[_float_or_none(v) for v in row] for row in p.tolist()]})
     return names, targets, m, p
 
@@ -937,12 +887,12 @@ def run_experiment(config, out=None, *, scheduler=None, workers: int | None = No
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     out = Path(out) if out is not None else Path("experiments") / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(out / "config.json", cfg.to_dict())
+    _atomic.write_json(out / "config.json", cfg.to_dict())
     t0 = time.perf_counter()
 
     # 1. data and sources
     domains, newick = prepare_domains(cfg, out)
-    _atomic_write_json(out / "domains.json", [dataclasses.asdict(d) for d in domains])
+    _atomic.write_json(out / "domains.json", [dataclasses.asdict(d) for d in domains])
     if newick:
         (out / "family.nwk").write_text(newick + "\n", encoding="utf-8")
     packages = _sources(cfg, domains, out, scheduler=scheduler, workers=workers, progress=progress)
@@ -960,7 +910,7 @@ def run_experiment(config, out=None, *, scheduler=None, workers: int | None = No
 
     # 3. runs
     specs = plan_runs(cfg, domains, packages, m[:, square], p[:, square], names)
-    _atomic_write_json(out / "plan.json", [s.to_dict() for s in specs])
+    _atomic.write_json(out / "plan.json", [s.to_dict() for s in specs])
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
     todo = [s for s in specs if not (runs_dir / f"{s.run_id}.json").exists()]
@@ -972,7 +922,7 @@ def run_experiment(config, out=None, *, scheduler=None, workers: int | None = No
                               workers=workers, progress=progress, desc="runs")
         failures = [{"run_id": item[0]["run_id"], "error": err} for item, err in fails]
         for f in failures:
-            _atomic_write_json(out / "failed" / f"{f['run_id']}.json", f)
+            _atomic.write_json(out / "failed" / f"{f['run_id']}.json", f)
 
     # 4. table, 5. figures and summary
     table = assemble_table(out, [s.run_id for s in specs])
@@ -984,7 +934,7 @@ def run_experiment(config, out=None, *, scheduler=None, workers: int | None = No
                             "cophenetic_correlation": atlas.cophenetic_correlation}
         summary["phylogeny"] = _phylogeny(atlas, domains, newick, out)
     figures = make_figures(table, out / "figures", atlas=atlas)
-    _atomic_write_json(out / "summary.json", summary)
+    _atomic.write_json(out / "summary.json", summary)
     return ExperimentResult(out, table, len(specs), skipped, failures, figures, summary)
 
 
@@ -1026,7 +976,7 @@ def _write_mmd_tables(out: Path, names, targets, m, p) -> None:
     pd = require("pandas", "report")
     rows = [{"source": s, "target": t, "mmd2": m[i, j], "p_value": p[i, j]}
             for i, s in enumerate(names) for j, t in enumerate(targets)]
-    _atomic_write_bytes(out / "mmd" / "mmd2.csv", pd.DataFrame(rows).to_csv(index=False).encode())
+    _atomic.write_bytes(out / "mmd" / "mmd2.csv", pd.DataFrame(rows).to_csv(index=False).encode())
 
 
 def _phylogeny(atlas, domains, newick, out: Path) -> dict | None:
@@ -1051,7 +1001,7 @@ def _phylogeny(atlas, domains, newick, out: Path) -> dict | None:
         log.warning("phylogeny comparison skipped: %s", exc)
         return {"error": str(exc)}
     d = res.to_dict()
-    _atomic_write_json(out / "mmd" / "phylogeny.json", d)
+    _atomic.write_json(out / "mmd" / "phylogeny.json", d)
     return {k: d[k] for k in ("cophenetic_correlation", "mantel_r", "mantel_p", "n_permutations")}
 
 
@@ -1078,15 +1028,9 @@ def assemble_table(out, run_ids: Iterable[str] | None = None):
     if len(table):
         table = table.sort_values(["target", "seed", "n", "strategy", "init"]).reset_index(drop=True)
     csv = table.to_csv(index=False).encode()
-    _atomic_write_bytes(out / "results.csv", csv)
-    fd, tmp = tempfile.mkstemp(prefix="results.parquet.", suffix=".tmp", dir=out)
-    os.close(fd)
-    try:
+    _atomic.write_bytes(out / "results.csv", csv)
+    with _atomic.atomic_path(out / "results.parquet") as tmp:
         table.to_parquet(tmp, index=False)
-        os.replace(tmp, out / "results.parquet")
-    except BaseException:
-        _unlink(tmp)
-        raise
     return table
 
 
@@ -1182,15 +1126,8 @@ def _fig(n_panels: int, panel_w: float = 3.4, panel_h: float = 2.9):
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
     return path
 
 

@@ -28,12 +28,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from . import _atomic
 from .errors import FormatError, InputValueError, IntegrityError, require
 
 log = logging.getLogger("neuroadda_rt")
@@ -247,25 +247,12 @@ def load_model(path: str | os.PathLike, *, verify: bool = True) -> ModelPackage:
 # saving
 # --------------------------------------------------------------------------------------------
 def _tmp_dir_for(dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    return _atomic.temp_dir_beside(dest)
 
 
 def _commit_dir(tmp: Path, dest: Path, overwrite: bool) -> None:
     """Rename the finished temp folder into place (replacing ``dest`` only if ``overwrite``)."""
-    from .export import _umask
-
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-    if dest.exists():
-        if not overwrite:
-            raise FileExistsError(f"{dest}: already exists (pass overwrite=True to replace it)")
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
-        old.rmdir()
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+    _atomic.commit_dir(tmp, dest, overwrite=overwrite)
 
 
 def save_model(model, path: str | os.PathLike, *, name: str | None = None, organism: str | None = None,

@@ -193,7 +193,7 @@ def choose_family_seed(n_domains: int = 8, candidates=range(400)) -> int:
         if best is None or key > best[0]:
             best = (key, int(s))
     if best is None:
-        raise InputValueError(f"no family among the candidate seeds has consistent nearest relatives")
+        raise InputValueError("no family among the candidate seeds has consistent nearest relatives")
     return best[1]
 
 

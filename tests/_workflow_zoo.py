@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 TILE = 32
 WIDTHS = (4, 8, 16)

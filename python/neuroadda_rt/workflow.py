@@ -143,10 +143,11 @@ def _tifffile():
 
 
 def _atomic_tiff(tifffile, path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    # minisblack: a 3- or 4-page stack must not be taken for an RGB(A) image
-    tifffile.imwrite(tmp, np.ascontiguousarray(array), photometric="minisblack")
-    os.replace(tmp, path)
+    from ._atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        # minisblack: a 3- or 4-page stack must not be taken for an RGB(A) image
+        tifffile.imwrite(tmp, np.ascontiguousarray(array), photometric="minisblack")
 
 
 _NAME_RE = re.compile(r"^(tile_\d{3}_(?:z\d+_)?y\d+_x\d+)\.(tif|tiff|png)$", re.IGNORECASE)
@@ -532,7 +533,9 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
 
     label_tiles, label_volume = _label_tiles(labels, volume, selection)
     images = selection.tiles
-    np.save(run_dir / "annotation" / "label_tiles.npy", label_tiles, allow_pickle=False)
+    from ._atomic import save_npy
+
+    save_npy(run_dir / "annotation" / "label_tiles.npy", label_tiles)
 
     models_dir = run_dir / "models"
     models_dir.mkdir(exist_ok=True)
@@ -610,10 +613,11 @@ def _save_gallery(run_dir: Path, volume, selection: TileSelection, k: int = 8) -
     gallery = {"chosen": _thumb(chosen), "uncertain": _thumb(top),
                "uncertain_scores": selection.pool_scores[order].astype(np.float64),
                "uncertain_coords": selection.pool_coords[order]}
-    tmp = run_dir / "gallery.npz.tmp"
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **gallery)
-    os.replace(tmp, run_dir / "gallery.npz")
+    from ._atomic import atomic_path
+
+    with atomic_path(run_dir / "gallery.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **gallery)
 
 
 def _thumb(tiles: np.ndarray, max_size: int = 192) -> np.ndarray:

@@ -127,10 +127,11 @@ def main(argv=None) -> int:
         train["steps"] = args.steps
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="neuroadda-acceptance-"))
     jobs = []
-    for t in targets:
-        others = [n for n in paths if n != t]
-        nearest, _ = nearest_relatives(fam, t, others)
-        for seed in seeds:
+    # seed-major order: an interrupted run still covers every target
+    for seed in seeds:
+        for t in targets:
+            others = [n for n in paths if n != t]
+            nearest, _ = nearest_relatives(fam, t, others)
             jobs.append({"family": fam, "target": t, "seed": seed, "preset": preset, "train": train,
                          "nearest": nearest, "sources": [paths[n] for n in others], "rank_only": args.rank_only,
                          "out_dir": str(work / f"{t}_s{seed}"), "cache": str(work / "cache"),

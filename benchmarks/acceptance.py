@@ -70,13 +70,26 @@ def _job(job: dict) -> dict:
     common = dict(n_tiles=preset["n_tiles"], tile_size=preset["tile_size"], seed=seed, n_permutations=0,
                   cache_dir=job["cache"])
     row = {"target": t, "seed": seed, "nearest": job["nearest"]}
+    done = Path(job["out_dir"]) / "run.json"
     if job["rank_only"]:
         ranking = rank_sources(image, job["sources"], **common)
         evaluation = None
+    elif done.exists() and json.loads(done.read_text()).get("status") == "complete":
+        # resumed measurement: a finished run is read back, not recomputed (runs are deterministic)
+        from neuroadda_rt.ranking import SourceRanking
+
+        ranking = SourceRanking.from_json(Path(job["out_dir"]) / "ranking.json")
+        evaluation = json.loads(done.read_text())["evaluation"]
     else:
-        res = run_workflow(image, job["sources"], n=4, labels=labels, out_dir=job["out_dir"], strategy="median",
-                           pool=preset["pool"], train={**job["train"], "seed": seed}, n_test=preset["n_test"],
-                           report=False, **common)
+        from neuroadda_rt.errors import NeuroaddaError
+
+        try:
+            res = run_workflow(image, job["sources"], n=4, labels=labels, out_dir=job["out_dir"],
+                               strategy="median", pool=preset["pool"], train={**job["train"], "seed": seed},
+                               n_test=preset["n_test"], report=False, **common)
+        except NeuroaddaError as exc:  # one failed run must not lose the others
+            row.update(error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
+            return row
         ranking, evaluation = res.ranking, res.evaluation
     row.update(top=ranking[0].name, top_is_nearest=ranking[0].name in job["nearest"],
                mmd2={e.name: e.mmd2 for e in ranking}, seconds=time.perf_counter() - t0)
@@ -152,13 +165,19 @@ def main(argv=None) -> int:
             rows.append(_job(job))
             _log(rows[-1])
     wall = time.perf_counter() - t_all
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    for r in failed:
+        print(f"FAILED {r['target']} seed {r['seed']}: {r['error']}", file=sys.stderr)
+    targets = [t for t in targets if any(r["target"] == t for r in rows)]
 
     first = {}
     for r in rows:  # ranking criterion: one vote per target (seed 0's ranking)
         first.setdefault(r["target"], r)
     hit = float(np.mean([r["top_is_nearest"] for r in first.values()]))
     print(f"\nAcceptance on the synthetic family ({time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs visible, {args.workers} worker(s); {len(targets)} targets x {len(seeds)} seeds, "
+          f"{os.cpu_count()} CPUs visible, {args.workers} worker(s); {len(targets)} targets x {len(seeds)} seeds "
+          f"({len(rows)} runs, {len(failed)} failed), "
           f"tiles {preset['tile_size']} px, ranking {preset['n_tiles']} tiles, pool {preset['pool']}, "
           f"training {train or 'default recipe'}; {wall / 60:.1f} min)\n")
     trained = not args.rank_only
@@ -177,7 +196,7 @@ def main(argv=None) -> int:
         print(line)
     print(f"\nTop-ranked source = nearest relative: {100 * hit:.0f}% of {len(first)} targets "
           f"(criterion >= 80%: {'PASS' if hit >= 0.8 else 'FAIL'})")
-    summary = {"rows": rows, "top1_nearest": hit, "preset": preset, "train": train, "wall_s": wall}
+    summary = {"rows": rows, "failed": failed, "top1_nearest": hit, "preset": preset, "train": train, "wall_s": wall}
     if trained:
         red = float(np.mean([r["reduction"] for r in rows]))
         ratio = 1.0 - float(np.mean([r["vi_finetuned"] for r in rows]) / np.mean([r["vi_scratch"] for r in rows]))
@@ -190,6 +209,9 @@ def main(argv=None) -> int:
 
 
 def _log(row: dict) -> None:
+    if "error" in row:
+        print(f"{row['target']} seed {row['seed']}: FAILED {row['error']}", file=sys.stderr, flush=True)
+        return
     msg = f"{row['target']} seed {row['seed']}: top {row['top']} (nearest {','.join(row['nearest'])})"
     if "reduction" in row:
         msg += (f"  VI ft {row['vi_finetuned']:.3f} scratch {row['vi_scratch']:.3f} -> "

@@ -352,3 +352,16 @@ def test_onnxruntime_path_needs_no_torch():
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_probabilities_rounding_past_one_are_clipped(pkg, monkeypatch):
+    # A float32 sigmoid can return 1 + 1 ulp; segment() rightly refuses values above 1, so the
+    # Predictor must hand out probabilities within [0, 1] whatever the runner rounds to.
+    pred = neuroadda_rt.Predictor(pkg, backend="onnxruntime", device="cpu", tile=32, overlap=0.25, threads=1)
+    over = np.nextafter(np.float32(1), np.float32(2))
+    monkeypatch.setattr(pred, "_runner", lambda x: np.full((x.shape[0], 1, *x.shape[2:]), over, np.float32))
+    tiles = pred.predict_tiles(np.zeros((2, 24, 24), np.float32))
+    image = pred.predict(np.zeros((40, 50), np.float32))
+    assert tiles.max() == 1.0 and image.max() == 1.0
+    seg = neuroadda_rt.segment(image[0], "boundary", threshold=0.5)
+    assert seg.shape == (40, 50)

@@ -706,6 +706,14 @@ def blend_weights(shape: tuple[int, ...], kind: str = "cosine") -> np.ndarray:
     return w.astype(np.float32)
 
 
+def _as_probabilities(out: np.ndarray) -> np.ndarray:
+    """float32 probabilities clipped in place to [0, 1]: a float32 sigmoid (ONNX Runtime) and the
+    window blending can round to 1 + 1 ulp, which downstream range checks rightly refuse."""
+    out = out.astype(np.float32, copy=False)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
 class Predictor:
     """Probabilities for a whole 2-D image or 3-D volume by overlapping, smoothly blended windows.
 
@@ -791,7 +799,7 @@ class Predictor:
             outs.append(self._runner(x))
         if not outs:
             return np.empty((0, self.out_channels), np.float32)
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        return _as_probabilities(np.concatenate(outs))
 
     def predict(self, image, *, progress: bool = False) -> np.ndarray:
         """Blended probabilities for a whole image or volume.
@@ -832,14 +840,14 @@ class Predictor:
             finally:
                 if bar is not None:
                     bar.close()
-            return out
+            return _as_probabilities(out)
         bar = _progress(self._n_windows(spatial), progress, "predict")
         try:
             out[...] = self._predict_array(image, spatial, bar)
         finally:
             if bar is not None:
                 bar.close()
-        return out
+        return _as_probabilities(out)
 
     # -- internals -------------------------------------------------------------------------
     def _steps(self, spatial) -> list[list[int]]:

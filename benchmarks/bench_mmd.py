@@ -181,7 +181,7 @@ def test_mmd2_test_alibi_detect_100_permutations(benchmark, test_data):
         try:
             from alibi_detect.cd import MMDDrift
         except ImportError as exc:
-            pytest.skip(f"alibi-detect is not installed (pip install 'neuroadda_rt[bench]'): {exc}")
+            pytest.skip(f"alibi-detect is not installed (it pins numpy<2: pip install --no-deps alibi-detect, see README): {exc}")
 
     def run():
         with warnings.catch_warnings():

@@ -196,7 +196,7 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
     >>> import numpy as np, neuroadda_rt, tempfile, os                    # doctest: +SKIP
     >>> q = neuroadda_rt.quantize_int8("encoder.onnx", np.random.rand(16, 64, 64), "encoder.int8.onnx")  # doctest: +SKIP
     """
-    require("onnxruntime", "runtime")
+    require("onnxruntime", "cpu")
     from onnxruntime import quantization as oq
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)

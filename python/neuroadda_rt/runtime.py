@@ -216,7 +216,7 @@ class _OrtRunner:
     backend = "onnxruntime"
 
     def __init__(self, path: Path, providers: list[str], device: str, threads: int | None = None):
-        ort = require("onnxruntime", "runtime")
+        ort = require("onnxruntime", "cpu")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or _cores())
@@ -401,7 +401,7 @@ def available_backends() -> dict[str, list[str]]:
 
 def _describe_available() -> str:
     av = available_backends()
-    return ", ".join(f"{b} ({'/'.join(d)})" for b, d in av.items()) or "nothing (install neuroadda_rt[runtime])"
+    return ", ".join(f"{b} ({'/'.join(d)})" for b, d in av.items()) or "nothing (install neuroadda_rt[cpu] or [gpu])"
 
 
 def _make_runner(source: _Source, part: str, *, backend: str, device: str, ort_providers: list[str] | None = None,
@@ -443,7 +443,7 @@ def _make_runner(source: _Source, part: str, *, backend: str, device: str, ort_p
     if chosen == "onnxruntime":
         if "onnxruntime" not in av:
             raise BackendUnavailableError(f"backend='onnxruntime' requested but onnxruntime is not installed "
-                                          f"(pip install 'neuroadda_rt[runtime]' or '[gpu]'); available: "
+                                          f"(pip install 'neuroadda_rt[cpu]' or '[gpu]'); available: "
                                           f"{_describe_available()}")
         if device == "auto":
             device = "cuda" if "cuda" in av["onnxruntime"] else "cpu"

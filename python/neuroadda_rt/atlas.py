@@ -175,20 +175,15 @@ class Atlas:
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """The atlas as JSON text (NaN p-values as null); also written atomically to ``path``."""
-        text = json.dumps(self.to_dict(), indent=2, default=_atomic.json_default)
+        text = _atomic.dumps_json(self.to_dict())
         if path is not None:
-            _atomic.write_text(Path(path), text)
+            _atomic.write_text(path, text)
         return text
 
     @classmethod
     def from_json(cls, text_or_path) -> "Atlas":
         """Rebuild an atlas from :meth:`to_json` output (JSON text or a file path)."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            p = Path(text)
-            if not p.exists():
-                raise FileNotFoundError(f"atlas file not found: {p}")
-            text = p.read_text(encoding="utf-8")
+        text = _atomic.read_json_source(text_or_path, "atlas")
         try:
             d = json.loads(text)
             p = d.get("p_values")
@@ -476,7 +471,7 @@ class PhylogenyComparison:
                 "names": list(self.names), "tips": list(self.tips), "patristic": self.patristic.tolist()}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_atomic.json_default)
+        return _atomic.dumps_json(self.to_dict())
 
 
 def reference_species_tree():

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _atomic
 from .errors import DTypeError, FormatError, InputValueError, ShapeError, require
 
 __all__ = [
@@ -850,17 +851,6 @@ def _atomic_file(path: Path):
     return Path(tmp)
 
 
-def _atomic_dir_commit(tmp: Path, path: Path):
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-        old.rmdir()
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
 def write_tiff(path, array, *, voxel_size_nm=None) -> Path:
     """Write a 2-D image or a 3-D stack (one page per z) to a TIFF file, atomically.
 
@@ -929,7 +919,7 @@ def write_n5(path, array, *, key: str = "data", block_size=None, compression: st
             f = ds.joinpath(*[str(x // b) for x, b in zip(reversed(o), reversed(block))])
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_bytes(hdr + payload)
-        _atomic_dir_commit(tmp, path)
+        _atomic.commit_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -999,7 +989,7 @@ def write_volume(path, array, *, key: str | None = None, voxel_size_nm=None, chu
             z[...] = a
             if vs is not None:
                 z.attrs["voxel_size_nm"] = vs
-            _atomic_dir_commit(tmp, path)
+            _atomic.commit_dir(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -1038,7 +1028,7 @@ def write_slices(folder, array, *, fmt: str = "png") -> Path:
                 require("tifffile", "io").imwrite(tmp / f"{i}.tif", sl)
             else:
                 raise InputValueError(f"expected fmt 'png' or 'tif', got {fmt!r}")
-        _atomic_dir_commit(tmp, folder)
+        _atomic.commit_dir(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

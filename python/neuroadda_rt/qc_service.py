@@ -40,7 +40,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import FormatError, InputValueError, ShapeError, require
+from .errors import FormatError, ShapeError, require
 
 log = logging.getLogger("neuroadda_rt")
 

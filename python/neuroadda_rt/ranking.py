@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from . import _atomic
 from .errors import FormatError, InputValueError, ShapeError
 
 log = logging.getLogger("neuroadda_rt")
@@ -253,18 +254,6 @@ def _embed(pkg, tiles: np.ndarray, *, pooling: str, backend: str = "auto", devic
 # --------------------------------------------------------------------------------------------
 # disk cache (atomic writes)
 # --------------------------------------------------------------------------------------------
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    from ._atomic import save_npy
-
-    save_npy(path, array)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    from ._atomic import write_text
-
-    write_text(path, text)
-
-
 def _cache_key(content: str, model_sha: str, pooling: str, size: int) -> str:
     raw = json.dumps({"v": _CACHE_VERSION, "content": content, "model": model_sha, "pooling": pooling,
                       "tile_size": int(size)}, sort_keys=True)
@@ -287,7 +276,7 @@ def _cached_features(cache_dir: Path | None, key: str, n_rows: int, compute) -> 
             log.warning("ignoring an unreadable cache entry %s (%s)", path, exc)
     arr = compute()
     try:
-        _atomic_save_npy(path, np.ascontiguousarray(arr, dtype=np.float32))
+        _atomic.save_npy(path, np.ascontiguousarray(arr, dtype=np.float32))
     except OSError as exc:  # a read-only cache must not stop the ranking
         log.warning("could not write the feature cache %s (%s)", path, exc)
     return arr, False
@@ -399,20 +388,15 @@ class SourceRanking:
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """The ranking as JSON text; also written atomically to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
+        text = _atomic.dumps_json(self.to_dict())
         if path is not None:
-            _atomic_write_text(Path(path), text)
+            _atomic.write_text(path, text)
         return text
 
     @classmethod
     def from_json(cls, text_or_path) -> "SourceRanking":
         """Rebuild a ranking from :meth:`to_json` output (text or a file path)."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            p = Path(text)
-            if not p.exists():
-                raise FileNotFoundError(f"ranking file not found: {p}")
-            text = p.read_text(encoding="utf-8")
+        text = _atomic.read_json_source(text_or_path, "ranking")
         try:
             d = json.loads(text)
             entries = [RankedSource(**{k: v for k, v in r.items() if k != "rank"}) for r in d["ranking"]]
@@ -427,12 +411,6 @@ class SourceRanking:
         pd = require("pandas", "report")
         rows = [dict(rank=i + 1, **e.to_dict()) for i, e in enumerate(self.entries)]
         return pd.DataFrame(rows).set_index("rank")
-
-
-def _json_default(o):
-    from ._atomic import json_default
-
-    return json_default(o)
 
 
 def _describe_target(target, volume) -> dict:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _atomic
 from .errors import FormatError
 
 __all__ = ["write_report"]
@@ -358,7 +359,6 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     doc = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>neuroadda_rt report</title>"
            f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
     out_path = Path(out) if out is not None else run_dir / "report.html"
-    from .ranking import _atomic_write_text
 
-    _atomic_write_text(out_path, doc)
+    _atomic.write_text(out_path, doc)
     return out_path

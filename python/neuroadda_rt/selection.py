@@ -33,12 +33,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from . import _atomic
 from .errors import FormatError, InputValueError
-from .ranking import (_as_volume, _atomic_write_text, _describe_target, _embed, _json_default, _load_package,
+from .ranking import (_as_volume, _describe_target, _embed, _load_package,
                       _normalize, _pkg_name, _pkg_path, _pkg_pooling, _sample)
 
 __all__ = ["select_tiles", "TileSelection", "STRATEGIES", "DEFAULT_BAND"]
@@ -101,19 +101,14 @@ class TileSelection:
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """JSON text (without the tile pixels); also written atomically to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
+        text = _atomic.dumps_json(self.to_dict())
         if path is not None:
-            _atomic_write_text(Path(path), text)
+            _atomic.write_text(path, text)
         return text
 
     @classmethod
     def from_json(cls, text_or_path) -> "TileSelection":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            p = Path(text)
-            if not p.exists():
-                raise FileNotFoundError(f"selection file not found: {p}")
-            text = p.read_text(encoding="utf-8")
+        text = _atomic.read_json_source(text_or_path, "selection")
         try:
             d = json.loads(text)
             return cls(coords=np.asarray(d["coords"], dtype=np.int64),

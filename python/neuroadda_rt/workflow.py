@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _atomic
 from .errors import FormatError, InputValueError, ShapeError
-from .ranking import (RankedSource, SourceRanking, _as_volume, _atomic_write_text, _json_default, _volume_shape,
+from .ranking import (RankedSource, SourceRanking, _as_volume, _volume_shape,
                       rank_sources)
 from .evaluation import evaluate
 from .selection import TileSelection, select_tiles
@@ -105,7 +106,7 @@ def write_annotation(selection: TileSelection, out_dir, *, tiles: np.ndarray | N
     lines = ["name," + ",".join(axes) + ",height,width,uncertainty"]
     for name, c, s in zip(names, selection.coords, selection.scores):
         lines.append(f"{name}," + ",".join(str(int(v)) for v in c) + f",{tiles.shape[1]},{tiles.shape[2]},{s:.6g}")
-    _atomic_write_text(out / "tiles.csv", "\n".join(lines) + "\n")
+    _atomic.write_text(out / "tiles.csv", "\n".join(lines) + "\n")
     meta = {
         "format": ANNOTATION_FORMAT,
         "target": target if target is not None else selection.settings.get("target", {}).get("path"),
@@ -116,8 +117,8 @@ def write_annotation(selection: TileSelection, out_dir, *, tiles: np.ndarray | N
                   for nm, c, s, t in zip(names, selection.coords, selection.scores, tiles)],
         "selection": selection.to_dict(),
     }
-    _atomic_write_text(out / "tiles.json", json.dumps(meta, indent=2, default=_json_default))
-    _atomic_write_text(out / "README.txt", _ANNOTATION_README.format(n=len(names), size=selection.tile_size))
+    _atomic.write_text(out / "tiles.json", json.dumps(meta, indent=2, default=_atomic.json_default))
+    _atomic.write_text(out / "README.txt", _ANNOTATION_README.format(n=len(names), size=selection.tile_size))
     return out
 
 
@@ -523,7 +524,7 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
 
     if labels is None:
         run["total_s"] = time.perf_counter() - t_start
-        _atomic_write_text(run_dir / "run.json", json.dumps(run, indent=2, default=_json_default))
+        _atomic.write_text(run_dir / "run.json", json.dumps(run, indent=2, default=_atomic.json_default))
         if report:
             from .report import write_report
 
@@ -578,7 +579,7 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
     run["total_s"] = time.perf_counter() - t_start
     run["models_sha"] = {"finetuned": ft_path, "scratch": sc_path}
     result.status = "complete"
-    _atomic_write_text(run_dir / "run.json", json.dumps(run, indent=2, default=_json_default))
+    _atomic.write_text(run_dir / "run.json", json.dumps(run, indent=2, default=_atomic.json_default))
     if report:
         from .report import write_report
 

@@ -238,6 +238,18 @@ def test_reusing_a_zoo_of_model_packages(tmp_path):
     assert len(res.table) == 3 and (res.table.init_kind == "source").all()  # the best source per target
 
 
+def test_reusing_a_zoo_of_another_synthetic_family_is_refused(tmp_path):
+    """The bundled zoo ("default") was trained on family.json's family; a study over another family
+    would match its domain names (syn00, ...) but not its styles, so it is refused before any run."""
+    from neuroadda_rt import default_zoo
+
+    fam = json.loads((default_zoo().root / "family.json").read_text())
+    cfg = {**SMALL, "sources": {"zoo": "default"}}  # SMALL: 3 domains of family seed 0
+    with pytest.raises(InputValueError, match=rf"n={fam['n']}, seed={fam['seed']}.*n=3, family_seed=0"):
+        ex.run_experiment(cfg, tmp_path, scheduler="synchronous")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_manifests_labelled_and_unlabelled(em_data, tmp_path):

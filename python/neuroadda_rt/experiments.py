@@ -72,7 +72,7 @@ _DEFAULTS: dict[str, Any] = {
         "data_root": None,   # where the manifests' relative paths point (default: $NEUROADDA_DATA / ../shared/em_data)
     },
     "sources": {
-        "zoo": None,         # reuse an existing zoo: {domain name: package path} or a zoo folder
+        "zoo": None,         # reuse an existing zoo: {domain name: package path}, a zoo folder or "default"
         "network": {"widths": [16, 32, 64, 128]},
         "export": False,     # also write each source as a full model package (ONNX) in <source>/package
         "train": {"steps": 2000, "lr": 1e-3, "batch_size": 8, "patch_size": 128},
@@ -938,6 +938,21 @@ def run_experiment(config, out=None, *, scheduler=None, workers: int | None = No
     return ExperimentResult(out, table, len(specs), skipped, failures, figures, summary)
 
 
+def _check_zoo_family(zoo_dir: Path, cfg: ExperimentConfig) -> None:
+    """A zoo built on a synthetic family (its ``family.json``) must be reused with the same family:
+    the domain names (syn00, ...) would match for any family seed, the styles would not."""
+    syn = cfg.raw["domains"]["synthetic"]
+    fam_file = zoo_dir / "family.json"
+    if not syn or not fam_file.is_file():
+        return
+    fam = json.loads(fam_file.read_text(encoding="utf-8"))
+    want = (int(fam.get("n", -1)), int(fam.get("seed", -1)))
+    got = (int(syn["n"]), int(syn.get("family_seed", cfg.raw["seed"])))
+    if want != got:
+        raise InputValueError(f"sources.zoo {zoo_dir} was trained on domain_family(n={want[0]}, seed={want[1]}), "
+                              f"but domains.synthetic asks for n={got[0]}, family_seed={got[1]}; set them to match")
+
+
 def _sources(cfg: ExperimentConfig, domains: Sequence[Domain], out: Path, *, scheduler, workers, progress
              ) -> dict[str, str]:
     """Package path per domain: from the configured zoo, or trained (one task per domain)."""
@@ -947,9 +962,15 @@ def _sources(cfg: ExperimentConfig, domains: Sequence[Domain], out: Path, *, sch
         if isinstance(zoo, Mapping):
             packages = {str(k): str(v) for k, v in zoo.items()}
         else:
-            zp = Path(str(zoo))
+            if str(zoo) == "default":
+                from .package import default_zoo
+
+                zp = Path(default_zoo().root)
+            else:
+                zp = Path(str(zoo))
             if not zp.is_dir():
                 raise FileNotFoundError(f"sources.zoo: zoo folder not found: {zp}")
+            _check_zoo_family(zp, cfg)
             packages = {p.name: str(p) for p in sorted(zp.iterdir()) if (p / "model.json").exists()}
         unknown = sorted(set(packages) - {d.name for d in domains})
         if unknown:

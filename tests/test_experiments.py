@@ -238,6 +238,30 @@ def test_reusing_a_zoo_of_model_packages(tmp_path):
     assert len(res.table) == 3 and (res.table.init_kind == "source").all()  # the best source per target
 
 
+def test_a_domain_without_a_source_is_a_target_and_finetune_targets_restricts_runs(tmp_path):
+    """Reusing a zoo that lacks a domain's source (a zoo's held-out domain): that domain is still a
+    target, ranked against every source; ``finetune.targets`` keeps only the named targets' runs."""
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny_model"
+    if not (tiny / "model.json").exists():
+        pytest.skip("tests/assets/tiny_model is missing (tools/make_test_assets.py writes it)")
+    cfg = {**SMALL, "sources": {"zoo": {"syn00": str(tiny), "syn01": str(tiny)}},
+           "finetune": {**SMALL["finetune"], "n": [2], "sources": "all", "scratch": True, "targets": ["syn02"]}}
+    res = ex.run_experiment(cfg, tmp_path, scheduler="synchronous")
+    assert not res.failures
+    m = pd.read_csv(tmp_path / "mmd" / "mmd2.csv")
+    assert set(m.target) == {"syn00", "syn01", "syn02"} and set(m.source) == {"syn00", "syn01"}
+    # syn02 only: both sources and scratch, n = 2, one strategy, one seed
+    assert set(res.table.target) == {"syn02"}
+    assert sorted(res.table.init) == ["scratch", "syn00", "syn01"]
+    with pytest.raises(InputValueError, match="unknown domains"):
+        ex.run_experiment({**cfg, "finetune": {**cfg["finetune"], "targets": ["nope"]}}, tmp_path / "b",
+                          scheduler="synchronous")
+    with pytest.raises(InputValueError, match="list of domain names"):
+        ex.load_config({**cfg, "finetune": {**cfg["finetune"], "targets": "syn02"}})
+
+
 def test_reusing_a_zoo_of_another_synthetic_family_is_refused(tmp_path):
     """The bundled zoo ("default") was trained on family.json's family; a study over another family
     would match its domain names (syn00, ...) but not its styles, so it is refused before any run."""

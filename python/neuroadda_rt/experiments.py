@@ -85,6 +85,7 @@ _DEFAULTS: dict[str, Any] = {
         "pool": 512,
         "sources": "all",    # "all": every other domain's source; "best": only the top-ranked one
         "scratch": True,
+        "targets": None,     # fine-tune only these target domains (default: every labelled domain)
         "train": {"steps": 300, "lr": 1e-3, "batch_size": 8, "patch_size": 128},
     },
     "evaluate": {"n_test": 16},
@@ -218,6 +219,9 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise InputValueError(f"expected finetune.strategies among {STRATEGIES}, got {cfg.strategies}")
     if not cfg.seeds:
         raise InputValueError("expected at least one seed in finetune.seeds")
+    ft_targets = r["finetune"]["targets"]
+    if ft_targets is not None and (isinstance(ft_targets, str) or not all(isinstance(t, str) for t in ft_targets)):
+        raise InputValueError(f"expected finetune.targets to be a list of domain names, got {ft_targets!r}")
     if r["finetune"]["sources"] not in ("all", "best"):
         raise InputValueError(f"expected finetune.sources 'all' or 'best', got {r['finetune']['sources']!r}")
     pool = int(r["finetune"]["pool"])
@@ -497,16 +501,31 @@ class RunSpec:
 
 
 def plan_runs(cfg: ExperimentConfig, domains: Sequence[Domain], packages: Mapping[str, str],
-              mmd2: np.ndarray, p_values: np.ndarray | None, names: Sequence[str]) -> list[RunSpec]:
-    """Enumerate the leave-one-out runs (targets x inits x n x strategies x seeds)."""
+              mmd2: np.ndarray, p_values: np.ndarray | None, names: Sequence[str],
+              targets: Sequence[str] | None = None) -> list[RunSpec]:
+    """Enumerate the leave-one-out runs (targets x inits x n x strategies x seeds).
+
+    ``mmd2[i, j]`` is source ``names[i]`` against target ``targets[j]`` (default: the same names,
+    a square matrix). A domain without a source of its own (e.g. a zoo's held-out domain) is a
+    target only.
+    """
     idx = {n: i for i, n in enumerate(names)}
+    col = {n: j for j, n in enumerate(targets if targets is not None else names)}
     ft = cfg.raw["finetune"]
     recipe = _train_kwargs(ft["train"])
     specs = []
+    only = ft.get("targets")
+    if only is not None:
+        unknown = sorted(set(only) - {d.name for d in domains})
+        if unknown:
+            raise InputValueError(f"finetune.targets names unknown domains {unknown}; "
+                                  f"domains are {sorted(d.name for d in domains)}")
     for dom in domains:
-        if not dom.labelled:
+        if not dom.labelled or (only is not None and dom.name not in only):
             continue
-        t = idx[dom.name]
+        if dom.name not in col:
+            raise InputValueError(f"no MMD² column for target domain {dom.name!r} (columns: {sorted(col)})")
+        t = col[dom.name]
         others = [s for s in names if s != dom.name and s in packages]
         if not others:
             continue
@@ -909,7 +928,7 @@ def run_experiment(config, out=None, *, scheduler=None, workers: int | None = No
     _write_mmd_tables(out, names, targets, m, p)
 
     # 3. runs
-    specs = plan_runs(cfg, domains, packages, m[:, square], p[:, square], names)
+    specs = plan_runs(cfg, domains, packages, m, p, names, targets)
     _atomic.write_json(out / "plan.json", [s.to_dict() for s in specs])
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)

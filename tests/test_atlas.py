@@ -295,6 +295,35 @@ def test_atlas_recovers_generating_tree_of_a_synthetic_family():
     assert cmp.mantel_r > 0.5
 
 
+def test_atlas_of_the_bundled_zoo_carries_its_family_tree():
+    """With trained encoders: the bundled zoo's seven sources, each with its own encoder and reference
+    features, against fresh volumes of their own domains (zoo mode: column t of M is
+    ``rank_sources(domain t, zoo)``), symmetrised, average linkage, against the Newick tree the family
+    was drawn from. Volume seeds 3000+ differ from every training and reference seed of the zoo.
+
+    Measured on the bundled zoo (family seed 158): Mantel r 0.65, p 0.002; cophenetic r 0.54. The
+    tree's structure is clearly there, but the issue's cophenetic >= 0.8 is reached only by a faithful
+    embedding (the test above), not by these encoders on this family (docs/data.md explains why), so
+    this asserts the significant association that holds, with margin, and would fail for encoders or
+    an atlas that carried no tree structure.
+    """
+    pytest.importorskip("onnxruntime")
+    from neuroadda_rt.synthetic import DomainStyle, make_domain
+
+    zoo = nr.default_zoo()
+    fam = json.loads((zoo.root / "family.json").read_text())
+    targets = {}
+    for i, name in enumerate(fam["zoo_domains"]):
+        image, _ = make_domain(DomainStyle.from_dict(fam["styles"][name]), (2, 256, 256), seed=3000 + i)
+        targets[name] = image
+    atlas = nr.domain_atlas(zoo, targets, n_tiles=96, tile_size=128, seed=0, cache_dir=False)
+    assert sorted(atlas.names) == sorted(fam["zoo_domains"])
+    cmp = nr.compare_to_phylogeny(atlas, fam["newick"], n_permutations=999, seed=0)
+    assert cmp.mantel_p < 0.05
+    assert cmp.mantel_r > 0.4
+    assert cmp.cophenetic_correlation > 0.3
+
+
 def test_zoo_atlas_columns_are_rank_sources(tmp_path):
     """Zoo mode: column t of M is rank_sources(target t, zoo) -- each source's encoder and its own
     reference features -- and the atlas keeps the p-values."""

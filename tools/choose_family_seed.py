@@ -1,14 +1,10 @@
-"""Choose the bundled zoo's family seed: a family whose *images* follow its generating tree.
+"""Judge whether a synthetic family's *images* follow its generating tree, with another family's encoders.
 
 ``domain_family`` drifts 26 style parameters by Brownian motion along a random tree, but the
 rendered images respond to only a few directions of that drift (docs/data.md), so in many
 families the tree's nearest relative is not the nearest in appearance, and no ranking method
-can find it. The acceptance test of source ranking only means something on a family whose tree
-is visible in its images. This script measures that visibility with a *judge*: the encoders of
-a zoo trained on a different family (the previous bundled zoo, family seed 158, in git at
-commit c081c59: ``git worktree add /tmp/judge c081c59`` then ``--judge /tmp/judge/python/neuroadda_rt/zoo``).
-The judge never sees the candidate family's training, and the models of the zoo built on the
-chosen family play no part in choosing it.
+can find it. This script measures that visibility with a *judge*: the encoders of a zoo trained
+on a different family (e.g. the bundled zoo, family seed 158), which never saw the candidate.
 
 For each candidate seed: render ``--tiles`` 128-px tiles of every domain (one 4x256x256 volume),
 embed them with the first ``--encoders`` judge encoders (mean-pooled bottleneck), standardise by the
@@ -18,7 +14,15 @@ nearest relative, zoo = all domains but the held-out one, as in ``benchmarks/acc
 ``coph`` (cophenetic correlation of average linkage with the tree's path lengths) and ``r``
 (Pearson of the distances with path lengths). One JSON line per seed.
 
-    python tools/choose_family_seed.py --judge JUDGE_ZOO --seeds 0 2000 > seeds.jsonl
+    python tools/choose_family_seed.py --judge python/neuroadda_rt/zoo --seeds 0 2000 > seeds.jsonl
+
+**What it did not do (measured 2026-11-25).** It was tried as a way to choose a better-posed family
+for the bundled zoo: of 320 families judged (docs/results/family_seed_search.jsonl) none reached 8/8,
+six 7/8; seed 550 kept 7/8 when re-judged with all 7 encoders and other tiles. A zoo trained on that
+family on the CPU (2000 steps, batch 8) then ranked the nearest relative first for only **4 of 8**
+targets (``benchmarks/acceptance.py --rank-only``): encoders trained on a family see it differently
+from encoders trained on another one, so this judge does not predict ranking acceptance, and the
+bundled zoo was kept. The script stays as the record of that measurement.
 """
 from __future__ import annotations
 

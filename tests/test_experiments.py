@@ -205,6 +205,9 @@ def test_summary_on_a_hand_made_table():
     s = ex.summarize(pd.DataFrame(rows))
     assert s["spearman"]["per_target"]["A"]["spearman_rho"] == pytest.approx(1.0)
     assert s["top_ranked_is_best_finetune"] == 1.0
+    # one source per target (finetune.sources: best): no comparison, so no claim
+    only_best = pd.DataFrame([r for r in rows if r["source_rank"] in (1, None)])
+    assert ex.summarize(only_best)["top_ranked_is_best_finetune"] is None
     red = s["vi_reduction_vs_scratch"]["A"]
     want = np.mean([100 * (2.0 - 1.0) / 2.0, 100 * (2.02 - 1.01) / 2.02])
     assert red["mean_percent"] == pytest.approx(want)

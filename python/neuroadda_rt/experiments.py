@@ -1131,7 +1131,8 @@ def summarize(table) -> dict:
 
         pooled_x += list(mean_vi["rank"].to_numpy(dtype=float))
         pooled_y += list(rankdata(mean_vi["vi"].to_numpy()))
-        top1.append(bool(mean_vi["vi"].idxmin() == mean_vi["rank"].idxmin()))
+        if len(mean_vi) > 1:  # with one source per target (finetune.sources: best) there is nothing to compare
+            top1.append(bool(mean_vi["vi"].idxmin() == mean_vi["rank"].idxmin()))
     out["spearman"] = {"per_target": per_target, "pooled": _spearman(pooled_x, pooled_y)}
     out["top_ranked_is_best_finetune"] = float(np.mean(top1)) if top1 else None
     red = {}

@@ -208,6 +208,11 @@ def test_summary_on_a_hand_made_table():
     # one source per target (finetune.sources: best): no comparison, so no claim
     only_best = pd.DataFrame([r for r in rows if r["source_rank"] in (1, None)])
     assert ex.summarize(only_best)["top_ranked_is_best_finetune"] is None
+    # ... and no "random source" curve that would only redraw the top-ranked source
+    labels = {ln.get_label() for ax in ex._fig_vi_vs_n(only_best).axes for ln in ax.get_lines()}
+    assert labels == {"NeuroADDA (top-ranked source)", "scratch"}
+    labels = {ln.get_label() for ax in ex._fig_vi_vs_n(pd.DataFrame(rows)).axes for ln in ax.get_lines()}
+    assert "random source (mean over sources)" in labels
     red = s["vi_reduction_vs_scratch"]["A"]
     want = np.mean([100 * (2.0 - 1.0) / 2.0, 100 * (2.02 - 1.01) / 2.02])
     assert red["mean_percent"] == pytest.approx(want)

@@ -1208,6 +1208,8 @@ def _fig_vi_vs_n(table):
             if not len(d):
                 continue
             if label.startswith("random"):
+                if d.init.nunique() < 2:  # finetune.sources: best -- the "mean" would be the top source again
+                    continue
                 d = d.groupby(["n", "seed"], as_index=False).vi_total.mean()  # expectation over a random pick
             s = d.groupby("n").vi_total.agg(["mean", "min", "max"]).sort_index()
             x = s.index.to_numpy(dtype=float)

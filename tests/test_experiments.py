@@ -213,6 +213,8 @@ def test_summary_on_a_hand_made_table():
     assert labels == {"NeuroADDA (top-ranked source)", "scratch"}
     labels = {ln.get_label() for ax in ex._fig_vi_vs_n(pd.DataFrame(rows)).axes for ln in ax.get_lines()}
     assert "random source (mean over sources)" in labels
+    texts = [t.get_text() for ax in ex._fig_rank_vs_vi(only_best).axes for t in ax.texts]
+    assert any("needs finetune.sources: all" in t for t in texts)
     red = s["vi_reduction_vs_scratch"]["A"]
     want = np.mean([100 * (2.0 - 1.0) / 2.0, 100 * (2.02 - 1.01) / 2.02])
     assert red["mean_percent"] == pytest.approx(want)

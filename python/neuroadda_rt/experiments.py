@@ -1227,6 +1227,12 @@ def _fig_vi_vs_n(table):
 
 def _fig_rank_vs_vi(table):
     targets = sorted(set(table["target"])) if len(table) else []
+    src = table[table.init_kind == "source"] if len(table) else table
+    if targets and src.groupby("target").init.nunique().max() < 2:
+        fig, axes = _fig(1)
+        _empty(fig, axes, "one source per target (finetune.sources: best):\n"
+                          "MMD² rank versus fine-tuned VI needs finetune.sources: all")
+        return fig
     fig, axes = _fig(len(targets) + 1)
     if not targets:
         _empty(fig, axes, "no finished runs")

@@ -1293,7 +1293,7 @@ def _fig_strategies(table):
     ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right")
     ax.set_ylabel("VI (held-out tiles)")
     ax.legend(fontsize=7, title="selection")
-    ax.set_title(f"Selection strategies, top-ranked source, n = {n4} (bars: mean, whiskers: min-max over seeds)")
+    ax.set_title(f"Selection strategies, top-ranked source, n = {n4}\n(bars: mean, whiskers: min-max over seeds)")
     return fig
 
 

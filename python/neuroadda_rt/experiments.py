@@ -234,7 +234,7 @@ def _validate(cfg: ExperimentConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# small file helpers (atomic writes)
+# file names
 # --------------------------------------------------------------------------------------------
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "-", str(name)).strip("-") or "x"
@@ -421,9 +421,8 @@ def _train_source(dom: Domain, cfg: ExperimentConfig, dest: Path) -> str:
         save_model(net, tmp / "package", name=dom.name, organism=dom.organism, reference_tiles=ref_tiles,
                    reference_info=meta["reference"], training={"data": f"experiment domain {dom.name}",
                                                                "recipe": recipe.to_dict()})
-    (tmp / "source.json").write_text(json.dumps(meta, indent=2, default=_atomic.json_default), encoding="utf-8")
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)  # the folder appears complete or not at all
+    (tmp / "source.json").write_text(_atomic.dumps_json(meta), encoding="utf-8")
+    _atomic.commit_dir(tmp, dest)  # the folder appears complete or not at all
     shutil.rmtree(ckpt, ignore_errors=True)
     return str(dest)
 
@@ -636,10 +635,8 @@ def execute_run(spec: dict, runs_dir: str) -> dict:
     if s.get("keep_models"):
         st = require("safetensors.torch", "runtime")
         dest = Path(runs_dir).parent / "models" / f"{spec['run_id']}.safetensors"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        st.save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        os.replace(tmp, dest)
+        with _atomic.atomic_path(dest) as tmp:
+            st.save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp))
     row = {
         "run_id": spec["run_id"], "target": spec["target"], "init": spec["init"],
         "init_kind": "scratch" if spec["init"] == "scratch" else "source",

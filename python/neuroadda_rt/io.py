@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -844,13 +843,6 @@ def normalize_intensity(image, rule: str | dict = "dtype", *, low: float | None 
 
 
 # ----------------------------------------------------------------------------- writers
-def _atomic_file(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_tiff(path, array, *, voxel_size_nm=None) -> Path:
     """Write a 2-D image or a 3-D stack (one page per z) to a TIFF file, atomically.
 
@@ -865,19 +857,13 @@ def write_tiff(path, array, *, voxel_size_nm=None) -> Path:
     a = np.asarray(array)
     if a.ndim not in (2, 3):
         raise ShapeError(f"{path}: expected a 2-D or 3-D array, got shape {a.shape}")
-    tmp = _atomic_file(path)
-    try:
-        kw: dict[str, Any] = {}
-        if voxel_size_nm is not None and a.dtype in (np.uint8, np.uint16, np.float32):
-            vs = [float(v) / 1e3 for v in voxel_size_nm]
-            kw = {"imagej": True, "resolution": (1.0 / vs[-1], 1.0 / vs[-2]),
-                  "metadata": {"unit": "um", **({"spacing": vs[0]} if a.ndim == 3 else {})}}
-        with open(tmp, "wb") as f:
-            tifffile.imwrite(f, a, **kw)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    kw: dict[str, Any] = {}
+    if voxel_size_nm is not None and a.dtype in (np.uint8, np.uint16, np.float32):
+        vs = [float(v) / 1e3 for v in voxel_size_nm]
+        kw = {"imagej": True, "resolution": (1.0 / vs[-1], 1.0 / vs[-2]),
+              "metadata": {"unit": "um", **({"spacing": vs[0]} if a.ndim == 3 else {})}}
+    with _atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        tifffile.imwrite(f, a, **kw)
     return path
 
 
@@ -895,7 +881,7 @@ def write_n5(path, array, *, key: str = "data", block_size=None, compression: st
     if compression not in ("raw", "gzip"):
         raise InputValueError(f"expected compression 'raw' or 'gzip', got {compression!r}")
     block = tuple(block_size or tuple(min(s, 64) for s in a.shape))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent if path.parent.exists() else None))
+    tmp = _atomic.temp_dir_beside(path)
     try:
         if path.exists():
             shutil.copytree(path, tmp, dirs_exist_ok=True)
@@ -965,20 +951,13 @@ def write_volume(path, array, *, key: str | None = None, voxel_size_nm=None, chu
         raise ShapeError(f"{path}: expected {a.ndim} voxel sizes, got {len(vs)}")
     if suf in _H5_SUFFIXES:
         h5py = require("h5py", "io")
-        tmp = _atomic_file(path)
-        try:
-            with h5py.File(tmp, "w") as f:
-                ds = f.create_dataset(key or "data", data=a, chunks=chunks if chunks else (True if a.size > 1 else None))
-                if vs is not None:
-                    ds.attrs["voxel_size_nm"] = vs
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with _atomic.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            ds = f.create_dataset(key or "data", data=a, chunks=chunks if chunks else (True if a.size > 1 else None))
+            if vs is not None:
+                ds.attrs["voxel_size_nm"] = vs
     elif suf == ".zarr":
         zarr = require("zarr", "io")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = _atomic.temp_dir_beside(path)
         try:
             if key:
                 root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
@@ -998,14 +977,7 @@ def write_volume(path, array, *, key: str | None = None, voxel_size_nm=None, chu
     elif suf in _TIFF_SUFFIXES:
         write_tiff(path, a, voxel_size_nm=vs)
     elif suf == ".npy":
-        tmp = _atomic_file(path)
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, a, allow_pickle=False)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        _atomic.save_npy(path, a)
     else:
         raise FormatError(f"{path}: cannot write format {suf!r} (expected .h5, .zarr, .n5, .tif or .npy)")
     return path
@@ -1017,8 +989,7 @@ def write_slices(folder, array, *, fmt: str = "png") -> Path:
     a = np.asarray(array)
     if a.ndim != 3:
         raise ShapeError(f"{folder}: expected a 3-D stack, got shape {a.shape}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = _atomic.temp_dir_beside(folder)
     try:
         for i, sl in enumerate(a):
             if fmt == "png":

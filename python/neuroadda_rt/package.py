@@ -143,11 +143,11 @@ class ModelPackage:
         dest = Path(path)
         if dest.resolve() == self.path.resolve():
             return self
-        tmp = _tmp_dir_for(dest)
+        tmp = _atomic.temp_dir_beside(dest)
         try:
             for name in ("model.json", *FILES):
                 shutil.copy2(self.path / name, tmp / name)
-            _commit_dir(tmp, dest, overwrite)
+            _atomic.commit_dir(tmp, dest, overwrite=overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -246,15 +246,6 @@ def load_model(path: str | os.PathLike, *, verify: bool = True) -> ModelPackage:
 # --------------------------------------------------------------------------------------------
 # saving
 # --------------------------------------------------------------------------------------------
-def _tmp_dir_for(dest: Path) -> Path:
-    return _atomic.temp_dir_beside(dest)
-
-
-def _commit_dir(tmp: Path, dest: Path, overwrite: bool) -> None:
-    """Rename the finished temp folder into place (replacing ``dest`` only if ``overwrite``)."""
-    _atomic.commit_dir(tmp, dest, overwrite=overwrite)
-
-
 def save_model(model, path: str | os.PathLike, *, name: str | None = None, organism: str | None = None,
                tissue: str | None = None, modality: str | None = None, voxel_size_nm=None,
                normalization: dict | None = None, training: dict | None = None, metrics: dict | None = None,
@@ -357,7 +348,7 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
     elif reference_tiles is None:
         raise InputValueError("expected reference_features or reference_tiles (the source-free "
                               "reference for ranking), got neither")
-    tmp = _tmp_dir_for(dest)
+    tmp = _atomic.temp_dir_beside(dest)
     try:
         if isinstance(model, ModelPackage):
             # same weights: the verified files are reused byte for byte (no re-export)
@@ -403,7 +394,7 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
             meta["extra"] = pick("extra", extra)
         text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
         (tmp / "model.json").write_text(text + "\n", encoding="utf-8")
-        _commit_dir(tmp, dest, overwrite)
+        _atomic.commit_dir(tmp, dest, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

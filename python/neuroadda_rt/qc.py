@@ -36,7 +36,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -45,6 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import _atomic
 from .errors import DTypeError, FormatError, InputValueError, ShapeError, require
 
 __all__ = ["QCMonitor", "QCReport", "WindowResult"]
@@ -920,15 +920,8 @@ class QCMonitor:
                 "extra": extra or {},
             }
             arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
-                st.save_file(arrays, tmp, metadata={"neuroadda_qc_state": json.dumps(meta)})
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with _atomic.atomic_path(path) as tmp:
+                st.save_file(arrays, str(tmp), metadata={"neuroadda_qc_state": json.dumps(meta)})
         return path
 
     @classmethod

@@ -40,6 +40,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from . import _atomic
 from .errors import FormatError, ShapeError, require
 
 log = logging.getLogger("neuroadda_rt")
@@ -600,9 +601,4 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
              "figure{margin:4px;font-size:75%;width:132px;word-break:break-all}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>neuroadda_rt QC</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, out)
-    return out
+    return _atomic.write_text(out, page)

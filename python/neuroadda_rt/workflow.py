@@ -117,7 +117,7 @@ def write_annotation(selection: TileSelection, out_dir, *, tiles: np.ndarray | N
                   for nm, c, s, t in zip(names, selection.coords, selection.scores, tiles)],
         "selection": selection.to_dict(),
     }
-    _atomic.write_text(out / "tiles.json", json.dumps(meta, indent=2, default=_atomic.json_default))
+    _atomic.write_json(out / "tiles.json", meta)
     _atomic.write_text(out / "README.txt", _ANNOTATION_README.format(n=len(names), size=selection.tile_size))
     return out
 
@@ -144,9 +144,7 @@ def _tifffile():
 
 
 def _atomic_tiff(tifffile, path: Path, array: np.ndarray) -> None:
-    from ._atomic import atomic_path
-
-    with atomic_path(path) as tmp:
+    with _atomic.atomic_path(path) as tmp:
         # minisblack: a 3- or 4-page stack must not be taken for an RGB(A) image
         tifffile.imwrite(tmp, np.ascontiguousarray(array), photometric="minisblack")
 
@@ -524,7 +522,7 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
 
     if labels is None:
         run["total_s"] = time.perf_counter() - t_start
-        _atomic.write_text(run_dir / "run.json", json.dumps(run, indent=2, default=_atomic.json_default))
+        _atomic.write_json(run_dir / "run.json", run)
         if report:
             from .report import write_report
 
@@ -534,9 +532,7 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
 
     label_tiles, label_volume = _label_tiles(labels, volume, selection)
     images = selection.tiles
-    from ._atomic import save_npy
-
-    save_npy(run_dir / "annotation" / "label_tiles.npy", label_tiles)
+    _atomic.save_npy(run_dir / "annotation" / "label_tiles.npy", label_tiles)
 
     models_dir = run_dir / "models"
     models_dir.mkdir(exist_ok=True)
@@ -579,7 +575,7 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
     run["total_s"] = time.perf_counter() - t_start
     run["models_sha"] = {"finetuned": ft_path, "scratch": sc_path}
     result.status = "complete"
-    _atomic.write_text(run_dir / "run.json", json.dumps(run, indent=2, default=_atomic.json_default))
+    _atomic.write_json(run_dir / "run.json", run)
     if report:
         from .report import write_report
 
@@ -614,9 +610,7 @@ def _save_gallery(run_dir: Path, volume, selection: TileSelection, k: int = 8) -
     gallery = {"chosen": _thumb(chosen), "uncertain": _thumb(top),
                "uncertain_scores": selection.pool_scores[order].astype(np.float64),
                "uncertain_coords": selection.pool_coords[order]}
-    from ._atomic import atomic_path
-
-    with atomic_path(run_dir / "gallery.npz") as tmp:
+    with _atomic.atomic_path(run_dir / "gallery.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **gallery)
 

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _atomic
 from .errors import InputValueError
 
 log = logging.getLogger(__name__)
@@ -413,7 +412,7 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
         i = dict(info_by[n])
         i.pop("loss", None)
         if i.get("steps_run", 0) > 0 or not p.exists():
-            _atomic_text(p, json.dumps(i, indent=1))
+            _atomic.write_text(p, json.dumps(i, indent=1))
     if train_only:
         return {"trained": zoo_names, "checkpoints": str(ckroot), "train_seconds": train_s}
     pkgs = {}
@@ -435,7 +434,7 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
         "models": {n: {"path": n, "sha256": pkgs[n].sha256, "segmentation_threshold":
                        pkgs[n].metadata["metrics"]["segmentation_threshold"]} for n in zoo_names},
     }
-    _atomic_text(out / "family.json", json.dumps(family, indent=1, sort_keys=False) + "\n")
+    _atomic.write_text(out / "family.json", json.dumps(family, indent=1, sort_keys=False) + "\n")
     if not keep_checkpoints and checkpoint_root is None:
         shutil.rmtree(ckroot, ignore_errors=True)
     return family
@@ -455,19 +454,6 @@ def _checkpoint_step(ckpt_dir: Path) -> int | None:
             return int(json.loads(fh.metadata()["neuroadda_rt"])["step"])
     except Exception:  # unreadable: train (train_network reports the problem)
         return None
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the zoo is read by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def zoo_size_bytes(root) -> int:

@@ -54,9 +54,9 @@ def run(args) -> int:
         s = args.tile_size
         engine = build_tensorrt_engine(onnx_path, min_shape=(1, 1, s, s), opt_shape=(max(1, args.max_batch // 2), 1, s, s),
                                        max_shape=(args.max_batch, 1, s, s), fp16=args.fp16)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_bytes(engine)
-        tmp.replace(out)
+        from .. import _atomic
+
+        _atomic.write_bytes(out, engine)
     result = {"model": str(args.model), "format": args.format, "part": args.part, "out": str(out),
               "bytes": out.stat().st_size}
     if args.json:

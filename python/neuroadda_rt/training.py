@@ -70,8 +70,8 @@ class TrainRecipe:
         Adam weight decay (L2).
     intensity : bool
         Include the intensity jitter in the augmentation (geometry is augmented either way
-        when ``augment``). The zoo's sources are trained without it so that their encoders
-        stay sensitive to the imaging chain, which source ranking measures.
+        when ``augment``). ``neuroadda-rt zoo build --no-intensity-augment`` trains sources
+        without it (the bundled zoo's sources were trained with it).
     """
 
     steps: int = 200

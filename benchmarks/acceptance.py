@@ -70,16 +70,17 @@ def _job(job: dict) -> dict:
     common = dict(n_tiles=preset["n_tiles"], tile_size=preset["tile_size"], seed=seed, n_permutations=0,
                   cache_dir=job["cache"])
     row = {"target": t, "seed": seed, "nearest": job["nearest"]}
-    done = Path(job["out_dir"]) / "run.json"
+    done_path = Path(job["out_dir"]) / "run.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
     if job["rank_only"]:
         ranking = rank_sources(image, job["sources"], **common)
         evaluation = None
-    elif done.exists() and json.loads(done.read_text()).get("status") == "complete":
+    elif done.get("status") == "complete":
         # resumed measurement: a finished run is read back, not recomputed (runs are deterministic)
         from neuroadda_rt.ranking import SourceRanking
 
         ranking = SourceRanking.from_json(Path(job["out_dir"]) / "ranking.json")
-        evaluation = json.loads(done.read_text())["evaluation"]
+        evaluation = done["evaluation"]
     else:
         from neuroadda_rt.errors import NeuroaddaError
 

@@ -284,6 +284,21 @@ def test_reusing_a_zoo_of_another_synthetic_family_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_zoo_family_generator_must_match(tmp_path):
+    """Same (n, seed) but another generator (tree model / drifting traits) is another family. A
+    family.json without them was written by the Yule, all-traits generator."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "family.json").write_text(json.dumps({"n": 3, "seed": 0}))
+    cfg = ex.load_config({**SMALL, "sources": {"zoo": str(zoo)}})
+    with pytest.raises(InputValueError, match="tree='yule', traits='all'.*tree='coalescent'"):
+        ex._check_zoo_family(zoo, cfg)
+    legacy = {**SMALL["domains"]["synthetic"], "tree": "yule", "traits": "all"}
+    ex._check_zoo_family(zoo, ex.load_config({**SMALL, "domains": {"synthetic": legacy}}))  # accepted
+    with pytest.raises(InputValueError, match="unknown keys"):
+        ex.load_config({**SMALL, "domains": {"synthetic": {**legacy, "trees": "yule"}}})
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_manifests_labelled_and_unlabelled(em_data, tmp_path):

@@ -152,6 +152,55 @@ def test_domain_family_tree_and_drift():
         domain_family(0, seed=0)
 
 
+def _leaf_distances(styles, newick):
+    names = [s.name for s in styles]
+    tree_names, pat = _patristic(newick)
+    order = [tree_names.index(n) for n in names]
+    u = np.stack([s.to_vector() for s in styles])
+    return pat[np.ix_(order, order)], ((u[:, None] - u[None]) ** 2).sum(-1), u
+
+
+@pytest.mark.parametrize("seed", [0, 11, 57])
+def test_coalescent_family_is_ultrametric_with_exact_trait_distances(seed):
+    """The default generator: a coalescent tree scaled to the given height (every leaf at the same
+    depth: the three-point condition holds for every triple), morphology traits only, and orthogonal
+    branch drifts, so squared parameter distance = drift² x n_traits x path length for every pair."""
+    from itertools import combinations
+
+    from neuroadda_rt.synthetic import MORPHOLOGY_TRAITS
+
+    styles, newick = domain_family(8, seed=seed, drift=0.5, height=1.5)
+    pat, sq, u = _leaf_distances(styles, newick)
+    assert np.isclose(pat.max(), 2 * 1.5, atol=1e-3)  # the root splits the deepest pair
+    for a, b, c in combinations(range(8), 3):
+        d = sorted([pat[a, b], pat[a, c], pat[b, c]])
+        assert abs(d[2] - d[1]) < 2e-3, (a, b, c, d)  # ultrametric (branch lengths rounded to 1e-4)
+    iu = np.triu_indices(8, 1)
+    np.testing.assert_allclose(sq[iu], 0.25 * len(MORPHOLOGY_TRAITS) * pat[iu], rtol=2e-3)
+    keys = list(PARAMETER_BOUNDS)
+    still = [i for i, k in enumerate(keys) if k not in MORPHOLOGY_TRAITS]
+    assert len(still) == len(keys) - len(MORPHOLOGY_TRAITS) > 0
+    assert np.ptp(u[:, still], axis=0).max() < 1e-9  # intensity traits stay at the root's values
+    # leaf names carry no tree order, and the same seed gives the same family
+    assert domain_family(8, seed=seed, drift=0.5, height=1.5) == (styles, newick)
+
+
+def test_yule_all_traits_is_the_previous_generator():
+    """``tree="yule", traits="all"`` reproduces the generator of 2026-11-24 and earlier (the output
+    recorded here was produced by that code), so studies recorded with it can be re-run."""
+    styles, newick = domain_family(5, seed=3, tree="yule", traits="all")
+    assert newick == "((syn00:0.5388,(syn01:0.4095,syn02:0.226):0.3997):0.6196,(syn03:0.8211,syn04:0.8831):0.3938);"
+    assert styles[0].photons == pytest.approx(57.269439041651985, rel=1e-12)
+    assert styles[4].cell_diameter_px == pytest.approx(59.64559303959877, rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"tree": "upgma"}, "tree in"), ({"traits": "colour"}, "traits in"),
+                                           ({"height": 0.0}, "height > 0"), ({"drift": -1.0}, "drift >= 0")])
+def test_domain_family_rejects_bad_generator_settings(kwargs, match):
+    with pytest.raises(InputValueError, match=match):
+        domain_family(4, seed=0, **kwargs)
+
+
 def test_same_bytes_in_a_fresh_process(vol):
     """No hidden state (hash seeds, thread counts, import order) leaks into the render."""
     import hashlib

@@ -65,7 +65,8 @@ def test_family_holds_out_a_domain_whose_nearest_relative_is_in_the_zoo(family):
     # the styles regenerate the family: the demo can render the held-out domain
     from neuroadda_rt.synthetic import DomainStyle, domain_family
 
-    styles, newick = domain_family(family["n"], seed=family["seed"])
+    generator = {"tree": family.get("tree", "yule"), "traits": family.get("traits", "all")}
+    styles, newick = domain_family(family["n"], seed=family["seed"], **generator)
     assert newick == family["newick"]
     assert {s.name: s.to_dict() for s in styles} == family["styles"]
     DomainStyle.from_dict(family["styles"][held])
@@ -74,7 +75,8 @@ def test_family_holds_out_a_domain_whose_nearest_relative_is_in_the_zoo(family):
 def test_family_spec_is_deterministic_and_matches_the_bundle(family):
     from neuroadda_rt.zoo_build import family_spec
 
-    spec = family_spec(family["n"], family["seed"])
+    spec = family_spec(family["n"], family["seed"], tree=family.get("tree", "yule"),
+                       traits=family.get("traits", "all"))
     for k in ("names", "newick", "held_out", "zoo_domains", "nearest"):
         assert spec[k] == family[k]
 

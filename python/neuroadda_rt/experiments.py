@@ -67,7 +67,8 @@ _DEFAULTS: dict[str, Any] = {
     "tile_size": 256,
     "threads_per_task": 1,
     "domains": {
-        "synthetic": None,   # {"n": 3, "family_seed": 0, "shape": [z, h, w], "drift": 0.6}
+        "synthetic": None,   # {"n": 3, "family_seed": 0, "shape": [z, h, w], "drift": 0.6,
+                             #  "tree": "coalescent", "traits": "morphology"}
         "datasets": [],      # manifest paths (examples/datasets/*.json) or {"manifest": ..., "name": ...}
         "data_root": None,   # where the manifests' relative paths point (default: $NEUROADDA_DATA / ../shared/em_data)
     },
@@ -205,7 +206,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     if syn is not None:
         if not isinstance(syn, Mapping):
             raise InputValueError(f"expected domains.synthetic a mapping, got {type(syn).__name__}")
-        unknown = set(syn) - {"n", "family_seed", "shape", "drift", "prefix"}
+        unknown = set(syn) - {"n", "family_seed", "shape", "drift", "prefix", "tree", "traits"}
         if unknown:
             raise InputValueError(f"unknown keys in domains.synthetic: {sorted(unknown)}")
         if int(syn.get("n", 0)) < 2:
@@ -273,6 +274,9 @@ def _prepare_synthetic(cfg: ExperimentConfig, out: Path) -> tuple[list[Domain], 
         kw["drift"] = float(syn["drift"])
     if "prefix" in syn:
         kw["prefix"] = str(syn["prefix"])
+    for key in ("tree", "traits"):
+        if key in syn:
+            kw[key] = str(syn[key])
     styles, newick = domain_family(n, seed=fam_seed, **kw)
     domains = []
     for i, style in enumerate(styles):
@@ -962,11 +966,15 @@ def _check_zoo_family(zoo_dir: Path, cfg: ExperimentConfig) -> None:
     if not syn or not fam_file.is_file():
         return
     fam = json.loads(fam_file.read_text(encoding="utf-8"))
-    want = (int(fam.get("n", -1)), int(fam.get("seed", -1)))
-    got = (int(syn["n"]), int(syn.get("family_seed", cfg.raw["seed"])))
+    # family.json files written before the coalescent generator have no tree/traits: Yule, all traits
+    want = (int(fam.get("n", -1)), int(fam.get("seed", -1)), str(fam.get("tree", "yule")),
+            str(fam.get("traits", "all")))
+    got = (int(syn["n"]), int(syn.get("family_seed", cfg.raw["seed"])), str(syn.get("tree", "coalescent")),
+           str(syn.get("traits", "morphology")))
     if want != got:
-        raise InputValueError(f"sources.zoo {zoo_dir} was trained on domain_family(n={want[0]}, seed={want[1]}), "
-                              f"but domains.synthetic asks for n={got[0]}, family_seed={got[1]}; set them to match")
+        raise InputValueError(f"sources.zoo {zoo_dir} was trained on domain_family(n={want[0]}, seed={want[1]}, "
+                              f"tree={want[2]!r}, traits={want[3]!r}), but domains.synthetic asks for n={got[0]}, "
+                              f"family_seed={got[1]}, tree={got[2]!r}, traits={got[3]!r}; set them to match")
 
 
 def _sources(cfg: ExperimentConfig, domains: Sequence[Domain], out: Path, *, scheduler, workers, progress

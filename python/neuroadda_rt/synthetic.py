@@ -42,7 +42,8 @@ import numpy as np
 
 from .errors import InputValueError, ShapeError, require
 
-__all__ = ["DomainStyle", "make_domain", "apply_artefact", "domain_family", "ARTEFACT_KINDS", "PARAMETER_BOUNDS"]
+__all__ = ["DomainStyle", "make_domain", "apply_artefact", "domain_family", "ARTEFACT_KINDS", "PARAMETER_BOUNDS",
+           "MORPHOLOGY_TRAITS", "FAMILY_TREES", "FAMILY_TRAITS"]
 
 _MIN_PIECE_PX = 12  # 2-D pieces of a neurite smaller than this become boundary (label 0)
 
@@ -615,17 +616,90 @@ def apply_artefact(tile, kind: str, *, seed):
 
 
 # ----------------------------------------------------------------------------- families
+#: The traits :func:`domain_family` drifts with ``traits="morphology"``: the tissue's geometry and
+#: content and the imaging resolution and noise. The intensity traits (membrane and cytoplasm darkness,
+#: contrast, gamma, brightness, gradient, ...) stay at the root's values, because the models are
+#: trained with intensity jitter on percentile-normalised images and are built not to see them.
+MORPHOLOGY_TRAITS = ("cell_diameter_px", "size_variability", "warp_amplitude_px", "membrane_thickness_px",
+                     "ecs_fraction", "ecs_width_px", "mito_fraction", "mito_size_px", "vesicle_fraction",
+                     "vesicle_radius_px", "vesicle_density", "texture_amplitude", "texture_scale_px",
+                     "blur_sigma_px", "photons", "read_noise")
+
+FAMILY_TREES = ("coalescent", "yule")
+FAMILY_TRAITS = ("morphology", "all")
+
+
+def _yule_tree(rng, n):
+    """Random leaf splits, branch lengths uniform in [0.2, 1.0]: (parent, branch length, children, leaves)."""
+    parent, bl, children, leaves = [-1], [0.0], [[]], [0]
+    while len(leaves) < n:
+        node = leaves.pop(int(rng.integers(0, len(leaves))))
+        for _ in range(2):
+            parent.append(node)
+            bl.append(float(np.round(rng.uniform(0.2, 1.0), 4)))
+            children.append([])
+            children[node].append(len(parent) - 1)
+            leaves.append(len(parent) - 1)
+    return parent, bl, children, sorted(leaves)
+
+
+def _coalescent_tree(rng, n, height):
+    """Kingman coalescent scaled to root height ``height`` (ultrametric: every leaf at the same
+    depth). Returns (parent, branch length, children, leaves) with node 0 the root, like
+    :func:`_yule_tree`; leaves are numbered in a random order, so names carry no tree order."""
+    if n == 1:
+        return [-1], [0.0], [[]], [0]
+    times = {i: 0.0 for i in range(n)}  # leaf ids 0..n-1, internal ids n..2n-2
+    kids: dict[int, list[int]] = {}
+    lineages, t, nxt = list(range(n)), 0.0, n
+    while len(lineages) > 1:
+        k = len(lineages)
+        t += float(rng.exponential(2.0 / (k * (k - 1))))
+        a, b = sorted(rng.choice(k, size=2, replace=False), reverse=True)
+        la, lb = lineages.pop(int(a)), lineages.pop(int(b))
+        kids[nxt], times[nxt] = [lb, la], t
+        lineages.append(nxt)
+        nxt += 1
+    scale = height / t
+    # renumber: root first (breadth first), leaves in a random order of the remaining ids
+    root = lineages[0]
+    order, queue = [], [root]
+    while queue:
+        v = queue.pop(0)
+        order.append(v)
+        queue += kids.get(v, [])
+    new_id = {v: i for i, v in enumerate(order)}
+    parent, bl, children = [-1] * len(order), [0.0] * len(order), [[] for _ in order]
+    for v, cs in kids.items():
+        for c in cs:
+            parent[new_id[c]] = new_id[v]
+            bl[new_id[c]] = float(np.round((times[v] - times[c]) * scale, 4))
+            children[new_id[v]].append(new_id[c])
+    leaves = [new_id[i] for i in rng.permutation(n)]
+    return parent, bl, children, leaves
+
+
 def domain_family(n: int, *, seed, root: DomainStyle | None = None, drift: float = 0.6,
-                  prefix: str = "syn") -> tuple[list[DomainStyle], str]:
+                  prefix: str = "syn", tree: str = "coalescent", traits: str = "morphology",
+                  height: float = 2.0) -> tuple[list[DomainStyle], str]:
     """``n`` domain styles at the leaves of a random tree, and the tree in Newick.
 
-    The tree grows by Yule splits (a random leaf splits into two, branch lengths uniform in
-    [0.2, 1.0]). Every node's parameter vector (:meth:`DomainStyle.to_vector`, unbounded
-    coordinates) is its parent's plus Gaussian drift of variance ``drift**2 * branch_length``
-    per coordinate (Brownian motion), so the expected squared parameter distance between two
-    leaves is ``drift**2 * n_params * path_length``: an additive tree metric. How faithfully
-    image features follow it depends on the rendering, which is nonlinear in the
-    parameters: see ``docs/data.md`` for measurements.
+    Traits evolve along the tree by Brownian motion: every node's parameter vector
+    (:meth:`DomainStyle.to_vector`, unbounded coordinates) is its parent's plus a drift of
+    variance ``drift**2 * branch_length`` per drifting trait. Two trees are available:
+
+    * ``tree="coalescent"`` (default): a Kingman coalescent scaled to root height ``height``,
+      ultrametric like a divergence-time tree, with short recent branches and long deep ones.
+      The drifts of the ``2n - 2`` branches are mutually orthogonal whenever there are at least
+      as many traits as branches (scaled to the expected Brownian norm), so the squared
+      parameter distance between two leaves is *exactly* ``drift**2 * n_traits * path_length``
+      rather than only in expectation.
+    * ``tree="yule"``: random leaf splits with branch lengths uniform in [0.2, 1.0] and
+      independent Gaussian drifts (the generator before 2026-11-25; ``height`` unused).
+
+    ``traits="morphology"`` (default) drifts :data:`MORPHOLOGY_TRAITS` only; ``"all"`` drifts
+    every parameter. How faithfully image features follow the tree depends on the rendering,
+    which is nonlinear in the parameters: see ``docs/data.md`` for measurements.
 
     Parameters
     ----------
@@ -639,6 +713,12 @@ def domain_family(n: int, *, seed, root: DomainStyle | None = None, drift: float
         Drift scale per unit branch length (in logit units).
     prefix : str
         Leaf names are ``f"{prefix}{i:02d}"``.
+    tree : {"coalescent", "yule"}
+        The tree model (above).
+    traits : {"morphology", "all"}
+        Which parameters drift (above).
+    height : float
+        Root height of the coalescent tree (> 0).
 
     Returns
     -------
@@ -656,35 +736,43 @@ def domain_family(n: int, *, seed, root: DomainStyle | None = None, drift: float
     n = int(n)
     if n < 1:
         raise InputValueError(f"expected n >= 1 styles, got {n}")
-    if drift < 0:
+    if not (drift >= 0):
         raise InputValueError(f"expected drift >= 0, got {drift}")
+    if tree not in FAMILY_TREES:
+        raise InputValueError(f"expected tree in {FAMILY_TREES}, got {tree!r}")
+    if traits not in FAMILY_TRAITS:
+        raise InputValueError(f"expected traits in {FAMILY_TRAITS}, got {traits!r}")
+    if not (height > 0 and math.isfinite(height)):
+        raise InputValueError(f"expected a finite height > 0, got {height!r}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
+    n_par = len(PARAMETER_BOUNDS)
     if root is None:
-        u_root = DomainStyle().to_vector() + rng.normal(0, 0.3, len(PARAMETER_BOUNDS))
+        u_root = DomainStyle().to_vector() + rng.normal(0, 0.3, n_par)
         invert = False
     else:
         u_root = root.to_vector()
         invert = root.invert
-    # nodes: parent, branch length, children
-    parent = [-1]
-    bl = [0.0]
-    children: list[list[int]] = [[]]
-    leaves = [0]
-    while len(leaves) < n:
-        li = int(rng.integers(0, len(leaves)))
-        node = leaves.pop(li)
-        for _ in range(2):
-            parent.append(node)
-            bl.append(float(np.round(rng.uniform(0.2, 1.0), 4)))
-            children.append([])
-            children[node].append(len(parent) - 1)
-            leaves.append(len(parent) - 1)
-    u = [u_root]
-    for i in range(1, len(parent)):
-        u.append(u[parent[i]] + rng.normal(0, drift * math.sqrt(bl[i]), len(PARAMETER_BOUNDS)))
-    leaves_sorted = sorted(leaves)
-    names = {node: f"{prefix}{i:02d}" for i, node in enumerate(leaves_sorted)}
-    styles = [DomainStyle.from_vector(u[node], name=names[node], invert=invert) for node in leaves_sorted]
+    if tree == "yule":
+        parent, bl, children, leaves = _yule_tree(rng, n)
+    else:
+        parent, bl, children, leaves = _coalescent_tree(rng, n, float(height))
+    keys = list(PARAMETER_BOUNDS)
+    drifting = np.array([k in MORPHOLOGY_TRAITS for k in keys]) if traits == "morphology" else np.ones(n_par, bool)
+    n_traits = int(drifting.sum())
+    n_branch = len(parent) - 1
+    if tree == "coalescent" and 0 < n_branch <= n_traits:
+        # orthonormal directions, one per branch, each scaled to the Brownian expected norm
+        q, _ = np.linalg.qr(rng.normal(size=(n_traits, n_branch)))
+        steps = [q[:, i - 1] * drift * math.sqrt(n_traits * bl[i]) for i in range(1, len(parent))]
+    else:
+        steps = [rng.normal(0, drift * math.sqrt(bl[i]), n_traits) for i in range(1, len(parent))]
+    u = [u_root] + [None] * n_branch
+    for i in range(1, len(parent)):  # parents precede their children in both trees
+        step = np.zeros(n_par)
+        step[drifting] = steps[i - 1]
+        u[i] = u[parent[i]] + step
+    names = {node: f"{prefix}{i:02d}" for i, node in enumerate(leaves)}
+    styles = [DomainStyle.from_vector(u[node], name=names[node], invert=invert) for node in leaves]
 
     def newick(node):
         if not children[node]:

@@ -64,6 +64,8 @@ class ZooRecipe:
     threshold_tiles: int = 16
     held_out: str | None = None
     intensity_augment: bool = True
+    tree: str = "coalescent"
+    traits: str = "morphology"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,14 +82,18 @@ DEFAULT_ZOO = ZooRecipe()
 # the family and its held-out domain
 # --------------------------------------------------------------------------------------------
 def _nearest(dist_row: np.ndarray, names: list[str], candidates: list[str]) -> tuple[str, float, float]:
-    """(nearest candidate, its distance, ratio second/first distance) for one row of distances."""
+    """(nearest candidate, its distance, ratio of the next distance to the nearest one) for one row
+    of distances. Candidates tied with the nearest (a sister clade in an ultrametric tree) all count
+    as nearest, so the ratio is to the first distance beyond the ties."""
     idx = {n: i for i, n in enumerate(names)}
     d = sorted((float(dist_row[idx[c]]), c) for c in candidates)
-    ratio = d[1][0] / d[0][0] if len(d) > 1 and d[0][0] > 0 else float("inf")
+    beyond = [v for v, _ in d if v > d[0][0] * (1 + 1e-9)]
+    ratio = beyond[0] / d[0][0] if beyond and d[0][0] > 0 else float("inf")
     return d[0][1], d[0][0], ratio
 
 
-def family_spec(n_domains: int, seed: int, *, held_out: str | None = None) -> dict[str, Any]:
+def family_spec(n_domains: int, seed: int, *, held_out: str | None = None, tree: str = "coalescent",
+                traits: str = "morphology") -> dict[str, Any]:
     """The domain family, its tree, the held-out domain and everyone's nearest relative.
 
     Parameters
@@ -99,6 +105,8 @@ def family_spec(n_domains: int, seed: int, *, held_out: str | None = None) -> di
     held_out : str, optional
         The domain to keep out of the zoo (default: the leaf whose nearest relative is the
         clearest, see the module notes).
+    tree, traits : str
+        The generator's tree model and drifting traits (:func:`neuroadda_rt.synthetic.domain_family`).
 
     Returns
     -------
@@ -119,7 +127,7 @@ def family_spec(n_domains: int, seed: int, *, held_out: str | None = None) -> di
 
     if int(n_domains) < 3:
         raise InputValueError(f"expected n_domains >= 3 (a held-out domain and two sources), got {n_domains}")
-    styles, newick = domain_family(int(n_domains), seed=int(seed))
+    styles, newick = domain_family(int(n_domains), seed=int(seed), tree=tree, traits=traits)
     names = [s.name for s in styles]
     tree_names, dist = patristic_distances(newick)
     order = [tree_names.index(n) for n in names]
@@ -140,6 +148,8 @@ def family_spec(n_domains: int, seed: int, *, held_out: str | None = None) -> di
         best, _, ratio = _nearest(dist[i], names, cands)
         nearest[n], margin[n] = best, (None if not np.isfinite(ratio) else round(float(ratio), 4))
     return {
+        "tree": tree,
+        "traits": traits,
         "names": names,
         "styles": {s.name: s.to_dict() for s in styles},
         "newick": newick,
@@ -151,7 +161,7 @@ def family_spec(n_domains: int, seed: int, *, held_out: str | None = None) -> di
     }
 
 
-def family_clarity(n_domains: int, seed: int) -> dict[str, Any]:
+def family_clarity(n_domains: int, seed: int, **generator) -> dict[str, Any]:
     """How clearly a family's relationships are posed (the criterion the default seed was chosen by).
 
     For every domain as a target, among the zoo domains other than itself: does the nearest
@@ -161,31 +171,39 @@ def family_clarity(n_domains: int, seed: int) -> dict[str, Any]:
     looks only at the generator's output, never at any model.
 
     Returns ``{"consistent": bool, "tree_margin": float, "param_margin": float, "min_photons": float}``
-    (margins are minima over the targets).
+    (margins are minima over the targets). ``generator`` passes ``tree`` / ``traits`` to
+    :func:`family_spec`.
     """
     from .synthetic import DomainStyle
 
-    f = family_spec(n_domains, seed)
+    f = family_spec(n_domains, seed, **generator)
     vec = {k: DomainStyle.from_dict(v).to_vector() for k, v in f["styles"].items()}
+    names = f["names"]
+    param = np.array([[float(np.linalg.norm(vec[a] - vec[b])) for b in names] for a in names])
+    tree = np.array([[f["patristic"][a][b] for b in names] for a in names])
     consistent, pm, tm = True, [], []
-    for t in f["names"]:
-        cands = sorted((m for m in f["zoo_domains"] if m != t), key=lambda m: float(np.linalg.norm(vec[t] - vec[m])))
-        d = [float(np.linalg.norm(vec[t] - vec[m])) for m in cands]
-        consistent &= cands[0] == f["nearest"][t]
-        pm.append(d[1] / d[0] if len(d) > 1 and d[0] > 0 else float("inf"))
+    for i, t in enumerate(names):
+        cands = [m for m in f["zoo_domains"] if m != t]
+        # ties (a sister clade of an ultrametric tree) are compared as sets, to a relative tolerance
+        p_best, _, p_ratio = _nearest(np.round(param[i] / max(param[i].max(), 1e-300), 9), names, cands)
+        t_row = tree[i]
+        t_min = min(t_row[names.index(c)] for c in cands)
+        t_set = {c for c in cands if t_row[names.index(c)] <= t_min * (1 + 1e-9)}
+        consistent &= p_best in t_set
+        pm.append(p_ratio)
         tm.append(f["nearest_margin"][t] or float("inf"))
     return {"consistent": bool(consistent), "tree_margin": float(min(tm)), "param_margin": float(min(pm)),
             "min_photons": float(min(v["photons"] for v in f["styles"].values()))}
 
 
-def choose_family_seed(n_domains: int = 8, candidates=range(400)) -> int:
+def choose_family_seed(n_domains: int = 8, candidates=range(400), **generator) -> int:
     """The candidate seed whose family is the most clearly posed (:func:`family_clarity`):
     consistent tree / parameter nearest relatives for every target, then the largest
     ``min(tree_margin, param_margin)``. ``choose_family_seed(8)`` gives the bundled zoo's seed (158).
     """
     best = None
     for s in candidates:
-        c = family_clarity(n_domains, int(s))
+        c = family_clarity(n_domains, int(s), **generator)
         if not c["consistent"]:
             continue
         key = (min(c["tree_margin"], c["param_margin"]), -int(s))
@@ -329,7 +347,8 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
               reference_tiles: int = DEFAULT_ZOO.reference_tiles, threshold_tiles: int = DEFAULT_ZOO.threshold_tiles,
               device: str = "cpu", workers: int = 1, threads: int | None = None, progress: bool = False,
               train_only: bool = False, checkpoint_root=None, keep_checkpoints: bool = False,
-              intensity_augment: bool = DEFAULT_ZOO.intensity_augment) -> dict[str, Any]:
+              intensity_augment: bool = DEFAULT_ZOO.intensity_augment, tree: str = DEFAULT_ZOO.tree,
+              traits: str = DEFAULT_ZOO.traits) -> dict[str, Any]:
     """Train one source model per domain of a synthetic family and write them as a zoo.
 
     Parameters
@@ -340,6 +359,8 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
         The family: :func:`neuroadda_rt.synthetic.domain_family` ``(n_domains, seed=seed)``.
     held_out : str, optional
         Domain kept out of the zoo for the demo (default: chosen as in :func:`family_spec`).
+    tree, traits : str
+        The family's tree model and drifting traits (:func:`~neuroadda_rt.synthetic.domain_family`).
     widths : sequence of int
         UNet widths of the sources (default ``8-16-32-64``: small, fast to fine-tune on a CPU).
     steps, lr, batch_size, patch_size : training recipe of each source.
@@ -377,7 +398,7 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
                        volumes=int(volumes), volume_shape=tuple(int(s) for s in volume_shape), steps=int(steps),
                        lr=float(lr), batch_size=int(batch_size), patch_size=int(patch_size), tile_size=int(tile_size),
                        reference_tiles=int(reference_tiles), threshold_tiles=int(threshold_tiles), held_out=held_out,
-                       intensity_augment=bool(intensity_augment))
+                       intensity_augment=bool(intensity_augment), tree=str(tree), traits=str(traits))
     if len(recipe.volume_shape) != 3:
         raise InputValueError(f"expected volume_shape (z, h, w), got {recipe.volume_shape}")
     if min(recipe.volume_shape[1:]) < max(recipe.tile_size, recipe.patch_size):
@@ -388,7 +409,7 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckroot = Path(checkpoint_root) if checkpoint_root is not None else out / ".checkpoints"
-    fam = family_spec(recipe.n_domains, recipe.seed, held_out=held_out)
+    fam = family_spec(recipe.n_domains, recipe.seed, held_out=held_out, tree=recipe.tree, traits=recipe.traits)
     zoo_names = fam["zoo_domains"]
     index = {n: i for i, n in enumerate(fam["names"])}
     t0 = time.perf_counter()

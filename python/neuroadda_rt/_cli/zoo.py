@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     b.add_argument("--tile-size", type=int, default=d.tile_size, help="reference / threshold tile edge")
     b.add_argument("--no-intensity-augment", action="store_true",
                    help="train the sources without intensity jitter (geometry is always augmented)")
+    b.add_argument("--tree", default=d.tree, choices=["coalescent", "yule"],
+                   help="the family's tree model (yule: the generator before 2026-11-25)")
+    b.add_argument("--traits", default=d.traits, choices=["morphology", "all"],
+                   help="parameters that drift along the tree")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="training device")
     b.add_argument("--workers", type=int, default=1, help="domains trained in parallel processes")
     b.add_argument("--threads", type=int, default=None, help="PyTorch threads per worker")
@@ -104,7 +108,7 @@ def run_build(args) -> int:
                     volumes=args.volumes, volume_shape=shape, tile_size=args.tile_size, device=args.device,
                     workers=args.workers, threads=args.threads, progress=not args.no_progress and not args.json,
                     train_only=args.train_only, checkpoint_root=args.checkpoints,
-                    intensity_augment=not args.no_intensity_augment)
+                    intensity_augment=not args.no_intensity_augment, tree=args.tree, traits=args.traits)
     if args.train_only:
         if args.json:
             print_json(res)

@@ -301,11 +301,11 @@ def test_atlas_of_the_bundled_zoo_carries_its_family_tree():
     ``rank_sources(domain t, zoo)``), symmetrised, average linkage, against the Newick tree the family
     was drawn from. Volume seeds 3000+ differ from every training and reference seed of the zoo.
 
-    Measured on the bundled zoo (family seed 158): Mantel r 0.65, p 0.002; cophenetic r 0.54. The
-    tree's structure is clearly there, but the issue's cophenetic >= 0.8 is reached only by a faithful
-    embedding (the test above), not by these encoders on this family (docs/data.md explains why), so
-    this asserts the significant association that holds, with margin, and would fail for encoders or
-    an atlas that carried no tree structure.
+    This is the issue's criterion (cophenetic correlation >= 0.8, Mantel p < 0.05) with trained encoders.
+    Measured on the bundled zoo (coalescent family, seed 11) with volume seeds 3000+: cophenetic r 0.964,
+    Mantel r 0.856, p 0.002; with seeds 5000+ and 7000+ (not asserted): 0.956 / 0.827 / 0.026 and
+    0.994 / 0.929 / 0.006. The previous bundled zoo (Yule family 158, all 26 parameters drifting) reached
+    only cophenetic 0.54 here (docs/data.md).
     """
     pytest.importorskip("onnxruntime")
     from neuroadda_rt.synthetic import DomainStyle, make_domain
@@ -319,9 +319,9 @@ def test_atlas_of_the_bundled_zoo_carries_its_family_tree():
     atlas = nr.domain_atlas(zoo, targets, n_tiles=96, tile_size=128, seed=0, cache_dir=False)
     assert sorted(atlas.names) == sorted(fam["zoo_domains"])
     cmp = nr.compare_to_phylogeny(atlas, fam["newick"], n_permutations=999, seed=0)
+    assert cmp.cophenetic_correlation >= 0.8
     assert cmp.mantel_p < 0.05
-    assert cmp.mantel_r > 0.4
-    assert cmp.cophenetic_correlation > 0.3
+    assert cmp.mantel_r > 0.7
 
 
 def test_zoo_atlas_columns_are_rank_sources(tmp_path):

@@ -50,14 +50,14 @@ class ZooRecipe:
     """Settings of a zoo build (the defaults build the bundled zoo)."""
 
     n_domains: int = 8
-    seed: int = 158  # choose_family_seed(8): the most clearly posed family among seeds 0..399
+    seed: int = 11  # choose_family_seed(8): the most clearly posed coalescent family among seeds 0..399
     widths: tuple[int, ...] = (8, 16, 32, 64)
     representation: str = "boundary"
     volumes: int = 4
     volume_shape: tuple[int, int, int] = (8, 384, 384)
-    steps: int = 5000
+    steps: int = 2000  # 2 x 4 min per source on 2 CPU cores (--workers 2 --threads 1)
     lr: float = 1e-3
-    batch_size: int = 16
+    batch_size: int = 8
     patch_size: int = 128
     tile_size: int = 128
     reference_tiles: int = 256
@@ -199,7 +199,8 @@ def family_clarity(n_domains: int, seed: int, **generator) -> dict[str, Any]:
 def choose_family_seed(n_domains: int = 8, candidates=range(400), **generator) -> int:
     """The candidate seed whose family is the most clearly posed (:func:`family_clarity`):
     consistent tree / parameter nearest relatives for every target, then the largest
-    ``min(tree_margin, param_margin)``. ``choose_family_seed(8)`` gives the bundled zoo's seed (158).
+    ``min(tree_margin, param_margin)``. ``choose_family_seed(8)`` gives the bundled zoo's seed (11);
+    with ``tree="yule", traits="all"`` it gives 158, the bundled zoo's seed before 2026-11-25.
     """
     best = None
     for s in candidates:

@@ -297,6 +297,8 @@ def test_zoo_family_generator_must_match(tmp_path):
     ex._check_zoo_family(zoo, ex.load_config({**SMALL, "domains": {"synthetic": legacy}}))  # accepted
     with pytest.raises(InputValueError, match="unknown keys"):
         ex.load_config({**SMALL, "domains": {"synthetic": {**legacy, "trees": "yule"}}})
+    with pytest.raises(InputValueError, match=r"domains.synthetic.tree in \('coalescent', 'yule'\), got 'upgma'"):
+        ex.load_config({**SMALL, "domains": {"synthetic": {**legacy, "tree": "upgma"}}})
 
 
 @pytest.mark.realdata

@@ -209,6 +209,11 @@ def _validate(cfg: ExperimentConfig) -> None:
         unknown = set(syn) - {"n", "family_seed", "shape", "drift", "prefix", "tree", "traits"}
         if unknown:
             raise InputValueError(f"unknown keys in domains.synthetic: {sorted(unknown)}")
+        from .synthetic import FAMILY_TRAITS, FAMILY_TREES
+
+        for key, allowed in (("tree", FAMILY_TREES), ("traits", FAMILY_TRAITS)):
+            if key in syn and syn[key] not in allowed:
+                raise InputValueError(f"expected domains.synthetic.{key} in {allowed}, got {syn[key]!r}")
         if int(syn.get("n", 0)) < 2:
             raise InputValueError(f"expected domains.synthetic.n >= 2, got {syn.get('n')}")
     if not isinstance(ds, list):

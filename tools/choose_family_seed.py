@@ -5,7 +5,7 @@ before 2026-11-25) drifts 26 style parameters by Brownian motion along a random 
 rendered images respond to only a few directions of that drift (docs/data.md), so in many of its
 families the tree's nearest relative is not the nearest in appearance, and no ranking method
 can find it. This script measures that visibility with a *judge*: the encoders of a zoo trained
-on a different family (e.g. the bundled zoo, family seed 158), which never saw the candidate.
+on a different family (e.g. the previous bundled zoo, family seed 158), which never saw the candidate.
 
 For each candidate seed: render ``--tiles`` 128-px tiles of every domain (one 4x256x256 volume),
 embed them with the first ``--encoders`` judge encoders (mean-pooled bottleneck), standardise by the

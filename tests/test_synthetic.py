@@ -181,7 +181,7 @@ def test_coalescent_family_is_ultrametric_with_exact_trait_distances(seed):
     still = [i for i, k in enumerate(keys) if k not in MORPHOLOGY_TRAITS]
     assert len(still) == len(keys) - len(MORPHOLOGY_TRAITS) > 0
     assert np.ptp(u[:, still], axis=0).max() < 1e-9  # intensity traits stay at the root's values
-    # leaf names carry no tree order, and the same seed gives the same family
+    # the same seed gives the same family
     assert domain_family(8, seed=seed, drift=0.5, height=1.5) == (styles, newick)
 
 

@@ -15,7 +15,8 @@ nearest relative, zoo = all domains but the held-out one, as in ``benchmarks/acc
 ``coph`` (cophenetic correlation of average linkage with the tree's path lengths) and ``r``
 (Pearson of the distances with path lengths). One JSON line per seed.
 
-    python tools/choose_family_seed.py --judge python/neuroadda_rt/zoo --seeds 0 2000 > seeds.jsonl
+    git worktree add /tmp/judge 37eadd1      # the previous bundled zoo (family 158) as the judge
+    python tools/choose_family_seed.py --judge /tmp/judge/python/neuroadda_rt/zoo --seeds 0 2000 > seeds.jsonl
 
 **What it did not do (measured 2026-11-25).** It was tried as a way to choose a better-posed family
 for the bundled zoo: of 320 families judged (docs/results/family_seed_search.jsonl) none reached 8/8,
@@ -23,7 +24,7 @@ six 7/8; seed 550 kept 7/8 when re-judged with all 7 encoders and other tiles. A
 family on the CPU (2000 steps, batch 8) then ranked the nearest relative first for only **4 of 8**
 targets (``benchmarks/acceptance.py --rank-only``): encoders trained on a family see it differently
 from encoders trained on another one, so this judge does not predict ranking acceptance, and the
-bundled zoo was kept. The script stays as the record of that measurement; ``--tree`` / ``--traits``
+then bundled zoo (158) was kept. The script stays as the record of that measurement; ``--tree`` / ``--traits``
 choose the generator (default: the current one; ``--tree yule --traits all`` for the runs above). On
 the current default generator the same judge gives cophenetic r 0.92 and 0.97 for seeds 11 and 352.
 """

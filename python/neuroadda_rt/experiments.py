@@ -971,9 +971,10 @@ def _check_zoo_family(zoo_dir: Path, cfg: ExperimentConfig) -> None:
     if not syn or not fam_file.is_file():
         return
     fam = json.loads(fam_file.read_text(encoding="utf-8"))
-    # family.json files written before the coalescent generator have no tree/traits: Yule, all traits
-    want = (int(fam.get("n", -1)), int(fam.get("seed", -1)), str(fam.get("tree", "yule")),
-            str(fam.get("traits", "all")))
+    from .zoo_build import family_generator
+
+    generator = family_generator(fam)
+    want = (int(fam.get("n", -1)), int(fam.get("seed", -1)), generator["tree"], generator["traits"])
     got = (int(syn["n"]), int(syn.get("family_seed", cfg.raw["seed"])), str(syn.get("tree", "coalescent")),
            str(syn.get("traits", "morphology")))
     if want != got:

@@ -81,15 +81,29 @@ DEFAULT_ZOO = ZooRecipe()
 # --------------------------------------------------------------------------------------------
 # the family and its held-out domain
 # --------------------------------------------------------------------------------------------
-def _nearest(dist_row: np.ndarray, names: list[str], candidates: list[str]) -> tuple[str, float, float]:
-    """(nearest candidate, its distance, ratio of the next distance to the nearest one) for one row
-    of distances. Candidates tied with the nearest (a sister clade in an ultrametric tree) all count
-    as nearest, so the ratio is to the first distance beyond the ties."""
+def family_generator(fam: dict) -> dict[str, str]:
+    """The ``domain_family`` generator settings (``tree``, ``traits``) a ``family.json`` was written
+    with. Files written before 2026-11-25 carry none: they come from the Yule, all-traits generator."""
+    return {"tree": str(fam.get("tree", "yule")), "traits": str(fam.get("traits", "all"))}
+
+
+def _nearest_set(dist_row: np.ndarray, names: list[str], candidates: list[str],
+                 rtol: float = 1e-9) -> tuple[list[str], float, float]:
+    """(the nearest candidates, their distance, ratio of the next distance to the nearest one) for one
+    row of distances. Candidates tied with the nearest to ``rtol`` (a sister clade in an ultrametric
+    tree) all count as nearest, so the ratio is to the first distance beyond the ties."""
     idx = {n: i for i, n in enumerate(names)}
     d = sorted((float(dist_row[idx[c]]), c) for c in candidates)
-    beyond = [v for v, _ in d if v > d[0][0] * (1 + 1e-9)]
+    tied = [c for v, c in d if v <= d[0][0] * (1 + rtol)]
+    beyond = [v for v, _ in d if v > d[0][0] * (1 + rtol)]
     ratio = beyond[0] / d[0][0] if beyond and d[0][0] > 0 else float("inf")
-    return d[0][1], d[0][0], ratio
+    return tied, d[0][0], ratio
+
+
+def _nearest(dist_row: np.ndarray, names: list[str], candidates: list[str]) -> tuple[str, float, float]:
+    """:func:`_nearest_set` with only the first of the tied candidates (by name)."""
+    tied, dist, ratio = _nearest_set(dist_row, names, candidates)
+    return tied[0], dist, ratio
 
 
 def family_spec(n_domains: int, seed: int, *, held_out: str | None = None, tree: str = "coalescent",
@@ -184,13 +198,11 @@ def family_clarity(n_domains: int, seed: int, **generator) -> dict[str, Any]:
     consistent, pm, tm = True, [], []
     for i, t in enumerate(names):
         cands = [m for m in f["zoo_domains"] if m != t]
-        # ties (a sister clade of an ultrametric tree) are compared as sets, to a relative tolerance
-        p_best, _, p_ratio = _nearest(np.round(param[i] / max(param[i].max(), 1e-300), 9), names, cands)
-        t_row = tree[i]
-        t_min = min(t_row[names.index(c)] for c in cands)
-        t_set = {c for c in cands if t_row[names.index(c)] <= t_min * (1 + 1e-9)}
-        consistent &= p_best in t_set
-        pm.append(p_ratio)
+        # ties (a sister clade of an ultrametric tree) are compared as sets
+        tree_set, _, _ = _nearest_set(tree[i], names, cands)
+        param_set, _, param_ratio = _nearest_set(param[i], names, cands)
+        consistent &= param_set[0] in tree_set
+        pm.append(param_ratio)
         tm.append(f["nearest_margin"][t] or float("inf"))
     return {"consistent": bool(consistent), "tree_margin": float(min(tm)), "param_margin": float(min(pm)),
             "min_photons": float(min(v["photons"] for v in f["styles"].values()))}

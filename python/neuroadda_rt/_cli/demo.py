@@ -89,9 +89,9 @@ def domain_style(fam: dict, name: str):
     n, seed = fam.get("n") or fam.get("n_domains"), fam.get("seed")
     if n is None or seed is None:
         raise ValueError(f"family.json has no style for {name!r} and no (n, seed) to regenerate it")
-    kwargs = {k: fam[k] for k in ("drift", "prefix", "tree", "traits") if k in fam}
-    if "styles" not in fam and "tree" not in fam:  # written before the coalescent generator
-        kwargs.update(tree="yule", traits="all")
+    from ..zoo_build import family_generator
+
+    kwargs = {**{k: fam[k] for k in ("drift", "prefix") if k in fam}, **family_generator(fam)}
     for s in domain_family(int(n), seed=int(seed), **kwargs)[0]:
         if s.name == name:
             return s

@@ -95,3 +95,37 @@ def test_bad_inputs():
         unet_from_config({"dim": 2, "bogus": 1})
     with pytest.raises(ShapeError):
         UNet(widths=(4, 8)).encode(torch.rand(1, 8, 8))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, -1, -3])
+def test_feature_level_encode_is_that_levels_activations(level):
+    """``encode`` at a feature level equals the map a hook on that encoder block records in a full forward pass."""
+    torch.manual_seed(4)
+    net = _randomise_bn(UNet(widths=(4, 8, 16)))
+    shallow = unet_from_config({**net.config, "feature_level": level}).eval()
+    shallow.load_state_dict(net.state_dict())
+    seen = {}
+    hook = net.down[level].register_forward_hook(lambda m, i, o: seen.setdefault("map", o))
+    x = torch.rand(2, 1, 37, 53)
+    with torch.no_grad():
+        net(x)
+        got = shallow.encode(x)
+        torch.testing.assert_close(shallow(x), net(x), rtol=0, atol=0)  # the network itself is unchanged
+    hook.remove()
+    torch.testing.assert_close(got, seen["map"], rtol=0, atol=0)
+    lv = level % 3
+    assert got.shape == (2, (4, 8, 16)[lv], 40 // 2**lv, 56 // 2**lv)
+
+
+def test_feature_level_config_round_trip_and_default_form():
+    assert "feature_level" not in UNet(widths=(4, 8, 16)).config  # bottleneck default: old configs unchanged
+    assert "feature_level" not in UNet(widths=(4, 8, 16), feature_level=2).config
+    assert "feature_level" not in UNet(widths=(4, 8, 16), feature_level=-1).config
+    cfg = UNet(widths=(4, 8, 16), feature_level=-2).config
+    assert cfg["feature_level"] == 1 and unet_from_config(cfg).feature_level == 1
+
+
+@pytest.mark.parametrize("bad", [3, -4, 1.5, True, "1"])
+def test_feature_level_out_of_range_or_not_an_integer_is_refused(bad):
+    with pytest.raises(InputValueError, match="feature_level"):
+        UNet(widths=(4, 8, 16), feature_level=bad)

@@ -63,6 +63,27 @@ def test_features_parity_onnxruntime_torch_reference(pkg, net, ort_fx, pooling, 
     assert np.abs(f_torch - ref).max() <= 1e-4
 
 
+def test_shallow_feature_level_package_features_match_the_level_map(net, tmp_path):
+    """A package whose network has ``feature_level`` set exports that level; ONNX Runtime and torch features,
+    and the stored reference features, are that level's pooled map (reference: the full encoder pass)."""
+    from neuroadda_rt.models import unet_from_config
+
+    shallow = unet_from_config({**net.config, "feature_level": 0}).eval()
+    shallow.load_state_dict(net.state_dict())
+    x = np.random.default_rng(5).random((5, 37, 53), dtype=np.float32)
+    with torch.no_grad():
+        levels = net._encode_levels(net._pad(torch.from_numpy(x[:, None])))
+    z = levels[0].double().numpy().reshape(5, levels[0].shape[1], -1)
+    ref = np.concatenate([z.mean(2), z.std(2)], 1)
+    pkg = neuroadda_rt.save_model(shallow, tmp_path / "m", reference_tiles=x, pooling="mean+std")
+    assert pkg.config["feature_level"] == 0 and pkg.reference_features.shape == ref.shape == (5, 2 * net.config["widths"][0])
+    for backend in ("onnxruntime", "torch"):
+        fx = FeatureExtractor(pkg, backend=backend, device="cpu")
+        assert fx.pooling == "mean+std" and fx.n_features == ref.shape[1]
+        assert np.abs(fx.features(x) - ref).max() <= 1e-4
+    assert np.abs(pkg.reference_features - ref).max() <= 1e-4
+
+
 def test_integer_tiles_normalised_by_dtype(ort_fx):
     x8 = np.random.default_rng(3).integers(0, 256, (3, 32, 32), dtype=np.uint8)
     f8 = ort_fx["mean"].features(x8)

@@ -181,3 +181,42 @@ def test_build_zoo_smoke(tmp_path):
     assert not (tmp_path / "z" / ".checkpoints").exists()
     with pytest.raises(FormatError):
         neuroadda_rt.Zoo(tmp_path / "nothing")
+
+
+def test_refresh_reference_features_equals_a_fresh_build_with_those_settings(tmp_path):
+    """Rewriting a built zoo's ranking features (no retraining) gives the packages a fresh build with the new
+    feature level and pooling writes: same weights and predictions, the same reference features."""
+    from neuroadda_rt.zoo_build import build_zoo, refresh_reference_features
+
+    kw = dict(n_domains=3, seed=1, steps=2, batch_size=2, patch_size=64, volumes=1, volume_shape=(1, 64, 64),
+              tile_size=64, reference_tiles=4, threshold_tiles=2)
+    build_zoo(tmp_path / "old", feature_level=3, pooling="mean", **kw)
+    build_zoo(tmp_path / "new", feature_level=1, pooling="mean+std", **kw)
+    old = {p.name: p for p in neuroadda_rt.Zoo(tmp_path / "old")}
+    fam = refresh_reference_features(tmp_path / "old", feature_level=1, pooling="mean+std")
+    assert fam["recipe"]["feature_level"] == 1 and fam["recipe"]["pooling"] == "mean+std"
+    refreshed = neuroadda_rt.Zoo(tmp_path / "old")
+    assert all(v is None for v in refreshed.verify().values())
+    fresh = {p.name: p for p in neuroadda_rt.Zoo(tmp_path / "new")}
+    x = np.random.default_rng(0).random((2, 64, 64), dtype=np.float32)
+    for pkg in refreshed:
+        assert old[pkg.name].reference_features.shape == (4, 64)  # bottleneck of widths 8-16-32-64, mean
+        assert pkg.reference_features.shape == (4, 32)  # level 1: 16 channels, mean and sd
+        assert pkg.pooling == "mean+std" and pkg.config["feature_level"] == 1
+        np.testing.assert_allclose(pkg.reference_features, fresh[pkg.name].reference_features, rtol=0, atol=1e-5)
+        assert fam["models"][pkg.name]["sha256"] == pkg.sha256
+        p_old = old[pkg.name].predictor(backend="onnxruntime").predict_tiles(x)
+        p_new = pkg.predictor(backend="onnxruntime").predict_tiles(x)
+        np.testing.assert_array_equal(p_new, p_old)
+    with pytest.raises(neuroadda_rt.errors.InputValueError, match="feature_level"):
+        refresh_reference_features(tmp_path / "old", feature_level=4)
+    with pytest.raises(FileNotFoundError):
+        refresh_reference_features(tmp_path / "nothing")
+
+
+def test_legacy_recipe_keeps_the_defaults_of_its_time():
+    from neuroadda_rt.zoo_build import DEFAULT_ZOO, legacy_recipe
+
+    old = legacy_recipe({"seed": 158, "widths": [8, 16, 32, 64], "steps": 5000})
+    assert (old.feature_level, old.pooling, old.tree, old.traits) == (3, "mean", "yule", "all")
+    assert legacy_recipe(DEFAULT_ZOO.to_dict()) == DEFAULT_ZOO

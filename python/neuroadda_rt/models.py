@@ -13,6 +13,7 @@ PyTorch is imported lazily: ``import neuroadda_rt.models`` itself needs it, but
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any
 
 from .errors import InputValueError, ShapeError, require
@@ -29,6 +30,7 @@ _DEFAULT_CONFIG: dict[str, Any] = {
     "in_channels": 1,
     "widths": [16, 32, 64, 128],
     "head": "boundary",
+    "feature_level": None,
 }
 
 
@@ -59,6 +61,17 @@ def _validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise InputValueError(f"expected in_channels >= 1, got {out['in_channels']}")
     out["in_channels"] = int(out["in_channels"])
     out["depth"] = len(out["widths"])
+    lvl = out["feature_level"]
+    if lvl is not None:
+        if isinstance(lvl, bool) or not hasattr(lvl, "__index__"):
+            raise InputValueError(f"expected an integer feature_level, got {lvl!r}")
+        lvl = operator.index(lvl)
+        if not -out["depth"] <= lvl < out["depth"]:
+            raise InputValueError(f"expected feature_level in [{-out['depth']}, {out['depth'] - 1}] for "
+                                  f"{out['depth']} levels, got {lvl}")
+        lvl %= out["depth"]
+    # the bottleneck is the default and is not written out, so older configs keep their form
+    out["feature_level"] = None if lvl is None or lvl == out["depth"] - 1 else lvl
     return out
 
 
@@ -95,11 +108,18 @@ class UNet(nn.Module):
     head : {"boundary", "affinities"}
         ``"boundary"``: 1 output channel; ``"affinities"``: 2 (2-D) or 3 (3-D) nearest-neighbour
         affinity channels.
+    feature_level : int, optional
+        The encoder level whose activations ``encode`` returns (and the exported encoder outputs):
+        0 is the first, full-resolution level, ``depth - 1`` (the default) the bottleneck. It does
+        not change the network, its weights or ``forward``; source ranking uses it (see
+        ``docs/method.md``: a shallow level's style statistics rank sources better than the
+        augmentation-invariant bottleneck).
 
     Notes
     -----
     ``forward`` returns sigmoid probabilities; ``logits`` the pre-sigmoid values; ``encode`` the
-    bottleneck activations ``(N, widths[-1], ceil(H / 2**(depth-1)), ...)``. Inputs whose spatial
+    activations of level ``feature_level`` (by default the bottleneck, ``(N, widths[-1],
+    ceil(H / 2**(depth-1)), ...)``). Inputs whose spatial
     sizes are not multiples of ``2**(depth-1)`` are reflect-padded at the high end and the
     output cropped back, so any size ``>= 2**(depth-1)`` works. ``config`` rebuilds the network:
     ``UNet(**net.config)``. Inputs are not modified.
@@ -116,9 +136,9 @@ class UNet(nn.Module):
     """
 
     def __init__(self, dim: int = 2, in_channels: int = 1, widths=(16, 32, 64, 128), *,
-                 depth: int | None = None, head: str = "boundary"):
+                 depth: int | None = None, head: str = "boundary", feature_level: int | None = None):
         super().__init__()
-        cfg = {"dim": dim, "in_channels": in_channels, "head": head}
+        cfg = {"dim": dim, "in_channels": in_channels, "head": head, "feature_level": feature_level}
         if depth is not None and tuple(widths) == (16, 32, 64, 128):
             cfg["depth"] = depth
         else:
@@ -131,6 +151,7 @@ class UNet(nn.Module):
         self.dim = d
         self.depth = len(w)
         self.multiple = 2 ** (self.depth - 1)
+        self.feature_level = self.depth - 1 if cfg["feature_level"] is None else cfg["feature_level"]
         self.out_channels = HEAD_CHANNELS[(cfg["head"], d)]
         conv = nn.Conv2d if d == 2 else nn.Conv3d
         up = nn.ConvTranspose2d if d == 2 else nn.ConvTranspose3d
@@ -151,6 +172,8 @@ class UNet(nn.Module):
         """A JSON-able dict that rebuilds this architecture: ``UNet(**config)``."""
         c = copy.deepcopy(self._config)
         c.pop("depth", None)
+        if c.get("feature_level") is None:
+            c.pop("feature_level", None)
         return c
 
     # -- padding shared by forward and encode -------------------------------------------------
@@ -168,9 +191,9 @@ class UNet(nn.Module):
             pads += [0, (m - x.shape[ax] % m) % m]
         return F.pad(x, pads, mode="reflect")
 
-    def _encode_levels(self, x):
+    def _encode_levels(self, x, last: int | None = None):
         skips = []
-        for i, block in enumerate(self.down):
+        for i, block in enumerate(self.down[: None if last is None else last + 1]):
             if i > 0:
                 x = F.max_pool2d(x, 2) if self.dim == 2 else F.max_pool3d(x, 2)
             x = block(x)
@@ -178,8 +201,12 @@ class UNet(nn.Module):
         return skips
 
     def encode(self, x):
-        """Bottleneck activations of the (padded) input, ``(N, widths[-1], *ceil(spatial / 2**(depth-1)))``."""
-        return self._encode_levels(self._pad(x))[-1]
+        """Activations of level ``feature_level`` of the (padded) input (deeper levels are not run).
+
+        By default the bottleneck, ``(N, widths[-1], *ceil(spatial / 2**(depth-1)))``; level ``k``
+        gives ``(N, widths[k], *padded_spatial / 2**k)``.
+        """
+        return self._encode_levels(self._pad(x), last=self.feature_level)[-1]
 
     def logits(self, x):
         """Pre-sigmoid outputs with the input's spatial shape."""
@@ -235,4 +262,5 @@ def unet_from_config(config: dict[str, Any]) -> UNet:
     if not isinstance(config, dict):
         raise InputValueError(f"expected a dict network config, got {type(config).__name__}")
     cfg = _validate_config(dict(config))
-    return UNet(dim=cfg["dim"], in_channels=cfg["in_channels"], widths=cfg["widths"], head=cfg["head"])
+    return UNet(dim=cfg["dim"], in_channels=cfg["in_channels"], widths=cfg["widths"], head=cfg["head"],
+                feature_level=cfg["feature_level"])

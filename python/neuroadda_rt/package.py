@@ -332,7 +332,7 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
             raise InputValueError(f"expected 2 or 3 positive voxel sizes in nm, got {voxel_size_nm}")
 
     net = net.eval()
-    width = net.config["widths"][-1] * (2 if pooling == "mean+std" else 1)
+    width = net.config["widths"][net.feature_level] * (2 if pooling == "mean+std" else 1)
 
     def check_ref(ref: np.ndarray) -> np.ndarray:
         ref = np.ascontiguousarray(ref, dtype=np.float32)

@@ -537,8 +537,10 @@ class FeatureExtractor:
     device : {"auto", "cpu", "cuda"}
         ``"cuda"`` raises :class:`~neuroadda_rt.errors.BackendUnavailableError` when the chosen
         backend cannot use a GPU.
-    pooling : {"mean", "max", "mean+std"}
-        Per-channel pooling over the bottleneck map; ``"mean+std"`` gives ``2 * C`` features.
+    pooling : {"mean", "max", "mean+std"}, optional
+        Per-channel pooling over the encoder's feature map (the bottleneck, or the network's
+        ``feature_level``); ``"mean+std"`` gives ``2 * C`` features. Default: a package's
+        reference-feature pooling, else ``"mean"``.
     ort_providers : list, optional
         Explicit ONNX Runtime providers (names or ``(name, options)`` pairs), e.g.
         ``["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]``; a bare
@@ -566,14 +568,17 @@ class FeatureExtractor:
     (3, 16)
     """
 
-    def __init__(self, model_or_path, *, backend: str = "auto", device: str = "auto", pooling: str = "mean",
+    def __init__(self, model_or_path, *, backend: str = "auto", device: str = "auto", pooling: str | None = None,
                  ort_providers: list[str] | None = None, trt_profile: dict | None = None, fp16: bool = False,
                  cache_dir=None, threads: int | None = None, normalize: bool = True):
-        if pooling not in POOLINGS:
+        if pooling is not None and pooling not in POOLINGS:
             raise InputValueError(f"expected pooling in {POOLINGS}, got {pooling!r}")
-        self.pooling = pooling
         self.normalize = bool(normalize)
         self._source = _Source(model_or_path)
+        if pooling is None:  # a package's features are comparable with its reference features
+            pkg = self._source.package
+            pooling = pkg.pooling if pkg is not None else "mean"
+        self.pooling = pooling
         self._runner = _make_runner(self._source, "encoder", backend=backend, device=device,
                                     ort_providers=ort_providers, trt_profile=trt_profile, fp16=fp16,
                                     cache_dir=cache_dir, threads=threads, who="FeatureExtractor")
@@ -595,8 +600,10 @@ class FeatureExtractor:
 
     @property
     def n_features(self) -> int:
-        """Feature dimension: bottleneck channels, doubled for ``"mean+std"``."""
-        c = int(self._source.config["widths"][-1])
+        """Feature dimension: channels of the feature level (the bottleneck by default), doubled for ``"mean+std"``."""
+        cfg = self._source.config
+        level = cfg.get("feature_level")
+        c = int(cfg["widths"][-1 if level is None else int(level)])
         return 2 * c if self.pooling == "mean+std" else c
 
     def bottleneck(self, tiles) -> np.ndarray:

@@ -66,6 +66,10 @@ class ZooRecipe:
     intensity_augment: bool = True
     tree: str = "coalescent"
     traits: str = "morphology"
+    # ranking features: the per-channel mean and sd of encoder level 2 (of 0..3), chosen in
+    # docs/method.md; zoos built before this field existed used the bottleneck's mean (legacy_recipe)
+    feature_level: int = 2
+    pooling: str = "mean+std"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -299,7 +303,7 @@ def _package_domain(name: str, index: int, style_dict: dict, recipe: ZooRecipe, 
     from .training import CHECKPOINT_NAME, TrainHistory, _history_dict, _tune_threshold, TrainRecipe
 
     ims, lbs, seeds = _render(style_dict, recipe, index)
-    net = UNet(widths=recipe.widths, head=recipe.representation)
+    net = UNet(widths=recipe.widths, head=recipe.representation, feature_level=recipe.feature_level)
     ck = ckpt_dir / CHECKPOINT_NAME
     with safe_open(str(ck), framework="pt") as f:
         state = {k[len("model/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("model/")}
@@ -343,7 +347,7 @@ def _package_domain(name: str, index: int, style_dict: dict, recipe: ZooRecipe, 
     metrics = {"training": h, "segmentation_threshold": seg["threshold"], "vi_train": seg["vi_train"]}
     pkg = save_model(net, out_dir / name, name=name, organism="synthetic", tissue="synthetic neuropil",
                      modality="synthetic EM", voxel_size_nm=(4.0, 4.0), normalization=rule, training=training,
-                     metrics=metrics, reference_tiles=ref_i, pooling="mean",
+                     metrics=metrics, reference_tiles=ref_i, pooling=recipe.pooling,
                      reference_info={"tile_size": recipe.tile_size, "seed": recipe.seed * 104729 + index,
                                      "source": f"{recipe.reference_tiles} random training tiles"},
                      extra={"segmentation": seg, "synthetic_family": {"domain": name, "held_out": family["held_out"]}},
@@ -361,7 +365,8 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
               device: str = "cpu", workers: int = 1, threads: int | None = None, progress: bool = False,
               train_only: bool = False, checkpoint_root=None, keep_checkpoints: bool = False,
               intensity_augment: bool = DEFAULT_ZOO.intensity_augment, tree: str = DEFAULT_ZOO.tree,
-              traits: str = DEFAULT_ZOO.traits) -> dict[str, Any]:
+              traits: str = DEFAULT_ZOO.traits, feature_level: int = DEFAULT_ZOO.feature_level,
+              pooling: str = DEFAULT_ZOO.pooling) -> dict[str, Any]:
     """Train one source model per domain of a synthetic family and write them as a zoo.
 
     Parameters
@@ -395,6 +400,9 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
         Keep the checkpoints after packaging.
     intensity_augment : bool
         Intensity jitter in the sources' augmentation (geometry is always augmented).
+    feature_level, pooling
+        The sources' ranking features: encoder level (``UNet(feature_level=...)``) and pooling of
+        its map. They do not change training; :func:`refresh_reference_features` rewrites them.
 
     Returns
     -------
@@ -411,7 +419,9 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
                        volumes=int(volumes), volume_shape=tuple(int(s) for s in volume_shape), steps=int(steps),
                        lr=float(lr), batch_size=int(batch_size), patch_size=int(patch_size), tile_size=int(tile_size),
                        reference_tiles=int(reference_tiles), threshold_tiles=int(threshold_tiles), held_out=held_out,
-                       intensity_augment=bool(intensity_augment), tree=str(tree), traits=str(traits))
+                       intensity_augment=bool(intensity_augment), tree=str(tree), traits=str(traits),
+                       feature_level=int(feature_level), pooling=str(pooling))
+    _check_features(recipe)
     if len(recipe.volume_shape) != 3:
         raise InputValueError(f"expected volume_shape (z, h, w), got {recipe.volume_shape}")
     if min(recipe.volume_shape[1:]) < max(recipe.tile_size, recipe.patch_size):
@@ -471,6 +481,94 @@ def build_zoo(out_dir, *, n_domains: int = DEFAULT_ZOO.n_domains, seed: int = DE
     _atomic.write_text(out / "family.json", json.dumps(family, indent=1, sort_keys=False) + "\n")
     if not keep_checkpoints and checkpoint_root is None:
         shutil.rmtree(ckroot, ignore_errors=True)
+    return family
+
+
+def _check_features(recipe: ZooRecipe) -> None:
+    from .runtime import POOLINGS
+
+    if recipe.pooling not in POOLINGS:
+        raise InputValueError(f"expected pooling in {POOLINGS}, got {recipe.pooling!r}")
+    if not 0 <= recipe.feature_level < len(recipe.widths):
+        raise InputValueError(f"expected feature_level in [0, {len(recipe.widths) - 1}] for widths "
+                              f"{list(recipe.widths)}, got {recipe.feature_level}")
+
+
+def legacy_recipe(recipe_dict: dict) -> ZooRecipe:
+    """The :class:`ZooRecipe` a ``family.json`` records, with the defaults of the time it was written
+    for the fields it predates (bottleneck ``mean`` features, the Yule tree with every trait)."""
+    d = dict(recipe_dict)
+    d.setdefault("feature_level", len(d.get("widths", DEFAULT_ZOO.widths)) - 1)
+    d.setdefault("pooling", "mean")
+    d.setdefault("tree", "yule")
+    d.setdefault("traits", "all")
+    known = set(ZooRecipe.__dataclass_fields__)
+    d = {k: v for k, v in d.items() if k in known}
+    for key in ("widths", "volume_shape"):
+        if key in d:
+            d[key] = tuple(int(v) for v in d[key])
+    return ZooRecipe(**d)
+
+
+def refresh_reference_features(zoo_dir, *, feature_level: int = DEFAULT_ZOO.feature_level,
+                               pooling: str = DEFAULT_ZOO.pooling, progress: bool = False) -> dict[str, Any]:
+    """Rewrite the ranking features of a built zoo without retraining it.
+
+    Each package keeps its weights and metadata; its network's ``feature_level`` and its
+    ``pooling`` change, its encoder is re-exported, and its ``reference_features`` are recomputed
+    from the same reference tiles the build drew (re-rendered from ``family.json``'s recipe, so
+    the result equals a fresh ``build_zoo`` with these settings). ``family.json`` records the new
+    recipe and checksums. Each package is replaced atomically.
+
+    Parameters
+    ----------
+    zoo_dir : path
+        A zoo written by :func:`build_zoo` (with its ``family.json``).
+    feature_level : int
+        Encoder level of the ranking features.
+    pooling : {"mean", "max", "mean+std"}
+        Pooling of that level's map.
+    progress : bool
+        A progress bar over the packages.
+
+    Returns
+    -------
+    dict
+        The updated ``family.json`` content.
+    """
+    from .models import unet_from_config
+    from .package import load_model, save_model
+
+    root = Path(zoo_dir)
+    fpath = root / "family.json"
+    if not fpath.is_file():
+        raise FileNotFoundError(f"{fpath}: not found (expected a zoo written by build_zoo)")
+    family = json.loads(fpath.read_text())
+    recipe = legacy_recipe(family["recipe"])
+    recipe = ZooRecipe(**{**asdict(recipe), "feature_level": int(feature_level), "pooling": str(pooling)})
+    _check_features(recipe)
+    names = list(family["models"])
+    it = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc="reference features", unit="model")
+    for name in it:
+        index = family["names"].index(name)
+        pkg = load_model(root / family["models"][name]["path"])
+        ims, lbs, _ = _render(family["styles"][name], recipe, index)
+        ref_i, _ = _sample_tiles(ims, lbs, recipe.reference_tiles, recipe.tile_size, seed=recipe.seed * 104729 + index)
+        net = unet_from_config({**pkg.config, "feature_level": recipe.feature_level})
+        net.load_state_dict(pkg.unet().state_dict())
+        info = {k: v for k, v in pkg.metadata["reference_features"].items()
+                if k not in ("pooling", "n_tiles", "n_features", "file")}
+        new = save_model(net.eval(), pkg.path, name=pkg.name, organism=pkg.organism, tissue=pkg.tissue,
+                         modality=pkg.modality, voxel_size_nm=pkg.voxel_size_nm, normalization=pkg.normalization,
+                         training=pkg.training, metrics=pkg.metrics, reference_tiles=ref_i, pooling=recipe.pooling,
+                         reference_info=info, extra=pkg.metadata.get("extra"), overwrite=True)
+        family["models"][name]["sha256"] = new.sha256
+    family["recipe"] = recipe.to_dict()
+    _atomic.write_text(fpath, json.dumps(family, indent=1, sort_keys=False) + "\n")
     return family
 
 

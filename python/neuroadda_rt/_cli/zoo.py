@@ -42,6 +42,10 @@ def register(subparsers) -> None:
                    help="the family's tree model (yule: the generator before 2026-11-25)")
     b.add_argument("--traits", default=d.traits, choices=["morphology", "all"],
                    help="parameters that drift along the tree")
+    b.add_argument("--feature-level", type=int, default=d.feature_level,
+                   help="encoder level of the ranking features (0 = first; default %(default)s)")
+    b.add_argument("--pooling", default=d.pooling, choices=["mean", "max", "mean+std"],
+                   help="pooling of that level's map for the ranking features (default %(default)s)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="training device")
     b.add_argument("--workers", type=int, default=1, help="domains trained in parallel processes")
     b.add_argument("--threads", type=int, default=None, help="PyTorch threads per worker")
@@ -50,6 +54,18 @@ def register(subparsers) -> None:
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.set_defaults(func=run_build)
+
+    rf = sub.add_parser("refresh-features", help="rewrite a built zoo's ranking features (no retraining)",
+                        description="Re-export each package's encoder at --feature-level and recompute its "
+                                    "reference features with --pooling from the tiles the build drew; weights "
+                                    "are unchanged. Each package is replaced atomically.")
+    rf.add_argument("zoo", help="zoo folder written by 'zoo build' (with family.json)")
+    rf.add_argument("--feature-level", type=int, default=d.feature_level, help="encoder level (default %(default)s)")
+    rf.add_argument("--pooling", default=d.pooling, choices=["mean", "max", "mean+std"],
+                    help="pooling of the level's map (default %(default)s)")
+    rf.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    rf.add_argument("--json", action="store_true", help="machine-readable output")
+    rf.set_defaults(func=run_refresh)
 
     ls = sub.add_parser("list", help="one line per model package",
                         description="List the model packages of a zoo (metadata only, no checksums).")
@@ -97,6 +113,20 @@ def _ints(text: str, what: str, sep: str) -> tuple[int, ...]:
     return vals
 
 
+def run_refresh(args) -> int:
+    from ..cli import print_json
+    from ..zoo_build import refresh_reference_features
+
+    fam = refresh_reference_features(args.zoo, feature_level=args.feature_level, pooling=args.pooling,
+                                     progress=not args.no_progress and not args.json)
+    if args.json:
+        print_json({"zoo": str(args.zoo), "recipe": fam["recipe"], "models": fam["models"]})
+    else:
+        print(f"{len(fam['models'])} packages in {args.zoo}: ranking features now level "
+              f"{fam['recipe']['feature_level']}, pooling {fam['recipe']['pooling']}")
+    return 0
+
+
 def run_build(args) -> int:
     from ..cli import print_json
     from ..zoo_build import build_zoo, zoo_size_bytes
@@ -108,7 +138,8 @@ def run_build(args) -> int:
                     volumes=args.volumes, volume_shape=shape, tile_size=args.tile_size, device=args.device,
                     workers=args.workers, threads=args.threads, progress=not args.no_progress and not args.json,
                     train_only=args.train_only, checkpoint_root=args.checkpoints,
-                    intensity_augment=not args.no_intensity_augment, tree=args.tree, traits=args.traits)
+                    intensity_augment=not args.no_intensity_augment, tree=args.tree, traits=args.traits,
+                    feature_level=args.feature_level, pooling=args.pooling)
     if args.train_only:
         if args.json:
             print_json(res)

@@ -212,6 +212,15 @@ def _pkg_pooling(pkg) -> str:
     return str(getattr(pkg, "pooling", None) or "mean")
 
 
+def _pkg_feature_level(pkg) -> int | None:
+    """Encoder level of the package's features (None when its network config is unknown)."""
+    cfg = _meta(pkg).get("network") or getattr(pkg, "config", None)
+    if not isinstance(cfg, dict) or "widths" not in cfg:
+        return None
+    level = cfg.get("feature_level")
+    return len(cfg["widths"]) - 1 if level is None else int(level)
+
+
 def _reference_features(pkg) -> np.ndarray:
     ref = getattr(pkg, "reference_features", None)
     if callable(ref):
@@ -531,6 +540,7 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
                 "kernel": "gaussian on features standardised by the source's reference mean/sd, median-heuristic "
                           "bandwidth on the pooled sample (mmd2_test default)",
                 "pooling": sorted({_pkg_pooling(m) for m in models}),
+                "feature_level": sorted({lv for lv in (_pkg_feature_level(m) for m in models) if lv is not None}),
                 "target": _describe_target(target, volume),
                 "cache_dir": None if cache is None else str(cache)}
     return SourceRanking(entries, settings, coords)

@@ -154,6 +154,9 @@ def test_cli_zoo_errors_are_one_line(capsys, tmp_path):
     assert rc == 2 and "no model named" in out.err and "Traceback" not in out.err
     rc, out = _cli(capsys, "zoo", "list", "--zoo", str(tmp_path / "missing"))
     assert rc == 2 and "not found" in out.err
+    rc, out = _cli(capsys, "zoo", "refresh-features", str(tmp_path / "missing"))
+    assert rc == 2 and "family.json" in out.err and "not found" in out.err and "Traceback" not in out.err
+    assert len(out.err.strip().splitlines()) == 1
 
 
 def test_cli_zoo_verify_names_a_tampered_file(capsys, tmp_path):

@@ -567,6 +567,8 @@ def refresh_reference_features(zoo_dir, *, feature_level: int = DEFAULT_ZOO.feat
                          training=pkg.training, metrics=pkg.metrics, reference_tiles=ref_i, pooling=recipe.pooling,
                          reference_info=info, extra=pkg.metadata.get("extra"), overwrite=True)
         family["models"][name]["sha256"] = new.sha256
+    # written last: an interrupted refresh leaves family.json's recorded sha256 stale for the
+    # packages already replaced (each package itself is whole); running it again completes it
     family["recipe"] = recipe.to_dict()
     _atomic.write_text(fpath, json.dumps(family, indent=1, sort_keys=False) + "\n")
     return family

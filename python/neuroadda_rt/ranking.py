@@ -214,11 +214,12 @@ def _pkg_pooling(pkg) -> str:
 
 def _pkg_feature_level(pkg) -> int | None:
     """Encoder level of the package's features (None when its network config is unknown)."""
+    from .runtime import config_feature_level
+
     cfg = _meta(pkg).get("network") or getattr(pkg, "config", None)
     if not isinstance(cfg, dict) or "widths" not in cfg:
         return None
-    level = cfg.get("feature_level")
-    return len(cfg["widths"]) - 1 if level is None else int(level)
+    return config_feature_level(cfg)
 
 
 def _reference_features(pkg) -> np.ndarray:

@@ -79,6 +79,12 @@ def _as_network_input(tiles, *, dim: int | None, in_channels: int = 1, rule: dic
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def config_feature_level(config: dict) -> int:
+    """Encoder level whose map a network config's encoder outputs (``feature_level``, else the bottleneck)."""
+    level = config.get("feature_level")
+    return len(config["widths"]) - 1 if level is None else int(level)
+
+
 def _pool(fmap: np.ndarray, pooling: str) -> np.ndarray:
     """(N, C, *spatial) -> (N, C) or (N, 2C) float32, accumulating in float64."""
     flat = fmap.reshape(fmap.shape[0], fmap.shape[1], -1)
@@ -602,8 +608,7 @@ class FeatureExtractor:
     def n_features(self) -> int:
         """Feature dimension: channels of the feature level (the bottleneck by default), doubled for ``"mean+std"``."""
         cfg = self._source.config
-        level = cfg.get("feature_level")
-        c = int(cfg["widths"][-1 if level is None else int(level)])
+        c = int(cfg["widths"][config_feature_level(cfg)])
         return 2 * c if self.pooling == "mean+std" else c
 
     def bottleneck(self, tiles) -> np.ndarray:

@@ -31,7 +31,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -545,7 +545,7 @@ def refresh_reference_features(zoo_dir, *, feature_level: int = DEFAULT_ZOO.feat
         raise FileNotFoundError(f"{fpath}: not found (expected a zoo written by build_zoo)")
     family = json.loads(fpath.read_text())
     recipe = legacy_recipe(family["recipe"])
-    recipe = ZooRecipe(**{**asdict(recipe), "feature_level": int(feature_level), "pooling": str(pooling)})
+    recipe = replace(recipe, feature_level=int(feature_level), pooling=str(pooling))
     _check_features(recipe)
     names = list(family["models"])
     it = names

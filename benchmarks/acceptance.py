@@ -7,6 +7,10 @@
 2. Fine-tuning: fine-tune the top-ranked source on 4 median-uncertainty tiles and train the same
    network from scratch on the same 4 tiles with the same recipe; VI on held-out tiles. Criterion:
    the VI reduction 1 - VI_finetuned / VI_scratch, averaged over targets and 3 seeds, >= 25%.
+3. Image evidence (no model, not a criterion): for every target, is the zoo domain whose rendered
+   images are nearest by model-free statistics (``zoo_build.family_image_evidence``) a tree-nearest
+   relative? This is the ceiling for criterion 1: a family whose images do not carry its tree
+   cannot be ranked by it, whatever the features.
 
 Usage::
 
@@ -114,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     ap.add_argument("--out", default=None, help="write every number as JSON here")
     ap.add_argument("--workdir", default=None, help="keep run directories here (default: a temp dir)")
+    ap.add_argument("--no-image-evidence", action="store_true",
+                    help="skip the model-free check of whether the family's images carry its tree")
     args = ap.parse_args(argv)
 
     from neuroadda_rt._cli._common import open_zoo
@@ -170,6 +176,14 @@ def main(argv=None) -> int:
         print(f"FAILED {r['target']} seed {r['seed']}: {r['error']}", file=sys.stderr)
     targets = [t for t in targets if any(r["target"] == t for r in rows)]
 
+    evidence = None
+    if not (args.fast or args.no_image_evidence):
+        from neuroadda_rt.zoo_build import family_image_evidence
+
+        # the ceiling for any feature-based ranking: do the images themselves (no model) put the
+        # tree-nearest relative first? Only the zoo's models are candidates, as in the ranking.
+        evidence = family_image_evidence({**fam, "zoo_domains": sorted(paths)}, progress=True)
+
     first = {}
     for r in rows:  # ranking criterion: one vote per target (seed 0's ranking)
         first.setdefault(r["target"], r)
@@ -181,6 +195,8 @@ def main(argv=None) -> int:
           f"training {train or 'default recipe'}; {wall / 60:.1f} min)\n")
     trained = not args.rank_only
     head = "| target | top-ranked source | nearest relative(s) | top = nearest |"
+    if evidence is not None:
+        head += " images' nearest (no model) |"
     if trained:
         head += " VI fine-tuned | VI scratch | VI source as-is | VI reduction |"
     print(head)
@@ -189,6 +205,8 @@ def main(argv=None) -> int:
         rs = [r for r in rows if r["target"] == t]
         line = (f"| {t} | {first[t]['top']} | {', '.join(first[t]['nearest'])} | "
                 f"{'yes' if first[t]['top_is_nearest'] else 'no'} |")
+        if evidence is not None:
+            line += f" {', '.join(evidence['per_target'][t]['image_nearest'])} |"
         if trained:
             line += (f" {np.mean([r['vi_finetuned'] for r in rs]):.3f} | {np.mean([r['vi_scratch'] for r in rs]):.3f} |"
                      f" {np.mean([r['vi_source'] for r in rs]):.3f} | {100 * np.mean([r['reduction'] for r in rs]):.1f}% |")
@@ -198,7 +216,13 @@ def main(argv=None) -> int:
     hits_all = [r["top_is_nearest"] for r in rows]
     print(f"Over every (target, seed) ranking, each on its own target volume: {sum(hits_all)} of {len(hits_all)} "
           f"({100 * np.mean(hits_all):.0f}%)")
-    summary = {"rows": rows, "failed": failed, "top1_nearest": hit, "top1_nearest_all_runs": float(np.mean(hits_all)), "preset": preset, "train": train, "wall_s": wall}
+    if evidence is not None:
+        n_ev = evidence["n_targets"]
+        print(f"Image evidence (model-free statistics, render seeds {evidence['render_seeds']}): the images' nearest "
+              f"zoo domain is a tree-nearest relative for {' and '.join(str(a) for a in evidence['agree'])} of {n_ev} "
+              f"targets: where the images do not put the tree-nearest relative first, no feature-based ranking can be "
+              f"expected to.")
+    summary = {"image_evidence": evidence, "rows": rows, "failed": failed, "top1_nearest": hit, "top1_nearest_all_runs": float(np.mean(hits_all)), "preset": preset, "train": train, "wall_s": wall}
     if trained:
         red = float(np.mean([r["reduction"] for r in rows]))
         ratio = 1.0 - float(np.mean([r["vi_finetuned"] for r in rows]) / np.mean([r["vi_scratch"] for r in rows]))

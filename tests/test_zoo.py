@@ -223,3 +223,114 @@ def test_legacy_recipe_keeps_the_defaults_of_its_time():
     old = legacy_recipe({"seed": 158, "widths": [8, 16, 32, 64], "steps": 5000})
     assert (old.feature_level, old.pooling, old.tree, old.traits) == (3, "mean", "yule", "all")
     assert legacy_recipe(DEFAULT_ZOO.to_dict()) == DEFAULT_ZOO
+
+
+# ----------------------------------------------------------------------------- image evidence
+def _dft_band_powers(x: np.ndarray, n_bands: int = 8) -> np.ndarray:
+    """Log mean power per radial band from an explicit DFT matrix product and a pixel loop (no np.fft)."""
+    n, m = x.shape
+    wy = np.exp(-2j * np.pi * np.outer(np.arange(n), np.arange(n)) / n)
+    wx = np.exp(-2j * np.pi * np.outer(np.arange(m), np.arange(m)) / m)
+    spec = np.abs(wy @ (x - x.mean()) @ wx.T) ** 2
+    side = min(n, m)
+    edges = np.geomspace(2.0, side / 2, n_bands + 1)
+    sums, counts = np.zeros(n_bands), np.zeros(n_bands)
+    for i in range(n):
+        for j in range(m):
+            fy = (i if i < (n + 1) // 2 else i - n) / n * side  # signed frequency, cycles per `side` px
+            fx = (j if j < (m + 1) // 2 else j - m) / m * side
+            r = np.hypot(fy, fx)
+            for b in range(n_bands):
+                if edges[b] <= r < edges[b + 1]:
+                    sums[b] += spec[i, j]
+                    counts[b] += 1
+    return np.log(sums / counts)
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    lo, hi = np.percentile(x, [1, 99])
+    return np.clip((x - lo) / (hi - lo), 0, 1)
+
+
+def test_image_statistics_against_independent_references():
+    from neuroadda_rt.synthetic import DomainStyle, make_domain
+    from neuroadda_rt.zoo_build import image_statistics
+
+    img, _ = make_domain(DomainStyle(), (48, 48), seed=3)
+    stats = image_statistics(img)
+    assert stats.shape == (20,) and stats.dtype == np.float64
+    x = _normalised(img)
+    flat = np.sort(x.ravel())
+    # intensity quantiles by hand: linear interpolation between order statistics
+    for k, q in enumerate((5, 25, 50, 75, 95)):
+        pos = q / 100 * (flat.size - 1)
+        lo = int(np.floor(pos))
+        ref = flat[lo] + (pos - lo) * (flat[min(lo + 1, flat.size - 1)] - flat[lo])
+        assert stats[k] == pytest.approx(ref, abs=1e-12)
+    np.testing.assert_allclose(stats[9:17], _dft_band_powers(x), rtol=1e-9, atol=1e-9)
+
+
+def test_image_statistics_ignore_affine_intensity_changes_and_see_scale():
+    from neuroadda_rt.synthetic import DomainStyle, make_domain
+    from neuroadda_rt.zoo_build import image_statistics
+
+    img, _ = make_domain(DomainStyle(), (96, 96), seed=1)
+    base = image_statistics(img)
+    np.testing.assert_allclose(image_statistics(0.37 * img.astype(np.float64) + 12.5), base, atol=1e-9)
+    # a cosine of 12 cycles per side puts the most power in the band holding 12 cycles
+    yy, xx = np.mgrid[0:64, 0:64]
+    wave = np.cos(2 * np.pi * 12 * xx / 64) + 0.01 * np.cos(2 * np.pi * 3 * yy / 64)
+    bands = image_statistics(wave)[9:17]
+    edges = np.geomspace(2.0, 32, 9)
+    assert int(np.argmax(bands)) == int(np.searchsorted(edges, 12, side="right") - 1)
+
+
+@pytest.mark.parametrize("bad, what", [(np.zeros((32, 32)), "contrast"), (np.ones(64), "2-D"),
+                                        (np.ones((8, 64)), "16 x 16")])
+def test_image_statistics_bad_input(bad, what):
+    from neuroadda_rt.errors import InputValueError
+    from neuroadda_rt.zoo_build import image_statistics
+
+    with pytest.raises(InputValueError, match=what):
+        image_statistics(bad)
+
+
+def _two_clade_family(sister_of_a: str) -> dict:
+    """Four domains: a/b differ only slightly (small cells), c/d too (large cells); the tree pairs a
+    with ``sister_of_a``."""
+    from neuroadda_rt.synthetic import DomainStyle
+
+    base = DomainStyle().to_dict()
+    diam = {"a": 30.0, "b": 33.0, "c": 80.0, "d": 84.0}
+    styles = {n: {**base, "name": n, "cell_diameter_px": v} for n, v in diam.items()}
+    pairs = [("a", sister_of_a)] + [tuple(sorted(set("bcd") - {sister_of_a}))]
+    table = {p: {q: (0.0 if p == q else 2.0) for q in diam} for p in diam}
+    for u, v in pairs:
+        table[u][v] = table[v][u] = 0.2
+    return {"names": list(diam), "styles": styles, "patristic": table, "zoo_domains": list(diam)}
+
+
+def test_family_image_evidence_agrees_with_a_tree_the_images_follow_and_not_with_one_they_do_not():
+    from neuroadda_rt.zoo_build import family_image_evidence
+
+    follows = family_image_evidence(_two_clade_family("b"), render_seeds=(5, 6), shape=(2, 128, 128))
+    assert follows["agree"] == [4, 4] and follows["fraction"] == 1.0
+    assert follows["per_target"]["a"] == {"tree_nearest": ["b"], "image_nearest": ["b", "b"]}
+    # the same images under a tree that pairs a (small cells) with c (large cells)
+    crossed = family_image_evidence(_two_clade_family("c"), render_seeds=(5,), shape=(2, 128, 128))
+    assert crossed["per_target"]["a"]["tree_nearest"] == ["c"]
+    assert crossed["per_target"]["a"]["image_nearest"] == ["b"]
+    assert crossed["agree"] == [0]
+
+
+def test_family_image_evidence_bad_input():
+    from neuroadda_rt.errors import InputValueError
+    from neuroadda_rt.zoo_build import family_image_evidence
+
+    with pytest.raises(InputValueError, match="patristic"):
+        family_image_evidence({"names": ["a"], "styles": {}})
+    with pytest.raises(InputValueError, match="render seed"):
+        family_image_evidence(_two_clade_family("b"), render_seeds=())
+    with pytest.raises(InputValueError, match=r"\(z, h, w\)"):
+        family_image_evidence(_two_clade_family("b"), shape=(64, 64))

@@ -212,6 +212,133 @@ def family_clarity(n_domains: int, seed: int, **generator) -> dict[str, Any]:
             "min_photons": float(min(v["photons"] for v in f["styles"].values()))}
 
 
+#: Render seeds of :func:`family_image_evidence`: disjoint from the zoo's training volumes
+#: (seeds >= 100000) and from the demo / acceptance targets (1000 + 17 k + 1).
+IMAGE_EVIDENCE_SEEDS = (7001, 8001)
+
+
+def image_statistics(section) -> np.ndarray:
+    """Model-free statistics of one 2-D EM section (20 numbers), for comparing domains without a model.
+
+    The section is first normalised to its 1st-99th intensity percentiles (clipped to [0, 1]), as
+    the models' inputs are, so the statistics do not see affine intensity changes. Then:
+    intensity quantiles (5, 25, 50, 75, 95 %); gradient-magnitude quantiles (25, 50, 75, 95 %,
+    Gaussian derivatives, sigma 1 px); the log mean power of the mean-subtracted image in 8
+    log-spaced radial frequency bands from 2 to N/2 cycles per N pixels (N the shorter side); and quantiles
+    (5, 50, 95 %) of the Laplacian of Gaussian (sigma 2 px), a blob / membrane-scale measure.
+
+    Parameters
+    ----------
+    section : array_like
+        2-D image, any real dtype, at least 16 x 16 and not constant.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shape (20,).
+    """
+    from scipy import ndimage
+
+    x = np.asarray(section)
+    if x.ndim != 2 or min(x.shape) < 16:
+        raise InputValueError(f"expected a 2-D section of at least 16 x 16 pixels, got shape {x.shape}")
+    x = x.astype(np.float64)
+    lo, hi = np.percentile(x, [1, 99])
+    if not hi > lo:
+        raise InputValueError("expected a section with intensity contrast, got a (nearly) constant image")
+    x = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    intensity = np.percentile(x, [5, 25, 50, 75, 95])
+    gradient = np.percentile(ndimage.gaussian_gradient_magnitude(x, 1.0), [25, 50, 75, 95])
+    power = np.abs(np.fft.fft2(x - x.mean())) ** 2
+    fy = np.fft.fftfreq(x.shape[0]) * min(x.shape)
+    fx = np.fft.fftfreq(x.shape[1]) * min(x.shape)
+    radius = np.hypot(fy[:, None], fx[None, :])  # cycles per shorter side
+    edges = np.geomspace(2.0, min(x.shape) / 2, 9)
+    bands = [np.log(power[(radius >= a) & (radius < b)].mean()) for a, b in zip(edges[:-1], edges[1:])]
+    blobs = np.percentile(ndimage.gaussian_laplace(x, 2.0), [5, 50, 95])
+    return np.concatenate([intensity, gradient, bands, blobs])
+
+
+def family_image_evidence(family: dict, *, render_seeds=IMAGE_EVIDENCE_SEEDS, shape=(8, 384, 384),
+                          progress: bool = False) -> dict[str, Any]:
+    """Do a family's *images* put each domain's tree-nearest relative first? No model is involved.
+
+    The nearest-relative criterion of source ranking is only posed when the rendered images carry
+    the tree: the generator drifts the style parameters along the tree exactly, but rendering is
+    nonlinear in them, so some families look nearer to a cousin than to a sister. This renders one
+    volume of ``shape`` per domain and render seed, describes each domain by the mean of
+    :func:`image_statistics` over its sections, standardises every statistic by its spread over
+    the domains, and for every target takes the zoo domain (other than itself) at the smallest
+    Euclidean distance. That is a model-free ceiling for any feature-based ranking of the family.
+
+    Parameters
+    ----------
+    family : dict
+        A family as :func:`family_spec` returns it or ``family.json`` holds it (``names``,
+        ``styles``, ``patristic``, ``zoo_domains``).
+    render_seeds : sequence of int
+        One independent rendering of every domain per seed.
+    shape : tuple of int
+        ``(z, h, w)`` of each rendered volume.
+    progress : bool
+        Show a progress bar over the renderings.
+
+    Returns
+    -------
+    dict
+        ``render_seeds``; ``agree`` (per seed, how many targets' image-nearest domain is a
+        tree-nearest relative); ``n_targets``; ``fraction`` (all seeds pooled); ``per_target``
+        (name -> ``{"tree_nearest": [...], "image_nearest": [one per seed]}``).
+    """
+    from .synthetic import DomainStyle, make_domain
+
+    try:
+        names, styles, table = list(family["names"]), family["styles"], family["patristic"]
+    except (KeyError, TypeError) as exc:
+        raise InputValueError(f"expected a family dict with names, styles and patristic, got {type(family).__name__} "
+                              f"without {exc}") from None
+    zoo = list(family.get("zoo_domains") or names)
+    seeds = [int(s) for s in render_seeds]
+    if not seeds:
+        raise InputValueError("expected at least one render seed, got none")
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3:
+        raise InputValueError(f"expected shape (z, h, w), got {shape}")
+    tree = np.array([[float(table[a][b]) for b in names] for a in names])
+    jobs = [(s, d) for s in seeds for d in names]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="rendering for image evidence", unit="volume")
+    vectors: dict[tuple[int, str], np.ndarray] = {}
+    for s, d in jobs:
+        image, _ = make_domain(DomainStyle.from_dict(styles[d]), shape, seed=s)
+        vectors[(s, d)] = np.mean([image_statistics(sec) for sec in image], axis=0)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    agree, per_target = [], {t: {"tree_nearest": None, "image_nearest": []} for t in names}
+    for s in seeds:
+        block = np.array([vectors[(s, d)] for d in names])
+        scale = block.std(axis=0)
+        scale[scale == 0] = 1.0  # a statistic equal in every domain carries no evidence
+        z = block / scale
+        hits = 0
+        for i, t in enumerate(names):
+            cands = [m for m in zoo if m != t]
+            tree_set, _, _ = _nearest_set(tree[i], names, cands)
+            image_dist = np.linalg.norm(z - z[i], axis=1)
+            image_best, _, _ = _nearest(image_dist, names, cands)
+            per_target[t]["tree_nearest"] = tree_set
+            per_target[t]["image_nearest"].append(image_best)
+            hits += image_best in tree_set
+        agree.append(hits)
+    return {"render_seeds": seeds, "agree": agree, "n_targets": len(names),
+            "fraction": float(sum(agree)) / (len(names) * len(seeds)), "per_target": per_target}
+
+
 def choose_family_seed(n_domains: int = 8, candidates=range(400), **generator) -> int:
     """The candidate seed whose family is the most clearly posed (:func:`family_clarity`):
     consistent tree / parameter nearest relatives for every target, then the largest

@@ -322,6 +322,10 @@ def test_family_image_evidence_agrees_with_a_tree_the_images_follow_and_not_with
     assert crossed["per_target"]["a"]["tree_nearest"] == ["c"]
     assert crossed["per_target"]["a"]["image_nearest"] == ["b"]
     assert crossed["agree"] == [0]
+    # an older family.json without the patristic table: the Newick tree gives the same answer
+    fam = _two_clade_family("b")
+    fam = {**{k: v for k, v in fam.items() if k != "patristic"}, "newick": "((a:0.1,b:0.1):0.9,(c:0.1,d:0.1):0.9);"}
+    assert family_image_evidence(fam, render_seeds=(5, 6), shape=(2, 128, 128)) == follows
 
 
 def test_family_image_evidence_bad_input():
@@ -330,6 +334,11 @@ def test_family_image_evidence_bad_input():
 
     with pytest.raises(InputValueError, match="patristic"):
         family_image_evidence({"names": ["a"], "styles": {}})
+    fam = _two_clade_family("b")
+    with pytest.raises(InputValueError, match=r"none for \['d'\]"):
+        family_image_evidence({**fam, "styles": {k: v for k, v in fam["styles"].items() if k != "d"}})
+    with pytest.raises(InputValueError, match="at least 2 zoo domains"):
+        family_image_evidence({**fam, "zoo_domains": ["a"]})
     with pytest.raises(InputValueError, match="render seed"):
         family_image_evidence(_two_clade_family("b"), render_seeds=())
     with pytest.raises(InputValueError, match=r"\(z, h, w\)"):

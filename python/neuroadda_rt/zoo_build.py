@@ -275,7 +275,7 @@ def family_image_evidence(family: dict, *, render_seeds=IMAGE_EVIDENCE_SEEDS, sh
     ----------
     family : dict
         A family as :func:`family_spec` returns it or ``family.json`` holds it (``names``,
-        ``styles``, ``patristic``, ``zoo_domains``).
+        ``styles``, ``patristic`` or else ``newick``, and ``zoo_domains``, default all names).
     render_seeds : sequence of int
         One independent rendering of every domain per seed.
     shape : tuple of int
@@ -293,11 +293,23 @@ def family_image_evidence(family: dict, *, render_seeds=IMAGE_EVIDENCE_SEEDS, sh
     from .synthetic import DomainStyle, make_domain
 
     try:
-        names, styles, table = list(family["names"]), family["styles"], family["patristic"]
+        names, styles = list(family["names"]), family["styles"]
+        if "patristic" in family:
+            table = family["patristic"]
+        else:  # family.json files written before the table was recorded: the Newick tree
+            from ._newick import patristic_distances
+
+            tree_names, dist = patristic_distances(family["newick"])
+            table = {a: {b: float(dist[i, j]) for j, b in enumerate(tree_names)} for i, a in enumerate(tree_names)}
     except (KeyError, TypeError) as exc:
-        raise InputValueError(f"expected a family dict with names, styles and patristic, got {type(family).__name__} "
-                              f"without {exc}") from None
+        raise InputValueError(f"expected a family dict with names, styles and patristic (or newick), got "
+                              f"{type(family).__name__} without {exc}") from None
+    missing = [n for n in names if n not in styles or n not in table]
+    if missing:
+        raise InputValueError(f"expected a style and tree distances for every domain, got none for {missing}")
     zoo = list(family.get("zoo_domains") or names)
+    if len(zoo) < 2:
+        raise InputValueError(f"expected at least 2 zoo domains to compare, got {zoo}")
     seeds = [int(s) for s in render_seeds]
     if not seeds:
         raise InputValueError("expected at least one render seed, got none")

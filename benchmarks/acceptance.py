@@ -43,12 +43,9 @@ import numpy as np
 def nearest_relatives(fam: dict, target: str, candidates: list[str]) -> tuple[list[str], dict[str, float]]:
     """The candidates at the smallest patristic distance from ``target`` in the generating tree (ties
     kept), and all the distances. Uses ``family.json``'s ``patristic`` table, else its Newick tree."""
-    table = fam.get("patristic")
-    if not isinstance(table, dict):
-        from neuroadda_rt._newick import patristic_distances
+    from neuroadda_rt.zoo_build import patristic_table
 
-        names, d = patristic_distances(fam.get("newick") or fam["tree"])
-        table = {a: {b: float(d[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
+    table = patristic_table(fam)
     if target not in table:
         raise ValueError(f"{target!r} is not a leaf of the family tree {sorted(table)}")
     dist = {c: float(table[target][c]) for c in candidates if c in table[target]}

@@ -259,6 +259,18 @@ def image_statistics(section) -> np.ndarray:
     return np.concatenate([intensity, gradient, bands, blobs])
 
 
+def patristic_table(family: dict) -> dict[str, dict[str, float]]:
+    """A family's patristic distances as ``{a: {b: distance}}``: its recorded ``patristic`` table, else
+    computed from its Newick tree (``newick``, or ``tree`` in family files older than the table)."""
+    table = family.get("patristic")
+    if isinstance(table, dict):
+        return table
+    from ._newick import patristic_distances
+
+    names, dist = patristic_distances(family.get("newick") or family["tree"])
+    return {a: {b: float(dist[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
+
+
 def family_image_evidence(family: dict, *, render_seeds=IMAGE_EVIDENCE_SEEDS, shape=(8, 384, 384),
                           progress: bool = False) -> dict[str, Any]:
     """Do a family's *images* put each domain's tree-nearest relative first? No model is involved.
@@ -294,13 +306,7 @@ def family_image_evidence(family: dict, *, render_seeds=IMAGE_EVIDENCE_SEEDS, sh
 
     try:
         names, styles = list(family["names"]), family["styles"]
-        if "patristic" in family:
-            table = family["patristic"]
-        else:  # family.json files written before the table was recorded: the Newick tree
-            from ._newick import patristic_distances
-
-            tree_names, dist = patristic_distances(family["newick"])
-            table = {a: {b: float(dist[i, j]) for j, b in enumerate(tree_names)} for i, a in enumerate(tree_names)}
+        table = patristic_table(family)
     except (KeyError, TypeError) as exc:
         raise InputValueError(f"expected a family dict with names, styles and patristic (or newick), got "
                               f"{type(family).__name__} without {exc}") from None
@@ -331,7 +337,10 @@ def family_image_evidence(family: dict, *, render_seeds=IMAGE_EVIDENCE_SEEDS, sh
             bar.update(1)
     if bar is not None:
         bar.close()
-    agree, per_target = [], {t: {"tree_nearest": None, "image_nearest": []} for t in names}
+    candidates = {t: [m for m in zoo if m != t] for t in names}
+    per_target = {t: {"tree_nearest": _nearest_set(tree[i], names, candidates[t])[0], "image_nearest": []}
+                  for i, t in enumerate(names)}
+    agree = []
     for s in seeds:
         block = np.array([vectors[(s, d)] for d in names])
         scale = block.std(axis=0)
@@ -339,13 +348,9 @@ def family_image_evidence(family: dict, *, render_seeds=IMAGE_EVIDENCE_SEEDS, sh
         z = block / scale
         hits = 0
         for i, t in enumerate(names):
-            cands = [m for m in zoo if m != t]
-            tree_set, _, _ = _nearest_set(tree[i], names, cands)
-            image_dist = np.linalg.norm(z - z[i], axis=1)
-            image_best, _, _ = _nearest(image_dist, names, cands)
-            per_target[t]["tree_nearest"] = tree_set
+            image_best, _, _ = _nearest(np.linalg.norm(z - z[i], axis=1), names, candidates[t])
             per_target[t]["image_nearest"].append(image_best)
-            hits += image_best in tree_set
+            hits += image_best in per_target[t]["tree_nearest"]
         agree.append(hits)
     return {"render_seeds": seeds, "agree": agree, "n_targets": len(names),
             "fraction": float(sum(agree)) / (len(names) * len(seeds)), "per_target": per_target}
@@ -362,8 +367,8 @@ def choose_family_seed(n_domains: int = 8, candidates=range(400), *, image_evide
     images (no model, :func:`family_image_evidence` with its defaults) put a tree-nearest relative
     first for every target on every render seed is returned: ``choose_family_seed(8,
     image_evidence=True)`` gives 385, the family of the confirmation zoo in ``docs/method.md``
-    (11 misses one target on one render seed; 80 three). That check renders every domain, about
-    half a minute per family on two cores.
+    (11 misses one target on one render seed; 80 four on one and one on the other). That check
+    renders every domain: the call over ``range(400)`` took 1030 s on the 2-core VM, beside other work.
     """
     ranked = []
     for s in candidates:

@@ -98,6 +98,21 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return write_text(path, dumps_json(obj))
 
 
+class JsonRecord:
+    """Mixin for result objects that have ``to_dict()``: ``to_json`` returns the JSON text and,
+    given a path, also writes it atomically. One implementation for every result type."""
+
+    def to_dict(self) -> dict:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The object as indented JSON text; also written atomically to ``path`` when given."""
+        text = dumps_json(self.to_dict())
+        if path is not None:
+            write_text(path, text)
+        return text
+
+
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Save ``array`` as ``.npy`` (never pickled) to ``path`` atomically."""
     with atomic_path(path) as tmp:

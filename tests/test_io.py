@@ -299,3 +299,117 @@ def test_volumes_pickle_by_path(tmp_path, vol):
     ds = Dataset.from_dict({"name": "p", "image": "p.h5:raw", "splits": {"test": {"z": [3, 6]}}}, data_root=tmp_path)
     slab = pickle.loads(pickle.dumps(ds.image("test")))
     np.testing.assert_array_equal(slab[...], vol[3:6])
+
+
+# ----------------------------------------------------------------------------- the one 2-D decoder
+def test_read_image_2d_grey_matches_the_libraries(tmp_path, rng):
+    from PIL import Image
+    import tifffile
+
+    from neuroadda_rt.io import read_image_2d
+
+    g8 = rng.integers(0, 256, (9, 11), dtype=np.uint8)
+    g16 = rng.integers(0, 65536, (9, 11), dtype=np.uint16)
+    Image.fromarray(g8).save(tmp_path / "g8.png")
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    tifffile.imwrite(tmp_path / "g16.tif", g16)
+    tifffile.imwrite(tmp_path / "f32.tif", g16.astype(np.float32))
+    for name in ("g8.png", "g16.png"):
+        with Image.open(tmp_path / name) as im:
+            np.testing.assert_array_equal(read_image_2d(tmp_path / name), np.asarray(im))
+    for name in ("g16.tif", "f32.tif"):
+        ref = tifffile.imread(tmp_path / name)
+        out = read_image_2d(tmp_path / name)
+        assert out.dtype == ref.dtype
+        np.testing.assert_array_equal(out, ref)
+    # ImageJ/napari singleton axes are dropped
+    tifffile.imwrite(tmp_path / "s.tif", g16[None, None], imagej=True)
+    np.testing.assert_array_equal(read_image_2d(tmp_path / "s.tif"), g16)
+
+
+def test_read_image_2d_colour_rule(tmp_path, rng):
+    from PIL import Image
+    import tifffile
+
+    from neuroadda_rt.io import read_image_2d
+
+    grey = rng.integers(0, 256, (8, 10), dtype=np.uint8)
+    rgb_grey = np.repeat(grey[..., None], 3, axis=2)
+    colour = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    Image.fromarray(rgb_grey).save(tmp_path / "rgb_grey.png")
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), mode="LA").save(tmp_path / "la.png")
+    tifffile.imwrite(tmp_path / "colour.tif", colour, photometric="rgb")
+    tifffile.imwrite(tmp_path / "rgba.tif", np.dstack([colour, np.full_like(grey, 7)]), photometric="rgb",
+                     extrasamples=["unassalpha"])
+    # grey stored in colour channels is read exactly (the shared data sets)
+    np.testing.assert_array_equal(read_image_2d(tmp_path / "rgb_grey.png"), grey)
+    np.testing.assert_array_equal(read_image_2d(tmp_path / "la.png"), grey)
+    # true colour: ITU-R 601-2 luminance, as Pillow's convert("L"), alpha dropped
+    with Image.open(tmp_path / "colour.png") as im:
+        luma = np.asarray(im.convert("L")).astype(int)
+    for name in ("colour.png", "colour.tif", "rgba.tif"):
+        out = read_image_2d(tmp_path / name)
+        assert out.dtype == np.uint8 and out.shape == grey.shape
+        assert np.abs(out.astype(int) - luma).max() <= 1, name  # Pillow rounds in fixed point
+    # a palette image is read through its colours
+    Image.fromarray(colour).convert("P").save(tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as im:
+        ref = np.asarray(im.convert("L")).astype(int)
+    assert np.abs(read_image_2d(tmp_path / "p.png").astype(int) - ref).max() <= 1
+
+
+def test_read_image_2d_labels_are_never_mixed(tmp_path, rng):
+    from PIL import Image
+    import tifffile
+
+    from neuroadda_rt.io import read_image_2d, read_image_stack
+
+    ids = rng.integers(0, 200, (8, 10), dtype=np.uint8)
+    # a palette PNG: the index is the id, whatever colours the palette shows
+    Image.fromarray(ids).save(tmp_path / "grey.png")
+    im = Image.new("P", (10, 8))
+    im.putdata(ids.ravel().tolist())
+    im.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tolist())
+    im.save(tmp_path / "palette.png")
+    for name in ("grey.png", "palette.png"):
+        out = read_image_2d(tmp_path / name, kind="labels")
+        assert out.dtype == np.uint32
+        np.testing.assert_array_equal(out, ids)
+    Image.fromarray(np.repeat(ids[..., None], 3, axis=2)).save(tmp_path / "rgb_grey.png")
+    np.testing.assert_array_equal(read_image_2d(tmp_path / "rgb_grey.png", kind="labels"), ids)
+    Image.fromarray(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)).save(tmp_path / "coded.png")
+    with pytest.raises(FormatError, match="colour-coded"):
+        read_image_2d(tmp_path / "coded.png", kind="labels")
+    Image.fromarray(ids).save(tmp_path / "l.jpg")
+    with pytest.raises(FormatError, match="lossy"):
+        read_image_2d(tmp_path / "l.jpg", kind="labels")
+    tifffile.imwrite(tmp_path / "f.tif", np.array([[0.5, 1.0]], np.float32))
+    with pytest.raises(FormatError, match="non-integer"):
+        read_image_2d(tmp_path / "f.tif", kind="labels")
+    tifffile.imwrite(tmp_path / "neg.tif", np.array([[-1, 2]], np.int16))
+    with pytest.raises(FormatError, match="non-negative"):
+        read_image_2d(tmp_path / "neg.tif", kind="labels")
+    # a stack of label pages; a 2-D read of it is refused
+    stack = rng.integers(0, 70000, (3, 8, 10)).astype(np.uint32)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    np.testing.assert_array_equal(read_image_stack(tmp_path / "stack.tif", kind="labels"), stack)
+    with pytest.raises(ShapeError, match="stack of 3 pages"):
+        read_image_2d(tmp_path / "stack.tif", kind="labels")
+    with pytest.raises(InputValueError):
+        read_image_2d(tmp_path / "grey.png", kind="mask")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "grey.png").read_bytes()[:40])
+    with pytest.raises(FormatError, match="cut.png"):
+        read_image_2d(tmp_path / "cut.png")
+
+
+def test_open_volume_rgb_tiff_uses_the_colour_rule(tmp_path, rng):
+    import tifffile
+
+    from neuroadda_rt.io import read_image_2d
+
+    colour = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "c.tif", colour, photometric="rgb")
+    v = open_volume(tmp_path / "c.tif")
+    assert v.shape == (8, 10)
+    np.testing.assert_array_equal(np.asarray(v), read_image_2d(tmp_path / "c.tif"))

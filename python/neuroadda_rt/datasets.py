@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FormatError, InputValueError, ShapeError
-from .io import Volume, _Backend, open_volume
+from .io import Volume, open_volume
+from .labels import label_interior, membrane_to_instances, relabel_consecutive
 
 __all__ = ["Dataset", "resolve_data_root", "DATA_ENV"]
 
@@ -62,21 +63,6 @@ def resolve_data_root(data_root=None) -> Path:
     if not p.is_dir():
         raise FormatError(f"{p}: data root is not a folder (from {'argument' if data_root is not None else DATA_ENV})")
     return p
-
-
-class _ZSlab(_Backend):
-    """Slices [z0, z1) of a 3-D volume (lazy)."""
-
-    def __init__(self, vol: Volume, z0: int, z1: int):
-        self.vol = vol
-        self.z0 = z0
-        self.shape = (z1 - z0, *vol.shape[1:])
-        self.dtype = vol.dtype
-        self.voxel_size_nm = vol.voxel_size_nm
-
-    def read_box(self, starts, stops):
-        return self.vol[tuple(slice(a + (self.z0 if i == 0 else 0), b + (self.z0 if i == 0 else 0))
-                              for i, (a, b) in enumerate(zip(starts, stops)))]
 
 
 def _source(spec) -> tuple[str, str | None]:
@@ -195,8 +181,7 @@ class Dataset:
             z0, z1 = int(z[0]), int(z[1])
             if v.ndim != 3 or not 0 <= z0 < z1 <= v.shape[0]:
                 raise ShapeError(f"{path}: split {split!r} asks for slices [{z0}, {z1}) of a volume of shape {v.shape}")
-            vs = v.voxel_size_nm
-            v = Volume(_ZSlab(v, z0, z1), path=v.path, key=v.key, voxel_size_nm=vs)
+            v = v.z_slab(z0, z1)
         return v
 
     def image(self, split: str = "train") -> Volume:
@@ -230,8 +215,6 @@ class Dataset:
         """
         if split in self._cache:
             return self._cache[split].copy()
-        from .labels import label_interior, membrane_to_instances, relabel_consecutive
-
         kind = self.label_kind(split)
         raw = np.asarray(self.raw_labels(split))
         if kind == "instances":

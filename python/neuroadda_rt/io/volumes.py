@@ -1,4 +1,4 @@
-"""Reading and writing EM volumes, lazily, in the formats of the field.
+"""Lazy reading of EM volumes in the formats of the field.
 
 :func:`open_volume` returns a :class:`Volume`: an array-like that knows its shape, dtype and
 (when the file states it) voxel size in nm, and reads only the bounding box of what is
@@ -6,10 +6,7 @@ sliced. Supported: HDF5 (``file.h5:dataset`` or ``key=``), zarr v2 and v3 (inclu
 level of an OME-Zarr multiscale group), N5 (a small built-in reader: zarr 3 dropped N5),
 multi-page TIFF, a folder of TIFF or PNG slices (natural sort), ``.npy`` files and in-memory
 NumPy arrays. Neuroglancer precomputed goes through cloud-volume, an optional extra.
-
-Intensities are brought to float32 in [0, 1] by :func:`normalize_intensity` under a named
-rule whose JSON-serialisable description (:func:`intensity_rule`) is stored in model
-packages and re-applied at inference.
+Single 2-D image files are decoded by :mod:`neuroadda_rt.io.images` (one colour rule).
 
 Every axis order is NumPy's C order: ``(z, y, x)`` for volumes, ``(y, x)`` for images.
 Voxel sizes follow the same order.
@@ -17,33 +14,25 @@ Voxel sizes follow the same order.
 
 from __future__ import annotations
 
-import gzip
+import bz2
 import json
+import lzma
 import os
 import re
-import shutil
+import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from . import _atomic
-from .errors import DTypeError, FormatError, InputValueError, ShapeError, require
+from ..errors import FormatError, InputValueError, ShapeError, require
+from .images import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_image_2d, read_image_stack
 
-__all__ = [
-    "Volume",
-    "open_volume",
-    "normalize_intensity",
-    "intensity_rule",
-    "write_volume",
-    "write_tiff",
-    "write_n5",
-    "natural_sort_key",
-]
+__all__ = ["Volume", "open_volume", "natural_sort_key"]
 
-_H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".hd5")
-_TIFF_SUFFIXES = (".tif", ".tiff")
-_IMG_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".hd5")
+# dtypes the N5 spec names, as NumPy type codes (the writer checks against the same table)
+N5_DTYPES = {"uint8": "u1", "uint16": "u2", "uint32": "u4", "uint64": "u8", "int8": "i1", "int16": "i2",
+             "int32": "i4", "int64": "i8", "float32": "f4", "float64": "f8"}
 
 
 def natural_sort_key(name: str):
@@ -111,43 +100,18 @@ class _SliceStackBackend(_Backend):
         return out
 
 
-def _read_2d_image(path: Path) -> np.ndarray:
-    """One 2-D slice as a single channel (channel 0 of RGB/RGBA, as the README asks)."""
-    try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
-            tifffile = require("tifffile", "io")
-            img = tifffile.imread(str(path))
-        else:
-            Image = require("PIL.Image", "io")
-            with Image.open(path) as im:
-                if im.mode in ("RGB", "RGBA", "LA", "P", "CMYK", "YCbCr"):
-                    im = im.convert("RGB") if im.mode == "P" else im
-                    img = np.asarray(im)
-                else:
-                    img = np.asarray(im)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise FormatError(f"{path}: cannot read image (truncated or not an image?): {exc}") from exc
-    if img.ndim == 3:
-        img = img[..., 0]
-    if img.ndim != 2:
-        raise ShapeError(f"{path}: expected a 2-D slice, got shape {img.shape}")
-    return np.ascontiguousarray(img)
-
 
 class _N5Backend(_Backend):
     """Minimal N5 reader (spec: github.com/saalfeldlab/n5): block files at ``i/j/k`` in
     N5 (x-first) axis order, a big-endian header, raw/gzip/zstd/bzip2/xz payloads.
     Missing blocks read as the fill value 0."""
 
-    _DTYPES = {"uint8": "u1", "uint16": "u2", "uint32": "u4", "uint64": "u8", "int8": "i1", "int16": "i2",
-               "int32": "i4", "int64": "i8", "float32": "f4", "float64": "f8"}
-
     def __init__(self, path: Path, attrs: dict):
         self.path = path
         try:
             dims = [int(d) for d in attrs["dimensions"]]
             block = [int(b) for b in attrs["blockSize"]]
-            dtype = self._DTYPES[attrs["dataType"]]
+            dtype = N5_DTYPES[attrs["dataType"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"{path}: not an N5 dataset (attributes.json lacks dimensions/blockSize/dataType or "
                               f"has an unsupported dataType): {exc}") from exc
@@ -172,13 +136,10 @@ class _N5Backend(_Backend):
             return raw
         try:
             if self.compression == "gzip":
-                import zlib
                 return zlib.decompress(raw, 15 + 32)  # gzip or zlib header, as N5 writers differ
             if self.compression == "bzip2":
-                import bz2
                 return bz2.decompress(raw)
             if self.compression == "xz":
-                import lzma
                 return lzma.decompress(raw)
             numcodecs = require("numcodecs", "io")
             return bytes(numcodecs.Zstd().decode(raw))
@@ -303,6 +264,7 @@ class Volume:
                 raise ShapeError(f"{self._name()}: expected {len(self.shape)} voxel sizes, got {len(vs)}")
         self.voxel_size_nm = vs
         self.voxels_read = 0
+        self._reopen: tuple[str, str | None] | None = None  # (path, key) that open_volume can reopen
 
     # -- array protocol
     @property
@@ -382,15 +344,26 @@ class Volume:
     def __reduce__(self):
         # Pickling (e.g. to DataLoader workers or dask) reopens the file by path rather than
         # shipping an open HDF5 handle; in-memory arrays travel as arrays.
-        reopen = getattr(self, "_reopen", None)
-        if reopen is not None:
-            return (_reopen_volume, (reopen[0], reopen[1], self.voxel_size_nm))
+        if self._reopen is not None:
+            return (_reopen_volume, (*self._reopen, self.voxel_size_nm))
         if isinstance(self._b, _ArrayBackend) and isinstance(self._b.arr, np.ndarray):
             return (_array_volume, (self._b.arr, self.voxel_size_nm))
-        slab = getattr(self._b, "vol", None)
-        if slab is not None and hasattr(self._b, "z0"):
-            return (_slab_volume, (slab, self._b.z0, self._b.z0 + self.shape[0], self.voxel_size_nm))
+        if isinstance(self._b, _ZSlab):
+            return (_slab_volume, (self._b.vol, self._b.z0, self._b.z0 + self.shape[0], self.voxel_size_nm))
         raise TypeError(f"{self._name()}: this Volume cannot be pickled")
+
+    def z_slab(self, z0: int, z1: int) -> "Volume":
+        """Slices ``[z0, z1)`` of a 3-D volume as a new lazy :class:`Volume` (nothing is read).
+
+        Examples
+        --------
+        >>> open_volume(np.zeros((4, 8, 8), np.uint8)).z_slab(1, 3).shape
+        (2, 8, 8)
+        """
+        if self.ndim != 3 or not 0 <= z0 < z1 <= self.shape[0]:
+            raise ShapeError(f"{self._name()}: expected 0 <= z0 < z1 <= {self.shape[0]} on a 3-D volume, got "
+                             f"[{z0}, {z1}) of shape {self.shape}")
+        return Volume(_ZSlab(self, z0, z1), path=self.path, key=self.key, voxel_size_nm=self.voxel_size_nm)
 
     def close(self):
         """Release the file handle (HDF5); slicing afterwards is an error for HDF5 volumes."""
@@ -412,13 +385,28 @@ def _array_volume(arr, voxel_size_nm):
 
 
 def _slab_volume(vol, z0, z1, voxel_size_nm):
-    from .datasets import _ZSlab
+    v = vol.z_slab(z0, z1)
+    v.voxel_size_nm = voxel_size_nm
+    return v
 
-    return Volume(_ZSlab(vol, z0, z1), path=vol.path, key=vol.key, voxel_size_nm=voxel_size_nm)
+
+class _ZSlab(_Backend):
+    """Slices [z0, z1) of a 3-D volume (lazy)."""
+
+    def __init__(self, vol: Volume, z0: int, z1: int):
+        self.vol = vol
+        self.z0 = z0
+        self.shape = (z1 - z0, *vol.shape[1:])
+        self.dtype = vol.dtype
+        self.voxel_size_nm = vol.voxel_size_nm
+
+    def read_box(self, starts, stops):
+        return self.vol[(slice(starts[0] + self.z0, stops[0] + self.z0),
+                         *(slice(a, b) for a, b in zip(starts[1:], stops[1:])))]
 
 
 # ----------------------------------------------------------------------------- open_volume
-def _split_key(path: str) -> tuple[str, str | None]:
+def split_key(path: str) -> tuple[str, str | None]:
     """``file.h5:dataset`` / ``vol.n5:raw/s0`` / ``vol.zarr:0`` → (file, key)."""
     m = re.match(r"^(.*?\.(?:h5|hdf5|hdf|hd5|n5|zarr))[:](.+)$", path, flags=re.IGNORECASE)
     if m and not os.path.exists(path):
@@ -564,31 +552,19 @@ def _open_n5(path: Path, key):
 def _open_tiff(path: Path):
     tifffile = require("tifffile", "io")
     try:
-        tf = tifffile.TiffFile(str(path))
-        series = tf.series[0]
-        shape = tuple(series.shape)
-        dtype = series.dtype
-        n_pages = len(series.pages)
-        vs = None
-        ij = tf.imagej_metadata or {}
-        page0 = series.pages[0]
-        try:
-            xr = page0.tags["XResolution"].value
-            unit = ij.get("unit", "")
-            if xr and xr[0] and unit:
-                px = xr[1] / xr[0] * _unit_to_nm("um" if unit in ("micron", "\\u00B5m", "um", "µm") else unit)
-                vs = (float(ij["spacing"]) * _unit_to_nm("um" if unit in ("micron", "\\u00B5m", "um", "µm") else unit),
-                      px, px) if "spacing" in ij and len(shape) == 3 else ((px, px) if len(shape) == 2 else None)
-        except (KeyError, TypeError, ZeroDivisionError):
-            vs = None
+        with tifffile.TiffFile(str(path)) as tf:
+            series = tf.series[0]
+            shape, dtype, axes, n_pages = tuple(series.shape), series.dtype, series.axes, len(series.pages)
+            grey_shape = tuple(n for n, a in zip(shape, axes) if a != "S")
+            vs = _tiff_voxel_size(tf.imagej_metadata or {}, series.pages[0], grey_shape)
     except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
         raise FormatError(f"{path}: cannot read TIFF (truncated or not a TIFF?): {exc}") from exc
+    if "S" in axes:  # colour samples: the one colour rule, read eagerly
+        stack = read_image_stack(path)
+        return Volume(_ArrayBackend(stack[0] if stack.shape[0] == 1 else stack), path=path, voxel_size_nm=vs)
     if len(shape) == 2:
-        tf.close()
-        b = _SliceStackBackend([lambda: _read_2d_image(path)], shape, dtype, str(path))
-        v2 = _Wrap2D(b)
-        v2.voxel_size_nm = vs
-        return Volume(v2, path=path)
+        b = _Wrap2D(_SliceStackBackend([lambda: read_image_2d(path)], shape, dtype, str(path)))
+        return Volume(b, path=path, voxel_size_nm=vs)
     if len(shape) == 3 and n_pages == shape[0]:
         def page_reader(i):
             def read():
@@ -598,17 +574,31 @@ def _open_tiff(path: Path):
                     except Exception as exc:  # tifffile raises various errors on a cut file
                         raise FormatError(f"{path}: cannot read page {i} (truncated?): {exc}") from exc
             return read
-        tf.close()
         b = _SliceStackBackend([page_reader(i) for i in range(shape[0])], shape[1:], dtype, str(path))
-        b.voxel_size_nm = vs
-        return Volume(b, path=path)
-    try:  # unusual layouts (RGB, 4-D): read eagerly
-        arr = series.asarray()
+        return Volume(b, path=path, voxel_size_nm=vs)
+    try:  # unusual layouts (4-D hyperstacks): read eagerly
+        arr = tifffile.imread(str(path))
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types on corrupt files
         raise FormatError(f"{path}: cannot read TIFF data (truncated?): {exc}") from exc
-    finally:
-        tf.close()
     return Volume(_ArrayBackend(arr), path=path)
+
+
+def _tiff_voxel_size(ij: dict, page0, shape) -> tuple[float, ...] | None:
+    """ImageJ metadata: ``XResolution`` (pixels per unit) and ``spacing`` (z), in ``unit``."""
+    unit = ij.get("unit", "")
+    try:
+        xr = page0.tags["XResolution"].value
+    except KeyError:
+        return None
+    if not (unit and xr and xr[0]):
+        return None
+    scale = _unit_to_nm("um" if unit in ("micron", "\\u00B5m") else unit)
+    px = xr[1] / xr[0] * scale
+    if len(shape) == 2:
+        return (px, px)
+    if len(shape) == 3 and "spacing" in ij:
+        return (float(ij["spacing"]) * scale, px, px)
+    return None
 
 
 class _Wrap2D(_Backend):
@@ -624,7 +614,7 @@ class _Wrap2D(_Backend):
 
 
 def _open_folder(path: Path, pattern: str | None):
-    files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _IMG_SUFFIXES]
+    files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if pattern:
         files = [p for p in files if p.match(pattern)]
     if not files:
@@ -634,8 +624,8 @@ def _open_folder(path: Path, pattern: str | None):
     if len(suffixes) > 1:
         raise FormatError(f"{path}: expected one image type per folder, got {sorted(suffixes)} (pass key='*.png')")
     files.sort(key=lambda p: natural_sort_key(p.name))
-    first = _read_2d_image(files[0])
-    readers = [(lambda p=p: _read_2d_image(p)) for p in files]
+    first = read_image_2d(files[0])
+    readers = [(lambda p=p: read_image_2d(p)) for p in files]
     b = _SliceStackBackend(readers, first.shape, first.dtype, str(path))
     v = Volume(b, path=path, key=pattern)
     v.files = [str(p) for p in files]
@@ -685,23 +675,19 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
     if s.startswith("precomputed://") or s.startswith("gs://") or s.startswith("s3://"):
         return Volume(_CloudVolumeBackend(s), path=s, voxel_size_nm=voxel_size_nm)
     if key is None:
-        s, key = _split_key(s)
+        s, key = split_key(s)
     path = Path(s)
     if not path.exists():
         raise FormatError(f"{path}: no such file or folder")
     suf = path.suffix.lower()
-    if path.is_file() and suf in _H5_SUFFIXES:
+    if path.is_file() and suf in H5_SUFFIXES:
         v = _open_h5(path, key)
     elif suf == ".npy":
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise FormatError(f"{path}: cannot read .npy (truncated or not NumPy?): {exc}") from exc
-        v = Volume(_ArrayBackend(arr), path=path)
-    elif path.is_file() and suf in _TIFF_SUFFIXES:
+        v = Volume(_ArrayBackend(_load_npy(path)), path=path)
+    elif path.is_file() and suf in TIFF_SUFFIXES:
         v = _open_tiff(path)
     elif path.is_file() and suf in (".png", ".jpg", ".jpeg"):
-        img = _read_2d_image(path)
+        img = read_image_2d(path)
         v = Volume(_ArrayBackend(img), path=path)
     elif path.is_dir() and _is_n5(path):
         v = _open_n5(path, key)
@@ -718,7 +704,7 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
         if magic.startswith(b"\x89HDF"):
             v = _open_h5(path, key)
         elif magic.startswith(b"\x93NUMPY"):
-            v = Volume(_ArrayBackend(_npy_any(path)), path=path)
+            v = Volume(_ArrayBackend(_load_npy(path)), path=path)
         else:
             raise FormatError(f"{path}: unknown format (expected .h5, .zarr, .n5, .tif, .png, .npy or a folder of slices)")
     else:
@@ -731,276 +717,10 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
     return v
 
 
-def _npy_any(path: Path):
+def _load_npy(path: Path):
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise FormatError(f"{path}: cannot read .npy data: {exc}") from exc
+        raise FormatError(f"{path}: cannot read .npy (truncated or not NumPy?): {exc}") from exc
 
 
-# ----------------------------------------------------------------------------- normalisation
-_RULES = ("dtype", "percentile", "fixed")
-
-
-def intensity_rule(rule: str | dict = "dtype", *, low: float | None = None, high: float | None = None,
-                   dtype=None) -> dict:
-    """The JSON-serialisable description of an intensity rule (what a model package stores).
-
-    Rules
-    -----
-    ``"dtype"``
-        Divide by the dtype's range: uint8 → ``x/255``, uint16 → ``x/65535``, other integers
-        map ``[iinfo.min, iinfo.max]`` to [0, 1]; floats are taken to be in [0, 1] already and
-        clipped. Deterministic, no statistics.
-    ``"percentile"``
-        Per input (each volume or tile it is applied to), map the ``low``-th percentile
-        (default 1) to 0 and the ``high``-th (default 99) to 1, clipping outside. Robust to
-        contrast/brightness changes between microscopes.
-    ``"fixed"``
-        Map the fixed values ``low`` → 0 and ``high`` → 1, clipping outside (e.g. the
-        training set's percentiles frozen).
-
-    Examples
-    --------
-    >>> intensity_rule("percentile")
-    {'rule': 'percentile', 'low': 1.0, 'high': 99.0}
-    """
-    if isinstance(rule, dict):
-        d = dict(rule)
-        name = d.get("rule")
-        if name not in _RULES:
-            raise InputValueError(f"expected an intensity rule in {_RULES}, got {name!r}")
-        return intensity_rule(name, low=d.get("low"), high=d.get("high"))
-    if rule == "dtype":
-        return {"rule": "dtype"}
-    if rule == "percentile":
-        lo = 1.0 if low is None else float(low)
-        hi = 99.0 if high is None else float(high)
-        if not 0.0 <= lo < hi <= 100.0:
-            raise InputValueError(f"expected 0 <= low < high <= 100 percentiles, got low={lo}, high={hi}")
-        return {"rule": "percentile", "low": lo, "high": hi}
-    if rule == "fixed":
-        if low is None or high is None or not float(low) < float(high):
-            raise InputValueError(f"expected fixed low < high values, got low={low}, high={high}")
-        return {"rule": "fixed", "low": float(low), "high": float(high)}
-    raise InputValueError(f"expected an intensity rule in {_RULES}, got {rule!r}")
-
-
-def normalize_intensity(image, rule: str | dict = "dtype", *, low: float | None = None,
-                        high: float | None = None) -> np.ndarray:
-    """Bring intensities to float32 in [0, 1] under a documented rule.
-
-    Parameters
-    ----------
-    image : array-like or Volume
-        Any numeric array (a :class:`Volume` is read whole). Never modified; the result is a
-        new float32 array.
-    rule : {"dtype", "percentile", "fixed"} or dict
-        See :func:`intensity_rule`; a dict is a stored rule description (from a model
-        package) and is applied identically.
-    low, high : float, optional
-        Percentiles for ``"percentile"`` (default 1 and 99) or values for ``"fixed"``.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32, same shape, values in [0, 1].
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> normalize_intensity(np.array([0, 51, 255], np.uint8)).tolist()
-    [0.0, 0.20000000298023224, 1.0]
-    >>> r = intensity_rule("percentile", low=0, high=100)
-    >>> normalize_intensity(np.array([10., 20., 30.]), r).tolist()
-    [0.0, 0.5, 1.0]
-    """
-    r = intensity_rule(rule, low=low, high=high)
-    a = np.asarray(image)
-    if a.dtype.kind not in "uifb":
-        raise DTypeError(f"expected a numeric image, got dtype {a.dtype}")
-    if r["rule"] == "dtype":
-        if a.dtype.kind == "b":
-            return a.astype(np.float32)
-        if a.dtype.kind in "ui":
-            info = np.iinfo(a.dtype)
-            lo, hi = float(info.min), float(info.max)
-        else:
-            return np.clip(a.astype(np.float32), 0.0, 1.0)
-    elif r["rule"] == "percentile":
-        if a.size == 0:
-            return a.astype(np.float32)
-        lo, hi = (float(v) for v in np.percentile(a, [r["low"], r["high"]]))
-    else:
-        lo, hi = r["low"], r["high"]
-    out = a.astype(np.float32)
-    if hi <= lo:  # a constant image: all zeros rather than NaN
-        return np.zeros_like(out)
-    out -= np.float32(lo)
-    out /= np.float32(hi - lo)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
-
-
-# ----------------------------------------------------------------------------- writers
-def write_tiff(path, array, *, voxel_size_nm=None) -> Path:
-    """Write a 2-D image or a 3-D stack (one page per z) to a TIFF file, atomically.
-
-    The array is not modified. ``voxel_size_nm`` (zyx or yx) is stored as ImageJ metadata.
-
-    Examples
-    --------
-    >>> write_tiff("/tmp/stack.tif", np.zeros((3, 8, 8), np.uint8))   # doctest: +SKIP
-    """
-    tifffile = require("tifffile", "io")
-    path = Path(path)
-    a = np.asarray(array)
-    if a.ndim not in (2, 3):
-        raise ShapeError(f"{path}: expected a 2-D or 3-D array, got shape {a.shape}")
-    kw: dict[str, Any] = {}
-    if voxel_size_nm is not None and a.dtype in (np.uint8, np.uint16, np.float32):
-        vs = [float(v) / 1e3 for v in voxel_size_nm]
-        kw = {"imagej": True, "resolution": (1.0 / vs[-1], 1.0 / vs[-2]),
-              "metadata": {"unit": "um", **({"spacing": vs[0]} if a.ndim == 3 else {})}}
-    with _atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        tifffile.imwrite(f, a, **kw)
-    return path
-
-
-def write_n5(path, array, *, key: str = "data", block_size=None, compression: str = "gzip",
-             voxel_size_nm=None) -> Path:
-    """Write an array as an N5 dataset ``path/key`` (raw or gzip blocks), atomically.
-
-    Enough of the N5 spec to interoperate with the reader above and with z5py/n5-java for
-    these two compressions.
-    """
-    path = Path(path)
-    a = np.ascontiguousarray(np.asarray(array))
-    if a.dtype.name not in _N5Backend._DTYPES:
-        raise DTypeError(f"{path}: expected a numeric dtype N5 supports, got {a.dtype}")
-    if compression not in ("raw", "gzip"):
-        raise InputValueError(f"expected compression 'raw' or 'gzip', got {compression!r}")
-    block = tuple(block_size or tuple(min(s, 64) for s in a.shape))
-    tmp = _atomic.temp_dir_beside(path)
-    try:
-        if path.exists():
-            shutil.copytree(path, tmp, dirs_exist_ok=True)
-        (tmp / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))
-        ds = tmp / key
-        ds.mkdir(parents=True, exist_ok=True)
-        attrs = {"dimensions": list(reversed(a.shape)), "blockSize": list(reversed(block)),
-                 "dataType": a.dtype.name, "compression": {"type": compression}}
-        if voxel_size_nm is not None:
-            attrs["resolution"] = [float(v) for v in reversed(voxel_size_nm)]
-            attrs["pixelResolution"] = {"dimensions": attrs["resolution"], "unit": "nm"}
-        (ds / "attributes.json").write_text(json.dumps(attrs))
-        grid = [range(0, s, b) for s, b in zip(a.shape, block)]
-        for origin in np.ndindex(*[len(g) for g in grid]):
-            o = [g[i] for g, i in zip(grid, origin)]
-            blk = a[tuple(slice(x, x + b) for x, b in zip(o, block))]
-            hdr = np.array([0, a.ndim], ">u2").tobytes() + np.array(list(reversed(blk.shape)), ">u4").tobytes()
-            payload = blk.astype(blk.dtype.newbyteorder(">")).tobytes()
-            if compression == "gzip":
-                payload = gzip.compress(payload, compresslevel=4, mtime=0)
-            f = ds.joinpath(*[str(x // b) for x, b in zip(reversed(o), reversed(block))])
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_bytes(hdr + payload)
-        _atomic.commit_dir(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def write_volume(path, array, *, key: str | None = None, voxel_size_nm=None, chunks=None,
-                 zarr_format: int = 2) -> Path:
-    """Write an array to ``.h5``/``.zarr``/``.n5``/``.tif``/``.npy``, atomically (temp then rename).
-
-    Parameters
-    ----------
-    path : str or Path
-        Target; the suffix picks the format. ``file.h5:dataset`` names the HDF5 dataset.
-    array : array-like
-        Written as is (dtype kept); not modified.
-    key : str, optional
-        Dataset name in a container (default ``"data"``).
-    voxel_size_nm : sequence of float, optional
-        Stored as ``voxel_size_nm`` attribute (HDF5/zarr), ``resolution`` (N5) or ImageJ
-        metadata (TIFF), so that :func:`open_volume` reports it.
-    chunks : tuple of int, optional
-        Chunk shape for HDF5/zarr/N5.
-    zarr_format : {2, 3}
-        zarr store version.
-
-    Returns
-    -------
-    Path
-        The written file or folder.
-
-    Examples
-    --------
-    >>> write_volume("/tmp/v.h5:raw", np.zeros((2, 4, 4), np.uint8))   # doctest: +SKIP
-    """
-    s, k2 = _split_key(str(path))
-    key = key or k2
-    path = Path(s)
-    a = np.asarray(array)
-    suf = path.suffix.lower()
-    vs = None if voxel_size_nm is None else [float(v) for v in voxel_size_nm]
-    if vs is not None and len(vs) != a.ndim:
-        raise ShapeError(f"{path}: expected {a.ndim} voxel sizes, got {len(vs)}")
-    if suf in _H5_SUFFIXES:
-        h5py = require("h5py", "io")
-        with _atomic.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            ds = f.create_dataset(key or "data", data=a, chunks=chunks if chunks else (True if a.size > 1 else None))
-            if vs is not None:
-                ds.attrs["voxel_size_nm"] = vs
-    elif suf == ".zarr":
-        zarr = require("zarr", "io")
-        tmp = _atomic.temp_dir_beside(path)
-        try:
-            if key:
-                root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
-                z = root.create_array(key, shape=a.shape, dtype=a.dtype, chunks=chunks or "auto")
-            else:
-                z = zarr.create_array(str(tmp), shape=a.shape, dtype=a.dtype, chunks=chunks or "auto",
-                                      zarr_format=zarr_format, overwrite=True)
-            z[...] = a
-            if vs is not None:
-                z.attrs["voxel_size_nm"] = vs
-            _atomic.commit_dir(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    elif suf == ".n5":
-        write_n5(path, a, key=key or "data", block_size=chunks, voxel_size_nm=vs)
-    elif suf in _TIFF_SUFFIXES:
-        write_tiff(path, a, voxel_size_nm=vs)
-    elif suf == ".npy":
-        _atomic.save_npy(path, a)
-    else:
-        raise FormatError(f"{path}: cannot write format {suf!r} (expected .h5, .zarr, .n5, .tif or .npy)")
-    return path
-
-
-def write_slices(folder, array, *, fmt: str = "png") -> Path:
-    """Write a 3-D uint8/uint16 stack as a folder of numbered 2-D slices (``0.png`` ...), atomically."""
-    folder = Path(folder)
-    a = np.asarray(array)
-    if a.ndim != 3:
-        raise ShapeError(f"{folder}: expected a 3-D stack, got shape {a.shape}")
-    tmp = _atomic.temp_dir_beside(folder)
-    try:
-        for i, sl in enumerate(a):
-            if fmt == "png":
-                Image = require("PIL.Image", "io")
-                Image.fromarray(sl).save(tmp / f"{i}.png")
-            elif fmt in ("tif", "tiff"):
-                require("tifffile", "io").imwrite(tmp / f"{i}.tif", sl)
-            else:
-                raise InputValueError(f"expected fmt 'png' or 'tif', got {fmt!r}")
-        _atomic.commit_dir(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder

@@ -1,0 +1,30 @@
+"""Reading and writing EM data: the I/O layer.
+
+- :mod:`.volumes` -- :func:`open_volume` and the lazy :class:`Volume` over HDF5, zarr/OME-Zarr,
+  N5, TIFF, slice folders, Neuroglancer precomputed and ``.npy``. A new volume format is a new
+  backend there.
+- :mod:`.images` -- :func:`read_image_2d`, the one decoder of 2-D image files and its one
+  colour rule (luminance for intensities, never mixed for labels).
+- :mod:`.intensity` -- :func:`normalize_intensity` and :func:`intensity_rule`, the one intensity
+  normalisation.
+- :mod:`.writers` -- atomic writers (temporary file, then rename).
+"""
+
+from .images import read_image_2d, read_image_stack
+from .intensity import intensity_rule, normalize_intensity
+from .volumes import Volume, natural_sort_key, open_volume
+from .writers import write_n5, write_slices, write_tiff, write_volume
+
+__all__ = [
+    "Volume",
+    "open_volume",
+    "read_image_2d",
+    "read_image_stack",
+    "normalize_intensity",
+    "intensity_rule",
+    "write_volume",
+    "write_tiff",
+    "write_n5",
+    "write_slices",
+    "natural_sort_key",
+]

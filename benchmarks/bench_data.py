@@ -17,7 +17,7 @@ from neuroadda_rt import open_volume, sample_tiles, segment
 from neuroadda_rt.io import write_volume
 from neuroadda_rt.labels import instances_to_affinities
 from neuroadda_rt.segmentation import waterz_available
-from neuroadda_rt.synthetic import DomainStyle, make_domain
+from neuroadda_rt.study.synthetic import DomainStyle, make_domain
 
 FULL = os.environ.get("NEUROADDA_BENCH_FULL") == "1"
 SYN_SHAPE = (32, 512, 512) if FULL else (4, 128, 128)

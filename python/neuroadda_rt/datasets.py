@@ -105,9 +105,9 @@ class Dataset:
     @classmethod
     def from_dict(cls, manifest: dict, *, data_root=None, source: str | None = None) -> "Dataset":
         """Build from an already-parsed manifest (validated here)."""
-        where = source or manifest.get("name", "<manifest>")
         if not isinstance(manifest, dict):
-            raise FormatError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
+            raise FormatError(f"{source or '<manifest>'}: expected a JSON object, got {type(manifest).__name__}")
+        where = source or manifest.get("name", "<manifest>")
         for k in ("name", "image"):
             if k not in manifest:
                 raise FormatError(f"{where}: manifest lacks the required field {k!r}")

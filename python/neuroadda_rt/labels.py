@@ -15,6 +15,7 @@ and uses connected-components-3d and fastremap for the heavy lifting.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from .errors import DTypeError, InputValueError, ShapeError, require
 
@@ -104,8 +105,6 @@ def membrane_to_instances(mask, *, membrane_value=None, min_size: int = 0, per_s
     >>> membrane_to_instances(m, membrane_value=0).tolist()
     [[1, 0, 2], [1, 0, 2]]
     """
-    from scipy import ndimage
-
     a = np.asarray(mask)
     if a.ndim not in (2, 3):
         raise ShapeError(f"expected a 2-D or 3-D membrane mask, got shape {a.shape}")
@@ -132,7 +131,7 @@ def membrane_to_instances(mask, *, membrane_value=None, min_size: int = 0, per_s
     return relabel_consecutive(lab)
 
 
-def instances_to_boundary(labels, *, per_slice: bool | None = None, width: int = 1,
+def instances_to_boundary(labels, *, per_slice: bool = False, width: int = 1,
                           zero_is_boundary: bool = True) -> np.ndarray:
     """Boundary target from instances: True where a voxel's neighbour has another id.
 
@@ -140,8 +139,8 @@ def instances_to_boundary(labels, *, per_slice: bool | None = None, width: int =
     ----------
     labels : array-like of int
         2-D or 3-D instances.
-    per_slice : bool, optional
-        Only in-plane neighbours (default for 2-D; for 3-D default False: z neighbours too).
+    per_slice : bool
+        For 3-D labels, only in-plane neighbours (default False: z neighbours too).
     width : int
         Dilate the boundary by ``width - 1`` voxels (in-plane when ``per_slice``).
     zero_is_boundary : bool
@@ -157,15 +156,11 @@ def instances_to_boundary(labels, *, per_slice: bool | None = None, width: int =
     >>> instances_to_boundary(np.array([[1, 1, 2, 2]])).astype(int).tolist()
     [[0, 1, 1, 0]]
     """
-    from scipy import ndimage
-
     a = np.asarray(labels)
     if a.dtype.kind not in "ui":
         raise DTypeError(f"expected integer labels, got dtype {a.dtype}")
     if a.ndim not in (2, 3):
         raise ShapeError(f"expected 2-D or 3-D labels, got shape {a.shape}")
-    if per_slice is None:
-        per_slice = False
     axes = range(a.ndim) if not (per_slice and a.ndim == 3) else (1, 2)
     b = np.zeros(a.shape, bool)
     for ax in axes:

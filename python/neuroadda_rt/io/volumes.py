@@ -184,7 +184,7 @@ class _N5Backend(_Backend):
         return out
 
 
-class _CloudVolumeBackend(_ArrayBackend):
+class _CloudVolumeBackend(_Backend):
     def __init__(self, url):
         cv = require("cloudvolume", "neuroglancer")
         vol = cv.CloudVolume(url, mip=0, progress=False, fill_missing=True)
@@ -242,6 +242,8 @@ class Volume:
         The dataset inside the container (HDF5 dataset, zarr array path, N5 dataset).
     voxels_read : int
         How many voxels have been read so far (for checking laziness).
+    files : list of str or None
+        The slice files, in order, of a volume opened from a folder of slices.
 
     Examples
     --------
@@ -264,6 +266,7 @@ class Volume:
                 raise ShapeError(f"{self._name()}: expected {len(self.shape)} voxel sizes, got {len(vs)}")
         self.voxel_size_nm = vs
         self.voxels_read = 0
+        self.files: list[str] | None = None
         self._reopen: tuple[str, str | None] | None = None  # (path, key) that open_volume can reopen
 
     # -- array protocol
@@ -414,9 +417,9 @@ def split_key(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def _h5_datasets(f) -> list[str]:
+def _h5_datasets(f, h5py) -> list[str]:
     names = []
-    f.visititems(lambda n, o: names.append(n) if hasattr(o, "shape") else None)
+    f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
     return names
 
 
@@ -426,14 +429,14 @@ def _open_h5(path: Path, key):
         f = h5py.File(path, "r")
     except OSError as exc:
         raise FormatError(f"{path}: cannot open as HDF5 (truncated or not HDF5?): {exc}") from exc
-    names = _h5_datasets(f)
+    names = _h5_datasets(f, h5py)
     if key is None:
         if len(names) != 1:
             f.close()
             raise FormatError(f"{path}: expected a dataset key (file.h5:dataset or key=) because the file holds "
                               f"{len(names)} datasets: {names[:20]}")
         key = names[0]
-    if key not in f or not hasattr(f[key], "shape"):
+    if key not in f or not isinstance(f[key], h5py.Dataset):
         f.close()
         raise FormatError(f"{path}: no dataset {key!r}; available: {names[:20]}")
     ds = f[key]
@@ -487,7 +490,7 @@ def _open_zarr(path: Path, key):
     except Exception as exc:  # zarr raises several types for unreadable stores
         raise FormatError(f"{path}: cannot open as zarr: {exc}") from exc
     vs = None
-    if hasattr(node, "shape"):
+    if isinstance(node, zarr.Array):
         arr = node
         if key:
             raise FormatError(f"{path}: is a zarr array, got a key {key!r}")
@@ -506,7 +509,7 @@ def _open_zarr(path: Path, key):
             except KeyError as exc:
                 names = [n for n, _ in node.arrays()]
                 raise FormatError(f"{path}: no array {key!r}; available: {names[:20]}") from exc
-            if not hasattr(arr, "shape"):
+            if not isinstance(arr, zarr.Array):
                 raise FormatError(f"{path}: {key!r} is a group, not an array")
     b = _ArrayBackend(arr)
     b.voxel_size_nm = vs or _voxel_size_from_attrs(dict(arr.attrs), arr.ndim)
@@ -672,8 +675,10 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
         arr = source if isinstance(source, np.ndarray) else np.asarray(source)
         return Volume(_ArrayBackend(arr), voxel_size_nm=voxel_size_nm)
     s = str(source)
-    if s.startswith("precomputed://") or s.startswith("gs://") or s.startswith("s3://"):
-        return Volume(_CloudVolumeBackend(s), path=s, voxel_size_nm=voxel_size_nm)
+    if s.startswith(("precomputed://", "gs://", "s3://")):
+        v = Volume(_CloudVolumeBackend(s), path=s, voxel_size_nm=voxel_size_nm)
+        v._reopen = (s, None)
+        return v
     if key is None:
         s, key = split_key(s)
     path = Path(s)

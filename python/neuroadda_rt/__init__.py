@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from ._core import __version__  # the one version: pyproject.toml -> CMake -> the compiled module
 from ._device import cuda_available
 from ._info import build_info
 from .errors import (
@@ -24,8 +25,6 @@ from .errors import (
     NeuroaddaError,
     ShapeError,
 )
-
-__version__ = "0.1.0"
 
 # Public name -> submodule that defines it. Resolved on first access (PEP 562) so that the
 # heavy optional stacks are only imported by the features that need them.
@@ -61,13 +60,13 @@ _LAZY = {
     "segment": "segmentation",
     "tune_threshold": "segmentation",
     # workflow
-    "rank_sources": "workflow",
-    "SourceRanking": "workflow",
-    "select_tiles": "workflow",
-    "TileSelection": "workflow",
-    "finetune": "workflow",
-    "train_from_scratch": "workflow",
-    "evaluate": "workflow",
+    "rank_sources": "ranking",
+    "SourceRanking": "ranking",
+    "select_tiles": "selection",
+    "TileSelection": "selection",
+    "finetune": "training",
+    "train_from_scratch": "training",
+    "evaluate": "evaluation",
     "run_workflow": "workflow",
     # atlas and QC
     "domain_atlas": "atlas",

@@ -25,8 +25,8 @@ def build_info() -> dict:
     """
     n_dev = int(_core.cuda_device_count())
     return {
-        "version": getattr(_core, "__version__", "unknown"),
-        "compiler": getattr(_core, "compiler", "unknown"),
+        "version": _core.__version__,
+        "compiler": _core.compiler,
         "simd_compiled": list(_core.compiled_simd_levels()),
         "simd_active": _core.active_simd_level(),
         "openmp": bool(_core.built_with_openmp()),

@@ -131,9 +131,9 @@ def test_pickled_reference_features_refused(tiny_copy):
     f = tiny_copy / "reference_features.npy"
     np.save(f, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     meta = json.loads((tiny_copy / "model.json").read_text())
-    from neuroadda_rt.package import _sha256
+    from neuroadda_rt._digest import file_sha256
 
-    meta["files"]["reference_features.npy"] = _sha256(f)
+    meta["files"]["reference_features.npy"] = file_sha256(f)
     (tiny_copy / "model.json").write_text(json.dumps(meta))
     with pytest.raises(IntegrityError, match="reference_features.npy"):
         load_model(tiny_copy)

@@ -16,7 +16,6 @@ Conventions fixed by the project (other tools may rely on them):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -26,8 +25,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import _atomic
+import numpy as np
+
+from . import _atomic, _cache
+from ._digest import bytes_sha256, file_sha256, json_sha256
 from .errors import BackendUnavailableError, FormatError, InputValueError, ShapeError, require
+from .io import normalize_intensity
 
 log = logging.getLogger("neuroadda_rt")
 
@@ -42,16 +45,47 @@ OUTPUT_NAMES = {"encoder": "features", "full": "probabilities"}
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+#: Hex SHA-256 of a file (kept under its old name; the one implementation is in ``_digest``).
+sha256_file = file_sha256
+
+
+def as_network_input(tiles, *, dim: int | None, in_channels: int = 1, normalize=None) -> np.ndarray:
+    """Tiles -> the contiguous float32 ``(N, C, *spatial)`` batch every exported graph takes.
+
+    Parameters
+    ----------
+    tiles : array-like
+        ``(N, *spatial)`` (one channel) or ``(N, C, *spatial)``, numeric and finite. Not modified.
+    dim : {2, 3} or None
+        Spatial dimensionality of the network; None guesses 2 for 3-D/4-D input, else 3.
+    in_channels : int
+        Input channels of the network.
+    normalize : callable, optional
+        Applied to the validated array before reshaping (the caller's intensity rule); without it
+        floats are used as given.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(N, in_channels, *spatial)``, C-contiguous (a copy only when needed).
+    """
+    arr = np.asarray(tiles)
+    if arr.dtype == bool or arr.dtype.kind not in "uif":
+        raise InputValueError(f"expected numeric tiles, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputValueError("expected finite tile values, got NaN or inf")
+    if normalize is not None:
+        arr = normalize(arr)
+    if dim is None:
+        dim = 2 if arr.ndim in (3, 4) else 3
+    if arr.ndim == dim + 1 and in_channels == 1:
+        arr = arr[:, None]
+    if arr.ndim != dim + 2:
+        sp = "D, H, W" if dim == 3 else "H, W"
+        raise ShapeError(f"expected tiles of shape (N, {sp}) or (N, C, {sp}), got {arr.shape}")
+    if arr.shape[1] != in_channels:
+        raise ShapeError(f"expected {in_channels} input channel(s), got {arr.shape[1]} (shape {arr.shape})")
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 @contextlib.contextmanager
@@ -205,9 +239,9 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
     meta = onnx_metadata(onnx_path)
     cfg = json.loads(meta.get("neuroadda_rt.config", "{}")) or None
     dim = cfg["dim"] if cfg else None
-    from .runtime import _as_network_input
-
-    tiles = _as_network_input(calibration_tiles, dim=dim, in_channels=cfg["in_channels"] if cfg else 1)
+    # the ONNX file does not know the model's intensity rule: calibrate on the "dtype" rule
+    tiles = as_network_input(calibration_tiles, dim=dim, in_channels=cfg["in_channels"] if cfg else 1,
+                             normalize=lambda a: normalize_intensity(a, "dtype"))
     if tiles.shape[0] == 0:
         raise InputValueError("expected at least one calibration tile, got 0")
 
@@ -248,9 +282,9 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
 # TensorRT engines with an on-disk cache
 # --------------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    """``$NEUROADDA_CACHE`` or ``~/.cache/neuroadda_rt``."""
-    root = os.environ.get("NEUROADDA_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "neuroadda_rt"
+    """The package's one cache folder (:func:`neuroadda_rt._cache.cache_dir`): ``$NEUROADDA_CACHE``,
+    else the platform's user cache folder."""
+    return _cache.cache_dir()
 
 
 def _gpu_name(device_id: int = 0) -> str:
@@ -264,9 +298,8 @@ def tensorrt_cache_key(onnx_sha256: str, gpu_name: str, trt_version: str, precis
                        profile: dict[str, list[list[int]]]) -> str:
     """The cache key of a TensorRT engine: SHA-256 over (ONNX sha256, GPU, TensorRT version,
     precision, optimisation profile)."""
-    blob = json.dumps({"onnx": onnx_sha256, "gpu": gpu_name, "trt": trt_version, "precision": precision,
-                       "profile": profile}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return json_sha256({"onnx": onnx_sha256, "gpu": gpu_name, "trt": trt_version, "precision": precision,
+                        "profile": profile})
 
 
 def build_tensorrt_engine(onnx_path: str | os.PathLike, *, min_shape: Iterable[int], opt_shape: Iterable[int],
@@ -283,7 +316,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, *, min_shape: Iterable[i
     fp16 : bool
         Allow fp16 kernels (``precision="fp16"`` in the cache key).
     cache_dir : path-like, optional
-        Engine cache folder (default ``default_cache_dir() / "tensorrt"``).
+        Engine cache folder (default ``cache_dir("tensorrt")``: ``$NEUROADDA_CACHE/tensorrt``).
     workspace_bytes : int
         Builder workspace memory pool limit.
 
@@ -310,15 +343,15 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, *, min_shape: Iterable[i
         raise ShapeError(f"expected min <= opt <= max in every axis, got {profile}")
     precision = "fp16" if fp16 else "fp32"
     gpu = _gpu_name()
-    key = tensorrt_cache_key(sha256_file(onnx_path), gpu, trt.__version__, precision, profile)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tensorrt"
+    key = tensorrt_cache_key(file_sha256(onnx_path), gpu, trt.__version__, precision, profile)
+    cache = Path(cache_dir) if cache_dir is not None else _cache.cache_dir("tensorrt")
     engine_path, meta_path = cache / f"{key}.engine", cache / f"{key}.json"
     reason = "no cached engine"
     if engine_path.is_file() and meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
             data = engine_path.read_bytes()
-            if hashlib.sha256(data).hexdigest() == meta.get("engine_sha256"):
+            if bytes_sha256(data) == meta.get("engine_sha256"):
                 log.info("TensorRT engine cache hit: %s", engine_path)
                 return data
             reason = "cached engine failed its checksum"
@@ -333,7 +366,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, *, min_shape: Iterable[i
     _atomic.write_bytes(engine_path, data)
     _atomic.write_bytes(meta_path, json.dumps({
         "onnx": str(onnx_path), "gpu": gpu, "tensorrt": trt.__version__, "precision": precision,
-        "profile": profile, "engine_sha256": hashlib.sha256(data).hexdigest(), "build_seconds": dt,
+        "profile": profile, "engine_sha256": bytes_sha256(data), "build_seconds": dt,
     }, indent=2).encode())
     return data
 

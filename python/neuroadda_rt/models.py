@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import operator
+import os
 from typing import Any
 
-from .errors import InputValueError, ShapeError, require
+from .errors import InputValueError, IntegrityError, ShapeError, require
 
 torch = require("torch", "torch")
 nn = torch.nn
@@ -264,3 +265,18 @@ def unet_from_config(config: dict[str, Any]) -> UNet:
     cfg = _validate_config(dict(config))
     return UNet(dim=cfg["dim"], in_channels=cfg["in_channels"], widths=cfg["widths"], head=cfg["head"],
                 feature_level=cfg["feature_level"])
+
+
+def load_unet(config: dict[str, Any], weights: str | os.PathLike) -> UNet:
+    """A :class:`UNet` of ``config`` with the state dict of a ``.safetensors`` file, in eval mode.
+
+    Raises :class:`~neuroadda_rt.errors.IntegrityError` naming the file when the weights do not
+    fit the config.
+    """
+    st = require("safetensors.torch", "runtime")
+    net = unet_from_config(config)
+    try:
+        net.load_state_dict(st.load_file(str(weights)), strict=True)
+    except RuntimeError as exc:
+        raise IntegrityError(f"{weights}: weights do not match the network config {config}: {exc}") from exc
+    return net.eval()

@@ -17,13 +17,15 @@ A package is a directory::
 ``neuroadda_rt_version``, ``files`` (name -> sha256), and optional ``extra``.
 
 :func:`load_model` verifies every checksum and raises :class:`~neuroadda_rt.errors.IntegrityError`
-naming the file for a tampered, truncated or missing one. :func:`save_model` writes into a
-temporary folder next to the destination and renames it into place.
+naming the file for a tampered, truncated or missing one (the format is read and verified by
+:func:`neuroadda_rt.runtime.source.read_package`, which a package folder given to the runtime
+goes through too). :func:`save_model` writes into a temporary folder next to the destination and
+renames it into place. A :class:`ModelPackage` hands the runtime a
+:class:`~neuroadda_rt.runtime.ModelSource` (:meth:`ModelPackage.model_source`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,33 +35,49 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import _atomic
+from . import __version__, _atomic
+from ._digest import file_sha256, json_sha256
 from .errors import FormatError, InputValueError, IntegrityError, require
+from .export import INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
+from .io import intensity_rule
+from .runtime import POOLINGS, FeatureExtractor, ModelSource, Predictor, config_feature_level
+from .runtime.source import FILES, FORMAT, read_json, read_package
 
 log = logging.getLogger("neuroadda_rt")
 
-FORMAT = "neuroadda_rt.model/1"
-FILES = ("weights.safetensors", "encoder.onnx", "model.onnx", "reference_features.npy")
+__all__ = ["FILES", "FORMAT", "ModelPackage", "Zoo", "default_zoo", "load_model", "save_model"]
+
 _ZOO_DIR = Path(__file__).resolve().parent / "zoo"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ModelPackage:
     """A loaded (verified) model package. Create with :func:`load_model` or :func:`save_model`.
+
+    This is what ranking, selection and training read from a source model; each thing has one
+    attribute:
 
     Attributes
     ----------
     path : pathlib.Path
         The package folder.
     metadata : dict
-        The parsed ``model.json``.
+        The parsed ``model.json`` (every field below comes from it).
+    name, organism, tissue, modality, voxel_size_nm
+        Descriptive metadata.
+    representation : str
+        ``"boundary"`` or ``"affinities"``.
+    normalization : dict
+        The input intensity rule; the runtime applies it to raw tiles.
+    config : dict
+        The UNet config; ``feature_level`` is the encoder level its features come from.
+    pooling : str
+        Pooling of :attr:`reference_features` (targets must use the same).
+    reference_features : numpy.ndarray
+        ``(n_tiles, n_features)`` float32 features of training tiles (read-only).
+    sha256 : str
+        The package's identity (for caches and reports).
+    training, metrics : dict
+        Training data description and training/validation metrics.
 
     Examples
     --------
@@ -76,7 +94,6 @@ class ModelPackage:
         self._ref.setflags(write=False)
 
     # -- metadata accessors ------------------------------------------------------------------
-    meta = property(lambda self: self.metadata, doc="Alias of :attr:`metadata`.")
     name = property(lambda self: str(self.metadata["name"]), doc="Model name.")
     organism = property(lambda self: self.metadata.get("organism"), doc="Source organism.")
     tissue = property(lambda self: self.metadata.get("tissue"), doc="Source tissue / brain region.")
@@ -93,6 +110,11 @@ class ModelPackage:
                        doc="Pooling of the reference features (use the same for targets).")
 
     @property
+    def feature_level(self) -> int:
+        """Encoder level of the package's features (the bottleneck unless the config names one)."""
+        return config_feature_level(self.metadata["network"])
+
+    @property
     def reference_features(self) -> np.ndarray:
         """``(n_tiles, n_features)`` float32, read-only."""
         return self._ref
@@ -100,42 +122,35 @@ class ModelPackage:
     @property
     def sha256(self) -> str:
         """Identity of the package: SHA-256 over its sorted ``files`` checksums (and config)."""
-        blob = json.dumps({"files": self.metadata["files"], "network": self.metadata["network"]}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return json_sha256({"files": self.metadata["files"], "network": self.metadata["network"]})
 
     @property
     def encoder_onnx(self) -> Path:
+        """The exported encoder (``part="encoder"``)."""
         return self.path / "encoder.onnx"
 
     @property
     def model_onnx(self) -> Path:
+        """The exported full network (``part="full"``)."""
         return self.path / "model.onnx"
+
+    def model_source(self) -> ModelSource:
+        """What the runtime runs (:class:`~neuroadda_rt.runtime.ModelSource`): config, intensity
+        rule, ONNX files, weights and reference pooling of this package."""
+        return ModelSource.from_package(self.path, self.metadata)
 
     def unet(self):
         """A fresh :class:`~neuroadda_rt.models.UNet` with the package's weights, in eval mode."""
-        from .models import unet_from_config
+        from .models import load_unet  # needs torch: only when the network is asked for
 
-        st = require("safetensors.torch", "runtime")
-        net = unet_from_config(self.config)
-        state = st.load_file(str(self.path / "weights.safetensors"))
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise IntegrityError(f"{self.path / 'weights.safetensors'}: weights do not match the network "
-                                 f"config {self.config}: {exc}") from exc
-        return net.eval()
+        return load_unet(self.config, self.path / "weights.safetensors")
 
-    def feature_extractor(self, **kwargs):
+    def feature_extractor(self, **kwargs) -> FeatureExtractor:
         """:class:`~neuroadda_rt.FeatureExtractor` of this package (pooling defaults to the reference's)."""
-        from .runtime import FeatureExtractor
-
-        kwargs.setdefault("pooling", self.pooling)
         return FeatureExtractor(self, **kwargs)
 
-    def predictor(self, **kwargs):
+    def predictor(self, **kwargs) -> Predictor:
         """:class:`~neuroadda_rt.Predictor` of this package."""
-        from .runtime import Predictor
-
         return Predictor(self, **kwargs)
 
     def save(self, path, *, overwrite: bool = False) -> "ModelPackage":
@@ -166,31 +181,6 @@ class ModelPackage:
 # --------------------------------------------------------------------------------------------
 # loading and verification
 # --------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise IntegrityError(f"{path}: missing (not a model package, or an incomplete one)") from exc
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise IntegrityError(f"{path}: unreadable or truncated JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise IntegrityError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    return meta
-
-
-def _check_meta(path: Path, meta: dict[str, Any]) -> None:
-    if meta.get("format") != FORMAT:
-        raise FormatError(f"{path}: expected format {FORMAT!r}, got {meta.get('format')!r}")
-    required = ("name", "representation", "normalization", "network", "files", "reference_features")
-    missing = [k for k in required if k not in meta]
-    if missing:
-        raise IntegrityError(f"{path}: missing keys {missing}")
-    files = meta["files"]
-    if not isinstance(files, dict) or any(f not in files for f in FILES):
-        raise IntegrityError(f"{path}: expected sha256 entries for {list(FILES)}, got "
-                             f"{sorted(files) if isinstance(files, dict) else files!r}")
-
-
 def load_model(path: str | os.PathLike, *, verify: bool = True) -> ModelPackage:
     """Load a model package, verifying the SHA-256 of every file.
 
@@ -199,8 +189,8 @@ def load_model(path: str | os.PathLike, *, verify: bool = True) -> ModelPackage:
     path : str or path-like
         The package folder.
     verify : bool
-        Check every file's checksum (default). ``False`` only skips the hashing (sizes of the
-        files are still required to exist); use it for fast listings, never for inference.
+        Check every file's checksum (default). ``False`` only skips the hashing (the files are
+        still required to exist); use it for fast listings, never for inference.
 
     Returns
     -------
@@ -218,29 +208,8 @@ def load_model(path: str | os.PathLike, *, verify: bool = True) -> ModelPackage:
     >>> import neuroadda_rt                                          # doctest: +SKIP
     >>> pkg = neuroadda_rt.load_model("tests/assets/tiny_model")     # doctest: +SKIP
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise FormatError(f"{root}: expected a model package folder, got "
-                          f"{'a file' if root.exists() else 'a missing path'}")
-    meta = _read_json(root / "model.json")
-    _check_meta(root / "model.json", meta)
-    for name in FILES:
-        f = root / name
-        if not f.is_file():
-            raise IntegrityError(f"{f}: missing from the package")
-        if verify:
-            got = _sha256(f)
-            if got != meta["files"][name]:
-                raise IntegrityError(f"{f}: checksum mismatch (expected sha256 {meta['files'][name]}, got {got}); "
-                                     f"the file is truncated or was modified")
-    try:
-        ref = np.load(root / "reference_features.npy", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise IntegrityError(f"{root / 'reference_features.npy'}: unreadable ({exc})") from exc
-    if ref.ndim != 2 or ref.dtype != np.float32:
-        raise IntegrityError(f"{root / 'reference_features.npy'}: expected a 2-D float32 array, got "
-                             f"{ref.dtype} {ref.shape}")
-    return ModelPackage(root, meta, ref)
+    meta, ref = read_package(path, verify=verify)
+    return ModelPackage(Path(path), meta, ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,10 +266,7 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
     ...     organism="mouse", modality="ssTEM", voxel_size_nm=(40, 4, 4),
     ...     reference_tiles=np.random.rand(8, 64, 64))                    # doctest: +SKIP
     """
-    from . import __version__
-    from .export import INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
-    from .models import UNet
-    from .runtime import POOLINGS
+    from .models import UNet  # needs torch, as saving a network does
 
     st = require("safetensors.torch", "runtime")
     dest = Path(path)
@@ -323,8 +289,6 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
         raise FileExistsError(f"{dest}: already exists (pass overwrite=True to replace it)")
     if normalization is None:
         normalization = base.get("normalization") or {"rule": "dtype"}
-    from .io import intensity_rule
-
     normalization = intensity_rule(normalization)
     if voxel_size_nm is not None:
         voxel_size_nm = [float(v) for v in voxel_size_nm]
@@ -360,10 +324,10 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
             export_onnx(net, tmp / "encoder.onnx", part="encoder")
             export_onnx(net, tmp / "model.onnx", part="full")
         if reference_features is None:
-            from .runtime import FeatureExtractor
-
-            fx = FeatureExtractor(tmp / "encoder.onnx", backend="onnxruntime", device="cpu", pooling=pooling)
-            fx._source.normalization = normalization
+            # the exported encoder on ONNX Runtime with the package's intensity rule: the path targets take
+            source = ModelSource(config=net.config, normalization=normalization,
+                                 onnx={"encoder": tmp / "encoder.onnx"})
+            fx = FeatureExtractor(source, backend="onnxruntime", device="cpu", pooling=pooling)
             reference_features = fx.features(reference_tiles)
         ref = check_ref(reference_features)
         np.save(tmp / "reference_features.npy", ref, allow_pickle=False)
@@ -388,7 +352,7 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
             "onnx": {"opset": OPSET, "input": INPUT_NAME, "outputs": OUTPUT_NAMES,
                      "files": {"encoder": "encoder.onnx", "full": "model.onnx"}},
             "neuroadda_rt_version": __version__,
-            "files": {f: _sha256(tmp / f) for f in FILES},
+            "files": {f: file_sha256(tmp / f) for f in FILES},
         }
         if extra is not None or "extra" in base:
             meta["extra"] = pick("extra", extra)
@@ -439,7 +403,7 @@ class Zoo:
         return list(self._paths)
 
     def _meta(self, p: Path) -> dict[str, Any]:
-        return _read_json(p / "model.json")
+        return read_json(p / "model.json")
 
     def summaries(self) -> list[dict[str, Any]]:
         """name/organism/tissue/modality/voxel size/representation/path per package (no verification)."""

@@ -14,7 +14,11 @@ import numpy as np
 from .errors import InputValueError, ShapeError
 from .io import Volume, open_volume
 
-__all__ = ["Tiles", "sample_tiles", "grid_tiles", "extract_tiles", "stitch_tiles"]
+__all__ = ["Tiles", "sample_tiles", "grid_tiles", "extract_tiles", "stitch_tiles", "window_starts", "blend_weights",
+           "BLEND_WINDOWS"]
+
+#: Window shapes for blending overlapping tiles (:func:`blend_weights`).
+BLEND_WINDOWS = ("cosine", "gaussian", "constant")
 
 
 class Tiles(NamedTuple):
@@ -130,13 +134,52 @@ def extract_tiles(volume, coords, size) -> np.ndarray:
     return out
 
 
-def _axis_starts(n: int, f: int, step: int) -> list[int]:
-    if f >= n:
+def window_starts(length: int, tile: int, step: int) -> list[int]:
+    """Start offsets covering ``[0, length)`` with windows of ``tile`` every ``step`` (the last one
+    flush with the end, so the windows cover everything; ``[0]`` when the window is not shorter).
+
+    Examples
+    --------
+    >>> window_starts(100, 64, 48)
+    [0, 36]
+    """
+    if length <= tile:
         return [0]
-    starts = list(range(0, n - f + 1, step))
-    if starts[-1] != n - f:
-        starts.append(n - f)  # last tile flush with the end, so the grid covers everything
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
     return starts
+
+
+def blend_weights(shape: tuple[int, ...], kind: str = "cosine") -> np.ndarray:
+    """Separable window weights for blending overlapping tiles (the one definition, used by
+    :func:`stitch_tiles` and :class:`~neuroadda_rt.Predictor`).
+
+    ``"cosine"``: Hann, offset by half a pixel; ``"gaussian"``: sigma = size / 8, as nnU-Net;
+    ``"constant"``: uniform. Each axis profile is scaled to a peak of 1 and floored at 1e-3, so
+    the interior keeps the exact window shape and no pixel gets zero weight (every pixel covered
+    by a tile keeps a defined weighted average).
+
+    Examples
+    --------
+    >>> w = blend_weights((4,))
+    >>> bool(w[0] > 0 and w[1] > w[0])
+    True
+    """
+    w = np.ones(shape, dtype=np.float64)
+    for ax, n in enumerate(shape):
+        t = np.arange(n, dtype=np.float64)
+        if kind == "cosine":
+            v = 0.5 - 0.5 * np.cos(2 * np.pi * (t + 0.5) / n)
+        elif kind == "gaussian":
+            v = np.exp(-0.5 * ((t - (n - 1) / 2) / max(n / 8, 1e-6)) ** 2)
+        elif kind == "constant":
+            v = np.ones(n)
+        else:
+            raise InputValueError(f"expected a blend window in {BLEND_WINDOWS}, got {kind!r}")
+        v = np.maximum(v / v.max(), 1e-3)
+        w *= v.reshape([-1 if i == ax else 1 for i in range(len(shape))])
+    return w.astype(np.float32)
 
 
 def grid_tiles(shape, size, *, overlap=0) -> np.ndarray:
@@ -174,7 +217,7 @@ def grid_tiles(shape, size, *, overlap=0) -> np.ndarray:
     ov = (0,) * (len(shape) - len(t)) + ov
     if any(o < 0 or (o >= f and f > 1) for o, f in zip(ov, full)):
         raise InputValueError(f"expected 0 <= overlap < tile size, got overlap {ov[-len(t):]} for tile {t}")
-    axes = [_axis_starts(n, f, max(1, f - o)) for n, f, o in zip(shape, full, ov)]
+    axes = [window_starts(n, f, max(1, f - o)) for n, f, o in zip(shape, full, ov)]
     grid = np.array(np.meshgrid(*axes, indexing="ij")).reshape(len(shape), -1).T
     return grid.astype(np.int64)
 
@@ -182,23 +225,16 @@ def grid_tiles(shape, size, *, overlap=0) -> np.ndarray:
 def stitch_tiles(tiles, coords, shape, *, window: str = "cosine") -> np.ndarray:
     """Blend predicted tiles back into a float32 volume of ``shape`` (weighted mean).
 
-    ``window="cosine"`` weights tile centres over borders (fewer seams, as tile edges see
-    less context); ``"flat"`` averages uniformly. Tiles are not modified.
+    ``window`` is a :func:`blend_weights` kind: ``"cosine"`` (default) weights tile centres over
+    borders (fewer seams, as tile edges see less context), ``"gaussian"`` likewise, and
+    ``"flat"`` (or ``"constant"``) averages uniformly. Tiles are not modified.
     """
     tiles = np.asarray(tiles)
     coords = np.asarray(coords, dtype=np.int64)
     shape = tuple(int(s) for s in shape)
     t = tiles.shape[1:]
     full = _full_size(t, len(shape))
-    if window == "cosine":
-        w = np.ones(t, np.float32)
-        for ax, n in enumerate(t):
-            prof = (0.5 - 0.5 * np.cos(2 * np.pi * (np.arange(n) + 0.5) / n)).astype(np.float32) + 1e-3
-            w *= prof.reshape([-1 if i == ax else 1 for i in range(len(t))])
-    elif window == "flat":
-        w = np.ones(t, np.float32)
-    else:
-        raise InputValueError(f"expected window 'cosine' or 'flat', got {window!r}")
+    w = blend_weights(t, "constant" if window == "flat" else window)
     acc = np.zeros(shape, np.float32)
     wsum = np.zeros(shape, np.float32)
     for tile, c in zip(tiles, coords):

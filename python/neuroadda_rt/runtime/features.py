@@ -1,0 +1,146 @@
+"""Pooled encoder features of tiles: :class:`FeatureExtractor`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputValueError
+from .backends import RunnerInfo, make_runner
+from .source import as_model_source, first_len, network_batch, progress_bar
+
+POOLINGS = ("mean", "max", "mean+std")
+
+
+def config_feature_level(config: dict) -> int:
+    """Encoder level whose map a network config's encoder outputs (``feature_level``, else the bottleneck)."""
+    level = config.get("feature_level")
+    return len(config["widths"]) - 1 if level is None else int(level)
+
+
+def _pool(fmap: np.ndarray, pooling: str) -> np.ndarray:
+    """(N, C, *spatial) -> (N, C) or (N, 2C) float32, accumulating in float64."""
+    flat = fmap.reshape(fmap.shape[0], fmap.shape[1], -1)
+    if pooling == "mean":
+        out = flat.mean(axis=2, dtype=np.float64)
+    elif pooling == "max":
+        out = flat.max(axis=2)
+    else:
+        out = np.concatenate([flat.mean(axis=2, dtype=np.float64), flat.std(axis=2, dtype=np.float64)], axis=1)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class FeatureExtractor(RunnerInfo):
+    """Pooled encoder (bottleneck) features of tiles, on the best or the requested backend.
+
+    Callers pass *raw* tiles (as read from the volume): the extractor applies the model's
+    intensity rule itself, exactly once. Normalising beforehand would apply it twice.
+
+    Parameters
+    ----------
+    model_or_path : UNet, ModelPackage, ModelSource, str or path-like
+        A network, a loaded package (or anything with a ``model_source()`` method), a package
+        folder, or an encoder ONNX file from :func:`~neuroadda_rt.export_onnx`.
+    backend : {"auto", "onnxruntime", "tensorrt", "torch"}
+        ``"auto"`` prefers ONNX Runtime (CUDA provider if ``onnxruntime-gpu`` is installed, else
+        CPU) and logs its choice; TensorRT is used only when asked for (engine builds take minutes,
+        then are cached).
+    device : {"auto", "cpu", "cuda"}
+        ``"cuda"`` raises :class:`~neuroadda_rt.errors.BackendUnavailableError` when the chosen
+        backend cannot use a GPU.
+    pooling : {"mean", "max", "mean+std"}, optional
+        Per-channel pooling over the encoder's feature map (the bottleneck, or the network's
+        ``feature_level``); ``"mean+std"`` gives ``2 * C`` features. Default: a package's
+        reference-feature pooling, else ``"mean"``.
+    ort_providers : list, optional
+        Explicit ONNX Runtime providers (names or ``(name, options)`` pairs), e.g.
+        ``["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]``; a bare
+        ``"TensorrtExecutionProvider"`` gets an engine cache under ``$NEUROADDA_CACHE/ort-tensorrt``
+        and ``fp16``. The device follows the providers.
+    trt_profile : dict, optional
+        TensorRT optimisation profile ``{"min": shape, "opt": shape, "max": shape}``.
+    fp16 : bool
+        TensorRT fp16 engine (``backend="tensorrt"`` or the ONNX Runtime TensorRT provider).
+    cache_dir : path-like, optional
+        TensorRT engine cache (default ``$NEUROADDA_CACHE/tensorrt``).
+    threads : int, optional
+        ONNX Runtime intra-op threads (default: the cores this process may use).
+    normalize : bool
+        Apply the model's intensity rule (a package's ``normalization``; ``{"rule": "dtype"}``
+        otherwise) to every raw tile, as in training. ``False`` feeds floats as given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neuroadda_rt import FeatureExtractor
+    >>> from neuroadda_rt.models import UNet
+    >>> fx = FeatureExtractor(UNet(widths=(4, 8, 16)), backend="torch", device="cpu")
+    >>> fx.features(np.random.rand(3, 32, 32).astype(np.float32)).shape
+    (3, 16)
+    """
+
+    def __init__(self, model_or_path, *, backend: str = "auto", device: str = "auto", pooling: str | None = None,
+                 ort_providers: list[str] | None = None, trt_profile: dict | None = None, fp16: bool = False,
+                 cache_dir=None, threads: int | None = None, normalize: bool = True):
+        if pooling is not None and pooling not in POOLINGS:
+            raise InputValueError(f"expected pooling in {POOLINGS}, got {pooling!r}")
+        self.normalize = bool(normalize)
+        self._source = as_model_source(model_or_path)
+        # a package's features are comparable with its reference features
+        self.pooling = pooling or self._source.pooling or "mean"
+        self._runner = make_runner(self._source, "encoder", backend=backend, device=device,
+                                   ort_providers=ort_providers, trt_profile=trt_profile, fp16=fp16,
+                                   cache_dir=cache_dir, threads=threads, who="FeatureExtractor")
+
+    @property
+    def n_features(self) -> int:
+        """Feature dimension: channels of the feature level (the bottleneck by default), doubled for ``"mean+std"``."""
+        cfg = self._source.config
+        c = int(cfg["widths"][config_feature_level(cfg)])
+        return 2 * c if self.pooling == "mean+std" else c
+
+    def bottleneck(self, tiles) -> np.ndarray:
+        """Raw encoder activations ``(N, C, *spatial / 2**level)`` of an in-memory batch of raw tiles."""
+        return self._runner(network_batch(tiles, self._source, normalize=self.normalize))
+
+    def features(self, tiles, batch_size: int = 16, *, progress: bool = False) -> np.ndarray:
+        """Pooled encoder features of every tile.
+
+        Parameters
+        ----------
+        tiles : array-like
+            Raw tiles: ``(N, H, W)`` / ``(N, C, H, W)`` for a 2-D model, ``(N, D, H, W)`` /
+            ``(N, C, D, H, W)`` for a 3-D one: a NumPy array, an h5py/zarr dataset or any lazy
+            array that slices along the first axis (read ``batch_size`` tiles at a time, never
+            all at once), normalised here by the model's intensity rule. Never modified.
+        batch_size : int
+            Tiles per network call.
+        progress : bool
+            Show a tqdm progress bar.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(N, n_features)`` float32.
+        """
+        if int(batch_size) < 1:
+            raise InputValueError(f"expected batch_size >= 1, got {batch_size}")
+        batch_size = int(batch_size)
+        n = first_len(tiles)
+        out = np.empty((n, self.n_features), dtype=np.float32)
+        bar = progress_bar(n, progress, "features")
+        try:
+            for i in range(0, n, batch_size):
+                fmap = self.bottleneck(tiles[i:i + batch_size])
+                out[i:i + fmap.shape[0]] = _pool(fmap, self.pooling)
+                if bar is not None:
+                    bar.update(fmap.shape[0])
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    __call__ = features
+
+    def __repr__(self) -> str:
+        return (f"FeatureExtractor(backend={self.backend!r}, device={self.device!r}, pooling={self.pooling!r}, "
+                f"providers={self.providers})")

@@ -277,7 +277,7 @@ def test_finetune_and_scratch_write_complete_packages(tmp_path):
 
     from neuroadda_rt.evaluation import stored_threshold
     from neuroadda_rt.package import load_model
-    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.study.synthetic import make_domain
     from neuroadda_rt.training import finetune, train_from_scratch
 
     src = load_model(Path(__file__).resolve().parent / "assets" / "tiny_model")
@@ -303,3 +303,25 @@ def test_finetune_and_scratch_write_complete_packages(tmp_path):
     d_ft = max(float((ft_net.state_dict()[k].float() - v.float()).abs().max()) for k, v in st_src.items())
     d_sc = max(float((sc_net.state_dict()[k].float() - v.float()).abs().max()) for k, v in st_src.items())
     assert d_ft < d_sc
+
+
+def test_train_and_package_takes_explicit_metadata(toy, tmp_path):
+    """The one train-then-package path: caller's metadata, threshold tiles, reference tiles, thinned curve."""
+    from neuroadda_rt.package import load_model
+    from neuroadda_rt.training import train_and_package
+
+    img, lab = toy
+    raw = (img * 255).astype(np.uint8)
+    pkg = train_and_package(_net(), [raw], [lab], recipe=TrainRecipe(steps=4, batch_size=2, patch_size=32),
+                            out=tmp_path / "m", name="toy", organism="synthetic", modality="synthetic EM",
+                            voxel_size_nm=(4.0, 4.0), training={"mode": "zoo source"}, extra={"domain": "toy"},
+                            reference_tiles=raw[None, :32, :32].repeat(3, 0), reference_info={"tile_size": 32},
+                            threshold_images=[raw[:48, :48]], threshold_labels=[lab[:48, :48]], loss_every=2)
+    m = load_model(pkg.path).metadata
+    assert m["name"] == "toy" and m["organism"] == "synthetic" and m["voxel_size_nm"] == [4.0, 4.0]
+    assert m["training"]["mode"] == "zoo source" and m["training"]["n_samples"] == 1
+    assert m["normalization"]["rule"] == "dtype"
+    assert m["extra"]["domain"] == "toy" and m["extra"]["segmentation"]["tuned_on"].startswith("1 ")
+    assert m["reference_features"]["n_tiles"] == 3 and m["reference_features"]["tile_size"] == 32
+    assert m["metrics"]["training"]["loss_every"] == 2 and len(m["metrics"]["training"]["loss"]) == 2
+    assert len(pkg.history.loss) == 4

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _atomic
-from .errors import DTypeError, InputValueError, ShapeError, require
+from . import labels as _labels
+from ._digest import arrays_sha256, json_sha256
+from .errors import BackendUnavailableError, DTypeError, FormatError, InputValueError, ShapeError, require
+from .io import intensity_rule, normalize_intensity
+from .models import unet_from_config
+from .package import ModelPackage, load_model, save_model
+from .runtime import Predictor
+from .segmentation import tune_threshold
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +131,21 @@ class TrainHistory:
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
-def _as_image_list(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _split_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Validate images and labels: a 2-D array, a (N, H, W) stack, or a sequence of 2-D arrays.
 
-    Images must be float in [0, 1] (already normalised) or uint8/uint16 (scaled by the dtype
-    range here). Labels are integer instance ids. Nothing is copied beyond the float conversion.
+    Returns the images as given (raw dtype; normalising is the caller's one step) and the labels
+    as contiguous integer arrays. Nothing is copied beyond that.
     """
 
     def split(x, what):
-        if isinstance(x, np.ndarray) or hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
+        if isinstance(x, (list, tuple)):
+            out = [np.asarray(v) for v in x]
+            for v in out:
+                if v.ndim != 2:
+                    raise ShapeError(f"expected every {what[:-1]} 2-D, got shape {v.shape}")
+            return out
+        if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
             a = np.asarray(x)
             if a.ndim == 2:
                 return [a]
@@ -141,12 +153,6 @@ def _as_image_list(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
                 return [a[i] for i in range(a.shape[0])]
             raise ShapeError(f"expected {what} as a 2-D image, an (N, H, W) stack or a list of 2-D images, "
                              f"got an array of shape {a.shape}")
-        if isinstance(x, (list, tuple)):
-            out = [np.asarray(v) for v in x]
-            for v in out:
-                if v.ndim != 2:
-                    raise ShapeError(f"expected every {what[:-1]} 2-D, got shape {v.shape}")
-            return out
         raise InputValueError(f"expected {what} as an array or a list of arrays, got {type(x).__name__}")
 
     ims, lbs = split(images, "images"), split(labels, "labels")
@@ -154,7 +160,6 @@ def _as_image_list(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
         raise InputValueError("expected at least one training image, got none")
     if len(ims) != len(lbs):
         raise ShapeError(f"expected as many label images as images, got {len(lbs)} labels for {len(ims)} images")
-    out_i, out_l = [], []
     for k, (im, lb) in enumerate(zip(ims, lbs)):
         if im.shape != lb.shape:
             raise ShapeError(f"expected labels of the image's shape, got image {k} {im.shape} and labels {lb.shape}")
@@ -162,31 +167,21 @@ def _as_image_list(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
             raise ShapeError(f"expected images at least 8x8, got image {k} of shape {im.shape}")
         if not np.issubdtype(lb.dtype, np.integer):
             raise DTypeError(f"expected integer instance labels, got dtype {lb.dtype} for labels {k}")
-        out_i.append(_to_unit_float(im, k))
-        out_l.append(np.ascontiguousarray(lb))
-    return out_i, out_l
-
-
-def _to_unit_float(im: np.ndarray, k: int = 0) -> np.ndarray:
-    if im.dtype == np.uint8:
-        return im.astype(np.float32) / 255.0
-    if im.dtype == np.uint16:
-        return im.astype(np.float32) / 65535.0
-    if np.issubdtype(im.dtype, np.floating):
-        f = np.asarray(im, dtype=np.float32)
-        if not np.all(np.isfinite(f)):
+        if im.dtype.kind not in "uif":
+            raise DTypeError(f"expected integer or float images, got dtype {im.dtype} for image {k}")
+        if im.dtype.kind == "f" and not np.all(np.isfinite(im)):
             raise InputValueError(f"expected finite image values, got NaN/inf in image {k}")
-        return f
-    raise DTypeError(f"expected uint8, uint16 or float images, got dtype {im.dtype} for image {k}")
+    return ims, [np.ascontiguousarray(lb) for lb in lbs]
 
 
-def _data_digest(images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for im, lb in zip(images, labels):
-        h.update(str((im.shape, im.dtype.str, lb.dtype.str)).encode())
-        h.update(np.ascontiguousarray(im).tobytes())
-        h.update(np.ascontiguousarray(lb).tobytes())
-    return h.hexdigest()
+def _normalise_all(images: Sequence[np.ndarray], rule) -> list[np.ndarray]:
+    """The one intensity step of a training run: :func:`neuroadda_rt.io.normalize_intensity`."""
+    return [normalize_intensity(im, rule) for im in images]
+
+
+def _to_unit_float(im: np.ndarray) -> np.ndarray:
+    """One image under the default ``"dtype"`` rule (uint8/uint16 scaled, floats as given in [0, 1])."""
+    return normalize_intensity(im, "dtype")
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,17 +342,11 @@ def make_targets(labels: np.ndarray, representation: str) -> tuple[np.ndarray, n
     (label 0 counts as boundary) and :func:`neuroadda_rt.labels.instances_to_affinities`; the
     mask is 1 everywhere (every pixel is supervised).
     """
-    from . import labels as _labels
-
-    return _labels_targets(_labels, labels, representation)
-
-
-def _labels_targets(mod, labels: np.ndarray, representation: str) -> tuple[np.ndarray, np.ndarray]:
     if representation == "boundary":
         # label 0 (membranes, extracellular space) is boundary, as in the synthetic and real sets
-        t = np.asarray(mod.instances_to_boundary(labels, zero_is_boundary=True), dtype=np.float32)[None]
+        t = np.asarray(_labels.instances_to_boundary(labels, zero_is_boundary=True), dtype=np.float32)[None]
     elif representation == "affinities":
-        t = np.asarray(mod.instances_to_affinities(labels), dtype=np.float32)
+        t = np.asarray(_labels.instances_to_affinities(labels), dtype=np.float32)
     else:
         raise InputValueError(f"expected representation 'boundary' or 'affinities', got {representation!r}")
     return t, np.ones_like(t)
@@ -400,8 +389,7 @@ def _save_checkpoint(path: Path, net, opt, step: int, history: list[float], rng:
                      torch_gen, fingerprint: str) -> None:
     """Write one checkpoint file atomically (temp file in the same folder, then rename)."""
     torch = require("torch", "torch")
-    from safetensors.torch import save_file
-
+    save_file = require("safetensors.torch", "runtime").save_file
     tensors: dict[str, Any] = {}
     for k, v in net.state_dict().items():
         tensors[f"model/{k}"] = v.detach().cpu().clone().contiguous()
@@ -429,11 +417,8 @@ def _save_checkpoint(path: Path, net, opt, step: int, history: list[float], rng:
 
 def _load_checkpoint(path: Path, net, opt, rng: np.random.Generator, torch_gen, fingerprint: str
                      ) -> tuple[int, list[float]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .errors import FormatError
-
+    safe_open = require("safetensors", "runtime").safe_open
+    load_file = require("safetensors.torch", "runtime").load_file
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("neuroadda_rt", "{}"))
@@ -483,8 +468,6 @@ def _deterministic_torch(device: str = "cpu"):
 
 def _torch_device(device: str) -> str:
     """Where PyTorch trains: what PyTorch itself can reach (not the C++ kernels' build)."""
-    from .errors import BackendUnavailableError
-
     torch = require("torch", "torch")
     if device not in ("auto", "cpu", "cuda"):
         raise InputValueError(f"expected device 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -499,11 +482,8 @@ def _torch_device(device: str) -> str:
 
 
 def _state_digest(net) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    state = sorted(net.state_dict().items())
+    return arrays_sha256(*(v.detach().cpu().numpy() for _, v in state), header=[k for k, _ in state])
 
 
 def train_network(net, images, labels, *, recipe: TrainRecipe | None = None, representation: str | None = None,
@@ -520,8 +500,9 @@ def train_network(net, images, labels, *, recipe: TrainRecipe | None = None, rep
     net : UNet
         Trained in place (left in eval mode at the end).
     images, labels : array or list of 2-D arrays
-        Training images (uint8/uint16, or float already in [0, 1]) and their instance labels.
-        Read, never modified.
+        Training images and their instance labels. Images are brought to [0, 1] once, by
+        :func:`neuroadda_rt.io.normalize_intensity` with the ``"dtype"`` rule (integer images
+        scaled by their dtype's range, floats taken as already in [0, 1]). Read, never modified.
     recipe : TrainRecipe
         Steps, learning rate, batch size, patch size, augmentation, seed.
     representation : {"boundary", "affinities"}, optional
@@ -554,21 +535,29 @@ def train_network(net, images, labels, *, recipe: TrainRecipe | None = None, rep
     >>> len(h.loss)
     2
     """
+    raw, lbs = _split_pairs(images, labels)
+    return _train(net, _normalise_all(raw, "dtype"), lbs, recipe=recipe or TrainRecipe(),
+                  representation=representation, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                  progress=progress, device=device, callback=callback, target_fn=target_fn, desc=desc)
+
+
+def _train(net, ims: list[np.ndarray], lbs: list[np.ndarray], *, recipe: TrainRecipe, representation: str | None,
+           checkpoint_dir, checkpoint_every: int, progress: bool, device: str, callback, target_fn,
+           desc: str) -> TrainHistory:
+    """The loop of :func:`train_network` on validated, already normalised float images."""
     torch = require("torch", "torch")
 
-    recipe = recipe or TrainRecipe()
     if not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
         raise InputValueError(f"expected checkpoint_every a positive integer, got {checkpoint_every!r}")
     representation = representation or net.config.get("head", "boundary")
-    ims, lbs = _as_image_list(images, labels)
     target_fn = target_fn or make_targets
     dev = _torch_device(device)
     net.to(dev)
 
-    fingerprint = hashlib.sha256(json.dumps({
+    fingerprint = json_sha256({
         "recipe": recipe.to_dict(), "representation": representation, "config": net.config,
-        "data": _data_digest(ims, lbs), "init": _state_digest(net),
-    }, sort_keys=True).encode()).hexdigest()
+        "data": arrays_sha256(*(a for pair in zip(ims, lbs) for a in pair)), "init": _state_digest(net),
+    })
 
     rng = np.random.default_rng(recipe.seed)
     torch_gen = torch.Generator().manual_seed(recipe.seed)
@@ -627,21 +616,13 @@ def train_network(net, images, labels, *, recipe: TrainRecipe | None = None, rep
 DEFAULT_RECIPE = TrainRecipe(steps=200, lr=3e-4, batch_size=8, patch_size=128, augment=True, seed=0)
 
 
-def _as_package(model):
+def _as_package(model) -> ModelPackage:
     """A loaded ModelPackage from a package or a package folder."""
-    from .package import ModelPackage, load_model
-
     if isinstance(model, ModelPackage):
         return model
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
     raise InputValueError(f"expected a ModelPackage or a model package folder, got {type(model).__name__}")
-
-
-def _normalise_all(images: Sequence[np.ndarray], rule: dict) -> list[np.ndarray]:
-    from .io import normalize_intensity
-
-    return [normalize_intensity(im, rule) for im in images]
 
 
 def _reference_tiles(images: Sequence[np.ndarray], size: int, *, max_tiles: int = 64, seed: int = 0) -> np.ndarray:
@@ -663,10 +644,8 @@ def _reference_tiles(images: Sequence[np.ndarray], size: int, *, max_tiles: int 
 
 def _tune_threshold(net, images_f: Sequence[np.ndarray], labels: Sequence[np.ndarray], representation: str
                     ) -> dict[str, Any]:
-    """Segmentation threshold minimising VI on the (un-augmented) training images."""
-    from .runtime import Predictor
-    from .segmentation import tune_threshold
-
+    """Segmentation threshold minimising VI on normalised (un-augmented) training images."""
+    # the images are normalised already: the predictor must not apply a rule a second time
     pred = Predictor(net, backend="torch", device="cpu", normalize=False)
     probs = []
     for im in images_f:
@@ -679,24 +658,118 @@ def _tune_threshold(net, images_f: Sequence[np.ndarray], labels: Sequence[np.nda
             "scores": {f"{k:g}": float(v) for k, v in res.scores.items()}}
 
 
-def _history_dict(history: TrainHistory, recipe: TrainRecipe) -> dict[str, Any]:
-    return {"loss": [round(float(v), 6) for v in history.loss], "steps": len(history.loss),
-            "seconds": round(history.seconds, 3), "steps_per_second": round(history.steps_per_second, 3)
-            if history.steps_run else None, "resumed_from": history.resumed_from,
-            "final_loss": float(np.mean(history.loss[-10:])) if history.loss else None,
-            "recipe": recipe.to_dict()}
+def _history_dict(history: TrainHistory, recipe: TrainRecipe, loss_every: int = 1) -> dict[str, Any]:
+    loss = np.asarray(history.loss, dtype=np.float64)
+    out = {"loss": [round(float(loss[i:i + loss_every].mean()), 6) for i in range(0, len(loss), loss_every)],
+           "steps": len(history.loss), "seconds": round(history.seconds, 3),
+           "steps_per_second": round(history.steps_per_second, 3) if history.steps_run else None,
+           "resumed_from": history.resumed_from,
+           "final_loss": float(np.mean(history.loss[-10:])) if history.loss else None, "recipe": recipe.to_dict()}
+    if loss_every > 1:
+        out["loss_every"] = loss_every  # running mean over blocks of this many steps
+    return out
 
 
-def _train_package(source, images, labels, *, mode: str, recipe: TrainRecipe, checkpoint_dir, checkpoint_every: int,
-                   progress: bool, device: str, out, name: str | None, callback, overwrite: bool):
+def train_and_package(net, images, labels, *, recipe: TrainRecipe, out, name: str,
+                      normalization: dict | str | None = None, organism: str | None = None,
+                      tissue: str | None = None, modality: str | None = None, voxel_size_nm=None,
+                      pooling: str = "mean", training: dict | None = None, metrics: dict | None = None,
+                      extra: dict | None = None, reference_tiles=None, reference_tile_size: int = 256,
+                      reference_info: dict | None = None, threshold_images=None, threshold_labels=None,
+                      loss_every: int = 1, checkpoint_dir=None, checkpoint_every: int = 50, progress: bool = False,
+                      device: str = "cpu", callback: Callable[[int, float], None] | None = None,
+                      desc: str = "training", overwrite: bool = False) -> ModelPackage:
+    """Train a network and write it as a model package: the one train-then-package path.
+
+    :func:`finetune`, :func:`train_from_scratch`, the zoo builder and the study runner all
+    end here, so every trained model is an ordinary package (usable in a :class:`~neuroadda_rt.Zoo`).
+
+    Parameters
+    ----------
+    net : UNet
+        The network to train (in place), initialised by the caller: a source's weights
+        (fine-tuning) or a seeded fresh initialisation.
+    images, labels : array or list of 2-D arrays
+        Raw training images (any numeric dtype) and their instance labels. Read, never modified.
+    recipe : TrainRecipe
+        The run's settings; ``patch_size`` is clipped to the smallest image.
+    out : path
+        The package folder to write.
+    name : str
+        Package name.
+    normalization : dict or str, optional
+        The intensity rule (:func:`neuroadda_rt.io.intensity_rule`; default ``"dtype"``): applied
+        once to the training, threshold and reference images, and stored in the package.
+    organism, tissue, modality, voxel_size_nm, pooling
+        Package metadata (:func:`neuroadda_rt.save_model`).
+    training : dict, optional
+        Training provenance; merged over the defaults (data, n_samples, recipe, loss, augmentation).
+    metrics, extra : dict, optional
+        Merged over the recorded metrics (loss curve, threshold) and ``extra`` (``segmentation``).
+    reference_tiles : array, optional
+        Raw tiles for the package's reference features (default: a half-overlapping grid of
+        ``reference_tile_size`` tiles over the training images, at most 64, seeded by ``recipe.seed``).
+    reference_tile_size : int
+        Tile side of the default reference tiles.
+    reference_info : dict, optional
+        How the reference tiles were drawn (recorded with the features).
+    threshold_images, threshold_labels : array or list of 2-D arrays, optional
+        Raw images and labels the segmentation threshold is tuned on (default: the training images).
+    loss_every : int
+        Store the loss curve in ``metrics.training`` as running means of this many steps.
+    checkpoint_dir, checkpoint_every, progress, device, callback, desc
+        As in :func:`train_network` (resumable; a finished checkpoint makes this call train no step).
+    overwrite : bool
+        Replace an existing package at ``out``.
+
+    Returns
+    -------
+    ModelPackage
+        The written package, with the run's :class:`TrainHistory` as ``.history``.
+    """
+    raw, lbs = _split_pairs(images, labels)
+    rule = intensity_rule(normalization or "dtype")
+    ims = _normalise_all(raw, rule)
+    patch = min(recipe.patch_size, *(min(im.shape) for im in ims))
+    if patch != recipe.patch_size:
+        log.info("patch_size %d > smallest training image: using %d", recipe.patch_size, patch)
+        recipe = TrainRecipe(**{**recipe.to_dict(), "patch_size": int(patch)})
+    history = _train(net, ims, lbs, recipe=recipe, representation=None, checkpoint_dir=checkpoint_dir,
+                     checkpoint_every=checkpoint_every, progress=progress, device=device, callback=callback,
+                     target_fn=None, desc=desc)
+    net = net.cpu().eval()
+    representation = net.config["head"]
+    if threshold_images is None:
+        seg = _tune_threshold(net, ims, lbs, representation)
+    else:
+        th_raw, th_lbs = _split_pairs(threshold_images, threshold_labels)
+        seg = _tune_threshold(net, _normalise_all(th_raw, rule), th_lbs, representation)
+    if reference_tiles is None:
+        reference_tiles = _reference_tiles(raw, reference_tile_size, seed=recipe.seed)
+        reference_info = {"tile_size": int(reference_tiles.shape[-1]), "seed": recipe.seed,
+                          "source": "the training tiles (half-overlapping grid)", **(reference_info or {})}
+    shapes = ", ".join(sorted({"x".join(map(str, im.shape)) for im in ims}))
+    provenance = {"data": f"{len(ims)} annotated tiles ({shapes})", "n_samples": len(ims),
+                  "recipe": recipe.to_dict(), "loss": "BCE on boundary/affinity targets from the instance labels",
+                  "augmentation": ("flips, 90-degree rotations, elastic"
+                                   + (", intensity jitter" if recipe.intensity else "") if recipe.augment else "none"),
+                  **(training or {})}
+    recorded = {"training": _history_dict(history, recipe, loss_every), "segmentation_threshold": seg["threshold"],
+                "vi_train": seg["vi_train"], **(metrics or {})}
+    pkg = save_model(net, out, name=name, organism=organism, tissue=tissue, modality=modality,
+                     voxel_size_nm=voxel_size_nm, normalization=rule, training=provenance, metrics=recorded,
+                     reference_tiles=reference_tiles, pooling=pooling, reference_info=reference_info,
+                     extra={**(extra or {}), "segmentation": seg}, overwrite=overwrite)
+    pkg.history = history  # the in-memory result also carries the loss curve
+    return pkg
+
+
+def _train_package(source, images, labels, *, mode: str, recipe: TrainRecipe, out, name: str | None,
+                   **run) -> ModelPackage:
+    """:func:`finetune` / :func:`train_from_scratch`: a source package's network, metadata and rule."""
     torch = require("torch", "torch")
-    from .models import unet_from_config
-    from .package import save_model
 
     pkg = _as_package(source)
-    raw_i, lbs = _as_image_list_raw(images, labels)
-    rule = pkg.normalization
-    ims = _normalise_all(raw_i, rule)
     if mode == "finetune":
         net = pkg.unet()
     else:
@@ -705,57 +778,20 @@ def _train_package(source, images, labels, *, mode: str, recipe: TrainRecipe, ch
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
             net = unet_from_config(pkg.config)
-    patch = min(recipe.patch_size, *(min(im.shape) for im in ims))
-    if patch != recipe.patch_size:
-        log.info("patch_size %d > smallest training image: using %d", recipe.patch_size, patch)
-        recipe = TrainRecipe(**{**recipe.to_dict(), "patch_size": int(patch)})
-    desc = f"{'fine-tuning' if mode == 'finetune' else 'scratch'} {pkg.name}"
-    history = train_network(net, ims, lbs, recipe=recipe, representation=pkg.representation,
-                            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
-                            device=device, callback=callback, desc=desc)
-    net = net.cpu().eval()
-    seg = _tune_threshold(net, ims, lbs, pkg.representation)
-    ref_info = dict(pkg.metadata.get("reference_features") or {})
-    ref_size = int(ref_info.get("tile_size") or 256)
-    ref_tiles = _reference_tiles(raw_i, ref_size, seed=recipe.seed)
-    name = name or f"{pkg.name}-{'finetuned' if mode == 'finetune' else 'scratch'}"
+    label = "finetuned" if mode == "finetune" else "scratch"
+    name = name or f"{pkg.name}-{label}"
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="neuroadda-trained-")) / name
-    training = {
-        "mode": mode,
-        "data": f"{len(ims)} annotated tiles ({', '.join(sorted({'x'.join(map(str, im.shape)) for im in ims}))})",
-        "n_samples": len(ims),
-        "source_model": {"name": pkg.name, "sha256": pkg.sha256},
-        "initialisation": ("the source model's weights" if mode == "finetune"
-                           else f"fresh (torch.manual_seed({recipe.seed})), the source's network config"),
-        "recipe": recipe.to_dict(),
-        "loss": "BCE on boundary/affinity targets from the instance labels",
-        "augmentation": "flips, 90-degree rotations, elastic, intensity jitter" if recipe.augment else "none",
-    }
-    metrics = {"training": _history_dict(history, recipe), "segmentation_threshold": seg["threshold"],
-               "vi_train": seg["vi_train"]}
-    extra = dict(pkg.metadata.get("extra") or {})
-    extra["segmentation"] = seg
-    new = save_model(net, out, name=name, organism=pkg.organism, tissue=pkg.tissue, modality=pkg.modality,
-                     voxel_size_nm=pkg.voxel_size_nm, normalization=rule, training=training, metrics=metrics,
-                     reference_tiles=ref_tiles, pooling=pkg.pooling,
-                     reference_info={"tile_size": int(ref_tiles.shape[-1]), "seed": recipe.seed,
-                                     "source": "the training tiles (half-overlapping grid)"},
-                     extra=extra, overwrite=overwrite)
-    new.history = history  # the in-memory result also carries the loss curve
-    return new
-
-
-def _as_image_list_raw(images, labels):
-    """Like :func:`_as_image_list` but keeps the raw dtype (normalisation follows the package rule)."""
-    ims_f, lbs = _as_image_list(images, labels)  # validates shapes / dtypes
-    if isinstance(images, (list, tuple)):
-        raw = [np.asarray(v) for v in images]
-    else:
-        a = np.asarray(images)
-        raw = [a] if a.ndim == 2 else [a[i] for i in range(a.shape[0])]
-    del ims_f
-    return raw, lbs
+    training = {"mode": mode, "source_model": {"name": pkg.name, "sha256": pkg.sha256},
+                "initialisation": ("the source model's weights" if mode == "finetune"
+                                   else f"fresh (torch.manual_seed({recipe.seed})), the source's network config")}
+    ref_size = int((pkg.metadata.get("reference_features") or {}).get("tile_size") or 256)
+    return train_and_package(net, images, labels, recipe=recipe, out=out, name=name,
+                             normalization=pkg.normalization, organism=pkg.organism, tissue=pkg.tissue,
+                             modality=pkg.modality, voxel_size_nm=pkg.voxel_size_nm, pooling=pkg.pooling,
+                             training=training, extra=dict(pkg.metadata.get("extra") or {}),
+                             reference_tile_size=ref_size, desc=f"{'fine-tuning' if mode == 'finetune' else 'scratch'} {pkg.name}",
+                             **run)
 
 
 _TRAIN_DOC = """
@@ -805,9 +841,9 @@ def finetune(model, images, labels, *, steps: int = DEFAULT_RECIPE.steps, lr: fl
              callback: Callable[[int, float], None] | None = None, overwrite: bool = False):
     recipe = TrainRecipe(steps=steps, lr=lr, batch_size=batch_size, patch_size=patch_size, augment=augment,
                          seed=seed)
-    return _train_package(model, images, labels, mode="finetune", recipe=recipe, checkpoint_dir=checkpoint_dir,
-                          checkpoint_every=checkpoint_every, progress=progress, device=device, out=out, name=name,
-                          callback=callback, overwrite=overwrite)
+    return _train_package(model, images, labels, mode="finetune", recipe=recipe, out=out, name=name,
+                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
+                          device=device, callback=callback, overwrite=overwrite)
 
 
 def train_from_scratch(model, images, labels, *, steps: int = DEFAULT_RECIPE.steps, lr: float = DEFAULT_RECIPE.lr,
@@ -817,9 +853,9 @@ def train_from_scratch(model, images, labels, *, steps: int = DEFAULT_RECIPE.ste
                        callback: Callable[[int, float], None] | None = None, overwrite: bool = False):
     recipe = TrainRecipe(steps=steps, lr=lr, batch_size=batch_size, patch_size=patch_size, augment=augment,
                          seed=seed)
-    return _train_package(model, images, labels, mode="scratch", recipe=recipe, checkpoint_dir=checkpoint_dir,
-                          checkpoint_every=checkpoint_every, progress=progress, device=device, out=out, name=name,
-                          callback=callback, overwrite=overwrite)
+    return _train_package(model, images, labels, mode="scratch", recipe=recipe, out=out, name=name,
+                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
+                          device=device, callback=callback, overwrite=overwrite)
 
 
 finetune.__doc__ = """Fine-tune a source model package on a few annotated tiles.

@@ -136,10 +136,10 @@ def test_feature_cache(zoo, targets, tmp_path, monkeypatch):
     assert not any(e.cached for e in first)
 
     calls = []
-    import neuroadda_rt.ranking as ranking
+    from neuroadda_rt._sources import PackageSource
 
-    real = ranking._embed
-    monkeypatch.setattr(ranking, "_embed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = PackageSource.embed
+    monkeypatch.setattr(PackageSource, "embed", lambda *a, **k: calls.append(1) or real(*a, **k))
     second = rank_sources(targets[2], zoo, **kw)
     assert calls == [] and all(e.cached for e in second)
     assert [(e.name, e.mmd2, e.p_value) for e in second] == [(e.name, e.mmd2, e.p_value) for e in first]

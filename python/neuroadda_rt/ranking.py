@@ -13,7 +13,6 @@ sha256, the pooling); a repeated call for the same target and zoo does not run a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import _atomic
-from .errors import FormatError, InputValueError, ShapeError
+from ._cache import cache_dir as _cache_root
+from ._digest import arrays_sha256, json_sha256
+from ._sources import (PackageSource, RankableSource, as_source, as_volume, describe_target, iter_zoo,
+                       load_package, sample_target_tiles, volume_shape)
+from .errors import FormatError, InputValueError, ShapeError, require
+from .mmd import mmd2, mmd2_test
+from .package import ModelPackage
 
 log = logging.getLogger("neuroadda_rt")
 
@@ -33,241 +38,29 @@ __all__ = ["rank_sources", "SourceRanking", "RankedSource", "default_cache_dir",
 #: Version of the cache-key recipe; bump when what goes into a feature changes.
 _CACHE_VERSION = 1
 
+#: Where target features are cached (the package's one cache directory; ``$NEUROADDA_CACHE`` wins).
+default_cache_dir = _cache_root
 
-# --------------------------------------------------------------------------------------------
-# helpers shared with selection.py and workflow.py
-# --------------------------------------------------------------------------------------------
-def default_cache_dir() -> Path:
-    """Where target features are cached: ``$NEUROADDA_CACHE`` or ``~/.cache/neuroadda_rt``."""
-    env = os.environ.get("NEUROADDA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "neuroadda_rt"
-
-
-def _as_volume(target):
-    """Turn a path, array, ``Volume`` or ``Dataset`` into something ``sample_tiles`` can slice.
-
-    Arrays are used as they are (no copy). A ``Dataset`` contributes its image volume.
-    """
-    if isinstance(target, (str, os.PathLike)):
-        path = str(target)
-        base = path.split(":")[0] if not Path(path).exists() else path
-        if not Path(base).exists():
-            raise FileNotFoundError(f"target volume not found: {path}")
-        from .io import open_volume
-
-        return open_volume(path)
-    if isinstance(target, np.ndarray):
-        if target.ndim not in (2, 3):
-            raise ShapeError(f"expected a 2-D image or 3-D volume as target, got shape {target.shape}")
-        if target.size == 0:
-            raise ShapeError(f"expected a non-empty target, got shape {target.shape}")
-        return target
-    # a Dataset contributes the image volume of its train split
-    if type(target).__name__ == "Dataset" and callable(getattr(target, "image", None)):
-        return target.image("train")
-    if hasattr(target, "shape") and hasattr(target, "__getitem__"):
-        return target  # a lazy Volume or any array-like
-    raise InputValueError(
-        f"expected a target path, NumPy array, Volume or Dataset, got {type(target).__name__}")
+# Kept for the modules that still import them from here (atlas, the study runner, old scripts).
+_iter_zoo = iter_zoo
+_load_package = load_package
+_volume_shape = volume_shape
 
 
-def _volume_shape(volume) -> tuple[int, ...]:
-    return tuple(int(s) for s in volume.shape)
+def _pkg_name(pkg: ModelPackage) -> str:
+    return pkg.name
 
 
-def _sample(volume, n: int, size: int, seed: int):
-    """``n`` deterministic random 2-D tiles of ``size`` with their coordinates (rows ``[z,] y, x``)."""
-    from .tiles import sample_tiles
-
-    shape = _volume_shape(volume)
-    if min(shape[-2:]) < size:
-        raise ShapeError(f"expected a target of at least {size}x{size} pixels per slice for tile_size={size}, "
-                         f"got shape {shape}")
-    out = sample_tiles(volume, int(n), int(size), seed=int(seed))
-    tiles, coords = _split_tiles(out)
-    return tiles, coords
-
-
-def _split_tiles(out):
-    """Accept ``sample_tiles``' result either as a (tiles, coords) pair or an object with attributes."""
-    if isinstance(out, tuple) and len(out) == 2:
-        tiles, coords = out
-    else:
-        tiles, coords = out.tiles, out.coords
-    tiles = np.asarray(tiles)
-    coords = np.asarray(coords, dtype=np.int64)
-    if tiles.ndim == 4 and tiles.shape[1] == 1:
-        tiles = tiles[:, 0]
-    return tiles, coords
-
-
-def _crop(volume, coords: np.ndarray, size: int) -> np.ndarray:
-    """Crop 2-D tiles of ``size`` at ``coords`` (rows ``y, x`` for 2-D or ``z, y, x`` for 3-D)."""
-    shape = _volume_shape(volume)
-    coords = np.asarray(coords, dtype=np.int64).reshape(len(coords), -1)
-    if coords.shape[1] != len(shape):
-        raise ShapeError(f"expected coordinates with {len(shape)} columns for a volume of shape {shape}, "
-                         f"got {coords.shape[1]}")
-    out = []
-    for c in coords:
-        *z, y, x = (int(v) for v in c)
-        if y < 0 or x < 0 or y + size > shape[-2] or x + size > shape[-1] or any(
-                zz < 0 or zz >= shape[0] for zz in z):
-            raise InputValueError(f"tile at {tuple(int(v) for v in c)} of size {size} lies outside the "
-                                  f"volume of shape {shape}")
-        sl = (*z, slice(y, y + size), slice(x, x + size))
-        out.append(np.asarray(volume[sl]))
-    return np.stack(out) if out else np.zeros((0, size, size))
-
-
-def _content_hash(volume, tiles: np.ndarray, coords: np.ndarray, size: int) -> str:
-    h = hashlib.sha256()
-    h.update(repr((_volume_shape(volume), str(np.asarray(tiles).dtype), int(size))).encode())
-    h.update(np.ascontiguousarray(coords, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(tiles).tobytes())
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# model-package glue
-# --------------------------------------------------------------------------------------------
-def _load_package(item):
-    """A loaded model package from a package object or a path."""
-    if isinstance(item, (str, os.PathLike)):
-        from .package import load_model
-
-        if not Path(item).exists():
-            raise FileNotFoundError(f"model package not found: {item}")
-        return load_model(item)
-    return item
-
-
-def _iter_zoo(zoo) -> list:
-    if zoo is None:
-        raise InputValueError("expected a Zoo, a zoo directory or a list of model packages, got None")
-    if isinstance(zoo, (str, os.PathLike)):
-        p = Path(zoo)
-        if not p.exists():
-            raise FileNotFoundError(f"zoo not found: {zoo}")
-        if (p / "model.json").exists():
-            return [_load_package(p)]
-        from .package import Zoo
-
-        zoo = Zoo(p)
-    models = [_load_package(m) for m in zoo]
-    if not models:
-        raise InputValueError(f"expected at least one source model in the zoo, got none ({zoo!r})")
-    return models
-
-
-def _meta(pkg) -> dict:
-    for attr in ("meta", "metadata", "manifest", "info"):
-        m = getattr(pkg, attr, None)
-        if isinstance(m, dict):
-            return m
-    return {}
-
-
-def _pkg_name(pkg) -> str:
-    name = getattr(pkg, "name", None) or _meta(pkg).get("name")
-    if name:
-        return str(name)
-    p = getattr(pkg, "path", None)
-    return Path(p).name if p is not None else "model"
-
-
-def _pkg_path(pkg) -> str | None:
-    # absolute, so that a ranking.json / tiles.json still points at the model from another directory
-    p = getattr(pkg, "path", None)
-    return str(Path(p).resolve()) if p is not None else None
-
-
-def _pkg_sha(pkg) -> str:
-    """A digest identifying the package's network (its encoder and weights)."""
-    for attr in ("sha256", "digest"):
-        v = getattr(pkg, attr, None)
-        if isinstance(v, str) and v:
-            return v
-    files = _meta(pkg).get("sha256") or _meta(pkg).get("files")
-    if isinstance(files, dict) and files:
-        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    p = _pkg_path(pkg)
-    if p and (Path(p) / "encoder.onnx").exists():
-        h = hashlib.sha256()
-        with open(Path(p) / "encoder.onnx", "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    raise InputValueError(f"cannot identify model {_pkg_name(pkg)!r}: it has no sha256 and no path")
-
-
-def _pkg_pooling(pkg) -> str:
-    m = _meta(pkg)
-    for key in ("pooling", "feature_pooling"):
-        if isinstance(m.get(key), str):
-            return m[key]
-    rf = m.get("reference_features")
-    if isinstance(rf, dict) and isinstance(rf.get("pooling"), str):
-        return rf["pooling"]
-    return str(getattr(pkg, "pooling", None) or "mean")
-
-
-def _pkg_feature_level(pkg) -> int | None:
-    """Encoder level of the package's features (None when its network config is unknown)."""
-    from .runtime import config_feature_level
-
-    cfg = _meta(pkg).get("network") or getattr(pkg, "config", None)
-    if not isinstance(cfg, dict) or "widths" not in cfg:
-        return None
-    return config_feature_level(cfg)
-
-
-def _reference_features(pkg) -> np.ndarray:
-    ref = getattr(pkg, "reference_features", None)
-    if callable(ref):
-        ref = ref()
-    if ref is None:
-        raise FormatError(f"model {_pkg_name(pkg)!r} has no reference_features")
-    return np.asarray(ref, dtype=np.float32)
-
-
-def _pkg_rule(pkg):
-    m = _meta(pkg)
-    return getattr(pkg, "normalization", None) or m.get("normalization") or m.get("input_normalization")
-
-
-def _normalize(pkg, tiles: np.ndarray) -> np.ndarray:
-    """Tiles as the runtime should see them.
-
-    Integer tiles are normalised by the runtime with the package's rule; a per-input rule
-    ("percentile") is applied here to each tile separately instead, so that a tile's features do
-    not depend on which other tiles share its batch.
-    """
-    rule = _pkg_rule(pkg)
-    name = rule.get("rule", rule.get("mode")) if isinstance(rule, dict) else rule
-    if name == "percentile" and np.asarray(tiles).dtype.kind in "ui":
-        from .io import normalize_intensity
-
-        return np.stack([normalize_intensity(t, rule) for t in tiles]).astype(np.float32, copy=False)
-    return tiles
-
-
-def _embed(pkg, tiles: np.ndarray, *, pooling: str, backend: str = "auto", device: str = "auto",
-           batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    from .runtime import FeatureExtractor
-
-    x = _normalize(pkg, tiles)
-    fx = FeatureExtractor(pkg, backend=backend, device=device, pooling=pooling)
-    return np.asarray(fx.features(x, batch_size=batch_size, progress=progress), dtype=np.float32)
+def _pkg_pooling(pkg: ModelPackage) -> str:
+    return pkg.pooling
 
 
 # --------------------------------------------------------------------------------------------
 # disk cache (atomic writes)
 # --------------------------------------------------------------------------------------------
 def _cache_key(content: str, model_sha: str, pooling: str, size: int) -> str:
-    raw = json.dumps({"v": _CACHE_VERSION, "content": content, "model": model_sha, "pooling": pooling,
-                      "tile_size": int(size)}, sort_keys=True)
-    return hashlib.sha256(raw.encode()).hexdigest()
+    return json_sha256({"v": _CACHE_VERSION, "content": content, "model": model_sha, "pooling": pooling,
+                        "tile_size": int(size)})
 
 
 def _cached_features(cache_dir: Path | None, key: str, n_rows: int, compute) -> tuple[np.ndarray, bool]:
@@ -334,7 +127,7 @@ class RankedSource:
         return d
 
 
-class SourceRanking:
+class SourceRanking(_atomic.JsonRecord):
     """Source models sorted by ascending MMD² to the target (most transferable first).
 
     Attributes
@@ -382,7 +175,7 @@ class SourceRanking:
         if top.model is None:
             if top.path is None:
                 raise InputValueError(f"the top source {top.name!r} has neither a loaded model nor a path")
-            top.model = _load_package(top.path)
+            top.model = load_package(top.path)
         return top.model
 
     @property
@@ -395,13 +188,6 @@ class SourceRanking:
             "settings": self.settings,
             "target_coords": None if self.target_coords is None else self.target_coords.tolist(),
         }
-
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """The ranking as JSON text; also written atomically to ``path`` when given."""
-        text = _atomic.dumps_json(self.to_dict())
-        if path is not None:
-            _atomic.write_text(path, text)
-        return text
 
     @classmethod
     def from_json(cls, text_or_path) -> "SourceRanking":
@@ -416,22 +202,9 @@ class SourceRanking:
 
     def to_frame(self):
         """A pandas DataFrame, one row per source, in rank order (needs the ``report`` extra)."""
-        from .errors import require
-
         pd = require("pandas", "report")
         rows = [dict(rank=i + 1, **e.to_dict()) for i, e in enumerate(self.entries)]
         return pd.DataFrame(rows).set_index("rank")
-
-
-def _describe_target(target, volume) -> dict:
-    d: dict[str, Any] = {"shape": list(_volume_shape(volume)), "dtype": str(getattr(volume, "dtype", "?"))}
-    if isinstance(target, (str, os.PathLike)):
-        d["path"] = str(target)
-    elif isinstance(target, np.ndarray):
-        d["source"] = "array"
-    else:
-        d["source"] = type(target).__name__
-    return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,8 +221,9 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
     target : path, ndarray, Volume or Dataset
         The new EM volume (2-D image or 3-D stack, raw intensities). Arrays are read, not copied
         or modified; only the sampled tiles are materialised.
-    zoo : Zoo, path, or sequence of packages / package paths
-        The candidate source models.
+    zoo : Zoo, path, or sequence of packages / package paths / RankableSource
+        The candidate source models (a :class:`~neuroadda_rt._sources.RankableSource` says what
+        ranking needs from one; packages are wrapped in ``PackageSource``).
     n_tiles : int
         Number of random target tiles embedded by every source (the same tiles for all).
     tile_size : int
@@ -459,12 +233,13 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
     n_permutations : int
         Permutations for each MMD² p-value (0 skips the test and reports p = nan).
     cache_dir : path, None or False
-        Feature cache root; None uses :func:`default_cache_dir` (``$NEUROADDA_CACHE`` or
-        ``~/.cache/neuroadda_rt``), False disables caching.
+        Feature cache root; None uses the package's cache directory (:func:`default_cache_dir`:
+        ``$NEUROADDA_CACHE``, else the platform's user cache folder), False disables caching.
     progress : bool
         Show a progress bar over the sources (and the encoder batches).
     backend, device, batch_size
-        Passed to :class:`~neuroadda_rt.FeatureExtractor`.
+        Passed to :class:`~neuroadda_rt.FeatureExtractor`, which applies each model's intensity
+        rule to the raw tiles (once).
 
     Returns
     -------
@@ -484,8 +259,8 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
         raise InputValueError(f"expected tile_size >= 1, got {tile_size}")
     if n_permutations < 0:
         raise InputValueError(f"expected n_permutations >= 0, got {n_permutations}")
-    volume = _as_volume(target)
-    models = _iter_zoo(zoo)
+    volume = as_volume(target)
+    sources = [as_source(m) for m in iter_zoo(zoo)]
     if cache_dir is None:
         cache: Path | None = default_cache_dir()
     elif cache_dir is False:
@@ -493,58 +268,57 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
     else:
         cache = Path(cache_dir)
 
-    tiles, coords = _sample(volume, n_tiles, tile_size, seed)
-    content = _content_hash(volume, tiles, coords, tile_size)
-
-    from .mmd import mmd2, mmd2_test
+    tiles, coords = sample_target_tiles(volume, n_tiles, tile_size, seed)
+    # the key hashes the sampled tiles' content, so a changed target is never served stale features
+    content = arrays_sha256(coords, tiles, header=[list(volume_shape(volume)), str(tiles.dtype), tile_size])
 
     entries = []
-    it: Iterable = models
+    it: Iterable[RankableSource] = sources
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(models, desc="ranking sources", unit="model")
+        bar = require("tqdm.auto", "runtime").tqdm(sources, desc="ranking sources", unit="model")
         it = bar
-    for pkg in it:
-        name = _pkg_name(pkg)
+    for src in it:
         if bar is not None:
-            bar.set_postfix_str(name)
-        sha = _pkg_sha(pkg)
-        pooling = _pkg_pooling(pkg)
-        ref = _reference_features(pkg)
-        ref_size = (_meta(pkg).get("reference_features") or {}).get("tile_size")
-        if ref_size is not None and int(ref_size) != tile_size:
-            log.warning("model %r: its reference features come from %s px tiles but the target is embedded in "
-                        "%d px tiles; mean-pooled features depend on the tile size, so rank with tile_size=%s",
-                        name, ref_size, tile_size, ref_size)
-        key = _cache_key(content, sha, pooling, tile_size)
-        feats, was_cached = _cached_features(
-            cache, key, len(tiles),
-            lambda pkg=pkg, pooling=pooling: _embed(pkg, tiles, pooling=pooling, backend=backend,
-                                                    device=device, batch_size=batch_size))
-        if feats.shape[1] != ref.shape[1]:
-            raise ShapeError(f"model {name!r}: expected target features with {ref.shape[1]} columns like its "
-                             f"reference_features, got {feats.shape[1]}")
-        ref, feats = standardize(ref, feats)
-        if n_permutations > 0:
-            res = mmd2_test(ref, feats, n_permutations=n_permutations, seed=seed)
-            stat = float(_field(res, ("mmd2", "statistic", "value")))
-            p = float(_field(res, ("p_value", "pvalue")))
-            sigma = _field(res, ("sigma", "bandwidth"), None)
-        else:  # no test asked for (e.g. the atlas): the statistic alone
-            stat, p, sigma = float(mmd2(ref, feats)), float("nan"), None
-        entries.append(RankedSource(name=name, path=_pkg_path(pkg), mmd2=stat, p_value=p,
-                                    sigma=_as_sigma(sigma), n_reference=len(ref),
-                                    n_target=len(feats), sha256=sha, cached=was_cached, model=pkg))
+            bar.set_postfix_str(src.name)
+        entries.append(_rank_one(src, tiles, seed=seed, n_permutations=n_permutations, cache=cache,
+                                 content=content, tile_size=tile_size, backend=backend, device=device,
+                                 batch_size=batch_size))
     settings = {"n_tiles": n_tiles, "tile_size": tile_size, "seed": seed, "n_permutations": n_permutations,
                 "kernel": "gaussian on features standardised by the source's reference mean/sd, median-heuristic "
                           "bandwidth on the pooled sample (mmd2_test default)",
-                "pooling": sorted({_pkg_pooling(m) for m in models}),
-                "feature_level": sorted({lv for lv in (_pkg_feature_level(m) for m in models) if lv is not None}),
-                "target": _describe_target(target, volume),
+                "pooling": sorted({s.pooling for s in sources}),
+                "feature_level": sorted({s.feature_level for s in sources}),
+                "target": describe_target(target, volume),
                 "cache_dir": None if cache is None else str(cache)}
     return SourceRanking(entries, settings, coords)
+
+
+def _rank_one(src: RankableSource, tiles: np.ndarray, *, seed: int, n_permutations: int, cache: Path | None,
+              content: str, tile_size: int, backend: str, device: str, batch_size: int) -> RankedSource:
+    """One source's MMD² (and p-value) between its reference features and the target tiles' features."""
+    ref = src.reference_features
+    ref_size = src.reference_tile_size
+    if ref_size is not None and ref_size != tile_size:
+        log.warning("model %r: its reference features come from %s px tiles but the target is embedded in "
+                    "%d px tiles; mean-pooled features depend on the tile size, so rank with tile_size=%s",
+                    src.name, ref_size, tile_size, ref_size)
+    key = _cache_key(content, src.sha256, src.pooling, tile_size)
+    feats, was_cached = _cached_features(
+        cache, key, len(tiles),
+        lambda: src.embed(tiles, backend=backend, device=device, batch_size=batch_size))
+    if feats.shape[1] != ref.shape[1]:
+        raise ShapeError(f"model {src.name!r}: expected target features with {ref.shape[1]} columns like its "
+                         f"reference_features, got {feats.shape[1]}")
+    ref, feats = standardize(ref, feats)
+    if n_permutations > 0:
+        res = mmd2_test(ref, feats, n_permutations=n_permutations, seed=seed)
+        stat, p, sigma = float(res.mmd2), float(res.p_value), _as_sigma(res.sigma)
+    else:  # no test asked for (e.g. the atlas): the statistic alone
+        stat, p, sigma = float(mmd2(ref, feats)), float("nan"), None
+    model = src.package if isinstance(src, PackageSource) else None
+    return RankedSource(name=src.name, path=src.path, mmd2=stat, p_value=p, sigma=sigma, n_reference=len(ref),
+                        n_target=len(feats), sha256=src.sha256, cached=was_cached, model=model)
 
 
 def standardize(ref: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -563,22 +337,5 @@ def standardize(ref: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndar
             ((np.asarray(feats, dtype=np.float64) - mu) / sd).astype(np.float32))
 
 
-def _as_sigma(sigma):
-    if sigma is None:
-        return None
-    if np.ndim(sigma) == 0:
-        return float(sigma)
-    return [float(v) for v in sigma]
-
-
-def _field(obj, names, default=...):
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    if isinstance(obj, tuple) and default is ...:
-        return obj[0] if names[0] in ("mmd2",) else obj[1]
-    if default is ...:
-        raise AttributeError(f"result has none of {names}")
-    return default
+def _as_sigma(sigma) -> float | list[float]:
+    return float(sigma) if np.ndim(sigma) == 0 else [float(v) for v in sigma]

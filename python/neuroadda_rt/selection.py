@@ -31,15 +31,16 @@ unless the pool has too few non-overlapping tiles.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _atomic
-from .errors import FormatError, InputValueError
-from .ranking import (_as_volume, _describe_target, _embed, _load_package,
-                      _normalize, _pkg_name, _pkg_path, _pkg_pooling, _sample)
+from ._sources import PackageSource, as_volume, describe_target, load_package, sample_target_tiles
+from .errors import FormatError, InputValueError, require
+from .package import ModelPackage
+from .runtime import Predictor
+from .uncertainty import tile_uncertainty
 
 __all__ = ["select_tiles", "TileSelection", "STRATEGIES", "DEFAULT_BAND"]
 
@@ -50,7 +51,7 @@ DEFAULT_BAND = 0.25
 
 
 @dataclass
-class TileSelection:
+class TileSelection(_atomic.JsonRecord):
     """The tiles chosen for annotation and the scores of the pool they were chosen from.
 
     Attributes
@@ -98,13 +99,6 @@ class TileSelection:
             "measure": self.measure,
             "settings": self.settings,
         }
-
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """JSON text (without the tile pixels); also written atomically to ``path`` when given."""
-        text = _atomic.dumps_json(self.to_dict())
-        if path is not None:
-            _atomic.write_text(path, text)
-        return text
 
     @classmethod
     def from_json(cls, text_or_path) -> "TileSelection":
@@ -207,27 +201,21 @@ def _choose(strategy: str, scores: np.ndarray, n: int, *, seed: int = 0, feature
 # --------------------------------------------------------------------------------------------
 # model glue
 # --------------------------------------------------------------------------------------------
-def _uncertainty_scores(pkg, tiles: np.ndarray, *, measure: str, backend: str, device: str, batch_size: int,
-                        progress: bool, chunk: int = 64) -> np.ndarray:
-    """Uncertainty of every tile under the source model, computed chunk by chunk.
+def _uncertainty_scores(pkg: ModelPackage, tiles: np.ndarray, *, measure: str, backend: str, device: str,
+                        batch_size: int, progress: bool, chunk: int = 64) -> np.ndarray:
+    """Uncertainty of every raw tile under the source model, computed chunk by chunk.
 
-    Only ``chunk`` tiles' probability maps exist at a time (a 2048-tile pool of 256² maps would
-    be 512 MB of float32).
+    The predictor applies the model's intensity rule (once). Only ``chunk`` tiles' probability
+    maps exist at a time (a 2048-tile pool of 256² maps would be 512 MB of float32).
     """
-    from .runtime import Predictor
-    from .uncertainty import tile_uncertainty
-
     pred = Predictor(pkg, backend=backend, device=device, batch_size=batch_size)
     scores = np.empty(len(tiles), dtype=np.float64)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tiles), desc="scoring uncertainty", unit="tile")
+        bar = require("tqdm.auto", "runtime").tqdm(total=len(tiles), desc="scoring uncertainty", unit="tile")
     try:
         for i in range(0, len(tiles), chunk):
-            x = _normalize(pkg, tiles[i:i + chunk])
-            probs = np.asarray(pred.predict_tiles(x), dtype=np.float32)
+            probs = np.asarray(pred.predict_tiles(tiles[i:i + chunk]), dtype=np.float32)
             if probs.ndim == 3:
                 probs = probs[:, None]
             scores[i:i + len(probs)] = np.asarray(tile_uncertainty(probs, measure=measure), dtype=np.float64)
@@ -290,22 +278,22 @@ def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int =
         raise InputValueError(f"expected pool >= n, got pool={pool} and n={n}")
     if not 0.0 < float(band) <= 1.0:
         raise InputValueError(f"expected 0 < band <= 1, got {band}")
-    volume = _as_volume(target)
-    pkg = _load_package(model)
-    tiles, coords = _sample(volume, pool, tile_size, seed)
+    volume = as_volume(target)
+    pkg = load_package(model)
+    tiles, coords = sample_target_tiles(volume, pool, tile_size, seed)
 
     scores = _uncertainty_scores(pkg, tiles, measure=measure, backend=backend, device=device,
                                  batch_size=batch_size, progress=progress)
     features = None
     if strategy in ("kcenter", "median-diverse"):
-        features = _embed(pkg, tiles, pooling=_pkg_pooling(pkg), backend=backend, device=device,
-                          batch_size=batch_size, progress=progress)
+        features = PackageSource(pkg).embed(tiles, backend=backend, device=device, batch_size=batch_size,
+                                            progress=progress)
     chosen = _choose(strategy, scores, n, seed=seed, features=features, coords=coords, size=tile_size,
                      band=band)
     settings = {"n": n, "strategy": strategy, "pool": pool, "tile_size": tile_size, "seed": seed,
                 "measure": measure, "band": float(band) if strategy == "median-diverse" else None,
-                "model": {"name": _pkg_name(pkg), "path": _pkg_path(pkg)},
-                "target": _describe_target(target, volume)}
+                "model": {"name": pkg.name, "path": str(pkg.path.resolve())},
+                "target": describe_target(target, volume)}
     return TileSelection(coords=coords[chosen], scores=scores[chosen], pool_coords=coords, pool_scores=scores,
                          indices=chosen, tile_size=tile_size, strategy=strategy, measure=measure,
                          settings=settings, tiles=np.asarray(tiles[chosen]) if keep_tiles else None)

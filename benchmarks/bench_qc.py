@@ -33,7 +33,7 @@ pytest.importorskip("onnxruntime")
 
 
 def _tiles(n, seed):
-    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.study.synthetic import make_domain
 
     size = 1024 if FULL else 256
     k = size // TILE

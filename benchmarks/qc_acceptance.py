@@ -3,7 +3,7 @@
     python benchmarks/qc_acceptance.py [--cache DIR] [--parts fa,drift,artefacts,throughput]
                                        [--quick] [--json out.json]
 
-Set-up (all synthetic, from :mod:`neuroadda_rt.synthetic`):
+Set-up (all synthetic, from :mod:`neuroadda_rt.study.synthetic`):
 
 * **encoder**: the default UNet (16-32-64-128, seed 0, random initialisation: no pretrained
   EM model ships with the package) exported with :func:`~neuroadda_rt.export_onnx` and
@@ -16,10 +16,10 @@ Set-up (all synthetic, from :mod:`neuroadda_rt.synthetic`):
 * **drifts**: 4 clean windows, then (onset) 3 drifted windows; the delay is the first
   drifted window with an alarm (1 = the first drifted window). Style step: the parameter
   vector moves a fraction ``lam`` of the way to another style of a
-  :func:`~neuroadda_rt.synthetic.domain_family`; gradual defocus: Gaussian blur of
+  :func:`~neuroadda_rt.study.synthetic.domain_family`; gradual defocus: Gaussian blur of
   ``rate * k`` pixels in the k-th drifted window; contrast change: intensities scaled by
   ``c`` about the pool mean.
-* **artefacts**: :func:`~neuroadda_rt.synthetic.apply_artefact` on held-out clean tiles; the
+* **artefacts**: :func:`~neuroadda_rt.study.synthetic.apply_artefact` on held-out clean tiles; the
   false-positive rate is measured on every non-reference tile of the no-drift run.
 * **throughput**: end to end on PNG-encoded tiles (decode, normalise, features, scores,
   window tests) with ``QCMonitor.update`` in batches of 64, ONNX Runtime on 2 threads.
@@ -54,7 +54,7 @@ def log(*a):
 
 
 def tiles_from_images(style, n_images, seed0, image=1024):
-    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.study.synthetic import make_domain
 
     k = image // TILE
     out = []
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     import neuroadda_rt as nr
     from neuroadda_rt import FeatureExtractor, QCMonitor
-    from neuroadda_rt.synthetic import DomainStyle, apply_artefact, domain_family
+    from neuroadda_rt.study.synthetic import DomainStyle, apply_artefact, domain_family
 
     parts = set(args.parts.split(","))
     cache = args.cache

@@ -282,7 +282,7 @@ def test_atlas_recovers_generating_tree_of_a_synthetic_family():
     The real check -- rendered tiles through trained source encoders -- is the experiment runner's
     (``summary.json`` -> ``phylogeny``).
     """
-    from neuroadda_rt.synthetic import domain_family
+    from neuroadda_rt.study.synthetic import domain_family
 
     styles, newick = domain_family(8, seed=1)
     rng = np.random.default_rng(1)
@@ -309,7 +309,7 @@ def test_atlas_of_the_bundled_zoo_carries_its_family_tree():
     zoo (Yule family 158, all 26 parameters drifting) reached only cophenetic 0.54 here (docs/data.md).
     """
     pytest.importorskip("onnxruntime")
-    from neuroadda_rt.synthetic import DomainStyle, make_domain
+    from neuroadda_rt.study.synthetic import DomainStyle, make_domain
 
     zoo = nr.default_zoo()
     fam = json.loads((zoo.root / "family.json").read_text())

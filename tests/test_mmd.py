@@ -118,6 +118,37 @@ def test_exp_matches_numpy():
     assert np.max(np.abs(got - want) / want) < 3e-7
 
 
+@pytest.mark.parametrize("n,m,d,sigmas", [(1, 1, 1, [1.0]), (17, 33, 5, [0.7]), (40, 300, 64, [2.0, 5.0, 9.0]),
+                                         (129, 16, 3, [1e-3])])
+def test_gaussian_kernel_matrix_matches_float64(n, m, d, sigmas):
+    """The kernel matrix entry point is the MMD kernel: against the float64 formula, and its sums
+    give mmd2 itself."""
+    x, y = make_pair(n, m, d)
+    got = nr.mmd.gaussian_kernel_matrix(x, y, sigma=sigmas)
+    assert got.dtype == np.float32 and got.shape == (n, m)
+    np.testing.assert_allclose(got, ref_kernel(x, y, sigmas), rtol=0, atol=2e-6)
+    if n >= 2 and m >= 2:
+        kxx = nr.mmd.gaussian_kernel_matrix(x, x, sigma=sigmas).astype(np.float64)
+        kyy = nr.mmd.gaussian_kernel_matrix(y, y, sigma=sigmas).astype(np.float64)
+        u = ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+             - 2 * got.astype(np.float64).mean())
+        np.testing.assert_allclose(u, nr.mmd2(x, y, sigma=sigmas), rtol=1e-4, atol=1e-6)
+
+
+def test_gaussian_kernel_matrix_layouts_and_errors():
+    x, y = make_pair(20, 30, 6)
+    want = nr.mmd.gaussian_kernel_matrix(x, y, sigma=2.0)
+    np.testing.assert_array_equal(nr.mmd.gaussian_kernel_matrix(np.asfortranarray(x), y[:, :], sigma=2.0), want)
+    with pytest.raises(InputValueError, match="sigma"):
+        nr.mmd.gaussian_kernel_matrix(x, y, sigma=None)
+    with pytest.raises(ShapeError):
+        nr.mmd.gaussian_kernel_matrix(x, y[:, :3], sigma=1.0)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(InputValueError, match="finite"):
+        nr.mmd.gaussian_kernel_matrix(bad, y, sigma=1.0)
+
+
 # ---- layouts and copy policy -----------------------------------------------------------------
 
 def test_layouts_give_identical_results():

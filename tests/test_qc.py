@@ -30,6 +30,7 @@ def noise_tiles(rng, n, size=32, mean=0.5, sd=0.15):
 
 
 def kernel(a, b, sigmas):
+    """The Gaussian kernel in float64 (the monitor uses the package's float32 C++ kernel)."""
     d2 = ((a[:, None, :].astype(np.float64) - b[None, :, :].astype(np.float64)) ** 2).sum(-1)
     return np.mean([np.exp(-d2 / (2 * s * s)) for s in sigmas], axis=0)
 
@@ -58,7 +59,7 @@ def test_window_statistic_null_and_witness_match_brute_force(rng):
     feats = enc(tiles)
     sig = [0.8, 2.0]
     # the window is the first n tiles; the ring slot of tile i is i here (no wrap-around yet)
-    assert w.mmd2 == pytest.approx(mmd2_u(feats[:n], ref, sig), rel=1e-9, abs=1e-12)
+    assert w.mmd2 == pytest.approx(mmd2_u(feats[:n], ref, sig), rel=1e-5, abs=1e-6)
     # same permutations, brute force
     z = np.concatenate([feats[:n], ref])
     null = []
@@ -66,14 +67,15 @@ def test_window_statistic_null_and_witness_match_brute_force(rng):
         mask = np.zeros(len(z), bool)
         mask[pos] = True
         null.append(mmd2_u(z[mask], z[~mask], sig))
-    assert w.p_value == pytest.approx((1 + np.sum(np.array(null) >= w.mmd2 - 1e-12)) / 61)
+    null = np.array(null)  # float64 here, the package's float32 kernel in the monitor: bracket the ties
+    assert (1 + np.sum(null >= w.mmd2 + 1e-5)) / 61 <= w.p_value <= (1 + np.sum(null >= w.mmd2 - 1e-5)) / 61
     # witness of the last update: window = the last n tiles, own kernel value excluded
     win = feats[-n:]
     kw = kernel(feats[7:], win, sig)
     own = np.arange(7, n + 4) >= n + 4 - n
     expect = (kw.sum(1) - own) / np.where(own, n - 1, n) - kernel(feats[7:], ref, sig).mean(1)
-    np.testing.assert_allclose(r2.scores, expect, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(r2.similarity, kernel(feats[7:], ref, sig).mean(1), rtol=1e-9)
+    np.testing.assert_allclose(r2.scores, expect, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(r2.similarity, kernel(feats[7:], ref, sig).mean(1), rtol=0, atol=1e-6)
 
 
 def test_window_statistic_matches_package_kernel(rng):
@@ -135,7 +137,7 @@ def test_sequential_rule():
 
 
 def _synthetic_tiles(n_images, seed0, size=64, image=256):
-    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.study.synthetic import make_domain
 
     out = []
     for i in range(n_images):
@@ -158,7 +160,7 @@ def test_artefact_flags_recall_and_fpr(em_tiles):
     tiles already spread over +-30 % (brightness gradient, cell contrast), so a x0.75 gain can
     stay inside the reference range. Recall at 256x256 (>= 0.9 for every kind) is measured by
     benchmarks/qc_acceptance.py."""
-    from neuroadda_rt.synthetic import apply_artefact
+    from neuroadda_rt.study.synthetic import apply_artefact
 
     ref, clean = em_tiles[:192], em_tiles[192:]
     mon = QCMonitor(toy_encoder, ref, window=32, n_permutations=50, artefact_fpr=0.05)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from neuroadda_rt import FormatError, QCMonitor
-from neuroadda_rt.qc_service import QCService, read_tiles, split_tiles, write_report
+from neuroadda_rt.qc import QCService, read_tiles, split_tiles, write_report
 
 pytest.importorskip("watchdog")
 pytest.importorskip("safetensors")
@@ -248,3 +248,16 @@ def test_cli_watch_and_report(tmp_path, rng, capsys):
     assert main(args) == 0
     assert "processed 0 files" in capsys.readouterr().out
     assert main(["qc", "report", "--db", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_old_module_path_warns_and_aliases():
+    import importlib
+    import sys
+
+    import neuroadda_rt.qc.service as new
+
+    sys.modules.pop("neuroadda_rt.qc_service", None)
+    with pytest.warns(DeprecationWarning, match="neuroadda_rt.qc.service"):
+        old = importlib.import_module("neuroadda_rt.qc_service")
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(new, name)

@@ -96,6 +96,17 @@ void register_mmd(py::module_& m) {
       },
       py::arg("kxx"), py::arg("kyy"), py::arg("kxy"), py::arg("n"), py::arg("m"), py::arg("unbiased"));
   m.def(
+      "_gaussian_kernel",
+      [](const py::array& x, const py::array& y, const std::vector<double>& sigmas) {
+        const MatView xv = as_view(x, "x"), yv = as_view(y, "y");
+        py::array_t<float> out({xv.rows, yv.rows});
+        float* o = out.mutable_data();
+        call_kernel([&] { neuroadda::gaussian_kernel_matrix(xv, yv, sigmas, o); });
+        return out;
+      },
+      py::arg("x"), py::arg("y"), py::arg("sigmas"),
+      "float32 (n, m) Gaussian kernel matrix k(x_i, y_j), mean over the bandwidths (CPU).");
+  m.def(
       "_exp_nonpositive", [](float v) { return neuroadda::exp_nonpositive(v); }, py::arg("x"),
       "The float32 exp used by the kernel epilogues (exposed for tests).");
 }

@@ -68,6 +68,12 @@ double mmd2(const MatView& x, const MatView& y, const std::vector<double>& sigma
   return mmd2_from_sums(s.kxx, s.kyy, s.kxy, static_cast<double>(x.rows), static_cast<double>(y.rows), unbiased);
 }
 
+void gaussian_kernel_matrix(const MatView& x, const MatView& y, const std::vector<double>& sigmas, float* out) {
+  check_pair(x, y);
+  const std::vector<float> coef = kernel_coefs(sigmas);
+  cpu::cross_kernel_matrix(x, y, coef.data(), static_cast<int>(coef.size()), out);
+}
+
 double median_sigma(const MatView& x, const MatView& y, int64_t max_points) {
   check_pair(x, y);
   NEUROADDA_CHECK(max_points >= 2, "expected max_points >= 2, got " << max_points);

@@ -156,6 +156,11 @@ double mmd2_permutation(const MatView& x, const MatView& y, const std::vector<do
                         const int64_t* x_index, int64_t P, bool unbiased, double* null_out,
                         Device device = Device::CPU);
 
+// Gaussian kernel matrix between two sets: out[i * y.rows + j] = k(x_i, y_j), the very kernel the
+// sums above are made of (float32 distances and exp). out: x.rows * y.rows floats, row-major.
+// Always on the CPU.
+void gaussian_kernel_matrix(const MatView& x, const MatView& y, const std::vector<double>& sigmas, float* out);
+
 // ---- CPU kernels (csrc/ops/cpu/mmd_kernel.cpp) ----------------------------------------------
 namespace cpu {
 // x, y packed: panels of 16 rows, each stored k-major (d x 16), zero-padded; norms per row.
@@ -176,6 +181,8 @@ MMDSums mmd_sums_views(const MatView& x, const MatView& y, const float* neg_inv_
 void pairwise_sq_dists_upper(const PackedSet& z, float* out);
 // out: N x N with row stride ld >= N (padding columns left untouched).
 void kernel_matrix(const PackedSet& z, const float* neg_inv_2s2, int n_sigma, float* out, int64_t ld);
+// out: x.rows x y.rows, row-major: k(x_i, y_j) (also on the diagonal when x and y share rows).
+void cross_kernel_matrix(const MatView& x, const MatView& y, const float* neg_inv_2s2, int n_sigma, float* out);
 // K: N x N, row stride ld (a multiple of 16), zero in the padding columns.
 void permutation_quadratic_forms(const float* K, int64_t N, int64_t ld, const int64_t* x_index, int64_t P, int64_t n,
                                  double* s_xx);

@@ -11,9 +11,6 @@ Needs matplotlib (the ``report`` extra); uses the Agg backend and never opens a 
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import os
 from pathlib import Path
@@ -21,31 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from . import _atomic
+from . import _html
+from ._info import build_info
+from . import __version__
 from .errors import FormatError
 
 __all__ = ["write_report"]
 
-
-def _plt():
-    from .errors import require
-
-    mpl = require("matplotlib", "report")
-    mpl.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _img(b64: str, alt: str, ident: str) -> str:
-    return f'<img id="{ident}" class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+_esc = _html.escape
+_table = _html.table
 
 
 def _load_json(path: Path) -> Any:
@@ -60,13 +41,13 @@ def _load_json(path: Path) -> Any:
 # --------------------------------------------------------------------------------------------
 # figures
 # --------------------------------------------------------------------------------------------
-def _ranking_figure(ranking: dict) -> str:
-    plt = _plt()
+def _ranking_figure(ranking: dict):
     rows = ranking["ranking"]
     names = [r["name"] for r in rows]
     vals = [r["mmd2"] for r in rows]
     ps = [r.get("p_value") for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    fig = _html.figure(figsize=(7, 0.45 * len(rows) + 1.2))
+    ax = fig.subplots()
     colors = ["#d95f02" if i == 0 else "#7570b3" for i in range(len(rows))]
     y = np.arange(len(rows))[::-1]
     ax.barh(y, vals, color=colors)
@@ -78,14 +59,14 @@ def _ranking_figure(ranking: dict) -> str:
     ax.set_xlim(min(0.0, min(vals)), max(vals) + 0.25 * span)
     ax.set_xlabel("MMD² to the target (lower = more transferable)")
     ax.set_title("Source ranking")
-    return _png(fig)
+    return fig
 
 
-def _histogram_figure(selection: dict) -> str:
-    plt = _plt()
+def _histogram_figure(selection: dict):
     pool = np.asarray(selection["pool_scores"], dtype=np.float64)
     chosen = np.asarray(selection["scores"], dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig = _html.figure(figsize=(7, 3.2))
+    ax = fig.subplots()
     finite = pool[np.isfinite(pool)]
     ax.hist(finite, bins=min(60, max(10, len(finite) // 8)), color="#999999", label=f"pool ({len(finite)} tiles)")
     if len(finite):
@@ -97,26 +78,25 @@ def _histogram_figure(selection: dict) -> str:
     ax.set_ylabel("tiles")
     ax.set_title(f"Pool uncertainty under the source model, strategy '{selection.get('strategy')}'")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return fig
 
 
-def _gallery_figure(tiles: np.ndarray, captions: list[str], title: str) -> str:
-    plt = _plt()
+def _gallery_figure(tiles: np.ndarray, captions: list[str], title: str):
     n = max(1, len(tiles))
     cols = min(n, 4)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    fig = _html.figure(figsize=(2.6 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, t, c in zip(axes.ravel(), tiles, captions):
         ax.imshow(t, cmap="gray", vmin=0, vmax=255)
         ax.set_title(c, fontsize=7)
     fig.suptitle(title)
-    return _png(fig)
+    return fig
 
 
-def _training_figure(training: dict) -> str | None:
-    plt = _plt()
+def _training_figure(training: dict):
     curves = {}
     for key, hist in (training or {}).items():
         loss = _loss_of(hist)
@@ -124,7 +104,8 @@ def _training_figure(training: dict) -> str | None:
             curves[key] = np.asarray(loss, dtype=np.float64)
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig = _html.figure(figsize=(7, 3.2))
+    ax = fig.subplots()
     colors = {"finetuned": "#d95f02", "scratch": "#1b9e77"}
     for key, loss in curves.items():
         w = max(1, len(loss) // 25)
@@ -136,7 +117,7 @@ def _training_figure(training: dict) -> str | None:
     ax.set_yscale("log")
     ax.set_title("Training curves (same tiles, same recipe)")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return fig
 
 
 def _loss_of(hist) -> list | None:
@@ -158,8 +139,7 @@ def _overall(ev: dict) -> dict:
     return ev.get("overall", ev) if isinstance(ev, dict) else {}
 
 
-def _vi_figure(evaluation: dict) -> str | None:
-    plt = _plt()
+def _vi_figure(evaluation: dict):
     keys = [k for k in ("source", "scratch", "finetuned") if k in evaluation]
     if not keys:
         return None
@@ -167,7 +147,8 @@ def _vi_figure(evaluation: dict) -> str | None:
     merge = [float(_overall(evaluation[k]).get("vi_merge", np.nan)) for k in keys]
     are = [float(_overall(evaluation[k]).get("adapted_rand_error", np.nan)) for k in keys]
     labels = {"source": "source as-is", "scratch": "scratch", "finetuned": "fine-tuned"}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [2, 1]})
+    fig = _html.figure(figsize=(8, 3.2))
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     x = np.arange(len(keys))
     ax.bar(x, split, color="#7570b3", label="VI split")
     ax.bar(x, merge, bottom=split, color="#e7298a", label="VI merge")
@@ -180,7 +161,7 @@ def _vi_figure(evaluation: dict) -> str | None:
     ax2.bar(x, are, color="#66a61e")
     ax2.set_xticks(x, [labels[k] for k in keys], rotation=20)
     ax2.set_title("adapted Rand error")
-    return _png(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,22 +184,6 @@ def _fmt_sigma(s) -> str:
     if isinstance(s, (list, tuple)):
         return ", ".join(f"{float(v):.3g}" for v in s)
     return f"{float(s):.3g}"
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
-color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;
-text-align:left}th{background:#f4f4f4}img.plot{max-width:100%;display:block;margin:.5em 0}
-.note{color:#666;font-size:.9em}.big{font-size:1.15em}
-"""
 
 
 def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
@@ -259,9 +224,9 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     demo = (run.get("settings") or {}).get("demo") or {}
     label = (f"synthetic domain {demo['target_domain']} (held out of the zoo)" if demo.get("target_domain")
              else target.get("path") or target.get("name") or target.get("source", ""))
-    summary = [f"Target: <b>{html.escape(str(label))}</b> {html.escape(str(target.get('shape', '')))}",
-               f"Best source: <b>{html.escape(str(best.get('name')))}</b> (MMD² {best.get('mmd2', float('nan')):.4g})",
-               f"Status: <b>{html.escape(status)}</b>"]
+    summary = [f"Target: <b>{_esc(str(label))}</b> {_esc(str(target.get('shape', '')))}",
+               f"Best source: <b>{_esc(str(best.get('name')))}</b> (MMD² {best.get('mmd2', float('nan')):.4g})",
+               f"Status: <b>{_esc(status)}</b>"]
     if run.get("vi_reduction") is not None:
         summary.append(f"VI reduction of fine-tuning versus scratch: <b>{100 * run['vi_reduction']:.1f}%</b>")
     if run.get("total_s") is not None:
@@ -270,7 +235,7 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
 
     # ranking
     parts.append("<h2>1. Source ranking</h2>")
-    parts.append(_img(_ranking_figure(ranking), "source ranking bar chart", "fig-ranking"))
+    parts.append(_html.figure_img(_ranking_figure(ranking), "source ranking bar chart", "fig-ranking"))
     parts.append(_table([[r.get("rank", i + 1), r["name"], f"{r['mmd2']:.5g}",
                           "n/a" if r.get("p_value") is None else f"{r['p_value']:.3g}",
                           _fmt_sigma(r.get("sigma")), r.get("n_reference"),
@@ -283,7 +248,8 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     # selection
     parts.append("<h2>2. Tiles to annotate</h2>")
     if selection is not None:
-        parts.append(_img(_histogram_figure(selection), "uncertainty histogram of the pool", "fig-uncertainty"))
+        parts.append(_html.figure_img(_histogram_figure(selection), "uncertainty histogram of the pool",
+                                      "fig-uncertainty"))
         coords = selection.get("coords", [])
         parts.append(_table([[i, tuple(c), f"{s:.4g}"] for i, (c, s) in enumerate(zip(coords, selection["scores"]))],
                             ["tile", "corner (z, y, x)", "uncertainty"]))
@@ -295,22 +261,22 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
             unc_coords = g["uncertain_coords"]
         if selection is not None and len(chosen):
             caps = [f"{tuple(int(v) for v in c)}  u={s:.3f}" for c, s in zip(selection["coords"], selection["scores"])]
-            parts.append(_img(_gallery_figure(chosen, caps, "Chosen tiles (median uncertainty)"),
+            parts.append(_html.figure_img(_gallery_figure(chosen, caps, "Chosen tiles (median uncertainty)"),
                               "gallery of chosen tiles", "fig-chosen"))
         if len(unc):
             caps = [f"{tuple(int(v) for v in c)}  u={s:.3f}" for c, s in zip(unc_coords, unc_scores)]
-            parts.append(_img(_gallery_figure(unc, caps, "Most uncertain pool tiles (often artefacts)"),
+            parts.append(_html.figure_img(_gallery_figure(unc, caps, "Most uncertain pool tiles (often artefacts)"),
                               "gallery of the most uncertain tiles", "fig-uncertain"))
     ann = run.get("annotation_dir")
     if ann:
-        parts.append(f'<p class="note">Annotation hand-off: <code>{html.escape(str(run_dir / ann))}</code> '
+        parts.append(f'<p class="note">Annotation hand-off: <code>{_esc(str(run_dir / ann))}</code> '
                      "(open in Fiji or napari, paint labels into <code>labels/</code>).</p>")
 
     # training + evaluation
     parts.append("<h2>3. Fine-tuning versus training from scratch</h2>")
     fig = _training_figure(run.get("training") or {})
     if fig:
-        parts.append(_img(fig, "training curves", "fig-training"))
+        parts.append(_html.figure_img(fig, "training curves", "fig-training"))
     elif status != "complete":
         parts.append('<p class="note">Not trained yet: the run is waiting for labels of the chosen tiles.</p>')
     else:
@@ -318,7 +284,7 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     evaluation = run.get("evaluation") or {}
     fig = _vi_figure(evaluation)
     if fig:
-        parts.append(_img(fig, "VI fine-tuned versus scratch", "fig-vi"))
+        parts.append(_html.figure_img(fig, "VI fine-tuned versus scratch", "fig-vi"))
         rows = []
         for k in ("source", "scratch", "finetuned"):
             if k in evaluation:
@@ -347,18 +313,7 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
         if d:
             settings_rows += [[title, k, v] for k, v in _flatten(d)]
     parts.append(_table(settings_rows, ["step", "setting", "value"]))
-    try:
-        from . import __version__, build_info
-
-        info = build_info()
-        parts.append(f'<p class="note">neuroadda_rt {__version__}; simd={info.get("simd_active")}, '
-                     f'cuda={info.get("cuda")}</p>')
-    except Exception:  # noqa: BLE001 - the footer must never break the report
-        pass
-
-    doc = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>neuroadda_rt report</title>"
-           f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
-    out_path = Path(out) if out is not None else run_dir / "report.html"
-
-    _atomic.write_text(out_path, doc)
-    return out_path
+    info = build_info()
+    parts.append(f'<p class="note">neuroadda_rt {__version__}; simd={info.get("simd_active")}, '
+                 f'cuda={info.get("cuda")}</p>')
+    return _html.write_page(Path(out) if out is not None else run_dir / "report.html", "neuroadda_rt report", parts)

@@ -38,7 +38,7 @@ namespace {
 
 constexpr int kT = 16;  // tile edge = panel height = one 512-bit vector of floats
 
-enum class Mode { Sums, Matrix, Dists };
+enum class Mode { Sums, Matrix, Dists, Cross };
 
 // c[r][lane] = A_r . B_lane for two packed panels (each d x 16, k-major); inlined into the
 // cloned callers so c stays in registers.
@@ -72,12 +72,13 @@ struct PanelJob {
   const float* coef;      // -1 / (2 sigma²)
   int n_sigma;
   int blocks;
-  float* out;             // Matrix: N x N; Dists: upper triangle of s x s
-  int64_t out_n;          // Matrix: row stride of out; Dists: s
+  float* out;             // Matrix: N x N; Dists: upper triangle of s x s; Cross: n x m
+  int64_t out_n;          // Matrix / Cross: row stride of out; Dists: s
 };
 
-// One row panel P against panels Q >= P. Sums: partial[0..2] += (kxx, kyy, kxy) off-diagonal
-// ordered-pair sums. Cloned: every call runs the best instruction set of this CPU.
+// One row panel P against panels Q >= P (Cross: x panel P against every y panel Q >= split).
+// Sums: partial[0..2] += (kxx, kyy, kxy) off-diagonal ordered-pair sums. Cloned: every call runs
+// the best instruction set of this CPU.
 template <Mode M>
 NEUROADDA_SIMD_CLONES void row_panel(const PanelJob& job, int64_t P, double* partial) {
   using L = Lanes<v16f>;
@@ -90,7 +91,7 @@ NEUROADDA_SIMD_CLONES void row_panel(const PanelJob& job, int64_t P, double* par
   const bool px = P < job.split;
   v16f lane;
   for (int l = 0; l < kT; ++l) lane[l] = static_cast<float>(l);
-  for (int64_t Q = P; Q < job.n_panels; ++Q) {
+  for (int64_t Q = (M == Mode::Cross) ? job.split : P; Q < job.n_panels; ++Q) {
     int block = 0;  // 0 xx, 1 yy, 2 xy
     if (M == Mode::Sums) {
       const bool qx = Q < job.split;
@@ -115,6 +116,16 @@ NEUROADDA_SIMD_CLONES void row_panel(const PanelJob& job, int64_t P, double* par
         float* dst = job.out + i * job.out_n - i * (i + 1) / 2 + (j0 - i - 1);
         std::memcpy(dst, buf + r * kT + c0, sizeof(float) * (vb - c0));
       }
+      continue;
+    }
+    if (M == Mode::Cross) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kT; ++r) {
+        const v16f k = gaussian_mean_kernel(sq_dist_from_dot(L::splat(na[r]), nb, c[r]), job.coef, job.n_sigma, inv_s);
+        std::memcpy(buf + r * kT, &k, sizeof(k));
+      }
+      for (int r = 0; r < va; ++r)  // first[]: output row (x panels) and output column (y panels)
+        std::memcpy(job.out + (job.first[P] + r) * job.out_n + job.first[Q], buf + r * kT, sizeof(float) * vb);
       continue;
     }
     if (M == Mode::Matrix) {
@@ -366,6 +377,16 @@ void kernel_matrix(const PackedSet& z, const float* neg_inv_2s2, int n_sigma, fl
   PanelJob job{z.panels.data(), z.norms.data(), valid.data(), first.data(), z.n_panels, z.n_panels, z.d,
                neg_inv_2s2, n_sigma, kBlockAll, out, ld};
   run_panels<Mode::Matrix>(job, nullptr);
+}
+
+void cross_kernel_matrix(const MatView& x, const MatView& y, const float* neg_inv_2s2, int n_sigma, float* out) {
+  Pooled pooled = pack_pooled(x, y, /*pad_between=*/true);
+  for (int64_t p = pooled.split; p < pooled.ps.n_panels; ++p) pooled.first[p] -= x.rows;  // columns of out
+  PanelJob job{pooled.ps.panels.data(), pooled.ps.norms.data(), pooled.valid.data(), pooled.first.data(),
+               pooled.ps.n_panels, pooled.split, pooled.ps.d, neg_inv_2s2, n_sigma, kBlockAll, out, y.rows};
+  const int64_t NP = pooled.split;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads_for(NP))
+  for (int64_t P = 0; P < NP; ++P) row_panel<Mode::Cross>(job, P, nullptr);
 }
 
 PackedSet pack_pooled_contiguous(const MatView& x, const MatView& y) {

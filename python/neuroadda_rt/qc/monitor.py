@@ -32,8 +32,8 @@ nothing pickled) and restored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import os
 import threading
@@ -44,18 +44,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _atomic
-from .errors import DTypeError, FormatError, InputValueError, ShapeError, require
+from .._digest import folder_sha256
+from ..errors import DTypeError, FormatError, InputValueError, ShapeError
+from ..mmd import gaussian_kernel_matrix, median_sigma
+from ..runtime import FeatureExtractor, Predictor
+from ..uncertainty import tile_uncertainty
+from .descriptors import IMAGE_STATS, IMAGE_TAILS, KIND_OF, TEXTURE, as_tiles, image_stats
+from .reading import load_array
+from .state import read_state, write_state
 
 __all__ = ["QCMonitor", "QCReport", "WindowResult"]
-
-_STATE_VERSION = 1
-#: Intensity descriptors computed per tile (all on the [0, 1] normalised image), their
-#: artefact tail (-1 low, +1 high, 0 both) and the likely cause they name.
-_IMAGE_STATS = ("mean", "std", "sharpness", "line_ridge", "flat", "block_max")
-_IMAGE_TAILS = {"mean": 0, "std": 0, "sharpness": -1, "line_ridge": 1, "flat": -1, "block_max": 1}
-_KIND_OF = {"mean": "brightness", "std": "contrast", "sharpness": "defocus", "line_ridge": "fold", "flat": "stain",
-            "block_max": "bright_region", "similarity": "feature_outlier", "uncertainty": "uncertainty"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,130 +171,15 @@ class QCReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# tiles, models and descriptors
-
-
-def _as_tiles(tiles, name: str = "tiles") -> np.ndarray:
-    """(N, H, W) float32 in [0, 1]. uint8 / uint16 use the dtype range (the package's
-    normalisation rule for integer EM data); floats must already be in [0, 1]. Copies."""
-    if isinstance(tiles, (list, tuple)):
-        if not tiles:
-            raise ShapeError(f"expected at least one tile in {name}, got an empty list")
-        shapes = {np.shape(t) for t in tiles}
-        if len(shapes) != 1:
-            raise ShapeError(f"expected {name} of one shape, got shapes {sorted(shapes)}")
-        tiles = np.stack([np.asarray(t) for t in tiles])
-    arr = np.asarray(tiles)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim == 4 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim != 3:
-        raise ShapeError(f"expected {name} as (N, H, W), (H, W) or (N, 1, H, W), got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] < 8 or arr.shape[2] < 8:
-        raise ShapeError(f"expected at least one tile of at least 8x8 pixels in {name}, got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) * np.float32(1 / 255)
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) * np.float32(1 / 65535)
-    if arr.dtype in (np.float32, np.float64):
-        out = arr.astype(np.float32)
-        if not np.isfinite(out).all():
-            raise InputValueError(f"expected finite float {name} in [0, 1], got NaN or inf")
-        if out.min() < 0 or out.max() > 1:
-            raise InputValueError(f"expected float {name} in [0, 1], got range [{out.min():.4g}, {out.max():.4g}]")
-        return out
-    raise DTypeError(f"expected {name} of dtype uint8, uint16, float32 or float64, got {arr.dtype}")
-
-
-def image_stats(tiles: np.ndarray, *, chunk: int = 32) -> np.ndarray:
-    """Cheap intensity descriptors per tile, columns in the order of ``_IMAGE_STATS``.
-
-    Computed on the tile averaged over 2×2 pixels (tiles of 256 pixels or more; smaller
-    tiles at full resolution), which keeps the cost at about 3 ms of CPU per 256×256 tile:
-
-    * ``mean``, ``std``: brightness and contrast;
-    * ``sharpness``: mean absolute 4-neighbour Laplacian over the standard deviation (defocus
-      lowers it whatever the contrast);
-    * ``line_ridge``: strongest straight dark ridge (a segment a third of the tile long, 32
-      orientations, darker than both parallel neighbours): folds are long thin dark lines,
-      membranes are shorter and dark areas have no bright sides;
-    * ``flat``: smallest standard deviation of 4×4 blocks: stains and other deposits are dark
-      *and* smooth, tissue always carries texture and shot noise;
-    * ``block_max``: brightest 4×4 block mean (debris, bright deposits, beam damage);
-    * a last column, ``texture`` (median 4×4-block standard deviation), is not a detector: it
-      tells a global blur (every block smooth) from a local deposit when naming the cause.
-
-    Tiles are processed ``chunk`` at a time to stay in cache.
-    """
-    t = np.asarray(tiles, dtype=np.float32)
-    if t.shape[0] > chunk:
-        return np.concatenate([image_stats(t[i:i + chunk], chunk=chunk) for i in range(0, t.shape[0], chunk)])
-    n, h, w = t.shape
-    if min(h, w) >= 256:
-        h, w = h // 2 * 2, w // 2 * 2
-        t = (t[:, 0:h:2, 0:w:2] + t[:, 1:h:2, 0:w:2] + t[:, 0:h:2, 1:w:2] + t[:, 1:h:2, 1:w:2]) * np.float32(0.25)
-        n, h, w = t.shape
-    mean = t.mean(axis=(1, 2), dtype=np.float64)
-    std = t.std(axis=(1, 2), dtype=np.float64)
-    lap = 4 * t[:, 1:-1, 1:-1]
-    lap -= t[:, :-2, 1:-1]
-    lap -= t[:, 2:, 1:-1]
-    lap -= t[:, 1:-1, :-2]
-    lap -= t[:, 1:-1, 2:]
-    sharp = np.abs(lap, out=lap).mean(axis=(1, 2), dtype=np.float64) / (std + 1e-6)
-    h4, w4 = h // 4, w // 4
-    c = t[:, :h4 * 4, :w4 * 4]
-    # 4x4 block moments by two contiguous reductions (a 5-d reshape-reduce is several times slower)
-    s1 = c.reshape(n, h4 * 4, w4, 4).sum(-1).reshape(n, h4, 4, w4).sum(2) * np.float32(1 / 16)
-    s2 = (c * c).reshape(n, h4 * 4, w4, 4).sum(-1).reshape(n, h4, 4, w4).sum(2) * np.float32(1 / 16)
-    bstd = np.sqrt(np.maximum(s2 - s1 * s1, 0)).reshape(n, -1)
-    flat = bstd.min(axis=1).astype(np.float64)
-    texture = np.median(bstd, axis=1).astype(np.float64)
-    bmax = s1.max(axis=(1, 2)).astype(np.float64)
-    return np.stack([mean, std, sharp, _line_contrast(t), flat, bmax, texture], axis=1)
-
-
-def _line_contrast(t: np.ndarray, n_angles: int = 32, offsets=(2, 4, 8)) -> np.ndarray:
-    """Strongest straight dark ridge: over straight segments (0.3 of the tile long) at every
-    position and ``n_angles`` orientations, the mean of the segment subtracted from the darker of
-    its two parallel neighbours ``k`` pixels away (k in ``offsets``). A fold is a long thin dark line
-    with brighter tissue on both sides; dark areas (vesicle clusters) have dark neighbours and
-    membrane segments are shorter. A direction within 45 degrees of the column axis becomes that
-    axis by shifting each row (shear); cumulative sums along it give every segment's mean at once,
-    O(pixels) per angle; the transposed tile covers the other directions."""
-    n, h, w = t.shape
-    length = min(max(5, min(41, int(0.3 * min(h, w)) | 1)), min(h, w) - 1)
-    best = np.full(n, -np.inf, dtype=np.float32)
-    for img in (t, t.transpose(0, 2, 1)):
-        hh, ww = img.shape[1:]
-        pad = hh // 2 + 1
-        xp = np.pad(img, ((0, 0), (0, 0), (pad, pad)), mode="reflect" if pad < ww else "edge")
-        ys = np.arange(hh) - hh / 2
-        cs = np.empty((n, hh + 1, ww), dtype=np.float32)
-        cs[:, 0] = 0.0
-        for theta in np.linspace(-np.pi / 4, np.pi / 4, n_angles // 2, endpoint=False):
-            off = np.round(ys * math.tan(theta)).astype(int) + pad
-            # cumulative sums down the sheared rows, one row at a time (faster than a strided
-            # cumsum and needs no sheared copy)
-            for y in range(hh):
-                np.add(cs[:, y], xp[:, y, off[y]:off[y] + ww], out=cs[:, y + 1])
-            le = max(3, int(round(length * math.cos(theta))))
-            run = (cs[:, le:, :] - cs[:, :-le, :]) * np.float32(1 / le)  # segment means
-            for k in offsets:
-                if 2 * k >= ww:
-                    continue
-                ridge = np.minimum(run[:, :, :-2 * k], run[:, :, 2 * k:]) - run[:, :, k:-k]
-                best = np.maximum(best, ridge.max(axis=(1, 2)))
-    return best.astype(np.float64)
+# the model
 
 
 class _Model:
     """Adapter: ``features(tiles) -> (N, d) float32`` and optional ``uncertainty(tiles) -> (N,)``.
 
     ``model`` may be a model package directory or ONNX file (through
-    :class:`~neuroadda_rt.FeatureExtractor`), an object with ``.features(tiles)`` (a
-    FeatureExtractor), or a callable mapping (N, H, W) float32 tiles to (N, d) features.
+    :class:`~neuroadda_rt.FeatureExtractor`), a FeatureExtractor, or a callable mapping (N, H, W)
+    float32 tiles to (N, d) features.
     ``uncertainty`` may be None, a model package / full-network ONNX path or a
     :class:`~neuroadda_rt.Predictor` (probabilities of each tile reduced with
     :func:`~neuroadda_rt.tile_uncertainty`, mean binary entropy), or a callable mapping tiles to
@@ -307,11 +190,10 @@ class _Model:
         self.batch_size = int(batch_size)
         self.fingerprint = ""
         if isinstance(model, (str, os.PathLike)):
-            from . import runtime
-
-            self.fingerprint = _file_fingerprint(Path(model))
-            model = runtime.FeatureExtractor(model, backend=backend)
-        if hasattr(model, "features"):
+            # the weights' files only: a fingerprint of what computes the features
+            self.fingerprint = folder_sha256(model, suffixes=(".onnx", ".safetensors", ".json"))[:16]
+            model = FeatureExtractor(model, backend=backend)
+        if isinstance(model, FeatureExtractor):
             extractor = model
 
             def feats(x):
@@ -323,16 +205,12 @@ class _Model:
             raise DTypeError(f"expected model as a path, a FeatureExtractor or a callable, got {type(model).__name__}")
         self._uncertainty = None
         if isinstance(uncertainty, (str, os.PathLike)):
-            from . import runtime
-
-            uncertainty = runtime.Predictor(uncertainty, backend=backend)
+            uncertainty = Predictor(uncertainty, backend=backend)
         if uncertainty is not None:
-            if hasattr(uncertainty, "predict_tiles"):
+            if isinstance(uncertainty, Predictor):
                 predictor = uncertainty
 
                 def unc(x):
-                    from .uncertainty import tile_uncertainty
-
                     probs = predictor.predict_tiles(x[:, None], batch_size=self.batch_size)
                     return tile_uncertainty(np.ascontiguousarray(probs, dtype=np.float32))
                 self._uncertainty = unc
@@ -362,20 +240,8 @@ class _Model:
         return u
 
 
-def _file_fingerprint(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        if p.suffix in (".onnx", ".safetensors", ".json"):
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------
-# kernel helpers (float64; the reference side is fixed after construction)
+# helpers (float64 sums of the package kernel; the reference side is fixed after construction)
 
 _BLAS = None
 
@@ -394,32 +260,15 @@ def _single_blas():
         except ImportError:  # pragma: no cover - optional
             _BLAS = False
     if _BLAS is False:
-        import contextlib
-
         return contextlib.nullcontext()
     return _BLAS.limit(limits=1, user_api="blas")
 
 
+def _kernel(a: np.ndarray, b: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """The package's Gaussian kernel (:func:`~neuroadda_rt.mmd.gaussian_kernel_matrix`, the
+    kernel of every MMD² in the package) as float64, for float64 sums."""
+    return gaussian_kernel_matrix(a, b, sigma=sigmas).astype(np.float64)
 
-def _sqdist(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
-    a = a.astype(np.float64, copy=False)
-    b = b.astype(np.float64, copy=False)
-    a_sq = np.einsum("ij,ij->i", a, a)
-    if b_sq is None:
-        b_sq = np.einsum("ij,ij->i", b, b)
-    d = a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)
-    return np.maximum(d, 0.0, out=d)
-
-
-def _kernel(d2: np.ndarray, gammas: np.ndarray) -> np.ndarray:
-    """Gaussian kernel averaged over bandwidths; gammas = 1 / (2 sigma²)."""
-    if len(gammas) == 1:
-        return np.exp(-gammas[0] * d2)
-    out = np.zeros_like(d2)
-    for g in gammas:
-        out += np.exp(-g * d2)
-    out /= len(gammas)
-    return out
 
 
 def _tail_fraction(ref: np.ndarray, x: np.ndarray, tail: int, *, loo: bool) -> np.ndarray:
@@ -537,7 +386,7 @@ class QCMonitor:
 
     def _build_reference(self, reference, reference_uncertainty, sigma) -> None:
         if isinstance(reference, (str, os.PathLike)):
-            reference = _load_array(Path(reference))
+            reference = load_array(Path(reference))
         ref = np.asarray(reference) if not isinstance(reference, (list, tuple)) else reference
         rng = np.random.default_rng(self.seed)
         ref_stats = ref_unc = None
@@ -554,10 +403,10 @@ class QCMonitor:
             if not np.isfinite(feats).all():
                 raise InputValueError("expected finite reference features, got NaN or inf")
         else:
-            tiles = _as_tiles(ref, "reference")
+            tiles = as_tiles(ref, "reference")
             keep = self._subsample(len(tiles), rng)
             tiles = tiles[keep]
-            feats = self._features_batched(tiles)
+            feats = self._model.features(tiles)
             ref_stats = image_stats(tiles)
             self._tile_shape = list(tiles.shape[1:])
             if self._model.has_uncertainty:
@@ -568,8 +417,6 @@ class QCMonitor:
         self.dim = feats.shape[1]
         m = len(feats)
         self.sigmas = self._choose_sigma(feats, sigma, rng)
-        self._gammas = 1.0 / (2.0 * self.sigmas**2)
-        self._ref_sq = np.einsum("ij,ij->i", feats.astype(np.float64), feats.astype(np.float64))
         # permutations, drawn once: perm b puts the pseudo-window at `positions[b]` among the
         # n window slots (0..n-1) followed by the m reference slots.
         n, b = self.window, self.n_permutations
@@ -580,7 +427,7 @@ class QCMonitor:
         rowsum = np.zeros(m)
         kx = np.zeros((m, b))
         for s in range(0, m, 512):  # one-off: BLAS may use every thread here
-            blk = _kernel(_sqdist(feats[s:s + 512], feats, self._ref_sq), self._gammas)
+            blk = _kernel(feats[s:s + 512], feats, self.sigmas)
             idx = np.arange(s, min(s + 512, m))
             blk[idx - s, idx] = 0.0
             rowsum[s:s + 512] = blk.sum(axis=1)
@@ -599,11 +446,11 @@ class QCMonitor:
             self._det_ref.append(ref_unc)
             self._det_tail.append(1)
         if ref_stats is not None:
-            for j, name in enumerate(_IMAGE_STATS):
+            for j, name in enumerate(IMAGE_STATS):
                 self._det_names.append(name)
                 self._det_ref.append(ref_stats[:, j].copy())
-                self._det_tail.append(_IMAGE_TAILS[name])
-            self._ref_texture = float(np.median(ref_stats[:, len(_IMAGE_STATS)]))
+                self._det_tail.append(IMAGE_TAILS[name])
+            self._ref_texture = float(np.median(ref_stats[:, TEXTURE]))
         else:
             self._ref_texture = 0.0
         self._calibrate_combined()
@@ -621,8 +468,7 @@ class QCMonitor:
             return s
         half = len(feats) // 2
         perm = rng.permutation(len(feats))
-        from .mmd import median_sigma  # the package kernel (C++), on a random half/half split
-
+        # the package's median heuristic, on a random half/half split
         return np.array([float(median_sigma(feats[perm[:half]], feats[perm[half:]]))])
 
     def _derive_permutation_matrices(self) -> None:
@@ -644,9 +490,6 @@ class QCMonitor:
         """(lowest, median, highest) reference value per detector: a tile's excess beyond the
         reference range, relative to the half-range on that side, names its likely cause."""
         return np.array([np.quantile(r, [0.0, 0.5, 1.0]) for r in self._det_ref])
-
-    def _features_batched(self, tiles: np.ndarray) -> np.ndarray:
-        return self._model.features(tiles)
 
     def _reset_stream(self) -> None:
         n, b = self.window, self.n_permutations
@@ -709,7 +552,7 @@ class QCMonitor:
         -------
         QCReport
         """
-        x = _as_tiles(tiles)
+        x = as_tiles(tiles)
         n_new = x.shape[0]
         if self._tile_shape is not None and list(x.shape[1:]) != self._tile_shape:
             # the intensity descriptors are calibrated at the reference's tile size
@@ -727,7 +570,7 @@ class QCMonitor:
         unc = self._model.uncertainty(x) if "uncertainty" in self._det_names else None
         stats = image_stats(x) if "mean" in self._det_names else None
         with _single_blas():
-            k_ref = _kernel(_sqdist(feats, self.ref, self._ref_sq), self._gammas)
+            k_ref = _kernel(feats, self.ref, self.sigmas)
             sim = k_ref.mean(axis=1)
             p_rows = k_ref @ self._xr
         del k_ref
@@ -755,7 +598,7 @@ class QCMonitor:
             # witness against the window as it stands after this update (each tile's own
             # kernel value excluded)
             fill = self._ring_fill
-            k_win = _kernel(_sqdist(feats, self._ring_f[:fill]), self._gammas).sum(axis=1)
+            k_win = _kernel(feats, self._ring_f[:fill], self.sigmas).sum(axis=1)
             in_ring = np.arange(n_new) >= n_new - min(n_new, fill)
             others = np.where(in_ring, fill - 1, fill)
             win_mean = np.where(others > 0, (k_win - in_ring) / np.maximum(others, 1), 0.0)
@@ -794,7 +637,7 @@ class QCMonitor:
     def _artefacts(self, sim, unc, stats) -> tuple[np.ndarray, list[str]]:
         values = {"similarity": sim, "uncertainty": unc}
         if stats is not None:
-            values.update({name: stats[:, j] for j, name in enumerate(_IMAGE_STATS)})
+            values.update({name: stats[:, j] for j, name in enumerate(IMAGE_STATS)})
         score, ex = self._combined_score(values, loo=False)
         # conformal p-value of the combined score against the reference's own (leave-one-out) scores
         p = _conformal_p(self._combined_ref, score)
@@ -816,13 +659,13 @@ class QCMonitor:
         for i in range(ex.shape[1]):
             cand = {names[j]: ex[j, i] for j in range(len(names)) if np.isfinite(ex[j, i])}
             if "mean" in cand and cand["mean"] > 0:
-                out.append(_KIND_OF["mean"])
+                out.append(KIND_OF["mean"])
             elif ("sharpness" in cand and stats is not None and self._ref_texture > 0
-                  and stats[i, len(_IMAGE_STATS)] < 0.5 * self._ref_texture):
-                out.append(_KIND_OF["sharpness"])
+                  and stats[i, TEXTURE] < 0.5 * self._ref_texture):
+                out.append(KIND_OF["sharpness"])
             else:
                 cand.pop("sharpness", None) if len(cand) > 1 else None
-                out.append(_KIND_OF[max(cand, key=cand.get)])
+                out.append(KIND_OF[max(cand, key=cand.get)])
         return out
 
     def _test_window(self) -> WindowResult:
@@ -831,7 +674,7 @@ class QCMonitor:
         n, m = self.window, len(self.ref)
         # ring slot order does not matter for the statistic, but the permutation matrices index
         # window slots; any fixed slot order is a valid relabelling.
-        kww = _kernel(_sqdist(self._ring_f, self._ring_f), self._gammas)
+        kww = _kernel(self._ring_f, self._ring_f, self.sigmas)
         np.fill_diagonal(kww, 0.0)
         ref_sum = self._ring_s * m  # K_WR 1
         ww_row = kww.sum(axis=1)
@@ -894,8 +737,6 @@ class QCMonitor:
         pathlib.Path
             The path written.
         """
-        st = require("safetensors.numpy", "runtime")
-        path = Path(path)
         with self._lock:
             arrays = {
                 "ref": self.ref, "sigmas": self.sigmas, "positions": self._positions,
@@ -907,7 +748,7 @@ class QCMonitor:
             for name, r in zip(self._det_names, self._det_ref):
                 arrays[f"det_{name}"] = np.asarray(r, dtype=np.float64)
             meta = {
-                "version": _STATE_VERSION, "window": self.window, "alpha": self.alpha,
+                "window": self.window, "alpha": self.alpha,
                 "n_permutations": self.n_permutations, "artefact_fpr": self.artefact_fpr,
                 "max_reference": self.max_reference, "seed": self.seed, "history": self._history_len,
                 "ref_total": self._ref_total, "detectors": self._det_names, "tails": self._det_tail,
@@ -919,10 +760,7 @@ class QCMonitor:
                 "windows": [w.to_dict() for w in self._windows], "model": self._model.fingerprint,
                 "extra": extra or {},
             }
-            arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-            with _atomic.atomic_path(path) as tmp:
-                st.save_file(arrays, str(tmp), metadata={"neuroadda_qc_state": json.dumps(meta)})
-        return path
+            return write_state(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, *, uncertainty=None, backend: str = "auto",
@@ -934,20 +772,7 @@ class QCMonitor:
         FormatError
             The file is missing, truncated or not a QC state.
         """
-        require("safetensors", "runtime")
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"QC state {path} does not exist")
-        try:
-            with safe_open(str(path), framework="np") as f:
-                meta = json.loads((f.metadata() or {})["neuroadda_qc_state"])
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
-            raise FormatError(f"{path}: not a readable QC state ({exc})") from exc
-        if meta.get("version") != _STATE_VERSION:
-            raise FormatError(f"{path}: expected QC state version {_STATE_VERSION}, got {meta.get('version')}")
+        meta, arrays = read_state(path)
         mon = cls(model, None, window=meta["window"], alpha=meta["alpha"], n_permutations=meta["n_permutations"],
                   uncertainty=uncertainty, max_reference=meta["max_reference"], artefact_fpr=meta["artefact_fpr"],
                   history=meta["history"], seed=meta["seed"], backend=backend, batch_size=batch_size,
@@ -963,8 +788,6 @@ class QCMonitor:
             self.ref = a["ref"].astype(np.float32)
             self.dim = self.ref.shape[1]
             self.sigmas = a["sigmas"].astype(np.float64)
-            self._gammas = 1.0 / (2.0 * self.sigmas**2)
-            self._ref_sq = np.einsum("ij,ij->i", self.ref.astype(np.float64), self.ref.astype(np.float64))
             self._positions = a["positions"].astype(np.int32)
             self._derive_permutation_matrices()
             self._ref_rowsum = a["ref_rowsum"]
@@ -996,15 +819,3 @@ class QCMonitor:
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"{state['path']}: inconsistent QC state ({exc!r})") from exc
 
-
-def _load_array(path: Path) -> np.ndarray:
-    """Reference from a file: ``.npy`` (tiles or features, never pickled objects), or an image
-    file / folder of images (tiles)."""
-    if path.suffix == ".npy":
-        try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise FormatError(f"{path}: not a plain .npy array ({exc})") from exc
-    from .qc_service import read_tiles  # images, folders of images
-
-    return read_tiles(path)

@@ -1,0 +1,130 @@
+"""The QC report: a database written by :class:`~neuroadda_rt.qc.service.QCService` as one
+self-contained HTML page (the package's page shell, :mod:`neuroadda_rt._html`)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import _html
+from ..errors import FormatError
+
+__all__ = ["write_report"]
+
+_esc = _html.escape
+
+
+def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None) -> Path:
+    """Render a QC database as one self-contained HTML page (written atomically).
+
+    The page shows the drift statistic (MMD²) and its p-value per window over time, drift
+    windows marked; the artefact counts per likely cause; a gallery of flagged tiles (the most
+    extreme first); and the files that could not be read.
+
+    Parameters
+    ----------
+    db : path-like
+        Database written by :class:`QCService`.
+    out : path-like
+        HTML file to write.
+    max_gallery : int
+        Most flagged tiles shown.
+    alpha : float, optional
+        Drift level drawn on the p-value plot (default: the monitor's, from the database).
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    db, out = Path(db), Path(out)
+    if not db.is_file():
+        raise FileNotFoundError(f"QC database {db} does not exist")
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        try:
+            wins = con.execute("SELECT idx, mmd2, p_value, drift, rule, first_id, last_id, t_start, t_end, n_flagged "
+                               "FROM windows ORDER BY idx").fetchall()
+            files = con.execute("SELECT status, COUNT(*), SUM(n_tiles), SUM(n_flagged) FROM files GROUP BY status"
+                                ).fetchall()
+            errors = con.execute("SELECT path, error, processed_at FROM files WHERE status = 'error' ORDER BY seq"
+                                 ).fetchall()
+            kinds = con.execute("SELECT kind, COUNT(*) FROM tiles WHERE flagged = 1 GROUP BY kind ORDER BY 2 DESC"
+                                ).fetchall()
+            gallery = con.execute("SELECT tile_id, kind, artefact_p, score, thumb FROM tiles WHERE flagged = 1 "
+                                  "AND thumb IS NOT NULL ORDER BY artefact_p, score DESC LIMIT ?",
+                                  (int(max_gallery),)).fetchall()
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise FormatError(f"{db}: not a QC database ({exc})") from exc
+    finally:
+        con.close()
+    if alpha is None:
+        alpha = float(meta.get("alpha", 0.01))
+    parts = [f"<h1>neuroadda_rt acquisition QC</h1><p>Database <code>{_esc(str(db))}</code>, "
+             f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>"]
+    summary = {s: (c, t or 0, f or 0) for s, c, t, f in files}
+    ok = summary.get("ok", (0, 0, 0))
+    n_drift = sum(int(w[3]) for w in wins)
+    parts.append(f"<p>{ok[0]} files, {ok[1]} tiles, {ok[2]} flagged tiles, {len(errors)} unreadable files; "
+                 f"{len(wins)} windows tested, {n_drift} with drift.</p>")
+    if meta:
+        parts.append("<p>" + ", ".join(f"{_esc(k)}={_esc(v)}" for k, v in sorted(meta.items())) + "</p>")
+    parts.append("<h2>Drift</h2>")
+    if wins:
+        parts.append(_html.figure_img(_drift_figure(wins, alpha), "drift over time"))
+        drifted = [[w[0], f"{w[1]:.4g}", f"{w[2]:.3g}", w[4] or "", w[5], w[6], w[9]] for w in wins if w[3]]
+        if drifted:
+            parts.append("<h3>Drift windows</h3>" + _html.table(
+                drifted, ["window", "MMD²", "p", "rule", "first tile", "last tile", "flagged"]))
+    else:
+        parts.append("<p>No complete window yet.</p>")
+    parts.append("<h2>Artefacts by likely cause</h2>")
+    if kinds:
+        fig = _html.figure(figsize=(6, 0.4 + 0.35 * len(kinds)))
+        ax = fig.subplots()
+        ax.barh([k or "?" for k, _ in kinds][::-1], [c for _, c in kinds][::-1], color="C1")
+        ax.set_xlabel("flagged tiles")
+        fig.tight_layout()
+        parts.append(_html.figure_img(fig, "artefact counts"))
+        parts.append(_html.table([[k or "?", c] for k, c in kinds], ["likely cause", "tiles"]))
+        parts.append(f"<h2>Flagged tiles ({len(gallery)} most extreme)</h2><div class='gallery'>")
+        for tid, kind, p, _score, thumb in gallery:
+            parts.append(f"<figure>{_html.png_img(thumb, tid, cls=None)}<figcaption>{_esc(tid)}<br>"
+                         f"{_esc(kind)} p={p:.2g}</figcaption></figure>")
+        parts.append("</div>")
+    else:
+        parts.append("<p>No flagged tiles.</p>")
+    if errors:
+        parts.append("<h2>Unreadable files</h2>" + _html.table([[p, e or ""] for p, e, _ in errors],
+                                                              ["file", "error"]))
+    return _html.write_page(out, "neuroadda_rt QC", parts)
+
+
+def _drift_figure(wins: list, alpha: float):
+    """MMD² and p-value per window over time (minutes when the timestamps are real), drift marked."""
+    idx = np.array([w[0] for w in wins])
+    mmd = np.array([w[1] for w in wins])
+    pv = np.array([w[2] for w in wins])
+    dr = np.array([bool(w[3]) for w in wins])
+    t = np.array([w[8] for w in wins])
+    use_time = np.all(np.diff(t) >= 0) and t[-1] > t[0] and t[0] > 1e8
+    x = (t - t[0]) / 60.0 if use_time else idx
+    fig = _html.figure(figsize=(9, 5))
+    ax = fig.subplots(2, 1, sharex=True)
+    ax[0].plot(x, mmd, "-o", ms=3, color="C0")
+    ax[0].plot(x[dr], mmd[dr], "o", color="C3", label="drift")
+    ax[0].axhline(0, color="0.6", lw=0.8)
+    ax[0].set_ylabel("MMD² (window vs reference)")
+    ax[0].legend(loc="upper left")
+    ax[1].semilogy(x, pv, "-o", ms=3, color="C0")
+    ax[1].semilogy(x[dr], pv[dr], "o", color="C3")
+    ax[1].axhline(alpha / 2, color="C3", ls="--", lw=0.8, label=f"alpha/2 = {alpha / 2:g}")
+    ax[1].axhline((alpha / 2) ** 0.5, color="C1", ls=":", lw=0.8, label="persistence level")
+    ax[1].set_ylabel("p-value")
+    ax[1].set_xlabel("minutes since first window" if use_time else "window")
+    ax[1].legend(loc="lower left")
+    fig.tight_layout()
+    return fig

@@ -113,6 +113,18 @@ class JsonRecord:
         return text
 
 
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 150, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure to ``path`` atomically, in the format of its suffix (PNG without one).
+
+    Extra keyword arguments go to ``fig.savefig`` (e.g. ``bbox_inches="tight"``).
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi, **savefig_kwargs)
+    return path
+
+
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Save ``array`` as ``.npy`` (never pickled) to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -28,9 +28,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy.cluster.hierarchy import cophenet, dendrogram, leaves_list, linkage
+from scipy.spatial.distance import squareform
+from scipy.stats import pearsonr
 
 from . import _atomic
+from ._sources import iter_zoo
 from .errors import FormatError, InputValueError, ShapeError, require
+from .mmd import median_sigma, mmd2_matrix, mmd2_test
+from .ranking import rank_sources
 
 __all__ = ["Atlas", "PhylogenyComparison", "domain_atlas", "compare_to_phylogeny", "reference_species_tree",
            "species_aliases"]
@@ -42,7 +48,7 @@ _METHODS = ("average", "single", "complete", "weighted")
 # the atlas
 # --------------------------------------------------------------------------------------------
 @dataclass
-class Atlas:
+class Atlas(_atomic.JsonRecord):
     """Pairwise MMD² between EM domains, its symmetrised distance and an average-linkage tree.
 
     Attributes
@@ -103,9 +109,6 @@ class Atlas:
         if self.method not in _METHODS:
             raise InputValueError(f"expected a linkage method among {_METHODS}, got {self.method!r}")
         self.distance = symmetrised_distance(m)
-        from scipy.cluster.hierarchy import linkage
-        from scipy.spatial.distance import squareform
-
         # optimal_ordering only flips subtrees (same clusters, same cophenetic distances) so that
         # neighbouring leaves are similar: the heatmap reads better.
         self.linkage = linkage(squareform(self.distance, checks=False), method=self.method,
@@ -115,9 +118,6 @@ class Atlas:
     @property
     def cophenetic(self) -> np.ndarray:
         """(k, k) cophenetic distances of the dendrogram (merge height of each pair)."""
-        from scipy.cluster.hierarchy import cophenet
-        from scipy.spatial.distance import squareform
-
         return squareform(cophenet(self.linkage))
 
     @property
@@ -128,8 +128,6 @@ class Atlas:
 
     def leaves_order(self) -> list[str]:
         """Domain names in dendrogram leaf order (the heatmap's row order)."""
-        from scipy.cluster.hierarchy import leaves_list
-
         return [self.names[i] for i in leaves_list(self.linkage)]
 
     def nearest(self, name: str) -> str:
@@ -173,13 +171,6 @@ class Atlas:
             "settings": self.settings,
         }
 
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """The atlas as JSON text (NaN p-values as null); also written atomically to ``path``."""
-        text = _atomic.dumps_json(self.to_dict())
-        if path is not None:
-            _atomic.write_text(path, text)
-        return text
-
     @classmethod
     def from_json(cls, text_or_path) -> "Atlas":
         """Rebuild an atlas from :meth:`to_json` output (JSON text or a file path)."""
@@ -216,7 +207,6 @@ class Atlas:
         """
         require("matplotlib", "report")
         from matplotlib.figure import Figure
-        from scipy.cluster.hierarchy import dendrogram, leaves_list
 
         k = len(self.names)
         order = leaves_list(self.linkage)
@@ -258,7 +248,7 @@ class Atlas:
         fig.colorbar(im, cax=ax_c, label="(MMD²[s,t] + MMD²[t,s]) / 2")
         fig.suptitle(title or f"Domain atlas ({k} domains, {self.method} linkage)")
         if path is not None:
-            _atomic_savefig(fig, Path(path), dpi=dpi)
+            _atomic.save_figure(fig, path, dpi=dpi)
         return fig
 
 
@@ -365,22 +355,20 @@ def _check_banks(banks: Mapping[str, Any]) -> tuple[list[str], list[np.ndarray]]
 
 
 def _atlas_from_banks(banks, *, method, n_permutations, sigma, seed) -> Atlas:
-    from . import mmd as _mmd
-
     names, arrays = _check_banks(banks)
     if n_permutations < 0:
         raise InputValueError(f"expected n_permutations >= 0, got {n_permutations}")
     if sigma is None:
         # One bandwidth for every pair (median heuristic on the pooled banks) so entries compare.
         sigma = _pooled_sigma(arrays, seed)
-    m = np.asarray(_mmd.mmd2_matrix(arrays, sigma=float(sigma)), dtype=np.float64)
+    m = np.asarray(mmd2_matrix(arrays, sigma=float(sigma)), dtype=np.float64)
     p = None
     if n_permutations > 0:
         k = len(arrays)
         p = np.full((k, k), np.nan)
         for i in range(k):
             for j in range(i + 1, k):
-                res = _mmd.mmd2_test(arrays[i], arrays[j], sigma=float(sigma), n_permutations=n_permutations,
+                res = mmd2_test(arrays[i], arrays[j], sigma=float(sigma), n_permutations=n_permutations,
                                      seed=seed)
                 p[i, j] = p[j, i] = float(res.p_value)
     settings = {"mode": "feature_banks", "sigma": float(sigma), "n_permutations": n_permutations, "seed": seed,
@@ -392,20 +380,16 @@ def _pooled_sigma(arrays: Sequence[np.ndarray], seed: int = 0, max_rows: int = 2
     """Median-heuristic bandwidth of the pooled banks: an evenly spaced subsample of at most
     ``max_rows`` rows of their concatenation (deterministic, bounded cost), as ``mmd2_matrix``'s
     ``sigma="pooled"`` does; returned so that the p-value tests use the very same bandwidth."""
-    from . import mmd as _mmd
-
     pooled = np.concatenate(arrays, axis=0)
     s = min(len(pooled), max_rows)
     pooled = pooled[(np.arange(s) * len(pooled)) // s]
-    return float(_mmd.median_sigma(pooled[: s // 2], pooled[s // 2:]))
+    return float(median_sigma(pooled[: s // 2], pooled[s // 2:]))
 
 
 def _atlas_from_zoo(zoo, targets, *, method, n_tiles, tile_size, seed, n_permutations, cache_dir, progress,
                     backend, device) -> Atlas:
-    from .ranking import _iter_zoo, _pkg_name, rank_sources
-
-    models = _iter_zoo(zoo)
-    names = [_pkg_name(m) for m in models]
+    models = iter_zoo(zoo)
+    names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise InputValueError(f"expected source models with unique names, got {names}")
     missing = [n for n in names if n not in targets]
@@ -435,7 +419,7 @@ def _atlas_from_zoo(zoo, targets, *, method, n_tiles, tile_size, seed, n_permuta
 # phylogeny
 # --------------------------------------------------------------------------------------------
 @dataclass
-class PhylogenyComparison:
+class PhylogenyComparison(_atomic.JsonRecord):
     """How well an atlas matches a species tree.
 
     Attributes
@@ -469,9 +453,6 @@ class PhylogenyComparison:
         return {"cophenetic_correlation": self.cophenetic_correlation, "mantel_r": self.mantel_r,
                 "mantel_p": self.mantel_p, "n_permutations": self.n_permutations, "method": self.method,
                 "names": list(self.names), "tips": list(self.tips), "patristic": self.patristic.tolist()}
-
-    def to_json(self) -> str:
-        return _atomic.dumps_json(self.to_dict())
 
 
 def reference_species_tree():
@@ -652,17 +633,13 @@ def _upper(a: np.ndarray) -> np.ndarray:
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x = x - x.mean()
-    y = y - y.mean()
-    den = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y / den) if den > 0 else float("nan")
+    """SciPy's Pearson r; NaN where it is undefined (one pair, or a constant side: two domains,
+    or an ultrametric of equal heights), which SciPy refuses or warns about."""
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(pearsonr(x, y).statistic)
 
 
 def _nan_to_none(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
-
-def _atomic_savefig(fig, path: Path, dpi: int = 150) -> None:
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    with _atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi)

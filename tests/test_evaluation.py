@@ -46,7 +46,7 @@ def test_score_segmentation_perfect_and_shape_checked():
 
 @pytest.fixture(scope="module")
 def data():
-    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.study.synthetic import make_domain
 
     img, lab = make_domain(None, (3, 64, 64), seed=5)
     return img, lab

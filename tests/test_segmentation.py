@@ -10,7 +10,7 @@ from skimage.metrics import variation_of_information
 from neuroadda_rt import InputValueError, ShapeError, segment, tune_threshold
 from neuroadda_rt.labels import instances_to_affinities, instances_to_boundary
 from neuroadda_rt.segmentation import waterz_available
-from neuroadda_rt.synthetic import make_domain
+from neuroadda_rt.study.synthetic import make_domain
 
 def _has(mod):
     try:

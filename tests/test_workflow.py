@@ -80,7 +80,7 @@ def test_annotation_mismatches_are_refused(tmp_path):
         read_annotation(ann)
     # non-integer labels
     tifffile.imwrite(ann / "labels" / "tile_001_z2_y30_x1.tif", np.full((16, 16), 0.5, np.float32))
-    with pytest.raises(FormatError, match="integer instance labels"):
+    with pytest.raises(FormatError, match="integer label ids"):
         read_annotation(ann)
     tifffile.imwrite(ann / "labels" / "tile_001_z2_y30_x1.tif", np.ones((16, 16), np.float32))
     read_annotation(ann)  # integral floats (Fiji's 32-bit) are fine

@@ -15,12 +15,17 @@ definition, as scikit-image). "Overall" is the mean over images.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import InputValueError, ShapeError
+from .errors import InputValueError, ShapeError, require
+from .metrics import adapted_rand_error, variation_of_information
+from .package import ModelPackage, load_model as load_package
+from .runtime import Predictor
+from .segmentation import segment
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +85,6 @@ class Evaluation:
 
     def to_frame(self):
         """A pandas DataFrame: one row per image plus a final ``"overall"`` row."""
-        from .errors import require
-
         pd = require("pandas", "report")
         rows = [dict(r) for r in self.per_image]
         rows.append({"index": "overall", **self.overall})
@@ -116,8 +119,9 @@ def _split_images(x, what: str) -> list[np.ndarray]:
 def score_segmentation(segmentation: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """VI split / merge / total and adapted Rand error of one segmentation against the truth.
 
-    Both are integer label images of one shape (not copied). Label 0 is an ordinary label in
-    both (no pixels are ignored).
+    Both are integer label images of one shape (not copied). Pixels whose truth is 0
+    (membrane / unlabelled) are left out, the default of
+    :func:`~neuroadda_rt.variation_of_information` and :func:`~neuroadda_rt.adapted_rand_error`.
 
     Examples
     --------
@@ -126,45 +130,21 @@ def score_segmentation(segmentation: np.ndarray, truth: np.ndarray) -> dict[str,
     >>> s["vi_total"], s["adapted_rand_error"]
     (0.0, 0.0)
     """
-    from .metrics import adapted_rand_error, variation_of_information
-
     seg, gt = np.asarray(segmentation), np.asarray(truth)
     if seg.shape != gt.shape:
         raise ShapeError(f"expected a segmentation of the truth's shape {gt.shape}, got {seg.shape}")
-    split, merge = _vi(variation_of_information, seg, gt)
-    are = _are(adapted_rand_error, seg, gt)
+    split, merge = (float(v) for v in variation_of_information(seg, gt))
+    are = float(adapted_rand_error(seg, gt)[0])
     return {"vi_split": split, "vi_merge": merge, "vi_total": split + merge, "adapted_rand_error": are}
 
 
-def _vi(fn, seg, gt) -> tuple[float, float]:
-    r = fn(seg, gt)
-    if hasattr(r, "split"):
-        return float(r.split), float(r.merge)
-    vals = [float(v) for v in r]
-    return vals[0], vals[1]
-
-
-def _are(fn, seg, gt) -> float:
-    r = fn(seg, gt)
-    if hasattr(r, "error"):
-        return float(r.error)
-    if np.ndim(r) == 0:
-        return float(r)
-    return float(list(r)[0])
-
-
-# --------------------------------------------------------------------------------------------
-def _model_info(model) -> tuple[str, str, dict | None, dict]:
-    """(name, representation, normalization rule, metadata dict) of a package or a UNet."""
-    meta = getattr(model, "metadata", None)
-    if not isinstance(meta, dict):
-        meta = {}
-    name = str(getattr(model, "name", None) or meta.get("name") or type(model).__name__)
-    config = dict(getattr(model, "config", None) or meta.get("network", {}) or {})
-    representation = str(getattr(model, "representation", None) or meta.get("representation")
-                         or config.get("head", "boundary"))
-    norm = getattr(model, "normalization", None)
-    return name, representation, norm, meta
+def _model_info(model) -> tuple[str, str, dict]:
+    """(name, representation, metadata) of a package, its folder, or a bare UNet (no metadata)."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_package(model)
+    if isinstance(model, ModelPackage):
+        return model.name, model.representation, model.metadata
+    return type(model).__name__, str(model.config.get("head", "boundary")), {}
 
 
 def stored_threshold(model) -> float | None:
@@ -174,7 +154,7 @@ def stored_threshold(model) -> float | None:
     and ``neuroadda-rt zoo build`` under ``extra.segmentation.threshold`` (and
     ``metrics.segmentation_threshold``).
     """
-    _, _, _, meta = _model_info(model)
+    _, _, meta = _model_info(model)
     seg = (meta.get("extra") or {}).get("segmentation")
     if isinstance(seg, dict) and seg.get("threshold") is not None:
         return float(seg["threshold"])
@@ -189,8 +169,6 @@ def predict_probabilities(model, images, *, backend: str = "auto", device: str =
     ``model`` is a model package (or its folder) or a bare UNet; images are raw (uint8/uint16)
     or float in [0, 1]. Inputs are not modified.
     """
-    from .runtime import Predictor
-
     ims = _split_images(images, "images")
     pred = Predictor(model, backend=backend, device=device)
     out = []
@@ -235,8 +213,6 @@ def evaluate(model, images, labels, *, threshold: float | None = None, backend: 
     >>> ev = nr.evaluate(next(iter(zoo)), images, labels)         # doctest: +SKIP
     >>> ev.overall["vi_total"]                                     # doctest: +SKIP
     """
-    from .segmentation import segment
-
     ims = _split_images(images, "images")
     lbs = _split_images(labels, "labels")
     if len(ims) == 0:
@@ -248,7 +224,8 @@ def evaluate(model, images, labels, *, threshold: float | None = None, backend: 
             raise ShapeError(f"expected labels of the image's shape, got image {k} {im.shape} and labels {lb.shape}")
         if not np.issubdtype(lb.dtype, np.integer):
             raise InputValueError(f"expected integer instance labels, got dtype {lb.dtype} for labels {k}")
-    name, representation, _, _ = _model_info(model)
+    model = load_package(model) if isinstance(model, (str, os.PathLike)) else model
+    name, representation, _ = _model_info(model)
     source = "argument"
     if threshold is None:
         threshold = stored_threshold(model)

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputValueError, ShapeError, require
-from .labels import label_interior, relabel_consecutive
+from .labels import affinity_offsets, label_interior, relabel_consecutive
+from .metrics import variation_of_information
 
 __all__ = ["segment", "tune_threshold", "ThresholdResult", "waterz_available"]
 
@@ -174,8 +175,6 @@ def _fallback_affinities(affs: np.ndarray, threshold: float) -> np.ndarray:
 
 def _mws(p: np.ndarray, threshold: float, per_slice: bool) -> np.ndarray:
     """Mutex watershed (mwatershed): edges above ``1 - threshold`` attract, below repel."""
-    from .labels import affinity_offsets
-
     mws = require("mwatershed", "mws")
     w = p.astype(np.float64) - (1.0 - threshold)
     if p.ndim == 4 and per_slice:
@@ -285,10 +284,7 @@ def segment(probs, representation: str, *, threshold: float = 0.5, per_slice: bo
 # ----------------------------------------------------------------------------- tuning
 def _vi(seg: np.ndarray, gt: np.ndarray, ignore_zero: bool) -> float:
     """Variation of information (split + merge, bits), ignoring ground-truth 0 if asked."""
-    from .metrics import variation_of_information
-
-    split, merge = variation_of_information(seg, gt, ignore_gt=(0,) if ignore_zero else ())
-    return float(split + merge)
+    return float(sum(variation_of_information(seg, gt, ignore_gt=(0,) if ignore_zero else ())))
 
 
 @dataclass

@@ -14,24 +14,28 @@ here) and of :func:`run_workflow`, which chains the steps and writes everything 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import _atomic
-from .errors import FormatError, InputValueError, ShapeError
-from .ranking import (RankedSource, SourceRanking, _as_volume, _volume_shape,
-                      rank_sources)
-from .evaluation import evaluate
+from ._digest import bytes_sha256
+from ._sources import as_volume, volume_shape
+from .errors import FormatError, InputValueError, ShapeError, require
+from .evaluation import Evaluation, evaluate
+from .io import read_image_2d, read_image_stack
+from .package import ModelPackage
+from .ranking import RankedSource, SourceRanking, rank_sources
+from .report import write_report
 from .selection import TileSelection, select_tiles
+from .tiles import extract_tiles, sample_tiles
 from .training import finetune, train_from_scratch
 
 log = logging.getLogger("neuroadda_rt")
@@ -54,8 +58,9 @@ def _tile_name(i: int, coord) -> str:
 
 
 def _sha(a: np.ndarray) -> str:
+    # this exact byte layout is what existing tiles.json files hold: keep it
     a = np.ascontiguousarray(a)
-    return hashlib.sha256(repr((a.shape, str(a.dtype))).encode() + a.tobytes()).hexdigest()
+    return bytes_sha256(repr((a.shape, str(a.dtype))).encode() + a.tobytes())
 
 
 def write_annotation(selection: TileSelection, out_dir, *, tiles: np.ndarray | None = None,
@@ -138,8 +143,6 @@ tiles.json records them with a checksum of every image, and finetune refuses lab
 
 
 def _tifffile():
-    from .errors import require
-
     return require("tifffile", "io")
 
 
@@ -150,34 +153,6 @@ def _atomic_tiff(tifffile, path: Path, array: np.ndarray) -> None:
 
 
 _NAME_RE = re.compile(r"^(tile_\d{3}_(?:z\d+_)?y\d+_x\d+)\.(tif|tiff|png)$", re.IGNORECASE)
-
-
-def _read_label_image(path: Path, *, stack: bool = False) -> np.ndarray:
-    if path.suffix.lower() == ".png":
-        from PIL import Image
-
-        with Image.open(path) as im:
-            a = np.asarray(im)
-    else:
-        try:
-            a = _tifffile().imread(path)
-        except Exception as exc:  # tifffile raises several types for a broken file
-            raise FormatError(f"{path}: unreadable label image ({exc})") from exc
-    a = np.asarray(a)
-    keep = 3 if stack else 2
-    while a.ndim > keep and a.shape[0] == 1:  # ImageJ/napari may add singleton axes
-        a = a[0]
-    if stack and a.ndim == 2:
-        a = a[None]
-    if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-            raise FormatError(f"{path}: expected integer instance labels, got non-integer float values")
-        a = a.astype(np.int64)
-    elif a.dtype.kind not in "uib":
-        raise FormatError(f"{path}: expected integer instance labels, got dtype {a.dtype}")
-    if a.size and a.min() < 0:
-        raise FormatError(f"{path}: expected non-negative labels, got minimum {a.min()}")
-    return a.astype(np.uint32, copy=False)
 
 
 def read_annotation(annotation_dir, labels_dir=None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -214,13 +189,12 @@ def read_annotation(annotation_dir, labels_dir=None) -> tuple[np.ndarray, np.nda
     labels_dir = Path(labels_dir) if labels_dir is not None else ann / "labels"
     if not labels_dir.is_dir():
         raise FileNotFoundError(f"labels folder not found: {labels_dir}")
-    tifffile = _tifffile()
     images = []
     for e in entries:
         p = ann / "images" / f"{e['name']}.tif"
         if not p.exists():
             raise FileNotFoundError(f"tile image missing: {p}")
-        im = np.asarray(tifffile.imread(p))
+        im = read_image_2d(p)
         if _sha(im) != e["sha256"]:
             raise FormatError(f"{p}: the tile image changed since selection (checksum mismatch); "
                               f"expected the tile at {tuple(e['coords'])}")
@@ -238,7 +212,7 @@ def read_annotation(annotation_dir, labels_dir=None) -> tuple[np.ndarray, np.nda
             found[m.group(1)] = p
     labels = []
     if not found and stack.exists():
-        arr = _read_label_image(stack, stack=True)
+        arr = read_image_stack(stack, kind="labels")
         if arr.shape[0] != len(entries):
             raise ShapeError(f"{stack}: expected {len(entries)} label pages, got {arr.shape[0]}")
         for e, page, im in zip(entries, arr, images):
@@ -251,7 +225,7 @@ def read_annotation(annotation_dir, labels_dir=None) -> tuple[np.ndarray, np.nda
             if p is None:
                 raise FileNotFoundError(f"no label for tile {e['name']} in {labels_dir} (expected "
                                         f"{e['name']}.tif)")
-            lab = _read_label_image(p)
+            lab = read_image_2d(p, kind="labels")
             if lab.shape != im.shape:
                 raise ShapeError(f"{p}: label has shape {lab.shape}, expected {im.shape} like its tile at "
                                  f"{tuple(e['coords'])}")
@@ -279,9 +253,7 @@ def _exclusion_mask(shape: tuple[int, ...], coords: np.ndarray, size: int) -> np
 
 
 def _held_out_tiles(volume, label_volume, coords, size: int, n_test: int, seed: int):
-    from .tiles import extract_tiles, sample_tiles
-
-    shape = _volume_shape(volume)
+    shape = volume_shape(volume)
     mask = _exclusion_mask(shape, coords, size)
     try:
         t = sample_tiles(volume, n_test, size, seed=seed + 1_000_003, mask=mask)
@@ -314,9 +286,11 @@ class WorkflowResult:
 
 
 def _to_jsonable(obj):
-    """Evaluation / history objects to plain JSON types."""
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
+    """Settings and evaluations (dataclasses, NumPy values) as plain JSON types."""
+    if isinstance(obj, Evaluation):
+        return obj.to_dict()
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _to_jsonable(asdict(obj))
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -325,60 +299,17 @@ def _to_jsonable(obj):
         return {str(k): _to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_to_jsonable(v) for v in obj]
-    for meth in ("to_dict", "as_dict"):
-        if callable(getattr(obj, meth, None)):
-            return _to_jsonable(getattr(obj, meth)())
-    if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return _to_jsonable(asdict(obj))
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
     return str(obj)
 
 
-def _history_of(pkg) -> dict | None:
-    """The training history a trained package carries (loss per step), if any."""
-    for attr in ("history", "train_history", "training_history"):
-        h = getattr(pkg, attr, None)
-        if h is not None:
-            return _to_jsonable(h)
-    from .ranking import _meta
-
-    m = _meta(pkg)
-    for key in ("training", "training_metrics", "history"):
-        if isinstance(m.get(key), dict):
-            return _to_jsonable(m[key])
-    return None
-
-
-def _save_package(pkg, dest: Path) -> str:
+def _save_package(pkg: ModelPackage, dest: Path) -> str:
     """Put a trained package at ``dest`` (replacing what is there, atomically); return the path."""
     dest = Path(dest)
-    src = getattr(pkg, "path", None)
-    if src is not None and Path(src).resolve() == dest.resolve():
-        return str(dest)
-    if callable(getattr(pkg, "save", None)):
+    if pkg.path.resolve() != dest.resolve():
         pkg.save(dest, overwrite=True)
-        return str(dest)
-    from .package import save_model
-
-    save_model(pkg, dest, overwrite=True)
     return str(dest)
-
-
-def _call(fn, *args, **kwargs):
-    """Call ``fn`` with the keyword arguments it accepts (progress / checkpoint options are optional)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        dropped = [k for k in kwargs if k not in params and k in ("progress", "checkpoint_dir", "backend", "device",
-                                                                   "out", "overwrite")]
-        for k in dropped:
-            kwargs.pop(k)
-    return fn(*args, **kwargs)
 
 
 def train_pair(model, images, labels, *, out_dir, train: dict | None = None, progress: bool = False,
@@ -392,12 +323,13 @@ def train_pair(model, images, labels, *, out_dir, train: dict | None = None, pro
     out_dir = Path(out_dir)
     timings = {}
     t0 = time.perf_counter()
-    ft = _call(finetune, model, images, labels, checkpoint_dir=out_dir / "checkpoints" / "finetuned",
-               progress=progress, device=device, out=out_dir / "models" / "finetuned", overwrite=True, **train)
+    ft = finetune(model, images, labels, checkpoint_dir=out_dir / "checkpoints" / "finetuned", progress=progress,
+                  device=device, out=out_dir / "models" / "finetuned", overwrite=True, **train)
     timings["finetune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sc = _call(train_from_scratch, model, images, labels, checkpoint_dir=out_dir / "checkpoints" / "scratch",
-               progress=progress, device=device, out=out_dir / "models" / "scratch", overwrite=True, **train)
+    sc = train_from_scratch(model, images, labels, checkpoint_dir=out_dir / "checkpoints" / "scratch",
+                            progress=progress, device=device, out=out_dir / "models" / "scratch", overwrite=True,
+                            **train)
     timings["scratch"] = time.perf_counter() - t0
     return ft, sc, timings
 
@@ -414,12 +346,10 @@ def _label_tiles(labels, volume, selection: TileSelection):
         if coords.shape != selection.coords.shape or not np.array_equal(coords, selection.coords):
             raise FormatError(f"{labels}: the annotated tiles' coordinates do not match this selection")
         return lab, None
-    lab_vol = _as_volume(labels)
-    if _volume_shape(lab_vol) != _volume_shape(volume):
-        raise ShapeError(f"expected labels of the target's shape {_volume_shape(volume)}, "
-                         f"got {_volume_shape(lab_vol)}")
-    from .tiles import extract_tiles
-
+    lab_vol = as_volume(labels)
+    if volume_shape(lab_vol) != volume_shape(volume):
+        raise ShapeError(f"expected labels of the target's shape {volume_shape(volume)}, "
+                         f"got {volume_shape(lab_vol)}")
     return np.asarray(extract_tiles(lab_vol, selection.coords, size)), lab_vol
 
 
@@ -481,7 +411,7 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
     t_start = time.perf_counter()
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    volume = _as_volume(target)
+    volume = as_volume(target)
     timings: dict[str, float] = {}
     train = dict(train or {})
     train.setdefault("seed", seed)
@@ -524,8 +454,6 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
         run["total_s"] = time.perf_counter() - t_start
         _atomic.write_json(run_dir / "run.json", run)
         if report:
-            from .report import write_report
-
             result.report = write_report(run_dir)
         log.info("annotate the tiles in %s, then rerun with labels=", ann_dir)
         return result
@@ -543,7 +471,7 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
     sc_path = _save_package(sc, models_dir / "scratch")
     result.finetuned, result.scratch = ft, sc
     run["models"] = {"finetuned": "models/finetuned", "scratch": "models/scratch"}
-    run["training"] = {"finetuned": _history_of(ft), "scratch": _history_of(sc)}
+    run["training"] = {"finetuned": ft.metrics["training"], "scratch": sc.metrics["training"]}
 
     if test is not None:
         test_images, test_labels = (np.asarray(a) for a in test)
@@ -557,14 +485,14 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
     if test_images is not None:
         t0 = time.perf_counter()
         for key, model in (("finetuned", ft), ("scratch", sc), ("source", best)):
-            evaluation[key] = _to_jsonable(_call(evaluate, model, test_images, test_labels, backend=backend,
-                                                 device=device, progress=progress))
+            evaluation[key] = evaluate(model, test_images, test_labels, backend=backend, device=device,
+                                       progress=progress).to_dict()
         timings["evaluate"] = time.perf_counter() - t0
         run["test"] = {"n": int(len(test_images)),
                        "source": "given" if test is not None else "oracle labels, away from the annotated tiles",
                        "coords": None if test_coords is None else np.asarray(test_coords).tolist()}
-        vi_ft, vi_sc = _vi_total(evaluation["finetuned"]), _vi_total(evaluation["scratch"])
-        if vi_ft is not None and vi_sc is not None and vi_sc > 0:
+        vi_ft, vi_sc = (evaluation[k]["overall"]["vi_total"] for k in ("finetuned", "scratch"))
+        if vi_sc > 0:
             run["vi_reduction"] = 1.0 - vi_ft / vi_sc
     else:
         run["test"] = None
@@ -577,31 +505,12 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
     result.status = "complete"
     _atomic.write_json(run_dir / "run.json", run)
     if report:
-        from .report import write_report
-
         result.report = write_report(run_dir)
     return result
 
 
-def _vi_total(ev) -> float | None:
-    """VI total (overall) from an evaluation dict, whatever its exact nesting."""
-    if not isinstance(ev, dict):
-        return None
-    for key in ("overall", "mean", "total"):
-        if isinstance(ev.get(key), dict):
-            v = _vi_total(ev[key])
-            if v is not None:
-                return v
-    for key in ("vi_total", "vi", "VI"):
-        if isinstance(ev.get(key), (int, float)):
-            return float(ev[key])
-    return None
-
-
 def _save_gallery(run_dir: Path, volume, selection: TileSelection, k: int = 8) -> None:
     """Save the chosen tiles and the k most uncertain pool tiles (uint8 thumbnails) for the report."""
-    from .tiles import extract_tiles
-
     size = int(selection.tile_size)
     order = np.lexsort((np.arange(len(selection.pool_scores)), -selection.pool_scores))[:k]
     top = np.asarray(extract_tiles(volume, selection.pool_coords[order], size))

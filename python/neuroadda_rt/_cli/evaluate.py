@@ -31,32 +31,27 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..cli import print_json
     from ..evaluation import evaluate
-    from ..ranking import _load_package, _volume_shape
-    from ..workflow import _call, read_annotation
+    from .._sources import load_package, volume_shape
+    from ..tiles import extract_tiles, sample_tiles
+    from ..workflow import read_annotation
 
-    model = _load_package(args.model)
+    model = load_package(args.model)
     src = Path(args.images)
     if src.is_dir() and (src / "tiles.json").exists():
         images, labels, _ = read_annotation(src, args.labels)
     else:
         if args.labels is None:
             raise ValueError("expected a LABELS volume after IMAGES (or an annotation folder as IMAGES)")
-        from ..tiles import extract_tiles, sample_tiles
-
         vol = open_target(args.images, args.key)
         lab = open_target(args.labels, args.labels_key)
-        if _volume_shape(vol) != _volume_shape(lab):
-            raise ValueError(f"expected labels of the images' shape {_volume_shape(vol)}, got {_volume_shape(lab)}")
+        if volume_shape(vol) != volume_shape(lab):
+            raise ValueError(f"expected labels of the images' shape {volume_shape(vol)}, got {volume_shape(lab)}")
         t = sample_tiles(vol, args.n_tiles, args.tile_size, seed=args.seed)
         images, labels = t.tiles, extract_tiles(lab, t.coords, args.tile_size)
-    ev = _call(evaluate, model, images, labels, backend=args.backend, device=args.device,
-               progress=not args.no_progress)
-    d = ev.to_dict() if hasattr(ev, "to_dict") else dict(ev)
+    ev = evaluate(model, images, labels, backend=args.backend, device=args.device, progress=not args.no_progress)
     if args.json:
-        print_json(d)
+        print_json(ev.to_dict())
         return 0
-    o = d.get("overall", {})
-    print(f"{d.get('model', args.model)} on {len(images)} tiles: VI total {o.get('vi_total', float('nan')):.4f} "
-          f"(split {o.get('vi_split', float('nan')):.4f}, merge {o.get('vi_merge', float('nan')):.4f}), "
-          f"adapted Rand error {o.get('adapted_rand_error', float('nan')):.4f}")
+    print(f"{ev.model} on {len(images)} tiles: VI total {ev.vi_total:.4f} (split {ev.vi_split:.4f}, "
+          f"merge {ev.vi_merge:.4f}), adapted Rand error {ev.adapted_rand_error:.4f}")
     return 0

@@ -27,9 +27,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..cli import print_json
-    from ..ranking import _load_package
+    from .._sources import load_package
 
-    pkg = _load_package(args.model)
+    pkg = load_package(args.model)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx_path = Path(pkg.path) / ("encoder.onnx" if args.part == "encoder" else "model.onnx")

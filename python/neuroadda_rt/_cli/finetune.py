@@ -30,27 +30,27 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..cli import print_json
-    from ..ranking import _load_package
-    from ..workflow import _call, _save_package, read_annotation
+    from .._sources import load_package
+    from ..training import finetune, train_from_scratch
+    from ..workflow import read_annotation
 
     images, labels, meta = read_annotation(args.annotation, args.labels)
     model_path = args.model or ((meta.get("selection") or {}).get("settings") or {}).get("model", {}).get("path")
     if not model_path:
         raise ValueError(f"{args.annotation}/tiles.json names no source model; pass --model PACKAGE")
-    model = _load_package(model_path)
+    model = load_package(model_path)
     train = {"seed": args.seed}
     for key in ("steps", "lr", "batch_size"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
     if args.no_augment:
         train["augment"] = False
-    from ..training import finetune, train_from_scratch
-
     out = Path(args.out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".checkpoint")
     fn = train_from_scratch if args.scratch else finetune
-    pkg = _call(fn, model, images, labels, checkpoint_dir=ckpt, progress=not args.no_progress, **train)
-    path = _save_package(pkg, out)
+    pkg = fn(model, images, labels, checkpoint_dir=ckpt, progress=not args.no_progress, out=out, overwrite=True,
+             **train)
+    path = str(pkg.path)
     result = {"model": path, "source": str(model_path), "mode": "scratch" if args.scratch else "finetune",
               "tiles": len(images), "train": train}
     if args.json:

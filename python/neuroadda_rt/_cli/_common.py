@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
+
+
+def print_json(obj) -> None:
+    """Print ``obj`` as the machine-readable output of a ``--json`` command."""
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
 
 
 def add_target(p: argparse.ArgumentParser, name: str = "target") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import open_target
+from ._common import open_target, print_json
 
 
 def register(subparsers) -> None:
@@ -29,7 +29,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..cli import print_json
     from ..evaluation import evaluate
     from .._sources import load_package, volume_shape
     from ..tiles import extract_tiles, sample_tiles

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._common import print_json
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -26,7 +28,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..cli import print_json
     from .._sources import load_package
 
     pkg = load_package(args.model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._common import print_json
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -29,7 +31,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..cli import print_json
     from .._sources import load_package
     from ..training import finetune, train_from_scratch
     from ..workflow import read_annotation

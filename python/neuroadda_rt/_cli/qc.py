@@ -50,26 +50,22 @@ def register(subparsers) -> None:
 
 
 def run_watch(args) -> int:
-    from ..qc import QCMonitor, _load_array
-    from ..qc_service import QCService, read_tiles
-    from ..runtime import FeatureExtractor
+    from ..qc import QCMonitor, QCService, read_tiles, split_tiles
+    from ..qc.reading import load_array
+    from ..runtime import FeatureExtractor, Predictor
 
     if not args.folder.is_dir():
         raise FileNotFoundError(f"watched folder {args.folder} does not exist")
     model = FeatureExtractor(args.model, backend=args.backend)
     uncertainty = None
     if args.uncertainty:
-        from ..runtime import Predictor
-
         uncertainty = Predictor(args.model, backend=args.backend)
 
     def factory():
         ref_path = args.reference
         if ref_path.suffix == ".npy":
-            reference = _load_array(ref_path)
+            reference = load_array(ref_path)
             if reference.ndim == 3 and args.tile_size:
-                from ..qc_service import split_tiles
-
                 reference = split_tiles(reference, args.tile_size)
         else:
             reference = read_tiles(ref_path, tile_size=args.tile_size)
@@ -89,7 +85,7 @@ def run_watch(args) -> int:
 
 
 def run_report(args) -> int:
-    from ..qc_service import write_report
+    from ..qc import write_report
 
     out = write_report(args.db, args.out, max_gallery=args.max_gallery)
     print(out)

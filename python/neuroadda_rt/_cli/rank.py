@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_common, add_target, open_target, open_zoo
+from ._common import add_common, add_target, open_target, open_zoo, print_json
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..cli import print_json
     from ..ranking import rank_sources
 
     volume = open_target(args.target, args.key)

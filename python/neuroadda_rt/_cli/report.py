@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._common import print_json
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -15,7 +17,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..cli import print_json
     from ..report import write_report
 
     path = write_report(args.run_dir, args.out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import add_common, add_target, open_target, resolve_model
+from ._common import add_common, add_target, open_target, print_json, resolve_model
 
 
 def register(subparsers) -> None:
@@ -68,7 +68,6 @@ def _read_coords(path: str):
 def run(args) -> int:
     import numpy as np
 
-    from ..cli import print_json
     from ..selection import TileSelection, select_tiles
     from ..workflow import write_annotation
 

@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 
+from ._common import print_json
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("selfcheck", help="print build_info() and run each kernel on small inputs")
@@ -21,7 +23,6 @@ def _timed(fn):
 
 def run(args) -> int:
     import neuroadda_rt as nr
-    from ..cli import print_json
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 64)).astype(np.float32)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import pkgutil
 import sys
 
-from . import __version__
+from . import __version__, _cli
+from ._cli._common import print_json  # noqa: F401  (public: neuroadda_rt.cli.print_json)
 from .errors import NeuroaddaError
 
 
@@ -29,19 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the tool decides (backends, caches)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import _cli
-
     for info in sorted(pkgutil.iter_modules(_cli.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
         importlib.import_module(f"{_cli.__name__}.{info.name}").register(subparsers)
     return parser
-
-
-def print_json(obj) -> None:
-    """Print ``obj`` as the machine-readable output of a ``--json`` command."""
-    json.dump(obj, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
 
 
 def main(argv: list[str] | None = None) -> int:

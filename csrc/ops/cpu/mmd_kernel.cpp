@@ -1,7 +1,8 @@
 // CPU kernels for MMD²: 16x16 register tiles over 16-row panels, exp fused in the epilogue.
 // The hot per-panel functions are SIMD-cloned (AVX-512 / AVX2 / default); OpenMP runs over row
 // panels in the non-cloned drivers, each panel writing its own float64 partial so the final
-// reduction order is fixed.
+// reduction order is fixed. The cross kernel matrix (x against a reference y) runs over y panels
+// instead, so that one x row against a large reference still uses every thread.
 // Vector arguments only cross inlined calls within one clone, so the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include <algorithm>
@@ -38,20 +39,21 @@ namespace {
 
 constexpr int kT = 16;  // tile edge = panel height = one 512-bit vector of floats
 
-enum class Mode { Sums, Matrix, Dists, Cross };
+enum class Mode { Sums, Matrix, Dists };
 
-// c[r][lane] = A_r . B_lane for two packed panels (each d x 16, k-major); inlined into the
-// cloned callers so c stays in registers.
+// c[r][lane] = A_r . B_lane, r < R, for two packed panels (each d x 16, k-major; A may start at
+// any row of its panel); inlined into the cloned callers so c stays in registers.
+template <int R = kT>
 __attribute__((always_inline)) inline void tile_dot(const float* __restrict A, const float* __restrict B,
                                                     int64_t d, v16f* c) {
 #pragma GCC unroll 16
-  for (int r = 0; r < kT; ++r) c[r] = v16f{};
+  for (int r = 0; r < R; ++r) c[r] = v16f{};
   for (int64_t k = 0; k < d; ++k) {
     v16f b;
     std::memcpy(&b, B + k * kT, sizeof(b));
     const float* a = A + k * kT;
 #pragma GCC unroll 16
-    for (int r = 0; r < kT; ++r) c[r] += a[r] * b;
+    for (int r = 0; r < R; ++r) c[r] += a[r] * b;
   }
 }
 
@@ -72,11 +74,11 @@ struct PanelJob {
   const float* coef;      // -1 / (2 sigma²)
   int n_sigma;
   int blocks;
-  float* out;             // Matrix: N x N; Dists: upper triangle of s x s; Cross: n x m
-  int64_t out_n;          // Matrix / Cross: row stride of out; Dists: s
+  float* out;             // Matrix: N x N; Dists: upper triangle of s x s
+  int64_t out_n;          // Matrix: row stride of out; Dists: s
 };
 
-// One row panel P against panels Q >= P (Cross: x panel P against every y panel Q >= split).
+// One row panel P against panels Q >= P.
 // Sums: partial[0..2] += (kxx, kyy, kxy) off-diagonal ordered-pair sums. Cloned: every call runs
 // the best instruction set of this CPU.
 template <Mode M>
@@ -91,7 +93,7 @@ NEUROADDA_SIMD_CLONES void row_panel(const PanelJob& job, int64_t P, double* par
   const bool px = P < job.split;
   v16f lane;
   for (int l = 0; l < kT; ++l) lane[l] = static_cast<float>(l);
-  for (int64_t Q = (M == Mode::Cross) ? job.split : P; Q < job.n_panels; ++Q) {
+  for (int64_t Q = P; Q < job.n_panels; ++Q) {
     int block = 0;  // 0 xx, 1 yy, 2 xy
     if (M == Mode::Sums) {
       const bool qx = Q < job.split;
@@ -116,16 +118,6 @@ NEUROADDA_SIMD_CLONES void row_panel(const PanelJob& job, int64_t P, double* par
         float* dst = job.out + i * job.out_n - i * (i + 1) / 2 + (j0 - i - 1);
         std::memcpy(dst, buf + r * kT + c0, sizeof(float) * (vb - c0));
       }
-      continue;
-    }
-    if (M == Mode::Cross) {
-#pragma GCC unroll 16
-      for (int r = 0; r < kT; ++r) {
-        const v16f k = gaussian_mean_kernel(sq_dist_from_dot(L::splat(na[r]), nb, c[r]), job.coef, job.n_sigma, inv_s);
-        std::memcpy(buf + r * kT, &k, sizeof(k));
-      }
-      for (int r = 0; r < va; ++r)  // first[]: output row (x panels) and output column (y panels)
-        std::memcpy(job.out + (job.first[P] + r) * job.out_n + job.first[Q], buf + r * kT, sizeof(float) * vb);
       continue;
     }
     if (M == Mode::Matrix) {
@@ -214,6 +206,56 @@ NEUROADDA_SIMD_CLONES void quad_forms_block(const float* K, int64_t N, int64_t l
   for (int p = 0; p < nb; ++p) out[p] = static_cast<double>(n_x) + 2.0 * dsum[p];
 }
 
+// R rows of x (broadcast, from a packed x panel at row r0) against one packed y panel (lanes):
+// out[r * ld + lane] = k(x_r, y_lane) for lane < vb.
+template <int R>
+__attribute__((always_inline)) inline void cross_rows(const float* A, const float* na, const float* B, const v16f& nb,
+                                                      int64_t d, const float* coef, int n_sigma, float inv_s, int vb,
+                                                      float* out, int64_t ld) {
+  using L = Lanes<v16f>;
+  v16f c[R];
+  tile_dot<R>(A, B, d, c);
+  // One (not R) inlined copy of the epilogue: unrolled, the exp code no longer inlines and the
+  // vectors go through the stack.
+  alignas(64) float buf[R * kT];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) std::memcpy(buf + r * kT, &c[r], sizeof(v16f));
+#pragma GCC unroll 1
+  for (int r = 0; r < R; ++r) {
+    const v16f k = gaussian_mean_kernel(sq_dist_from_dot(L::splat(na[r]), nb, load16(buf + r * kT)), coef, n_sigma,
+                                        inv_s);
+    std::memcpy(out + r * ld, &k, sizeof(float) * vb);
+  }
+}
+
+// x panels [p0, p1) against one packed y panel (vb valid rows), writing columns out[:, 0:vb]
+// (out: row stride ld, row 0 = x row 0). Only the valid x rows are computed, in blocks of 16
+// (wide: 32 vector registers, AVX-512) or 4 rows (16 registers: 16 x 2 accumulators would
+// spill), then 2 and 1, so a single x row costs one row of multiply-adds, not a 16-row tile.
+NEUROADDA_SIMD_CLONES void cross_panel(const PackedSet& xs, int64_t p0, int64_t p1, const float* B, const float* bn,
+                                       int vb, const float* coef, int n_sigma, bool wide, float* out, int64_t ld) {
+  const float inv_s = 1.0f / static_cast<float>(n_sigma);
+  const int64_t d = xs.d;
+  const v16f nb = load16(bn);
+  for (int64_t P = p0; P < p1; ++P) {
+    const float* A = xs.panels.data() + P * d * kT;
+    const float* na = xs.norms.data() + P * kT;
+    const int va = static_cast<int>(std::min<int64_t>(kT, xs.rows - P * kT));
+    float* o = out + P * kT * ld;
+    int r = 0;
+    if (wide && va == kT) {
+      cross_rows<kT>(A, na, B, nb, d, coef, n_sigma, inv_s, vb, o, ld);
+      continue;
+    }
+    for (; r + 4 <= va; r += 4) cross_rows<4>(A + r, na + r, B, nb, d, coef, n_sigma, inv_s, vb, o + r * ld, ld);
+    if (r + 2 <= va) {
+      cross_rows<2>(A + r, na + r, B, nb, d, coef, n_sigma, inv_s, vb, o + r * ld, ld);
+      r += 2;
+    }
+    if (r < va) cross_rows<1>(A + r, na + r, B, nb, d, coef, n_sigma, inv_s, vb, o + r * ld, ld);
+  }
+}
+
 inline int num_threads_for(int64_t work_items) {
 #ifdef NEUROADDA_WITH_OPENMP
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), work_items)));
@@ -242,30 +284,36 @@ void run_panels(const PanelJob& job, std::vector<double>* partials) {
 
 }  // namespace
 
+// Row `row` of v into lane r of a k-major panel (dst = panel + r); returns the number of
+// non-finite values. The squared norm is accumulated in float64 in k order, then rounded.
+inline int64_t pack_row(const MatView& v, int64_t row, float* dst, float* norm) {
+  const float* src = v.data + row * v.row_stride;
+  int64_t bad = 0;
+  double nrm = 0.0;
+  for (int64_t k = 0; k < v.cols; ++k) {
+    const float val = src[k * v.col_stride];
+    bad += !std::isfinite(val);
+    dst[k * kT] = val;
+    nrm += static_cast<double>(val) * val;
+  }
+  *norm = static_cast<float>(nrm);
+  return bad;
+}
+
 // Packs rows (given by a row mapper) into 16-row k-major panels with float32 norms computed in
-// float64; counts non-finite values. Padding rows are zero.
+// float64; counts non-finite values. Padding rows are zero (the panels come zeroed).
 template <class RowAt>
 static void pack_into(PackedSet& ps, int64_t rows, int64_t d, int64_t panel0, RowAt row_at, int64_t* n_bad) {
   const int64_t np = (rows + kT - 1) / kT;
   int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad) num_threads(num_threads_for(np / 8))
+  // a thread per ~1M values at most (fewer, a thread costs more than it saves)
+#pragma omp parallel for schedule(static) reduction(+ : bad) num_threads(num_threads_for(rows * d >> 20))
   for (int64_t p = 0; p < np; ++p) {
     float* dst = ps.panels.data() + (panel0 + p) * d * kT;
-    for (int r = 0; r < kT; ++r) {
-      const int64_t i = p * kT + r;
-      double nrm = 0.0;
-      if (i < rows) {
-        const auto ref = row_at(i);  // (view, row)
-        const MatView& v = *ref.first;
-        const float* src = v.data + ref.second * v.row_stride;
-        for (int64_t k = 0; k < d; ++k) {
-          const float val = src[k * v.col_stride];
-          if (!std::isfinite(val)) ++bad;
-          dst[k * kT + r] = val;
-          nrm += static_cast<double>(val) * val;
-        }
-      }
-      ps.norms[(panel0 + p) * kT + r] = static_cast<float>(nrm);
+    const int va = static_cast<int>(std::min<int64_t>(kT, rows - p * kT));
+    for (int r = 0; r < va; ++r) {
+      const auto ref = row_at(p * kT + r);  // (view, row)
+      bad += pack_row(*ref.first, ref.second, dst + r, &ps.norms[(panel0 + p) * kT + r]);
     }
   }
   *n_bad += bad;
@@ -380,13 +428,43 @@ void kernel_matrix(const PackedSet& z, const float* neg_inv_2s2, int n_sigma, fl
 }
 
 void cross_kernel_matrix(const MatView& x, const MatView& y, const float* neg_inv_2s2, int n_sigma, float* out) {
-  Pooled pooled = pack_pooled(x, y, /*pad_between=*/true);
-  for (int64_t p = pooled.split; p < pooled.ps.n_panels; ++p) pooled.first[p] -= x.rows;  // columns of out
-  PanelJob job{pooled.ps.panels.data(), pooled.ps.norms.data(), pooled.valid.data(), pooled.first.data(),
-               pooled.ps.n_panels, pooled.split, pooled.ps.d, neg_inv_2s2, n_sigma, kBlockAll, out, y.rows};
-  const int64_t NP = pooled.split;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads_for(NP))
-  for (int64_t P = 0; P < NP; ++P) row_panel<Mode::Cross>(job, P, nullptr);
+  // x (typically a few rows) is packed once; each work item packs one 16-row y panel into a
+  // per-thread buffer (L1-sized) and runs a chunk of x panels against it, so the reference is
+  // read once per call and never copied whole. Work items: y panels, times x chunks when there
+  // are too few y panels for the threads.
+  const PackedSet xs = pack_rows(x);  // throws on NaN / inf in x
+  const int64_t d = x.cols, m = y.rows;
+  const int64_t ny = (m + kT - 1) / kT, nx = xs.n_panels;
+  // A thread per ~4M multiply-adds at most: below that, starting and joining threads costs more
+  // than it saves, above all on a loaded machine (the QC monitor shares it with the encoder).
+  constexpr int64_t kGrain = int64_t{1} << 22;
+  const int threads = num_threads_for((x.rows + 1) * m * d / kGrain);
+  const int64_t x_chunks = std::min<int64_t>(nx, std::max<int64_t>(1, (2 * threads + ny - 1) / ny));
+  const int64_t per_chunk = (nx + x_chunks - 1) / x_chunks;
+  const int64_t items = ny * x_chunks;
+  const bool wide = __builtin_cpu_supports("avx512f");
+  int64_t bad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : bad)
+  {
+    std::vector<float> bp(static_cast<size_t>(d * kT), 0.0f);
+    alignas(64) float bn[kT] = {};
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t Q = it / x_chunks, c = it % x_chunks;
+      const int vb = static_cast<int>(std::min<int64_t>(kT, m - Q * kT));
+      int64_t b = 0;
+      for (int r = 0; r < vb; ++r) b += pack_row(y, Q * kT + r, bp.data() + r, bn + r);
+      if (vb < kT) {  // the last panel: zero the lanes a previous panel left behind
+        for (int64_t k = 0; k < d; ++k) std::fill(bp.data() + k * kT + vb, bp.data() + (k + 1) * kT, 0.0f);
+        std::fill(bn + vb, bn + kT, 0.0f);
+      }
+      bad += b;
+      if (b == 0)
+        cross_panel(xs, c * per_chunk, std::min(nx, (c + 1) * per_chunk), bp.data(), bn, vb, neg_inv_2s2, n_sigma,
+                    wide, out + Q * kT, m);
+    }
+  }
+  NEUROADDA_CHECK(bad == 0, "expected finite features, got " << bad << " NaN or inf values in y");
 }
 
 PackedSet pack_pooled_contiguous(const MatView& x, const MatView& y) {

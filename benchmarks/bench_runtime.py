@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     net = UNet()  # default 2-D UNet, 16-32-64-128
     d = tmp_path_factory.mktemp("bench")
-    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.study.synthetic import make_domain
 
     img = make_domain(None, (max(IMAGE, 512), max(IMAGE, 512)), seed=1)[0]
     rng = np.random.default_rng(0)
@@ -145,7 +145,7 @@ def _mmd2(x, y) -> float:
 
 def test_int8_mmd_ranking_and_summary(setup):
     """int8 must not change the top-1 source of an MMD² ranking of synthetic domains."""
-    from neuroadda_rt.synthetic import domain_family, make_domain
+    from neuroadda_rt.study.synthetic import domain_family, make_domain
 
     styles, _ = domain_family(6, seed=0)
     size, n_tiles, tile = (1024, 48, 128) if FULL else (256, 24, 64)

@@ -11,7 +11,7 @@
 """
 
 from .images import read_image_2d, read_image_stack
-from .intensity import intensity_rule, normalize_intensity
+from .intensity import freeze_rule, intensity_rule, normalize_intensity
 from .volumes import Volume, natural_sort_key, open_volume
 from .writers import write_n5, write_slices, write_tiff, write_volume
 
@@ -22,6 +22,7 @@ __all__ = [
     "read_image_stack",
     "normalize_intensity",
     "intensity_rule",
+    "freeze_rule",
     "write_volume",
     "write_tiff",
     "write_n5",

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import DTypeError, InputValueError
 
-__all__ = ["intensity_rule", "normalize_intensity"]
+__all__ = ["intensity_rule", "normalize_intensity", "freeze_rule"]
 
 _RULES = ("dtype", "percentile", "fixed")
 
@@ -61,6 +61,24 @@ def intensity_rule(rule: str | dict = "dtype", *, low: float | None = None, high
     raise InputValueError(f"expected an intensity rule in {_RULES}, got {rule!r}")
 
 
+def freeze_rule(rule: str | dict, image) -> dict:
+    """The ``"fixed"`` rule that normalises ``image`` exactly as ``rule`` does.
+
+    A ``"percentile"`` rule becomes the image's own percentiles, so that pieces of one image (the
+    windows of a sliding-window prediction) are normalised identically; other rules come back
+    unchanged. A constant image gives a unit-wide range (every value maps to 0, as in
+    :func:`normalize_intensity`).
+    """
+    r = intensity_rule(rule)
+    if r["rule"] != "percentile":
+        return r
+    a = np.asarray(image)
+    if a.size == 0:
+        return {"rule": "fixed", "low": 0.0, "high": 1.0}
+    lo, hi = (float(v) for v in np.percentile(a, [r["low"], r["high"]]))
+    return {"rule": "fixed", "low": lo, "high": hi if hi > lo else lo + 1.0}
+
+
 def normalize_intensity(image, rule: str | dict = "dtype", *, low: float | None = None,
                         high: float | None = None) -> np.ndarray:
     """Bring intensities to float32 in [0, 1] under a documented rule.
@@ -105,7 +123,8 @@ def normalize_intensity(image, rule: str | dict = "dtype", *, low: float | None 
     elif r["rule"] == "percentile":
         if a.size == 0:
             return a.astype(np.float32)
-        lo, hi = (float(v) for v in np.percentile(a, [r["low"], r["high"]]))
+        frozen = freeze_rule(r, a)
+        lo, hi = frozen["low"], frozen["high"]
     else:
         lo, hi = r["low"], r["high"]
     out = a.astype(np.float32)

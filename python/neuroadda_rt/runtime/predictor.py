@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 
 from ..errors import InputValueError, ShapeError
+from ..io.intensity import freeze_rule
 from ..tiles import blend_weights, window_starts
 from .backends import RunnerInfo, make_runner
 from .source import DEFAULT_NORMALIZATION, as_model_source, first_len, network_batch, progress_bar
@@ -163,11 +164,7 @@ class Predictor(RunnerInfo):
         """The intensity rule for every window of ``image``: a percentile rule is frozen to the
         whole image's percentiles, so that all windows are normalised identically."""
         rule = self._source.normalization or DEFAULT_NORMALIZATION
-        if not self.normalize or rule.get("rule") != "percentile":
-            return rule
-        a = np.asarray(image)
-        lo, hi = (float(v) for v in np.percentile(a, [rule["low"], rule["high"]]))
-        return {"rule": "fixed", "low": lo, "high": hi} if hi > lo else {"rule": "fixed", "low": lo, "high": lo + 1}
+        return freeze_rule(rule, image) if self.normalize else rule
 
     def _predict_array(self, image, spatial, bar) -> np.ndarray:
         c_in, m = self._source.in_channels, self._source.multiple

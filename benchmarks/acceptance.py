@@ -43,7 +43,7 @@ import numpy as np
 def nearest_relatives(fam: dict, target: str, candidates: list[str]) -> tuple[list[str], dict[str, float]]:
     """The candidates at the smallest patristic distance from ``target`` in the generating tree (ties
     kept), and all the distances. Uses ``family.json``'s ``patristic`` table, else its Newick tree."""
-    from neuroadda_rt.zoo_build import patristic_table
+    from neuroadda_rt.study.zoo_build import patristic_table
 
     table = patristic_table(fam)
     if target not in table:
@@ -59,7 +59,7 @@ def _job(job: dict) -> dict:
     import torch
 
     from neuroadda_rt._cli.demo import domain_style
-    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.study.synthetic import make_domain
     from neuroadda_rt.workflow import rank_sources, run_workflow
 
     if job.get("threads"):
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
 
     evidence = None
     if not (args.fast or args.no_image_evidence):
-        from neuroadda_rt.zoo_build import family_image_evidence
+        from neuroadda_rt.study.zoo_build import family_image_evidence
 
         # the ceiling for any feature-based ranking: do the images themselves (no model) put the
         # tree-nearest relative first? Only the zoo's models are candidates, as in the ranking.

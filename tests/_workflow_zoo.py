@@ -17,7 +17,7 @@ WIDTHS = (4, 8, 16)
 
 def domains():
     """Three synthetic styles: 'near_a' and 'near_b' close relatives, 'far' different."""
-    from neuroadda_rt.synthetic import DomainStyle
+    from neuroadda_rt.study.synthetic import DomainStyle
 
     base = DomainStyle(name="near_a", cell_diameter_px=14.0, membrane_thickness_px=2.0, blur_sigma_px=0.6)
     return [base, base.replace(name="near_b", membrane_darkness=0.5, photons=45.0),
@@ -25,7 +25,7 @@ def domains():
 
 
 def volume(style, seed: int, shape=(2, 96, 96)):
-    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.study.synthetic import make_domain
 
     return make_domain(style, shape, seed=seed)
 

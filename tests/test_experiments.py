@@ -15,7 +15,8 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("matplotlib")
 pytest.importorskip("dask")
 
-from neuroadda_rt import experiments as ex  # noqa: E402
+from neuroadda_rt.study import experiments as ex  # noqa: E402
+from neuroadda_rt.study.experiments import execute, figures, tables  # noqa: E402
 from neuroadda_rt.errors import InputValueError  # noqa: E402
 
 SMALL = {
@@ -188,9 +189,9 @@ def test_spearman_matches_scipy():
     for _ in range(5):
         x, y = rng.normal(size=7), rng.normal(size=7)
         y[2] = y[4]  # ties
-        assert ex._spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
-    assert np.isnan(ex._spearman([1, 1, 1], [1, 2, 3]))
-    assert np.isnan(ex._spearman([1], [2]))
+        assert tables._spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert np.isnan(tables._spearman([1, 1, 1], [1, 2, 3]))
+    assert np.isnan(tables._spearman([1], [2]))
 
 
 def test_summary_on_a_hand_made_table():
@@ -209,11 +210,11 @@ def test_summary_on_a_hand_made_table():
     only_best = pd.DataFrame([r for r in rows if r["source_rank"] in (1, None)])
     assert ex.summarize(only_best)["top_ranked_is_best_finetune"] is None
     # ... and no "random source" curve that would only redraw the top-ranked source
-    labels = {ln.get_label() for ax in ex._fig_vi_vs_n(only_best).axes for ln in ax.get_lines()}
+    labels = {ln.get_label() for ax in figures._fig_vi_vs_n(only_best).axes for ln in ax.get_lines()}
     assert labels == {"NeuroADDA (top-ranked source)", "scratch"}
-    labels = {ln.get_label() for ax in ex._fig_vi_vs_n(pd.DataFrame(rows)).axes for ln in ax.get_lines()}
+    labels = {ln.get_label() for ax in figures._fig_vi_vs_n(pd.DataFrame(rows)).axes for ln in ax.get_lines()}
     assert "random source (mean over sources)" in labels
-    texts = [t.get_text() for ax in ex._fig_rank_vs_vi(only_best).axes for t in ax.texts]
+    texts = [t.get_text() for ax in figures._fig_rank_vs_vi(only_best).axes for t in ax.texts]
     assert any("needs finetune.sources: all" in t for t in texts)
     red = s["vi_reduction_vs_scratch"]["A"]
     want = np.mean([100 * (2.0 - 1.0) / 2.0, 100 * (2.02 - 1.01) / 2.02])
@@ -224,7 +225,7 @@ def test_summary_on_a_hand_made_table():
 
 def test_local_dask_cluster_runs_one_task_per_item_and_reports_failures():
     pytest.importorskip("distributed")
-    results, failures = ex._run_tasks(int, ["1", "2", "x"], scheduler=None, workers=1, progress=False, desc="t")
+    results, failures = execute._run_tasks(int, ["1", "2", "x"], scheduler=None, workers=1, progress=False, desc="t")
     assert sorted(results) == [1, 2]
     assert len(failures) == 1 and failures[0][0] == "x" and "ValueError" in failures[0][1]
 
@@ -292,9 +293,9 @@ def test_zoo_family_generator_must_match(tmp_path):
     (zoo / "family.json").write_text(json.dumps({"n": 3, "seed": 0}))
     cfg = ex.load_config({**SMALL, "sources": {"zoo": str(zoo)}})
     with pytest.raises(InputValueError, match="tree='yule', traits='all'.*tree='coalescent'"):
-        ex._check_zoo_family(zoo, cfg)
+        execute._check_zoo_family(zoo, cfg)
     legacy = {**SMALL["domains"]["synthetic"], "tree": "yule", "traits": "all"}
-    ex._check_zoo_family(zoo, ex.load_config({**SMALL, "domains": {"synthetic": legacy}}))  # accepted
+    execute._check_zoo_family(zoo, ex.load_config({**SMALL, "domains": {"synthetic": legacy}}))  # accepted
     with pytest.raises(InputValueError, match="unknown keys"):
         ex.load_config({**SMALL, "domains": {"synthetic": {**legacy, "trees": "yule"}}})
     with pytest.raises(InputValueError, match=r"domains.synthetic.tree in \('coalescent', 'yule'\), got 'upgma'"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from neuroadda_rt import InputValueError, ShapeError
-from neuroadda_rt.synthetic import (ARTEFACT_KINDS, PARAMETER_BOUNDS, DomainStyle, apply_artefact, domain_family,
+from neuroadda_rt.study.synthetic import (ARTEFACT_KINDS, PARAMETER_BOUNDS, DomainStyle, apply_artefact, domain_family,
                                     make_domain)
 
 SHAPE = (4, 128, 128)
@@ -124,9 +124,22 @@ def test_style_validation_and_vector_roundtrip():
 
 
 def _patristic(newick: str):
-    from neuroadda_rt._newick import patristic_distances  # the atlas engineer's reader
+    """Leaf names and path lengths of a Newick tree, read by scikit-bio (independent of the generator)."""
+    from neuroadda_rt.study.zoo_build import patristic_table
 
-    return patristic_distances(newick)
+    table = patristic_table({"newick": newick})
+    names = list(table)
+    return names, np.array([[table[a][b] for b in names] for a in names])
+
+
+@pytest.mark.parametrize(("tree", "seed"), [("coalescent", 0), ("coalescent", 11), ("yule", 3), ("yule", 158)])
+def test_domain_family_returns_the_patristic_distances_of_its_newick_tree(tree, seed):
+    pytest.importorskip("skbio")
+    styles, newick, pat = domain_family(9, seed=seed, tree=tree, return_patristic=True)
+    assert domain_family(9, seed=seed, tree=tree) == (styles, newick)
+    tree_names, ref = _patristic(newick)
+    order = [tree_names.index(s.name) for s in styles]
+    np.testing.assert_allclose(pat, ref[np.ix_(order, order)], rtol=1e-9, atol=1e-12)
 
 
 def test_domain_family_tree_and_drift():
@@ -167,7 +180,7 @@ def test_coalescent_family_is_ultrametric_with_exact_trait_distances(seed):
     branch drifts, so squared parameter distance = drift² x n_traits x path length for every pair."""
     from itertools import combinations
 
-    from neuroadda_rt.synthetic import MORPHOLOGY_TRAITS
+    from neuroadda_rt.study.synthetic import MORPHOLOGY_TRAITS
 
     styles, newick = domain_family(8, seed=seed, drift=0.5, height=1.5)
     pat, sq, u = _leaf_distances(styles, newick)
@@ -208,7 +221,7 @@ def test_same_bytes_in_a_fresh_process(vol):
     import subprocess
     import sys
 
-    code = ("import hashlib; from neuroadda_rt.synthetic import DomainStyle, make_domain; "
+    code = ("import hashlib; from neuroadda_rt.study.synthetic import DomainStyle, make_domain; "
             f"i, l = make_domain(DomainStyle(), {SHAPE}, seed=11); "
             "print(hashlib.sha256(i.tobytes() + l.tobytes()).hexdigest())")
     env = dict(os.environ, PYTHONHASHSEED="123", OMP_NUM_THREADS="2")

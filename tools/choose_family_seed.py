@@ -40,7 +40,7 @@ import numpy as np
 def family_features(styles, encoders, *, n_tiles: int = 64, size: int = 128, volume=(4, 256, 256), seed: int = 0):
     """name -> [features per judge encoder] of ``n_tiles`` random tiles of each domain."""
     from neuroadda_rt.ranking import _embed
-    from neuroadda_rt.synthetic import make_domain
+    from neuroadda_rt.study.synthetic import make_domain
 
     out = {}
     for i, style in enumerate(styles):
@@ -61,14 +61,13 @@ def judge_family(styles, newick: str, encoders, *, held_out: str | None, n_tiles
     from scipy.cluster.hierarchy import cophenet, linkage
     from scipy.spatial.distance import squareform
 
-    from neuroadda_rt._newick import patristic_distances
     from neuroadda_rt.mmd import mmd2
     from neuroadda_rt.ranking import standardize
+    from neuroadda_rt.study.zoo_build import patristic_table
 
     names = [s.name for s in styles]
-    tree_names, path = patristic_distances(newick)
-    order = [tree_names.index(n) for n in names]
-    path = path[np.ix_(order, order)]
+    table = patristic_table({"newick": newick})
+    path = np.array([[table[a][b] for b in names] for a in names])
     feats = family_features(styles, encoders, n_tiles=n_tiles, seed=seed)
     k = len(names)
     dist = np.zeros((k, k))
@@ -94,8 +93,8 @@ def judge_family(styles, newick: str, encoders, *, held_out: str | None, n_tiles
 
 def main(argv=None) -> int:
     from neuroadda_rt.package import Zoo
-    from neuroadda_rt.synthetic import DomainStyle
-    from neuroadda_rt.zoo_build import family_clarity, family_spec
+    from neuroadda_rt.study.synthetic import DomainStyle
+    from neuroadda_rt.study.zoo_build import family_clarity, family_spec
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--judge", required=True, help="zoo folder whose encoders judge appearance (another family)")

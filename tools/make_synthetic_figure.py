@@ -37,7 +37,7 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     from neuroadda_rt import open_volume
-    from neuroadda_rt.synthetic import DomainStyle, domain_family, make_domain
+    from neuroadda_rt.study.synthetic import DomainStyle, domain_family, make_domain
 
     styles, newick = domain_family(4, seed=args.seed)
     styles = [DomainStyle(name="default")] + styles

@@ -36,10 +36,10 @@ def build(dest: Path) -> None:
     torch.manual_seed(20260101)
     net = UNet(dim=2, widths=(4, 8, 16), head="boundary")
     try:
-        from neuroadda_rt.synthetic import make_domain
+        from neuroadda_rt.study.synthetic import make_domain
 
         image = make_domain(None, (256, 256), seed=3)[0]
-        source = "neuroadda_rt.synthetic.make_domain(None, (256, 256), seed=3)"
+        source = "neuroadda_rt.study.synthetic.make_domain(None, (256, 256), seed=3)"
     except ImportError:  # pragma: no cover - the data layer is part of the package
         image = (np.random.default_rng(3).random((256, 256)) * 255).astype(np.uint8)
         source = "uniform noise, seed 3"

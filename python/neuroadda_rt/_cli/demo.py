@@ -72,8 +72,8 @@ def held_out_name(fam: dict) -> str:
 
 
 def domain_style(fam: dict, name: str):
-    """The :class:`~neuroadda_rt.synthetic.DomainStyle` of domain ``name`` of the family."""
-    from ..synthetic import DomainStyle, domain_family
+    """The :class:`~neuroadda_rt.study.synthetic.DomainStyle` of domain ``name`` of the family."""
+    from ..study.synthetic import DomainStyle, domain_family
 
     styles = fam.get("styles") or fam.get("domains")
     if isinstance(styles, dict):
@@ -89,7 +89,7 @@ def domain_style(fam: dict, name: str):
     n, seed = fam.get("n") or fam.get("n_domains"), fam.get("seed")
     if n is None or seed is None:
         raise ValueError(f"family.json has no style for {name!r} and no (n, seed) to regenerate it")
-    from ..zoo_build import family_generator
+    from ..study.zoo_build import family_generator
 
     kwargs = {**{k: fam[k] for k in ("drift", "prefix") if k in fam}, **family_generator(fam)}
     for s in domain_family(int(n), seed=int(seed), **kwargs)[0]:
@@ -100,7 +100,7 @@ def domain_style(fam: dict, name: str):
 
 def run(args) -> int:
     from ..cli import print_json
-    from ..synthetic import make_domain
+    from ..study.synthetic import make_domain
     from ..workflow import run_workflow
     from ._common import open_zoo
 

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..cli import print_json
-    from ..experiments import run_experiment
+    from ..study.experiments import run_experiment
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"expected --workers >= 1, got {args.workers}")

@@ -17,12 +17,12 @@ def register(subparsers) -> None:
 
     b = sub.add_parser(
         "build", help="train one source model per synthetic domain and write the zoo",
-        description="Train a UNet on each domain of a synthetic domain family (neuroadda_rt.synthetic."
+        description="Train a UNet on each domain of a synthetic domain family (neuroadda_rt.study.synthetic."
                     "domain_family), hold one domain out for the demo, and write the model packages plus "
                     "family.json into OUT. With no options this rebuilds the bundled zoo's recipe. Training "
                     "checkpoints per domain and resumes after an interruption.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from ..zoo_build import DEFAULT_ZOO as d
+    from ..study.zoo_build import DEFAULT_ZOO as d
 
     b.add_argument("out", help="zoo folder to write")
     b.add_argument("--n-domains", type=int, default=d.n_domains, help="domains in the family")
@@ -115,7 +115,7 @@ def _ints(text: str, what: str, sep: str) -> tuple[int, ...]:
 
 def run_refresh(args) -> int:
     from ..cli import print_json
-    from ..zoo_build import refresh_reference_features
+    from ..study.zoo_build import refresh_reference_features
 
     fam = refresh_reference_features(args.zoo, feature_level=args.feature_level, pooling=args.pooling,
                                      progress=not args.no_progress and not args.json)
@@ -129,7 +129,7 @@ def run_refresh(args) -> int:
 
 def run_build(args) -> int:
     from ..cli import print_json
-    from ..zoo_build import build_zoo, zoo_size_bytes
+    from ..study.zoo_build import build_zoo, zoo_size_bytes
 
     widths = _ints(args.widths, "--widths", ",")
     shape = _ints(args.volume_shape, "--volume-shape", "x")

@@ -198,7 +198,6 @@ def main(argv=None) -> int:
     ap.add_argument("--artefact-fpr", type=float, default=0.01, help="QCMonitor artefact_fpr for the artefact part")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    import neuroadda_rt as nr
     from neuroadda_rt import FeatureExtractor, QCMonitor
     from neuroadda_rt.study.synthetic import DomainStyle, apply_artefact, domain_family
 

@@ -39,7 +39,7 @@ import numpy as np
 
 def family_features(styles, encoders, *, n_tiles: int = 64, size: int = 128, volume=(4, 256, 256), seed: int = 0):
     """name -> [features per judge encoder] of ``n_tiles`` random tiles of each domain."""
-    from neuroadda_rt.ranking import _embed
+    from neuroadda_rt.runtime import FeatureExtractor
     from neuroadda_rt.study.synthetic import make_domain
 
     out = {}
@@ -52,7 +52,7 @@ def family_features(styles, encoders, *, n_tiles: int = 64, size: int = 128, vol
             y, x = rng.integers(volume[1] - size + 1, size=2)
             tiles.append(img[z, y:y + size, x:x + size])
         tiles = np.stack(tiles)
-        out[style.name] = [_embed(e, tiles, pooling="mean") for e in encoders]
+        out[style.name] = [FeatureExtractor(e, pooling="mean").features(tiles) for e in encoders]
     return out
 
 

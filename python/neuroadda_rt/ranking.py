@@ -29,7 +29,6 @@ from ._sources import (PackageSource, RankableSource, as_source, as_volume, desc
                        load_package, sample_target_tiles, volume_shape)
 from .errors import FormatError, InputValueError, ShapeError, require
 from .mmd import mmd2, mmd2_test
-from .package import ModelPackage
 
 log = logging.getLogger("neuroadda_rt")
 
@@ -40,20 +39,6 @@ _CACHE_VERSION = 1
 
 #: Where target features are cached (the package's one cache directory; ``$NEUROADDA_CACHE`` wins).
 default_cache_dir = _cache_root
-
-# Kept for the modules that still import them from here (atlas, the study runner, old scripts).
-_iter_zoo = iter_zoo
-_load_package = load_package
-_volume_shape = volume_shape
-
-
-def _pkg_name(pkg: ModelPackage) -> str:
-    return pkg.name
-
-
-def _pkg_pooling(pkg: ModelPackage) -> str:
-    return pkg.pooling
-
 
 # --------------------------------------------------------------------------------------------
 # disk cache (atomic writes)

@@ -179,11 +179,6 @@ def _normalise_all(images: Sequence[np.ndarray], rule) -> list[np.ndarray]:
     return [normalize_intensity(im, rule) for im in images]
 
 
-def _to_unit_float(im: np.ndarray) -> np.ndarray:
-    """One image under the default ``"dtype"`` rule (uint8/uint16 scaled, floats as given in [0, 1])."""
-    return normalize_intensity(im, "dtype")
-
-
 # --------------------------------------------------------------------------------------------
 # augmentation: one geometric transform applied to image and labels alike
 # --------------------------------------------------------------------------------------------

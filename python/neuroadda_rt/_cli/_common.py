@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..runtime import BACKENDS
+
 
 def print_json(obj) -> None:
     """Print ``obj`` as the machine-readable output of a ``--json`` command."""
@@ -23,7 +25,7 @@ def add_common(p: argparse.ArgumentParser, *, tile_size: int = 256, seed: bool =
     p.add_argument("--tile-size", type=int, default=tile_size, help=f"tile edge in pixels (default {tile_size})")
     if seed:
         p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="inference backend (default auto: ONNX Runtime)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="inference device")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -14,6 +14,9 @@ import json
 import time
 from pathlib import Path
 
+from ..selection import STRATEGIES
+from ._common import open_zoo, print_json
+
 #: Settings of the full demo and of ``--fast`` (CI / a quick look).
 PRESETS = {
     "full": {"shape": (8, 384, 384), "tile_size": 128, "n_tiles": 256, "pool": 512, "n_permutations": 200,
@@ -33,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--fast", action="store_true", help="smaller volume, pool and training (about a minute)")
     p.add_argument("-n", type=int, default=4, help="tiles to annotate (default 4)")
     p.add_argument("--strategy", default="median",
-                   choices=["median", "random", "max", "min", "kcenter", "median-diverse"])
+                   choices=STRATEGIES)
     p.add_argument("--seed", type=int, default=0, help="seed of every step (default 0)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the zoo's recipe)")
     p.add_argument("--zoo", default="default", help="zoo folder with family.json (default: the bundled zoo)")
@@ -42,14 +45,6 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
-
-
-def _zoo_root(zoo) -> Path:
-    for attr in ("root", "path", "directory"):
-        v = getattr(zoo, attr, None)
-        if v is not None:
-            return Path(v)
-    raise ValueError("the zoo does not say where it lives; pass --zoo DIR")
 
 
 def load_family(root: Path) -> dict:
@@ -99,15 +94,13 @@ def domain_style(fam: dict, name: str):
 
 
 def run(args) -> int:
-    from ..cli import print_json
     from ..study.synthetic import make_domain
     from ..workflow import run_workflow
-    from ._common import open_zoo
 
     t0 = time.perf_counter()
     preset = dict(PRESETS["fast" if args.fast else "full"])
     zoo = open_zoo(args.zoo)
-    root = Path(args.zoo) if args.zoo not in (None, "default") else _zoo_root(zoo)
+    root = Path(args.zoo) if args.zoo not in (None, "default") else zoo.root
     fam = load_family(root)
     name = args.target or held_out_name(fam)
     style = domain_style(fam, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..runtime import BACKENDS
 from ._common import open_target, print_json
 
 
@@ -21,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-tiles", type=int, default=16, help="random tiles scored (default 16)")
     p.add_argument("--tile-size", type=int, default=256, help="tile edge (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tile sample")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="machine-readable output")

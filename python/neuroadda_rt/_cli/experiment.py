@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..cli import print_json
+    from ._common import print_json
     from ..study.experiments import run_experiment
 
     if args.workers is not None and args.workers < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..selection import STRATEGIES
 from ._common import add_common, add_target, open_target, print_json, resolve_model
 
 
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
                    help="source model package folder, or a ranking.json from `rank --out` (its best source)")
     p.add_argument("-n", type=int, default=4, help="tiles to annotate (default 4)")
     p.add_argument("--strategy", default="median",
-                   choices=["median", "random", "max", "min", "kcenter", "median-diverse"],
+                   choices=STRATEGIES,
                    help="selection rule (default median: NeuroADDA)")
     p.add_argument("--pool", type=int, default=2048, help="candidate tiles scored (default 2048)")
     p.add_argument("--measure", default="entropy", help="uncertainty measure (default entropy)")

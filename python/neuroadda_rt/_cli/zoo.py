@@ -114,7 +114,7 @@ def _ints(text: str, what: str, sep: str) -> tuple[int, ...]:
 
 
 def run_refresh(args) -> int:
-    from ..cli import print_json
+    from ._common import print_json
     from ..study.zoo_build import refresh_reference_features
 
     fam = refresh_reference_features(args.zoo, feature_level=args.feature_level, pooling=args.pooling,
@@ -128,7 +128,7 @@ def run_refresh(args) -> int:
 
 
 def run_build(args) -> int:
-    from ..cli import print_json
+    from ._common import print_json
     from ..study.zoo_build import build_zoo, zoo_size_bytes
 
     widths = _ints(args.widths, "--widths", ",")
@@ -160,7 +160,7 @@ def run_build(args) -> int:
 
 
 def run_list(args) -> int:
-    from ..cli import print_json
+    from ._common import print_json
 
     zoo = _zoo(args.zoo).filter(organism=args.organism, modality=args.modality, representation=args.representation)
     rows = zoo.summaries()
@@ -184,7 +184,7 @@ def run_list(args) -> int:
 
 
 def run_show(args) -> int:
-    from ..cli import print_json
+    from ._common import print_json
     from ..package import load_model
 
     zoo = _zoo(args.zoo)
@@ -234,7 +234,7 @@ def run_show(args) -> int:
 
 
 def run_verify(args) -> int:
-    from ..cli import print_json
+    from ._common import print_json
 
     zoo = _zoo(args.zoo)
     res = zoo.verify()

@@ -198,7 +198,7 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
 # static int8 quantisation
 # --------------------------------------------------------------------------------------------
 def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str | os.PathLike, *,
-                  per_channel: bool = True, batch_size: int = 8) -> Path:
+                  per_channel: bool = True, batch_size: int = 8, reduce_range: bool = True) -> Path:
     """Static int8 quantisation (QDQ format) of an exported ONNX file for ONNX Runtime on CPU.
 
     Weights become int8 (per output channel), activations uint8 with ranges calibrated
@@ -219,6 +219,12 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
         Per-output-channel weight scales (more accurate; default).
     batch_size : int
         Tiles per calibration batch.
+    reduce_range : bool
+        Quantise weights to 7 bits (default). x86 CPUs without VNNI (AVX2, AVX-512 before
+        Cascade Lake / Zen 4) compute uint8 x int8 products in 16-bit pairs that saturate with
+        full 8-bit weights: on such a CPU the default UNet encoder's features came out 45% off
+        (relative L2 error) instead of about 2%. The 7-bit weights run correctly everywhere, so
+        a quantised file can move between machines; pass False only for VNNI-only deployments.
 
     Returns
     -------
@@ -263,7 +269,8 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
             oq.quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
             oq.quantize_static(str(pre), str(q), _Reader(), quant_format=oq.QuantFormat.QDQ,
                                activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
-                               per_channel=per_channel, calibrate_method=oq.CalibrationMethod.MinMax,
+                               per_channel=per_channel, reduce_range=reduce_range,
+                               calibrate_method=oq.CalibrationMethod.MinMax,
                                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         onnx = require("onnx", "runtime")
         proto = onnx.load(str(q))

@@ -413,3 +413,32 @@ def test_open_volume_rgb_tiff_uses_the_colour_rule(tmp_path, rng):
     v = open_volume(tmp_path / "c.tif")
     assert v.shape == (8, 10)
     np.testing.assert_array_equal(np.asarray(v), read_image_2d(tmp_path / "c.tif"))
+
+
+def test_normalize_tiles_applies_a_percentile_rule_tile_by_tile(rng):
+    from neuroadda_rt.io import intensity_rule, normalize_tiles
+
+    tiles = rng.integers(0, 4000, size=(5, 16, 16)).astype(np.uint16)
+    tiles[2] *= 3  # a brighter tile: per-tile percentiles differ from the batch's
+    rule = intensity_rule("percentile", low=2, high=98)
+    got = normalize_tiles(tiles, rule)
+    for t, g in zip(tiles, got):
+        lo, hi = np.percentile(t.astype(np.float64), [2, 98])
+        np.testing.assert_allclose(g, np.clip((t - lo) / (hi - lo), 0, 1), atol=1e-6)
+    # an element-wise rule is the same on the batch and on each tile
+    np.testing.assert_array_equal(normalize_tiles(tiles, "dtype"), tiles.astype(np.float32) / 65535)
+
+
+def test_freeze_rule_normalises_pieces_like_the_whole(rng):
+    from neuroadda_rt.io import freeze_rule, intensity_rule, normalize_intensity
+
+    img = rng.normal(100, 20, size=(64, 64))
+    rule = intensity_rule("percentile", low=1, high=99)
+    frozen = freeze_rule(rule, img)
+    assert frozen["rule"] == "fixed"
+    np.testing.assert_allclose(normalize_intensity(img, frozen), normalize_intensity(img, rule), atol=1e-6)
+    lo, hi = np.percentile(img, [1, 99])
+    piece = img[:16, :16]  # a window is normalised with the whole image's range, not its own
+    np.testing.assert_allclose(normalize_intensity(piece, frozen), np.clip((piece - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert freeze_rule("dtype", img) == {"rule": "dtype"}
+    np.testing.assert_array_equal(normalize_intensity(np.full((4, 4), 7.0), freeze_rule(rule, np.full((4, 4), 7.0))), 0)

@@ -30,7 +30,7 @@ import numpy as np
 from . import _atomic, _cache
 from ._digest import bytes_sha256, file_sha256, json_sha256
 from .errors import BackendUnavailableError, FormatError, InputValueError, ShapeError, require
-from .io import normalize_intensity
+from .io import intensity_rule, normalize_tiles
 
 log = logging.getLogger("neuroadda_rt")
 
@@ -198,7 +198,8 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
 # static int8 quantisation
 # --------------------------------------------------------------------------------------------
 def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str | os.PathLike, *,
-                  per_channel: bool = True, batch_size: int = 8, reduce_range: bool = True) -> Path:
+                  per_channel: bool = True, batch_size: int = 8, reduce_range: bool = True,
+                  normalization: str | dict = "dtype") -> Path:
     """Static int8 quantisation (QDQ format) of an exported ONNX file for ONNX Runtime on CPU.
 
     Weights become int8 (per output channel), activations uint8 with ranges calibrated
@@ -211,14 +212,17 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
         An fp32 model from :func:`export_onnx`.
     calibration_tiles : array-like
         ``(N, H, W)`` / ``(N, C, H, W)`` (2-D) or ``(N, D, H, W)`` / ``(N, C, D, H, W)`` (3-D)
-        representative *normalised* float inputs (or integers, normalised by dtype range);
-        a few dozen tiles suffice. Read, never modified.
+        representative raw tiles, normalised here tile by tile with ``normalization``; a few
+        dozen tiles suffice. Read, never modified.
     out_path : path-like
         Output file, written atomically.
     per_channel : bool
         Per-output-channel weight scales (more accurate; default).
     batch_size : int
         Tiles per calibration batch.
+    normalization : str or dict
+        The model's intensity rule (:func:`neuroadda_rt.io.intensity_rule`; a package's
+        ``normalization``). The ONNX file does not record it; default ``"dtype"``.
     reduce_range : bool
         Quantise weights to 7 bits (default). x86 CPUs without VNNI (AVX2, AVX-512 before
         Cascade Lake / Zen 4) compute uint8 x int8 products in 16-bit pairs that saturate with
@@ -245,9 +249,9 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
     meta = onnx_metadata(onnx_path)
     cfg = json.loads(meta.get("neuroadda_rt.config", "{}")) or None
     dim = cfg["dim"] if cfg else None
-    # the ONNX file does not know the model's intensity rule: calibrate on the "dtype" rule
+    rule = intensity_rule(normalization)
     tiles = as_network_input(calibration_tiles, dim=dim, in_channels=cfg["in_channels"] if cfg else 1,
-                             normalize=lambda a: normalize_intensity(a, "dtype"))
+                             normalize=lambda a: normalize_tiles(a, rule))
     if tiles.shape[0] == 0:
         raise InputValueError("expected at least one calibration tile, got 0")
 

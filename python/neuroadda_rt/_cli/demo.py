@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the zoo's recipe)")
     p.add_argument("--zoo", default="default", help="zoo folder with family.json (default: the bundled zoo)")
     p.add_argument("--target", default=None, help="domain to hold out (default: the one family.json names)")
-    p.add_argument("--cache-dir", default=None, help="feature cache (default $NEUROADDA_CACHE or ~/.cache/neuroadda_rt)")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default $NEUROADDA_CACHE, else the platform cache folder)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)

@@ -42,13 +42,12 @@ def run(args) -> int:
         if not args.calibration:
             raise ValueError("int8 export needs --calibration VOLUME (tiles to calibrate activation ranges)")
         from ..export import quantize_int8
-        from ..io import normalize_intensity
         from ..tiles import sample_tiles
         from ._common import open_target
 
         vol = open_target(args.calibration, None)
         tiles = sample_tiles(vol, args.n_calibration, args.tile_size, seed=args.seed).tiles
-        quantize_int8(onnx_path, normalize_intensity(tiles, pkg.normalization or "dtype"), out)
+        quantize_int8(onnx_path, tiles, out, normalization=pkg.normalization or "dtype")
     else:
         from ..export import build_tensorrt_engine
 

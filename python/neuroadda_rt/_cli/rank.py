@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     p.add_argument("--zoo", default="default", help="zoo folder, one model package, or 'default' (bundled zoo)")
     p.add_argument("--n-tiles", type=int, default=256, help="target tiles embedded per source (default 256)")
     p.add_argument("--permutations", type=int, default=200, help="permutations per p-value (default 200)")
-    p.add_argument("--cache-dir", default=None, help="feature cache (default $NEUROADDA_CACHE or ~/.cache/neuroadda_rt)")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default $NEUROADDA_CACHE, else the platform cache folder)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--out", default=None, help="write the ranking as JSON here (input of `select --model`)")
     add_common(p)

@@ -11,7 +11,7 @@
 """
 
 from .images import read_image_2d, read_image_stack
-from .intensity import freeze_rule, intensity_rule, normalize_intensity
+from .intensity import freeze_rule, intensity_rule, normalize_intensity, normalize_tiles
 from .volumes import Volume, natural_sort_key, open_volume
 from .writers import write_n5, write_slices, write_tiff, write_volume
 
@@ -23,6 +23,7 @@ __all__ = [
     "normalize_intensity",
     "intensity_rule",
     "freeze_rule",
+    "normalize_tiles",
     "write_volume",
     "write_tiff",
     "write_n5",

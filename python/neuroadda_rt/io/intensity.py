@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import DTypeError, InputValueError
 
-__all__ = ["intensity_rule", "normalize_intensity", "freeze_rule"]
+__all__ = ["intensity_rule", "normalize_intensity", "normalize_tiles", "freeze_rule"]
 
 _RULES = ("dtype", "percentile", "fixed")
 
@@ -134,3 +134,16 @@ def normalize_intensity(image, rule: str | dict = "dtype", *, low: float | None 
     out /= np.float32(hi - lo)
     np.clip(out, 0.0, 1.0, out=out)
     return out
+
+
+def normalize_tiles(tiles, rule: str | dict = "dtype") -> np.ndarray:
+    """Apply ``rule`` to each tile of a batch on its own -> float32, same shape.
+
+    A statistics-based rule (``"percentile"``) sees each tile alone, as training does; the
+    ``"dtype"`` and ``"fixed"`` rules are element-wise, so the whole batch goes in one call.
+    """
+    r = intensity_rule(rule)
+    a = np.asarray(tiles)
+    if r["rule"] == "percentile" and a.ndim > 0:
+        return np.stack([normalize_intensity(t, r) for t in a]) if len(a) else a.astype(np.float32)
+    return normalize_intensity(a, r)

@@ -12,7 +12,7 @@ The package folder format (``model.json`` + checksummed files) is read and verif
 :func:`read_package`.
 
 Intensity normalisation is applied exactly once per path, to *raw* tiles, by
-:func:`network_batch` through :func:`neuroadda_rt.io.normalize_intensity`.
+:func:`network_batch` through :func:`neuroadda_rt.io.normalize_tiles`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .. import __version__, _cache
 from .._digest import arrays_sha256, file_sha256
 from ..errors import FormatError, InputValueError, IntegrityError, ShapeError, require
 from ..export import OPSET, as_network_input, export_onnx, onnx_metadata
-from ..io import normalize_intensity
+from ..io import normalize_tiles
 
 #: The intensity rule of a model that does not name one (integers by dtype range, floats clipped).
 DEFAULT_NORMALIZATION = {"rule": "dtype"}
@@ -253,15 +253,6 @@ def _exported(net, part: str) -> Path:
 # --------------------------------------------------------------------------------------------
 # tiles -> network batch (the one normalisation wrapper)
 # --------------------------------------------------------------------------------------------
-def _normalize(arr: np.ndarray, rule: dict) -> np.ndarray:
-    """Apply an intensity rule to a batch -> float32. Statistics-based rules (``"percentile"``)
-    see each tile on its own, as in training; the ``"dtype"`` and ``"fixed"`` rules are
-    element-wise."""
-    if rule.get("rule") == "percentile" and arr.ndim > 0:
-        return np.stack([normalize_intensity(a, rule) for a in arr]) if len(arr) else arr.astype(np.float32)
-    return np.asarray(normalize_intensity(arr, rule), dtype=np.float32)
-
-
 def network_batch(tiles, source: ModelSource, *, rule: dict | None = None, normalize: bool = True) -> np.ndarray:
     """Raw tiles -> the float32 ``(N, C, *spatial)`` batch of ``source``'s network.
 
@@ -271,7 +262,7 @@ def network_batch(tiles, source: ModelSource, *, rule: dict | None = None, norma
     """
     rule = rule or source.normalization or DEFAULT_NORMALIZATION
     x = as_network_input(tiles, dim=source.dim, in_channels=source.in_channels,
-                         normalize=(lambda a: _normalize(a, rule)) if normalize else None)
+                         normalize=(lambda a: normalize_tiles(a, rule)) if normalize else None)
     if min(x.shape[2:]) < source.multiple:
         raise ShapeError(f"expected tiles of at least {source.multiple} pixels per spatial axis (2**(depth-1), "
                          f"for the reflect padding), got {x.shape[2:]}")

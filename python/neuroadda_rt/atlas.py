@@ -614,7 +614,7 @@ def compare_to_phylogeny(atlas: Atlas, tree=None, *, species=None, n_permutation
     if len(atlas.names) < 3:
         raise InputValueError(f"expected at least 3 domains for a Mantel test, got {len(atlas.names)}")
     coph = _pearson(_upper(atlas.cophenetic), _upper(patristic))
-    from skbio.stats.distance import mantel
+    mantel = require("skbio.stats.distance", "atlas").mantel
 
     # Plain arrays (no IDs): skbio then uses them in the given order; both are symmetric and hollow.
     r, p, _ = mantel(atlas.distance, patristic, method=method, permutations=n_permutations,

@@ -81,7 +81,7 @@ def _check_probs(p, name="probs"):
 
 def _watershed_boundary(bmap, threshold, per_slice, seeds, min_seed_size, seed_distance):
     from scipy import ndimage
-    from skimage.segmentation import watershed
+    watershed = require("skimage.segmentation", "io").watershed
 
     def one(b):  # b: 2-D, or 3-D when not per_slice
         interior = b < threshold
@@ -163,7 +163,7 @@ def _fallback_affinities(affs: np.ndarray, threshold: float) -> np.ndarray:
     affinity graph restricted to interior voxels (mean incident affinity above
     ``1 - threshold``) and to edges with affinity above ``1 - threshold``; a seeded
     watershed on the derived boundary map (``1 -`` mean incident affinity) fills the rest."""
-    from skimage.segmentation import watershed
+    watershed = require("skimage.segmentation", "io").watershed
 
     bmap = _affinities_to_boundary(affs)
     interior = bmap < threshold

@@ -352,7 +352,8 @@ def test_permutation_test_is_deterministic_and_sensible():
 @pytest.mark.parametrize("kw,err", [({"n_permutations": 0}, InputValueError), ({"n_permutations": -3}, InputValueError),
                                     ({"n_permutations": 2.5}, InputValueError), ({"n_permutations": True}, InputValueError),
                                     ({"seed": "a"}, InputValueError), ({"seed": 1.5}, InputValueError),
-                                    ({"estimator": "x"}, InputValueError), ({"sigma": -1.0}, InputValueError)])
+                                    ({"estimator": "x"}, InputValueError), ({"sigma": -1.0}, InputValueError),
+                                    ({"seed": -1}, InputValueError), ({"n_permutations": 2**63}, InputValueError)])
 def test_permutation_test_errors(kw, err):
     x, y = make_pair(5, 6, 2)
     with pytest.raises(err, match="expected"):
@@ -402,7 +403,10 @@ def test_mmd2_matrix_matches_pairwise_calls(device, estimator, sigma):
     for i in range(K):
         for j in range(i + 1, K):
             pair = nr.mmd2(feats[i], feats[j], sigma=sigma, estimator=estimator, device=device)
-            np.testing.assert_allclose(D[i, j], pair, rtol=1e-9, atol=1e-12)
+            # sigma=None centres each pair like mmd2 (exact); a fixed sigma centres all sets on one
+            # pooled mean, which moves the float32 distances by rounding only
+            tol = dict(rtol=1e-9, atol=1e-12) if sigma is None else dict(rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(D[i, j], pair, **tol)
             sig = [ref_median_sigma(feats[i], feats[j])] if sigma is None else np.atleast_1d(sigma)
             np.testing.assert_allclose(D[i, j], ref_mmd2(feats[i], feats[j], sig, estimator), rtol=RTOL, atol=ATOL)
 
@@ -423,5 +427,73 @@ def test_mmd2_matrix_errors():
         nr.mmd2_matrix([feats[0], feats[1][:, :5]])
     with pytest.raises(ShapeError, match="sequence"):
         nr.mmd2_matrix(feats[0])
+    for bad in (None, 3.0, "abc"):
+        with pytest.raises(DTypeError, match="expected features as a sequence .* got"):
+            nr.mmd2_matrix(bad)
     with pytest.raises(ShapeError, match="at least 2 samples"):
         nr.mmd2_matrix([feats[0], feats[0][:1]])
+
+
+# ---- large offsets and magnitudes (issue 19, item 4) -------------------------------------------
+
+def offset_pair():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(150, 16)).astype(np.float32)
+    y = rng.normal(0.4, size=(120, 16)).astype(np.float32)
+    return x, y
+
+
+@pytest.mark.parametrize("offset", [1e4, -3e5])
+def test_large_common_offset_keeps_precision(offset):
+    x, y = offset_pair()
+    xs, ys = x + np.float32(offset), y + np.float32(offset)  # float32 data sharing a large offset
+    # references: float64 distances (cdist subtracts first) of the very same float32 arrays
+    want = ref_mmd2(xs, ys, [2.0])
+    assert want > 0.01
+    np.testing.assert_allclose(nr.mmd2(xs, ys, sigma=2.0), want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(nr.median_sigma(xs, ys), ref_median_sigma(xs, ys), rtol=1e-5)
+    np.testing.assert_allclose(nr.mmd.gaussian_kernel_matrix(xs, ys, sigma=2.0), ref_kernel(xs, ys, [2.0]),
+                               atol=1e-5)
+    D = nr.mmd2_matrix([xs, ys, xs[::2]], sigma=2.0)
+    np.testing.assert_allclose(D[0, 1], want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(D[1, 2], ref_mmd2(ys, xs[::2], [2.0]), rtol=RTOL, atol=ATOL)
+    res = nr.mmd2_test(xs, ys, sigma=2.0, n_permutations=200, seed=0)
+    np.testing.assert_allclose(res.mmd2, want, rtol=RTOL, atol=ATOL)
+    # the null equals brute-force float64 MMD² of the same permutations of the pooled rows
+    z = np.concatenate([xs, ys])
+    idx = np.random.default_rng(0)
+    for p in range(5):
+        perm = idx.permutation(len(z))
+        ref_null = ref_mmd2(z[perm[:len(xs)]], z[perm[len(xs):]], [2.0])
+        np.testing.assert_allclose(res.null[p], ref_null, rtol=RTOL, atol=ATOL)
+    assert res.p_value == 1 / 201
+    if abs(offset) <= 1e4:  # the same test without the offset (data differ by the shift's rounding, 5e-4)
+        plain = nr.mmd2_test(x, y, sigma=2.0, n_permutations=200, seed=0)
+        np.testing.assert_allclose(res.null, plain.null, atol=2e-4)
+        np.testing.assert_allclose(res.mmd2, plain.mmd2, atol=2e-4)
+        assert res.p_value == plain.p_value
+
+
+@pytest.mark.parametrize("where", ["x", "y"])
+def test_values_overflowing_float32_distances_are_refused(where):
+    x, y = offset_pair()
+    (x if where == "x" else y)[3, 2] = 3e38
+    for call in (lambda: nr.mmd2(x, y, sigma=1.0), lambda: nr.median_sigma(x, y),
+                 lambda: nr.mmd2_test(x, y, sigma=1.0, n_permutations=5),
+                 lambda: nr.mmd.gaussian_kernel_matrix(x, y, sigma=1.0)):
+        with pytest.raises(InputValueError,
+                           match=rf"expected finite features within .* in {where} .*got a value 3e\+38"):
+            call()
+    with pytest.raises(InputValueError, match=r"in features\[1\]" if where == "y" else r"in features\[0\]"):
+        nr.mmd2_matrix([x, y], sigma=1.0)
+    # opposite huge values whose difference overflows float32 itself
+    with pytest.raises(InputValueError, match="expected finite features within"):
+        nr.mmd2(np.full((3, 2), -3e38, np.float32), np.full((3, 2), 3e38, np.float32), sigma=1.0)
+
+
+def test_large_but_representable_values_give_finite_results():
+    x, y = offset_pair()
+    x[3, 2] = 1e17  # below the bound for d = 16: its distances are huge but finite in float32
+    got = nr.mmd2(x, y, sigma=2.0)
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, ref_mmd2(x, y, [2.0]), rtol=RTOL, atol=ATOL)

@@ -13,10 +13,20 @@ Copy policy (all functions)
   larger ones raise :class:`~neuroadda_rt.errors.DTypeError` rather than silently doubling
   memory. Convert them yourself with ``np.asarray(x, dtype=np.float32)``.
 * The kernels pack the rows into 16-row panels internally: O((n + m) d) float32 extra memory.
+* Every function first centres its pooled sample (``x`` and ``y``, or all the sets of
+  :func:`mmd2_matrix`) on one centre, the coordinate-wise median of at most 2048 evenly spaced
+  pooled rows (robust to outlier rows, unlike a mean), into one float32 copy of each input (one
+  O((n + m) d) pass; a common shift leaves every distance unchanged). The float32
+  kernels compute ``|a|² + |b|² - 2 a·b``, which cancels when the features share a large offset
+  (``x + 1e4``); centred, they keep the precision of the spread itself.
+* Values further than ``sqrt(FLT_MAX / (8 d))`` (about 1e18 for d = 16, 3e17 for d = 512) from that
+  centre would overflow those float32 squared distances: they raise
+  :class:`~neuroadda_rt.errors.InputValueError` naming the input, never a NaN result.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Sequence, Union
@@ -34,6 +44,8 @@ __all__ = ["mmd2", "median_sigma", "mmd2_test", "mmd2_matrix", "gaussian_kernel_
 MAX_IMPLICIT_COPY = 1 << 20
 #: Size of the deterministic subsample used by the median heuristic.
 MEDIAN_MAX_POINTS = 2048
+#: Most permutations one mmd2_test accepts (its int64 indices take 8 * n bytes per permutation).
+MAX_PERMUTATIONS = (1 << 31) - 1
 #: Most bandwidths one call accepts (the kernels keep them in a fixed-size block).
 MAX_SIGMAS = 16
 
@@ -134,7 +146,45 @@ def _pair(x, y):
     y = _features(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ShapeError(f"expected x and y with the same number of features, got {x.shape[1]} and {y.shape[1]}")
+    x, y = _centred([x, y], ["x", "y"])
     return x, y
+
+
+def _value_bound(d: int) -> float:
+    """Largest |value - centre| whose float32 squared distances cannot overflow: they reach
+    ``|a|² + |b|² + 2|a||b| <= 4 d M²``, kept below half of float32's largest value."""
+    return math.sqrt(float(np.finfo(np.float32).max) / (8.0 * d))
+
+
+def _centred(arrays: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """The one centring step of every function here: each validated float32 array minus one centre of
+    all of them stacked, as a float32 copy, in one pass per array. The centre is the coordinate-wise
+    median of the evenly spaced subsample of at most 2048 pooled rows that the median heuristic uses
+    (a mean would do for the offset, but one outlier row of 1e17 moves a mean so far that every
+    other row loses its precision; a median stays inside the bulk, and selecting values is exact,
+    so the centre does not depend on the memory layout).
+
+    ``a - mu`` of two nearby float32 values is exact, so the centred rows are the input rows shifted
+    by one common vector: distances are unchanged, but the float32 kernels no longer cancel
+    ``|a|² + |b|² - 2 a·b`` of a large common offset. Raises InputValueError (naming the input)
+    for values too large for float32 squared distances."""
+    d = arrays[0].shape[1]
+    mu = np.median(_subsample_rows(arrays, MEDIAN_MAX_POINTS).astype(np.float64), axis=0).astype(np.float32)
+    bound = _value_bound(d)
+    out, spread = [], []
+    for a in arrays:
+        with np.errstate(over="ignore", invalid="ignore"):
+            c = np.subtract(a, mu, dtype=np.float32)
+        out.append(c)
+        spread.append(max(float(c.max()), -float(c.min())))
+    worst = int(np.argmax(spread))
+    if not spread[worst] <= bound:  # also catches inf from a subtraction that overflowed float32
+        a = arrays[worst]
+        raise InputValueError(
+            f"expected finite features within {bound:.2g} of the pooled median in {names[worst]} (float32 "
+            f"squared distances of {d} features overflow beyond, about 1e18 in magnitude), got a value "
+            f"{max(float(a.max()), -float(a.min())):.3g} in magnitude, {spread[worst]:.3g} from the median")
+    return out
 
 
 def _estimator(estimator: str) -> bool:
@@ -346,11 +396,11 @@ def mmd2_test(x, y, *, n_permutations: int = 1000, sigma: SigmaArg = None, seed:
     y : array_like, shape (m, d)
         float32 features; see the module docstring for the copy policy.
     n_permutations : int
-        Number of permutations (>= 1).
+        Number of permutations, 1 to ``MAX_PERMUTATIONS`` (2**31 - 1).
     sigma : float, sequence of float, or None
         As in :func:`mmd2`; None uses the median heuristic on the pooled sample.
     seed : int or None
-        Seed of ``numpy.random.default_rng``; None draws fresh entropy (not reproducible).
+        Seed (>= 0) of ``numpy.random.default_rng``; None draws fresh entropy (not reproducible).
     estimator : {"unbiased", "biased"}
     device : {"auto", "cpu", "cuda"}
 
@@ -376,10 +426,12 @@ def mmd2_test(x, y, *, n_permutations: int = 1000, sigma: SigmaArg = None, seed:
     unbiased = _estimator(estimator)
     if isinstance(n_permutations, (bool, np.bool_)) or not isinstance(n_permutations, numbers.Integral):
         raise InputValueError(f"expected n_permutations as a positive int, got {n_permutations!r}")
-    if n_permutations < 1:
-        raise InputValueError(f"expected n_permutations >= 1, got {n_permutations}")
+    if not 1 <= n_permutations <= MAX_PERMUTATIONS:
+        raise InputValueError(f"expected n_permutations in [1, {MAX_PERMUTATIONS}], got {n_permutations}")
     if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
         raise InputValueError(f"expected seed as an int or None, got {seed!r}")
+    if seed is not None and seed < 0:
+        raise InputValueError(f"expected seed >= 0 (a seed of numpy.random.default_rng) or None, got {seed}")
     x, y = _pair(x, y)
     n, m = x.shape[0], y.shape[0]
     _check_sizes(n, m, unbiased)
@@ -406,8 +458,10 @@ def mmd2_matrix(features, *, sigma: Union[SigmaArg, str] = None, estimator: str 
         K >= 1 float32 arrays ``(n_k, d)`` with the same d (copy policy in the module docstring).
     sigma : float, sequence of float, None or "pooled"
         A fixed bandwidth (or several): every entry uses it, and each set's within-set kernel sum
-        is computed once instead of K - 1 times. None: each pair uses its own median heuristic,
-        so entry (i, j) equals ``mmd2(features[i], features[j])`` exactly. "pooled": one median
+        is computed once instead of K - 1 times (all sets are centred on their one pooled centre,
+        so entries agree with :func:`mmd2` of the pair to float32 rounding, ~1e-6). None: each
+        pair uses its own median heuristic (and is centred on its own centre), so entry (i, j)
+        equals ``mmd2(features[i], features[j])`` exactly. "pooled": one median
         heuristic over all sets (evenly spaced subsample of at most 2048 rows of their
         concatenation, gathered without concatenating), which makes entries comparable.
     estimator : {"unbiased", "biased"}
@@ -430,6 +484,13 @@ def mmd2_matrix(features, *, sigma: Union[SigmaArg, str] = None, estimator: str 
     unbiased = _estimator(estimator)
     if isinstance(features, np.ndarray) and features.ndim == 2:
         raise ShapeError("expected a sequence of (n_k, d) arrays, got a single 2-D array")
+    try:
+        if isinstance(features, (str, bytes)):
+            raise TypeError
+        features = list(features)
+    except TypeError:
+        raise DTypeError(f"expected features as a sequence (list or tuple) of (n_k, d) float32 arrays, "
+                         f"got {type(features).__name__}") from None
     feats = [_features(f, f"features[{k}]") for k, f in enumerate(features)]
     if not feats:
         raise ShapeError("expected at least 1 feature set, got 0")
@@ -438,6 +499,10 @@ def mmd2_matrix(features, *, sigma: Union[SigmaArg, str] = None, estimator: str 
         if f.shape[1] != d:
             raise ShapeError(f"expected every feature set with {d} features, got {f.shape[1]} in features[{k}]")
         _check_sizes(f.shape[0], f.shape[0], unbiased)
+    names = [f"features[{k}]" for k in range(len(feats))]
+    raw = feats
+    if sigma is not None:  # one centring of all the sets; sigma=None centres each pair below
+        feats = _centred(feats, names)
     dev = resolve_device(device)
     K = len(feats)
     out = np.zeros((K, K), dtype=np.float64)
@@ -445,11 +510,12 @@ def mmd2_matrix(features, *, sigma: Union[SigmaArg, str] = None, estimator: str 
         sigmas = [_pooled_median_sigma(feats)]
     else:
         sigmas = _sigmas(sigma)
-    if sigmas is None:
+    if sigmas is None:  # each pair centred on its own centre, exactly as mmd2(features[i], features[j])
         for i in range(K):
             for j in range(i + 1, K):
-                s = _median_sigma_checked(feats[i], feats[j])
-                out[i, j] = out[j, i] = _kernels._mmd2(feats[i], feats[j], [s], unbiased, dev)
+                a, b = _centred([raw[i], raw[j]], [names[i], names[j]])
+                s = _median_sigma_checked(a, b)
+                out[i, j] = out[j, i] = _kernels._mmd2(a, b, [s], unbiased, dev)
         return out
     self_sums = [_kernels._mmd_sums(f, f, sigmas, _BLOCK_XX, dev)[0] for f in feats]
     for i in range(K):
@@ -460,14 +526,21 @@ def mmd2_matrix(features, *, sigma: Union[SigmaArg, str] = None, estimator: str 
     return out
 
 
-def _pooled_median_sigma(feats: list[np.ndarray]) -> float:
+def _subsample_rows(feats: list[np.ndarray], max_points: int) -> np.ndarray:
+    """Rows ``z[floor(t N / s)]``, ``t = 0..s-1``, ``s = min(N, max_points)`` of the concatenation ``z``
+    of the sets (N rows), gathered without concatenating."""
     sizes = np.array([f.shape[0] for f in feats], dtype=np.int64)
     N = int(sizes.sum())
-    s = min(N, MEDIAN_MAX_POINTS)
+    s = min(N, max_points)
     pooled = (np.arange(s, dtype=np.int64) * N) // s
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     which = np.searchsorted(offsets, pooled, side="right") - 1
-    rows = np.stack([feats[k][i - offsets[k]] for k, i in zip(which, pooled)])
+    return np.stack([feats[k][i - offsets[k]] for k, i in zip(which, pooled)])
+
+
+def _pooled_median_sigma(feats: list[np.ndarray]) -> float:
+    rows = _subsample_rows(feats, MEDIAN_MAX_POINTS)
+    s = rows.shape[0]
     if s < 2:
-        raise ShapeError(f"expected at least 2 rows over all feature sets for the median heuristic, got {N}")
+        raise ShapeError(f"expected at least 2 rows over all feature sets for the median heuristic, got {s}")
     return _median_sigma_checked(rows[: s // 2], rows[s // 2:])

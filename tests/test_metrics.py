@@ -276,3 +276,47 @@ def test_single_voxel():
     one = np.array([3], dtype=np.uint8)
     assert nr.variation_of_information(one, one) == (0.0, 0.0)
     assert all(np.isnan(nr.adapted_rand_error(one, one)))  # no pair of voxels: 0 / 0
+
+
+# ---- issue 19: a forged pickle state, ignore labels of the wrong type ---------------------------
+
+class _Forged:
+    """Pickles as a ContingencyTable with the given state (what a tampered pickle file holds)."""
+
+    def __init__(self, counts):
+        n = len(counts)
+        self.state = {"entries": (np.arange(n, dtype=np.uint64), np.zeros(n, np.uint64),
+                                  np.asarray(counts, dtype=np.uint64))}
+
+    def __reduce__(self):
+        return object.__new__, (ContingencyTable,), self.state
+
+
+@pytest.mark.parametrize("counts", [[2**63, 2**63], [2**64 - 1, 1], [2**62] * 4 + [5], [2**64 - 1] * 3])
+def test_unpickled_counts_summing_to_2_64_are_refused(counts):
+    assert sum(counts) >= 2**64  # independent reference: Python's exact integers
+    blob = pickle.dumps(_Forged(counts))
+    with pytest.raises(InputValueError, match=r"sum to less than 2\*\*64, got a sum of " + str(sum(counts))):
+        pickle.loads(blob)
+
+
+def test_unpickled_counts_just_below_2_64_are_kept():
+    t = pickle.loads(pickle.dumps(_Forged([2**63, 2**63 - 1])))  # sum 2**64 - 1: still representable
+    assert isinstance(t, ContingencyTable) and t.total == 2**64 - 1 and t.n_pairs == 2
+
+
+def test_merge_overflowing_2_64_is_refused():
+    t = pickle.loads(pickle.dumps(_Forged([2**63])))
+    with pytest.raises(InputValueError, match="2\\*\\*64"):
+        t.merge(pickle.loads(pickle.dumps(t)))
+    assert t.total == 2**63
+
+
+@pytest.mark.parametrize("bad", [None, "0", 1.0, True])
+def test_ignore_labels_of_the_wrong_type(bad):
+    a = np.array([[1, 1, 2], [2, 3, 3]])
+    for call in (lambda: nr.adapted_rand_error(a, a, ignore_gt=bad),
+                 lambda: nr.variation_of_information(a, a, ignore_gt=bad),
+                 lambda: nr.variation_of_information(a, a, ignore_seg=bad)):
+        with pytest.raises(DTypeError, match=r"expected ignore_(gt|seg) as an int or a sequence of ints .* got"):
+            call()

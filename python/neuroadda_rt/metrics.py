@@ -60,8 +60,10 @@ def _pair(seg, gt) -> tuple[np.ndarray, np.ndarray]:
 
 def _keys(labels, name: str) -> list[int]:
     """Ignore labels as 64-bit keys (negative ids sign-extended, like signed label dtypes)."""
-    if isinstance(labels, (int, np.integer)):
+    if isinstance(labels, (int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
         labels = (labels,)
+    if labels is None or isinstance(labels, (str, bytes, bool, np.bool_, float)) or not hasattr(labels, "__iter__"):
+        raise DTypeError(f"expected {name} as an int or a sequence of ints (() for none), got {labels!r}")
     out = []
     for v in labels:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
@@ -71,6 +73,14 @@ def _keys(labels, name: str) -> list[int]:
             raise InputValueError(f"expected {name} labels in [-2**63, 2**64), got {v}")
         out.append(v % _U64)
     return out
+
+
+def _exact_sum(count: np.ndarray) -> int:
+    """Exact sum of uint64 counts as a Python int (vectorised; a plain uint64 sum wraps at 2**64)."""
+    c = count.ravel()
+    low = int(np.sum(c & np.uint64(0xFFFFFFFF), dtype=np.uint64))  # < 2**32 per term: exact below 2**32 terms
+    high = int(np.sum(c >> np.uint64(32), dtype=np.uint64))
+    return (high << 32) + low
 
 
 def _cpu_only(device: str, what: str) -> None:
@@ -125,6 +135,9 @@ class ContingencyTable:
         """Add the counts of another table (e.g. from another worker); returns ``self``."""
         if not isinstance(other, ContingencyTable):
             raise TypeError(f"expected a ContingencyTable, got {type(other).__name__}")
+        if self.total + other.total >= _U64:
+            raise InputValueError(f"expected tables whose voxel counts sum to less than 2**64, got "
+                                  f"{self.total} + {other.total}")
         self._table.merge(other._table)
         return self
 
@@ -181,6 +194,10 @@ class ContingencyTable:
     def __setstate__(self, state):
         self._table = _core.ContingencyTable()
         seg, gt, count = (np.ascontiguousarray(a, dtype=np.uint64) for a in state["entries"])
+        total = _exact_sum(count)
+        if total >= _U64:  # the C++ table counts voxels in uint64: a larger total would wrap
+            raise InputValueError(f"expected a pickled ContingencyTable whose counts sum to less than 2**64, "
+                                  f"got a sum of {total} (a corrupt or forged state)")
         self._table.add_entries(seg, gt, count)
 
     def __repr__(self) -> str:

@@ -236,3 +236,13 @@ def test_torch_cuda_tensor_in_place(rng, mc):
         nr.tile_uncertainty(bad, mc_samples=mc)
     with pytest.raises(DTypeError):
         nr.tile_uncertainty(t.double(), mc_samples=mc)
+
+
+@pytest.mark.parametrize("bad", ["no", "False", 1, 0, None, [True]])
+def test_mc_samples_must_be_a_bool(bad):
+    # issue 19: mc_samples="no" was truthy and silently read axis 0 as Monte-Carlo samples
+    p = np.full((2, 2, 2, 4, 4), 0.5, dtype=np.float32)
+    with pytest.raises(DTypeError, match=r"expected mc_samples as a bool .*got " + repr(bad).replace("[", r"\[")
+                       .replace("]", r"\]")):
+        nr.tile_uncertainty(p, mc_samples=bad)
+    assert nr.tile_uncertainty(p, mc_samples=np.bool_(True)).shape == (2,)

@@ -76,7 +76,8 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
         ``(N, 1, H, W)`` per tile, or ``(N, C, H, W)`` per channel. Excluded voxels are neither
         used nor validated (they may hold NaN padding). A tile with no included voxel gives NaN.
     mc_samples : bool
-        Whether axis 0 of ``probs`` holds T Monte-Carlo samples (e.g. dropout passes).
+        Whether axis 0 of ``probs`` holds T Monte-Carlo samples (e.g. dropout passes). A bool:
+        anything else (``"no"``, ``1``, None) raises :class:`~neuroadda_rt.errors.DTypeError`.
     device : {"auto", "cpu", "cuda"}
         ``"auto"`` uses the CUDA kernel only when compiled in and a GPU is present. A GPU-resident
         ``probs`` (any object with ``__cuda_array_interface__``: a torch CUDA tensor, a CuPy
@@ -128,7 +129,11 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
     >>> np.round(tile_uncertainty(mc, measure="bald", mc_samples=True), 6)
     array([0.      , 0.693147])
     """
-    if measure not in MEASURES:
+    if not isinstance(mc_samples, (bool, np.bool_)):
+        raise DTypeError(f"expected mc_samples as a bool (True when axis 0 holds Monte-Carlo samples), "
+                         f"got {mc_samples!r}")
+    mc_samples = bool(mc_samples)
+    if not isinstance(measure, str) or measure not in MEASURES:
         raise ValueError(f"measure must be one of {tuple(MEASURES)}, got {measure!r}")
     if measure in _MC_ONLY and not mc_samples:
         raise ValueError(f"measure={measure!r} needs Monte-Carlo samples: pass probs as (T, N, C, ...) "

@@ -442,3 +442,102 @@ def test_freeze_rule_normalises_pieces_like_the_whole(rng):
     np.testing.assert_allclose(normalize_intensity(piece, frozen), np.clip((piece - lo) / (hi - lo), 0, 1), atol=1e-6)
     assert freeze_rule("dtype", img) == {"rule": "dtype"}
     np.testing.assert_array_equal(normalize_intensity(np.full((4, 4), 7.0), freeze_rule(rule, np.full((4, 4), 7.0))), 0)
+
+
+# ----------------------------------------------------------------------------- issue 19
+@pytest.mark.parametrize("odd", [np.array([[1000, 7], [65535, 0]], np.uint16),
+                                 np.array([[0.75, 0.25], [1.0, 0.0]], np.float32)])
+def test_slice_folder_with_mixed_dtypes_is_refused(tmp_path, odd):
+    """Slice 0's dtype used to win silently: uint16 1000 became 232 and float 0.75 became 0."""
+    tifffile = pytest.importorskip("tifffile")
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    base = np.array([[10, 20], [30, 40]], np.uint8)
+    for i in range(4):
+        tifffile.imwrite(folder / f"s{i}.tif", odd if i == 2 else base)
+    with pytest.raises(FormatError) as exc:
+        open_volume(folder)
+    msg = str(exc.value)
+    assert "s2.tif" in msg and "s3.tif" not in msg  # the first file that differs
+    assert "uint8" in msg and str(odd.dtype) in msg and "s0.tif" in msg
+    # one dtype throughout still reads, exactly
+    tifffile.imwrite(folder / "s2.tif", base)
+    np.testing.assert_array_equal(open_volume(folder)[...], np.stack([base] * 4))
+
+
+def test_slice_folder_dtype_changed_after_opening_is_refused_on_read(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(3):
+        tifffile.imwrite(folder / f"s{i}.tif", np.full((4, 4), i, np.uint8))
+    v = open_volume(folder)
+    tifffile.imwrite(folder / "s1.tif", np.full((4, 4), 1000, np.uint16))
+    np.testing.assert_array_equal(v[0], np.zeros((4, 4), np.uint8))
+    with pytest.raises(FormatError, match=r"uint16 in .*s1\.tif"):
+        v[...]
+
+
+def test_image_dtype_agrees_with_the_decoder(tmp_path, rng):
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+
+    from neuroadda_rt.io import image_dtype, read_image_2d
+
+    files = []
+    for dt in (np.uint8, np.uint16, np.int16, np.float32, np.float64):
+        p = tmp_path / f"a_{np.dtype(dt).name}.tif"
+        tifffile.imwrite(p, rng.integers(0, 100, (5, 6)).astype(dt))
+        files.append(p)
+    tifffile.imwrite(tmp_path / "rgb.tif", rng.integers(0, 255, (5, 6, 3), dtype=np.uint8), photometric="rgb")
+    files.append(tmp_path / "rgb.tif")
+    for mode, arr in (("L", rng.integers(0, 255, (5, 6), dtype=np.uint8)),
+                      ("I;16", rng.integers(0, 65535, (5, 6), dtype=np.uint16)),
+                      ("RGB", rng.integers(0, 255, (5, 6, 3), dtype=np.uint8))):
+        p = tmp_path / f"p_{mode.replace(';', '')}.png"
+        Image.fromarray(arr).save(p)
+        files.append(p)
+    p = tmp_path / "pal.png"
+    Image.fromarray(rng.integers(0, 4, (5, 6), dtype=np.uint8)).convert("P").save(p)
+    files.append(p)
+    for f in files:
+        assert image_dtype(f) == read_image_2d(f).dtype, f
+
+
+def _npy_with_header(path, shape, dtype="<f4", payload=b""):
+    header = {"descr": dtype, "fortran_order": False, "shape": tuple(shape)}
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00")
+        h = repr(header).encode("latin1")
+        pad = 64 - (10 + len(h) + 1) % 64
+        h = h + b" " * pad + b"\n"
+        f.write(struct.pack("<H", len(h)))
+        f.write(h)
+        f.write(payload)
+
+
+@pytest.mark.parametrize("shape", [(2**40, 16), (1 << 28, 8), (3, 5)])
+def test_npy_header_larger_than_the_file_is_refused_before_allocating(tmp_path, shape):
+    """A header claiming (2**40, 16) float32 asked for 64 TiB; a smaller claim reserved 8 GiB."""
+    import tracemalloc
+
+    from neuroadda_rt.io import load_npy
+
+    path = tmp_path / "forged.npy"
+    _npy_with_header(path, shape, payload=b"\0" * 32)  # 8 float32: less than any claim above
+    tracemalloc.start()
+    try:
+        for read in (lambda: open_volume(path), lambda: load_npy(path), lambda: load_npy(path, mmap_mode="r")):
+            with pytest.raises(FormatError) as exc:
+                read()
+            assert "forged.npy" in str(exc.value) and str(tuple(shape)) in str(exc.value)
+            assert "32 bytes" in str(exc.value)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # nothing close to the claim was allocated
+    # an honest file of the same layout still loads
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.arange(8, dtype=np.float32).reshape(2, 4))
+    np.testing.assert_array_equal(load_npy(ok), np.arange(8, dtype=np.float32).reshape(2, 4))
+    np.testing.assert_array_equal(open_volume(ok)[...], np.arange(8, dtype=np.float32).reshape(2, 4))

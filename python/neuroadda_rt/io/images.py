@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import FormatError, InputValueError, ShapeError, require
 
-__all__ = ["read_image_2d", "read_image_stack", "IMAGE_SUFFIXES", "TIFF_SUFFIXES"]
+__all__ = ["read_image_2d", "read_image_stack", "image_dtype", "IMAGE_SUFFIXES", "TIFF_SUFFIXES"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *TIFF_SUFFIXES)
@@ -106,6 +106,39 @@ def read_image_stack(path, *, kind: str = "image") -> np.ndarray:
     if kind == "labels":
         out = _as_ids(out, path)
     return np.ascontiguousarray(out)
+
+
+# Pillow modes whose decoded dtype (kind="image") is known from the header alone
+_PIL_MODE_DTYPES = {"1": "bool", "L": "uint8", "LA": "uint8", "P": "uint8", "PA": "uint8", "RGB": "uint8",
+                    "RGBA": "uint8", "RGBX": "uint8", "CMYK": "uint8", "YCbCr": "uint8", "LAB": "uint8",
+                    "HSV": "uint8", "I": "int32", "F": "float32", "I;16": "uint16", "I;16L": "uint16",
+                    "I;16B": "uint16", "I;16N": "uint16"}
+
+
+def image_dtype(path, *, decode: bool = True) -> np.dtype | None:
+    """The dtype :func:`read_image_2d` (``kind="image"``) returns for ``path``, from the file's header
+    where it says so (a TIFF's sample format, a Pillow mode), else by decoding the file.
+
+    With ``decode=False`` only the header is read, and ``None`` comes back when it does not tell
+    (an unreadable header or an unusual Pillow mode); otherwise errors are those of
+    :func:`read_image_2d` (:class:`FormatError` naming the file).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TIFF_SUFFIXES:
+            tifffile = require("tifffile", "io")
+            with tifffile.TiffFile(str(path)) as tf:
+                return np.dtype(tf.series[0].dtype).newbyteorder("=")
+        if suffix in IMAGE_SUFFIXES:
+            Image = require("PIL.Image", "io")
+            with Image.open(path) as im:
+                name = _PIL_MODE_DTYPES.get(im.mode)
+            if name is not None:
+                return np.dtype(name)
+    except Exception:  # noqa: BLE001, S110 - an unreadable header: the decoder names the problem
+        pass
+    return read_image_stack(path).dtype if decode else None
 
 
 def _decode_tiff(path: Path) -> tuple[np.ndarray, bool]:

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError, InputValueError, ShapeError, require
-from .images import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_image_2d, read_image_stack
+from .images import IMAGE_SUFFIXES, TIFF_SUFFIXES, image_dtype, read_image_2d, read_image_stack
 
-__all__ = ["Volume", "open_volume", "natural_sort_key"]
+__all__ = ["Volume", "open_volume", "natural_sort_key", "load_npy", "read_npy_header"]
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".hd5")
 # dtypes the N5 spec names, as NumPy type codes (the writer checks against the same table)
@@ -84,11 +84,12 @@ class _H5Backend(_ArrayBackend):
 class _SliceStackBackend(_Backend):
     """A list of 2-D image files (a folder of slices, or the pages of a multi-page TIFF)."""
 
-    def __init__(self, readers, shape2d, dtype, label):
+    def __init__(self, readers, shape2d, dtype, label, files=None):
         self.readers = readers
         self.shape = (len(readers), *shape2d)
         self.dtype = np.dtype(dtype)
         self.label = label
+        self.files = files
 
     def read_box(self, starts, stops):
         out = np.empty(tuple(b - a for a, b in zip(starts, stops)), dtype=self.dtype)
@@ -96,6 +97,11 @@ class _SliceStackBackend(_Backend):
             img = self.readers[z]()
             if img.shape != self.shape[1:]:
                 raise ShapeError(f"{self.label}: slice {z} has shape {img.shape}, expected {self.shape[1:]} like slice 0")
+            # never cast silently (a file replaced after opening); byte order alone is no change
+            if img.dtype.newbyteorder("=") != self.dtype.newbyteorder("="):
+                where = self.files[z] if self.files else f"slice {z}"
+                raise FormatError(f"{self.label}: expected every slice with the dtype of slice 0 ({self.dtype}), "
+                                  f"got {img.dtype} in {where}")
             out[i] = img[starts[1]:stops[1], starts[2]:stops[2]]
         return out
 
@@ -628,8 +634,16 @@ def _open_folder(path: Path, pattern: str | None):
         raise FormatError(f"{path}: expected one image type per folder, got {sorted(suffixes)} (pass key='*.png')")
     files.sort(key=lambda p: natural_sort_key(p.name))
     first = read_image_2d(files[0])
+    # one dtype per folder: casting to slice 0's would wrap (uint16 1000 -> 232) or truncate
+    # (float 0.75 -> 0). Only the headers are read here (a file whose header does not tell, or
+    # is unreadable, is checked, and named, when it is sliced: read_box checks every decoded slice).
+    for f in files[1:]:
+        dt = image_dtype(f, decode=False)
+        if dt is not None and dt != first.dtype:
+            raise FormatError(f"{path}: expected every slice with the dtype of slice 0 ({files[0].name}: "
+                              f"{first.dtype}), got {dt} in {f.name}; convert the slices to one dtype")
     readers = [(lambda p=p: read_image_2d(p)) for p in files]
-    b = _SliceStackBackend(readers, first.shape, first.dtype, str(path))
+    b = _SliceStackBackend(readers, first.shape, first.dtype, str(path), files=[str(p) for p in files])
     v = Volume(b, path=path, key=pattern)
     v.files = [str(p) for p in files]
     return v
@@ -722,10 +736,64 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
     return v
 
 
-def _load_npy(path: Path):
+def read_npy_header(path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """The header of a ``.npy`` file, checked against the file's size before anything is allocated.
+
+    Returns ``(shape, dtype, fortran_order, data_offset)``. Reads only the header (NumPy's own
+    parser, which never evaluates code).
+
+    Raises
+    ------
+    FormatError
+        Not a ``.npy`` file, an unreadable header, an object dtype, or a header that claims more
+        data (``prod(shape) * itemsize`` bytes) than the file holds after its header: the file
+        is named, with both sizes.
+    """
+    path = Path(path)
+    fmt = np.lib.format
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:  # pragma: no cover - read_magic accepts only the versions above today
+                raise ValueError(f"unsupported .npy format version {version}")
+            offset = f.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise FormatError(f"{path}: cannot read the .npy header (truncated or not NumPy?): {exc}") from exc
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise FormatError(f"{path}: expected a numeric .npy array, got dtype {dtype} (object arrays need pickle, "
+                          "which is never loaded)")
+    n = 1
+    for d in shape:  # Python ints: no overflow, however large the claim
+        n *= int(d)
+    need = n * dtype.itemsize
+    have = size - offset
+    if need > have:
+        raise FormatError(f"{path}: the .npy header claims shape {tuple(shape)} of {dtype} ({need} bytes of data) "
+                          f"but the file holds {have} bytes after its header (truncated or corrupt file)")
+    return tuple(int(d) for d in shape), dtype, bool(fortran), int(offset)
+
+
+def load_npy(path, *, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of a ``.npy`` file whose header was first checked against the file size
+    (:func:`read_npy_header`), so that a forged shape is refused before any allocation.
+
+    Raises :class:`FormatError` naming the file for a truncated, corrupt or non-NumPy file.
+    """
+    path = Path(path)
+    read_npy_header(path)
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise FormatError(f"{path}: cannot read .npy (truncated or not NumPy?): {exc}") from exc
+
+
+def _load_npy(path: Path):
+    return load_npy(path, mmap_mode="r")
 
 

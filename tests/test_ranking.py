@@ -179,3 +179,95 @@ def test_errors(zoo, targets, tmp_path):
         rank_sources(np.zeros(5, np.uint8), zoo, n_tiles=4, **kw)
     with pytest.raises(InputValueError, match="expected a target"):
         rank_sources(object(), zoo, n_tiles=4, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 19
+# --------------------------------------------------------------------------------------------
+def test_feature_cache_key_holds_the_intensity_rule(zoo, targets, tmp_path):
+    """Two packages with the same weights and another normalization shared cache entries: the
+    second got the first's target features."""
+    from neuroadda_rt.package import save_model
+
+    base = nr.load_model(zoo[1])
+    a = save_model(base, tmp_path / "m" / "dtype_rule", name="dtype_rule", normalization={"rule": "dtype"})
+    b = save_model(base, tmp_path / "m" / "pct_rule", name="pct_rule",
+                   normalization={"rule": "percentile", "low": 20.0, "high": 80.0})
+    # the case of the bug: the same files (weights, encoder, reference features), another rule
+    assert a.metadata["files"] == b.metadata["files"] and a.normalization != b.normalization
+    kw = dict(n_tiles=N_TILES, tile_size=wz.TILE, n_permutations=0)
+    cache = tmp_path / "cache"
+    first = rank_sources(targets[0], [a], cache_dir=cache, **kw)[0]
+    second = rank_sources(targets[0], [b], cache_dir=cache, **kw)[0]
+    assert not second.cached
+    # independent reference: b's own features of the same tiles, no cache
+    tiles = nr.sample_tiles(targets[0], N_TILES, wz.TILE, seed=0).tiles
+    from neuroadda_rt.ranking import standardize
+
+    for pkg, got in ((a, first), (b, second)):
+        feats = nr.FeatureExtractor(pkg, pooling=pkg.pooling).features(tiles)
+        assert got.mmd2 == pytest.approx(nr.mmd2(*standardize(pkg.reference_features, feats)), rel=1e-5)
+    assert second.mmd2 != pytest.approx(first.mmd2, rel=1e-3)
+    # each package's entry is reused by that package alone
+    assert rank_sources(targets[0], [b], cache_dir=cache, **kw)[0].cached
+    assert rank_sources(targets[0], [a], cache_dir=cache, **kw)[0].mmd2 == first.mmd2
+    assert len(list((cache / "features").rglob("*.npy"))) == 2
+
+
+def test_feature_cache_key_changes_with_everything_that_changes_a_feature():
+    from dataclasses import dataclass, replace
+
+    from neuroadda_rt.ranking import _cache_key
+
+    @dataclass(frozen=True)
+    class Src:
+        name: str = "s"
+        sha256: str = "0" * 64
+        normalization: dict = None
+        feature_level: int = 2
+        pooling: str = "mean"
+        precision: str = "fp32"
+
+    s = Src(normalization={"rule": "dtype"})
+    k = _cache_key("c", s, 32)
+    variants = [replace(s, normalization={"rule": "fixed", "low": 0.0, "high": 9.0}), replace(s, feature_level=1),
+                replace(s, pooling="max"), replace(s, precision="fp16"), replace(s, sha256="1" * 64)]
+    keys = {k, _cache_key("c", s, 64), _cache_key("d", s, 32), *(_cache_key("c", v, 32) for v in variants)}
+    assert len(keys) == 3 + len(variants)
+    assert _cache_key("c", Src(normalization={"rule": "dtype"}), 32) == k  # deterministic
+
+
+@pytest.mark.parametrize("content", [b"", "forged"])
+def test_empty_or_forged_cache_entry_is_recomputed(zoo, targets, tmp_path, content):
+    """A 0-byte entry raised EOFError; a header claiming (2**40, 16) asked for 64 TiB."""
+    kw = dict(n_tiles=N_TILES, tile_size=wz.TILE, n_permutations=0)
+    ref = rank_sources(targets[0], zoo[:1], cache_dir=False, **kw)[0]
+    rank_sources(targets[0], zoo[:1], cache_dir=tmp_path, **kw)
+    (entry,) = (tmp_path / "features").rglob("*.npy")
+    if content == "forged":
+        data = np.load(entry)
+        h = repr({"descr": "<f4", "fortran_order": False, "shape": (2**40, 16)}).encode("latin1")
+        h += b" " * (63 - (10 + len(h)) % 64) + b"\n"
+        entry.write_bytes(b"\x93NUMPY\x01\x00" + len(h).to_bytes(2, "little") + h + data.tobytes())
+    else:
+        entry.write_bytes(b"")
+    again = rank_sources(targets[0], zoo[:1], cache_dir=tmp_path, **kw)[0]
+    assert not again.cached and again.mmd2 == pytest.approx(ref.mmd2, rel=1e-6)
+    assert rank_sources(targets[0], zoo[:1], cache_dir=tmp_path, **kw)[0].cached  # rewritten
+
+
+def test_targets_that_are_not_2d_or_3d_are_refused(zoo, tmp_path):
+    """4-D arrays were ranked as if 3-D; a scalar dataset gave 'min() arg is an empty sequence'."""
+    kw = dict(n_tiles=4, tile_size=wz.TILE, n_permutations=0, cache_dir=False)
+    four = np.zeros((2, 2, 64, 64), np.uint8)
+    np.save(tmp_path / "four.npy", four)
+    np.save(tmp_path / "scalar.npy", np.float32(3.0))
+    for target in (four, tmp_path / "four.npy", nr.open_volume(tmp_path / "four.npy")):
+        with pytest.raises(ShapeError, match=r"expected a 2-D image or 3-D volume as target, got shape \(2, 2, 64, 64\)"):
+            rank_sources(target, zoo, **kw)
+    for target in (tmp_path / "scalar.npy", nr.open_volume(tmp_path / "scalar.npy")):
+        with pytest.raises(ShapeError, match=r"scalar \(0-D\)") as exc:
+            rank_sources(target, zoo, **kw)
+        assert "scalar.npy" in str(exc.value)
+    with pytest.raises(ShapeError, match="non-empty target"):
+        rank_sources(nr.open_volume(np.zeros((0, 64, 64), np.uint8)), zoo, **kw)

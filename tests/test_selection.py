@@ -213,3 +213,18 @@ def test_select_tiles_errors(zoo, target, tmp_path):
         select_tiles(target, tmp_path / "nomodel", 2, pool=8, tile_size=32)
     with pytest.raises(FileNotFoundError, match="target volume not found"):
         select_tiles(tmp_path / "x.tif", zoo[0], 2, pool=8, tile_size=32)
+
+
+def test_select_tiles_refuses_targets_that_are_not_2d_or_3d(zoo, tmp_path):
+    """Issue 19: a 4-D target was tiled as if 3-D; a scalar gave 'min() arg is an empty sequence'."""
+    import neuroadda_rt as nr
+    from neuroadda_rt.errors import ShapeError
+    from neuroadda_rt.selection import select_tiles
+
+    np.save(tmp_path / "four.npy", np.zeros((2, 2, 64, 64), np.uint8))
+    np.save(tmp_path / "scalar.npy", np.uint8(7))
+    with pytest.raises(ShapeError, match=r"four\.npy: expected a 2-D image or 3-D volume as target, "
+                                         r"got shape \(2, 2, 64, 64\)"):
+        select_tiles(tmp_path / "four.npy", zoo[0], 2, pool=8, tile_size=32)
+    with pytest.raises(ShapeError, match=r"as target, got a scalar \(0-D\) dataset"):
+        select_tiles(nr.open_volume(tmp_path / "scalar.npy"), zoo[0], 2, pool=8, tile_size=32)

@@ -37,32 +37,47 @@ __all__ = ["RankableSource", "PackageSource", "as_source", "as_volume", "iter_zo
 # --------------------------------------------------------------------------------------------
 # targets
 # --------------------------------------------------------------------------------------------
-def as_volume(target):
+def as_volume(target, *, what: str = "target"):
     """A path, array, ``Volume`` or ``Dataset`` as something tiles can be cut from.
 
     Arrays and volumes are used as they are (no copy); a ``Dataset`` contributes the image of its
     train split; a path (``file.h5:dataset`` included) or a foreign array (h5py, zarr) is opened
-    lazily.
+    lazily. Whatever the kind, the result must be a non-empty 2-D image or 3-D volume: a 4-D
+    array (channels, time) or a scalar (0-D) dataset is refused with :class:`ShapeError`
+    (``what`` names the input in the message).
     """
+    volume = _as_volume(target, what)
+    shape = volume_shape(volume)
+    problem = None
+    if len(shape) not in (2, 3):
+        problem = (f"expected a 2-D image or 3-D volume as {what}, got "
+                   + ("a scalar (0-D) dataset" if not shape else f"shape {shape}"))
+    elif 0 in shape:
+        problem = f"expected a non-empty {what}, got shape {shape}"
+    if problem is not None:
+        if isinstance(target, (str, os.PathLike)) and isinstance(volume, Volume):
+            volume.close()  # we opened it (a path): release the file
+        name = getattr(volume, "path", None) or (str(target) if isinstance(target, (str, os.PathLike)) else None)
+        raise ShapeError(f"{name}: {problem}" if name else problem)
+    return volume
+
+
+def _as_volume(target, what: str):
     if isinstance(target, (str, os.PathLike)):
         path = str(target)
         base = path if Path(path).exists() else path.split(":")[0]
         if not Path(base).exists():
-            raise FileNotFoundError(f"target volume not found: {path}")
+            raise FileNotFoundError(f"{what} volume not found: {path}")
         return open_volume(path)
     if isinstance(target, np.ndarray):
-        if target.ndim not in (2, 3):
-            raise ShapeError(f"expected a 2-D image or 3-D volume as target, got shape {target.shape}")
-        if target.size == 0:
-            raise ShapeError(f"expected a non-empty target, got shape {target.shape}")
-        return target
+        return target  # shape checked by as_volume
     if isinstance(target, Dataset):
         return target.image("train")
     if isinstance(target, Volume):
         return target
     if hasattr(target, "__array__") and hasattr(target, "shape"):  # h5py / zarr arrays: read lazily
         return open_volume(target)
-    raise InputValueError(f"expected a target path, NumPy array, Volume or Dataset, got {type(target).__name__}")
+    raise InputValueError(f"expected a {what} path, NumPy array, Volume or Dataset, got {type(target).__name__}")
 
 
 def volume_shape(volume) -> tuple[int, ...]:

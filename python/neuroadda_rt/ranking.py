@@ -6,9 +6,12 @@ training tiles) by the squared maximum mean discrepancy (MMD², Gaussian kernel)
 p-value. Sources are sorted by ascending MMD²: the source whose feature distribution is closest to the
 target's is the most transferable (Sawmya et al., arXiv 2503.06196). No source images are needed.
 
-Target features are the expensive part, so they are cached on disk under a key of (content hash of
-the sampled target tiles and the volume's shape/dtype, tile coordinates and size, the model's
-sha256, the pooling); a repeated call for the same target and zoo does not run any encoder.
+Target features are the expensive part, so they are cached on disk under a key of everything that
+changes a feature: the content hash of the sampled target tiles and the volume's shape/dtype, tile
+coordinates and size, the model's sha256 (its files and network config), its intensity rule
+(``normalization``), feature level, pooling, and the precision the encoder runs at; a repeated call
+for the same target and zoo does not run any encoder, and two packages with the same weights but
+another intensity rule never share an entry.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ._digest import arrays_sha256, json_sha256
 from ._sources import (PackageSource, RankableSource, as_source, as_volume, describe_target, iter_zoo,
                        load_package, sample_target_tiles, volume_shape)
 from .errors import FormatError, InputValueError, ShapeError, require
+from .io import load_npy
 from .mmd import mmd2, mmd2_test
 
 log = logging.getLogger("neuroadda_rt")
@@ -35,7 +39,13 @@ log = logging.getLogger("neuroadda_rt")
 __all__ = ["rank_sources", "SourceRanking", "RankedSource", "default_cache_dir", "standardize"]
 
 #: Version of the cache-key recipe; bump when what goes into a feature changes.
-_CACHE_VERSION = 1
+#: 2: the key holds the intensity rule, feature level and precision (v1 entries were shared by
+#: packages that differ only in their normalization, and are never read again).
+_CACHE_VERSION = 2
+
+#: Precision of the encoder a ranking source runs when it does not say: ``PackageSource.embed``
+#: runs the fp32 encoder on every backend (no fp16 engine, no int8 encoder).
+_DEFAULT_PRECISION = "fp32"
 
 #: Where target features are cached (the package's one cache directory; ``$NEUROADDA_CACHE`` wins).
 default_cache_dir = _cache_root
@@ -43,9 +53,17 @@ default_cache_dir = _cache_root
 # --------------------------------------------------------------------------------------------
 # disk cache (atomic writes)
 # --------------------------------------------------------------------------------------------
-def _cache_key(content: str, model_sha: str, pooling: str, size: int) -> str:
-    return json_sha256({"v": _CACHE_VERSION, "content": content, "model": model_sha, "pooling": pooling,
-                        "tile_size": int(size)})
+def _cache_key(content: str, src: RankableSource, size: int) -> str:
+    """The feature-cache key: everything that changes a target feature (see the module docstring)."""
+    try:
+        normalization = json.loads(json.dumps(src.normalization, sort_keys=True, default=str))
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"model {src.name!r}: expected a JSON-serialisable intensity rule (normalization), "
+                          f"got {src.normalization!r} ({exc})") from exc
+    return json_sha256({"v": _CACHE_VERSION, "content": content, "model": src.sha256,
+                        "normalization": normalization, "feature_level": int(src.feature_level),
+                        "pooling": str(src.pooling), "tile_size": int(size),
+                        "precision": str(getattr(src, "precision", _DEFAULT_PRECISION))})
 
 
 def _cached_features(cache_dir: Path | None, key: str, n_rows: int, compute) -> tuple[np.ndarray, bool]:
@@ -55,12 +73,12 @@ def _cached_features(cache_dir: Path | None, key: str, n_rows: int, compute) -> 
     path = Path(cache_dir) / "features" / key[:2] / f"{key}.npy"
     if path.exists():
         try:
-            arr = np.load(path, allow_pickle=False)
+            arr = load_npy(path)  # the header is checked against the file size before allocating
             if arr.ndim == 2 and arr.shape[0] == n_rows and np.isfinite(arr).all():
                 log.info("target features from cache %s", path)
                 return arr.astype(np.float32, copy=False), True
             log.warning("ignoring a cache entry with unexpected shape %s: %s", arr.shape, path)
-        except (OSError, ValueError) as exc:  # truncated or corrupt: recompute
+        except (OSError, ValueError, EOFError, FormatError) as exc:  # empty, truncated or corrupt: recompute
             log.warning("ignoring an unreadable cache entry %s (%s)", path, exc)
     arr = compute()
     try:
@@ -288,7 +306,7 @@ def _rank_one(src: RankableSource, tiles: np.ndarray, *, seed: int, n_permutatio
         log.warning("model %r: its reference features come from %s px tiles but the target is embedded in "
                     "%d px tiles; mean-pooled features depend on the tile size, so rank with tile_size=%s",
                     src.name, ref_size, tile_size, ref_size)
-    key = _cache_key(content, src.sha256, src.pooling, tile_size)
+    key = _cache_key(content, src, tile_size)
     feats, was_cached = _cached_features(
         cache, key, len(tiles),
         lambda: src.embed(tiles, backend=backend, device=device, batch_size=batch_size))

@@ -191,3 +191,35 @@ def test_run_workflow_with_oracle_labels(zoo, target, tmp_path):
         _label_tiles(ann / "labels", img, other)
     with pytest.raises(ShapeError, match="labels of the target's shape"):
         _label_tiles(lab[:1], img, res.selection)
+
+
+def test_annotation_uint64_ids_are_kept(tmp_path):
+    """Painted ids >= 2**32 were truncated to uint32 on reading, so ids 1 and 2**32 + 1 merged."""
+    sel = _selection([[0, 5, 7], [2, 30, 1]])
+    ann = write_annotation(sel, tmp_path / "ann")
+    big = np.uint64(2**32)
+    painted = []
+    for i, name in enumerate(sorted(p.stem for p in (ann / "images").iterdir())):
+        lab = np.ones((16, 16), np.uint64)
+        lab[:8] = big + 1 + i   # 2**32 + 1 (and + 2): distinct from 1 (and 2) only above 32 bits
+        lab[:, :4] = 2**64 - 1  # the largest id
+        lab[12:, 12:] = 0
+        tifffile.imwrite(ann / "labels" / f"{name}.tif", lab)
+        painted.append(lab)
+    _, labels, _ = read_annotation(ann)
+    assert labels.dtype == np.uint64
+    np.testing.assert_array_equal(labels, np.stack(painted))
+    # one tile with large ids and one within 32 bits: the stack keeps both exactly
+    small = np.arange(256, dtype=np.uint32).reshape(16, 16)
+    tifffile.imwrite(ann / "labels" / f"{sorted(p.stem for p in (ann / 'images').iterdir())[1]}.tif", small)
+    _, labels, _ = read_annotation(ann)
+    assert labels.dtype == np.uint64
+    np.testing.assert_array_equal(labels[0], painted[0])
+    np.testing.assert_array_equal(labels[1], small)
+    # the same in one tiles.tif stack
+    for p in (ann / "labels").iterdir():
+        p.unlink()
+    tifffile.imwrite(ann / "labels" / "tiles.tif", np.stack(painted), photometric="minisblack")
+    _, labels, _ = read_annotation(ann)
+    assert labels.dtype == np.uint64
+    np.testing.assert_array_equal(labels, np.stack(painted))

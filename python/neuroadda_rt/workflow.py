@@ -166,7 +166,8 @@ def read_annotation(annotation_dir, labels_dir=None) -> tuple[np.ndarray, np.nda
     Returns
     -------
     images : ndarray, (n, h, w), the raw tiles
-    labels : ndarray of uint32, (n, h, w)
+    labels : ndarray of uint32, (n, h, w); uint64 when any painted id is >= 2**32. Ids are kept
+        exactly as painted (never relabelled or truncated), so distinct ids stay distinct.
     meta : dict, the parsed ``tiles.json``
 
     Raises
@@ -346,7 +347,7 @@ def _label_tiles(labels, volume, selection: TileSelection):
         if coords.shape != selection.coords.shape or not np.array_equal(coords, selection.coords):
             raise FormatError(f"{labels}: the annotated tiles' coordinates do not match this selection")
         return lab, None
-    lab_vol = as_volume(labels)
+    lab_vol = as_volume(labels, what="labels")
     if volume_shape(lab_vol) != volume_shape(volume):
         raise ShapeError(f"expected labels of the target's shape {volume_shape(volume)}, "
                          f"got {volume_shape(lab_vol)}")

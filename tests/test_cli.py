@@ -185,3 +185,71 @@ def test_demo_fast(zoo, tmp_path, capsys):
     assert run["settings"]["strategy"] == "median"
     assert "family.json" in error_of(capsys, ["demo", "--zoo", str(zoo[0].parent.parent / "_base"),
                                               "--out", str(tmp_path / "x")])
+
+
+# ---- issue 19: every reported error type gives one line, exit status 2, and a clean stdout --------
+
+def _ort(name):
+    state = pytest.importorskip("onnxruntime.capi.onnxruntime_pybind11_state")
+    return getattr(state, name)
+
+
+ESCAPED = {  # what escaped the handler before (traceback, exit status 1), as the libraries raise it
+    "onnx_invalid_protobuf": (lambda: _ort("InvalidProtobuf")(
+        "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from m.onnx failed:Protobuf parsing failed."),
+        "INVALID_PROTOBUF"),
+    "onnx_fail": (lambda: _ort("Fail")("[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed"), "FAIL"),
+    "onnx_no_such_file": (lambda: _ort("NoSuchFile")("[ONNXRuntimeError] : 3 : NO_SUCHFILE : m.onnx"),
+                          "NO_SUCHFILE"),
+    "onnx_invalid_graph": (lambda: _ort("InvalidGraph")("[ONNXRuntimeError] : 10 : INVALID_GRAPH : bad node"),
+                           "INVALID_GRAPH"),
+    "recursion": (lambda: RecursionError("maximum recursion depth exceeded while decoding a JSON array"),
+                  "RecursionError: maximum recursion depth"),
+    "npz_attribute": (lambda: AttributeError("'NpzFile' object has no attribute 'shape'"),
+                      "AttributeError: 'NpzFile' object has no attribute 'shape'"),
+    "zarr_runtime": (lambda: RuntimeError("error during blosc decompression: -1\n  chunk 0.0.0"),
+                     "RuntimeError: error during blosc decompression: -1 chunk 0.0.0"),
+    "not_a_directory": (lambda: NotADirectoryError(20, "Not a directory", "out.txt"), "Not a directory: 'out.txt'"),
+    "file_exists": (lambda: FileExistsError(17, "File exists", "zoo"), "File exists: 'zoo'"),
+    "eof": (lambda: EOFError("Ran out of input"), "EOFError: Ran out of input"),
+    "eof_empty": (lambda: EOFError(), "EOFError"),
+}
+
+
+@pytest.mark.parametrize("json_flag", [True, False])
+@pytest.mark.parametrize("case", sorted(ESCAPED))
+def test_reported_errors_are_one_line_with_status_2(case, json_flag, monkeypatch, capsys):
+    import neuroadda_rt._cli.rank as rank_cmd
+
+    make, expected = ESCAPED[case]
+    exc = make()
+
+    def failing(args):
+        raise exc
+
+    monkeypatch.setattr(rank_cmd, "run", failing)
+    capsys.readouterr()
+    assert main(["rank", "target.tif", *(["--json"] if json_flag else [])]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout holds only the command's output (valid JSON with --json): nothing here
+    assert err.endswith("\n") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("neuroadda-rt rank: error: ") and expected in err, err
+    # --debug shows the traceback instead
+    with pytest.raises(type(exc)):
+        main(["--debug", "rank", "target.tif"])
+
+
+def test_unlisted_errors_keep_their_traceback(monkeypatch):
+    import neuroadda_rt._cli.rank as rank_cmd
+    from neuroadda_rt import cli
+
+    assert not issubclass(ZeroDivisionError, cli.REPORTED_ERRORS)  # a bug, not a user error
+
+    def failing(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(rank_cmd, "run", failing)
+    with pytest.raises(ZeroDivisionError):
+        main(["rank", "target.tif"])
+    assert all(isinstance(t, type) and issubclass(t, BaseException) for t in cli.REPORTED_ERRORS)
+    assert Exception not in cli.REPORTED_ERRORS and BaseException not in cli.REPORTED_ERRORS

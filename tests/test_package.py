@@ -188,3 +188,181 @@ def test_default_zoo_empty_is_clear():
             default_zoo()
     else:
         assert all(isinstance(p, ModelPackage) for p in zoo)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 19: model.json schema and its own checksum, links out of a package, deep JSON
+# --------------------------------------------------------------------------------------------
+def _edit_json(pkg_dir: Path, edit) -> None:
+    mj = pkg_dir / "model.json"
+    meta = json.loads(mj.read_text())
+    edit(meta)
+    mj.write_text(json.dumps(meta, indent=2))
+
+
+@pytest.mark.parametrize("field,edit", [
+    ("network", lambda m: m.__setitem__("network", "unet")),
+    ("widths", lambda m: m["network"].__setitem__("widths", [])),
+    ("widths", lambda m: m["network"].__setitem__("widths", [4, 8, 1e12])),
+    ("widths", lambda m: m["network"].__setitem__("widths", [4, 8, 10**12])),
+    ("widths", lambda m: m["network"].__setitem__("widths", [4, True, 16])),
+    ("dim", lambda m: m["network"].__setitem__("dim", 4)),
+    ("normalization", lambda m: m.__setitem__("normalization", ["dtype"])),
+    ("normalization", lambda m: m.__setitem__("normalization", {"rule": "zscore"})),
+    ("normalization", lambda m: m.__setitem__("normalization", {"rule": "fixed", "low": 5, "high": 1})),
+    ("representation", lambda m: m.__setitem__("representation", "rgb")),
+    ("representation", lambda m: m.__setitem__("representation", "affinities")),  # not the network's head
+    ("pooling", lambda m: m["reference_features"].__setitem__("pooling", "median")),
+    ("voxel_size_nm", lambda m: m.__setitem__("voxel_size_nm", [40, -4, 4])),
+    ("name", lambda m: m.__setitem__("name", 7)),
+    ("files.encoder.onnx", lambda m: m["files"].__setitem__("encoder.onnx", "abc")),
+])
+def test_bad_model_json_is_refused_at_load_naming_the_field(tiny_copy, field, edit):
+    """Each of these loaded "ok" before and failed only when used, with untyped errors."""
+    _edit_json(tiny_copy, edit)
+    with pytest.raises(FormatError, match=f"model.json: field .*{field}"):
+        load_model(tiny_copy)
+    with pytest.raises(FormatError, match=field):
+        load_model(tiny_copy, verify=False)
+    verdict = Zoo(tiny_copy.parent).verify()[tiny_copy.name]  # what `zoo verify` prints
+    assert verdict is not None and field in verdict
+
+
+def test_reference_features_of_the_wrong_width_for_the_config_are_refused(tiny_copy):
+    _edit_json(tiny_copy, lambda m: m["network"].__setitem__("widths", [4, 8, 32]))  # features stay 16 wide
+    with pytest.raises(FormatError, match=r"reference_features.npy.*\(n >= 1, 32\).*\(32, 16\)"):
+        load_model(tiny_copy)
+
+
+def test_model_json_edit_is_detected_by_its_own_checksum(tmp_path, tiny):
+    pkg = save_model(tiny, tmp_path / "m", organism="mouse")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert "metadata_sha256" in meta and pkg.metadata["metadata_sha256"] == meta["metadata_sha256"]
+    # a valid-looking edit of a descriptive field: the schema accepts it, the checksum does not
+    _edit_json(tmp_path / "m", lambda m: m.__setitem__("organism", "rat"))
+    with pytest.raises(IntegrityError, match=r"model.json.*modified"):
+        load_model(tmp_path / "m")
+    assert "model.json" in Zoo(tmp_path).verify()["m"]
+    # the content is what is checksummed: re-indenting and reordering keys keeps it valid
+    (tmp_path / "m" / "model.json").write_text(json.dumps(dict(reversed(list(meta.items())))))
+    assert load_model(tmp_path / "m").organism == "mouse"
+    # a re-saved or copied package carries a checksum that matches its new content
+    assert save_model(pkg, tmp_path / "m2", organism="fly").metadata["metadata_sha256"] != meta["metadata_sha256"]
+    assert load_model(pkg.save(tmp_path / "m3").path).organism == "mouse"
+
+
+def test_format1_package_without_metadata_checksum_loads_with_a_note(tiny_copy, caplog):
+    assert "metadata_sha256" not in json.loads((tiny_copy / "model.json").read_text())
+    with caplog.at_level("INFO", logger="neuroadda_rt"):
+        assert load_model(tiny_copy).name == "tiny"
+    assert any("metadata_sha256" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("victim", ["encoder.onnx", "reference_features.npy", "model.json"])
+def test_link_out_of_the_package_is_refused_not_followed(tiny_copy, tmp_path, victim):
+    """An outside file with the very bytes the checksum expects is still refused, and never hashed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / victim).write_bytes((tiny_copy / victim).read_bytes())
+    (tiny_copy / victim).unlink()
+    (tiny_copy / victim).symlink_to(outside / victim)
+    with pytest.raises(IntegrityError, match=rf"{victim}: a symbolic link to .*outside the package"):
+        load_model(tiny_copy)
+    # a different outside file: refused the same way, its hash never printed
+    (outside / victim).write_bytes(b"x" * 100)
+    from neuroadda_rt._digest import file_sha256
+
+    with pytest.raises(IntegrityError, match="symbolic link") as info:
+        load_model(tiny_copy)
+    assert file_sha256(outside / victim) not in str(info.value)
+    # a link to a folder holding the package's files, through a linked folder, is refused too
+    (tiny_copy / victim).unlink()
+    (outside / "sub").mkdir()
+    (outside / "sub" / victim).write_bytes((TINY / victim).read_bytes())
+    (tiny_copy / "sub").symlink_to(outside / "sub")
+    (tiny_copy / victim).symlink_to(Path("sub") / victim)
+    with pytest.raises(IntegrityError, match="outside the package"):
+        load_model(tiny_copy)
+
+
+def test_link_inside_the_package_is_allowed(tiny_copy):
+    (tiny_copy / "store").mkdir()
+    (tiny_copy / "encoder.onnx").rename(tiny_copy / "store" / "encoder.onnx")
+    (tiny_copy / "encoder.onnx").symlink_to(Path("store") / "encoder.onnx")
+    assert load_model(tiny_copy).name == "tiny"
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 100_000 + "]" * 100_000,
+    '{"a":' * 100_000 + "1" + "}" * 100_000,
+    '{"name": "x", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}",
+])
+def test_deeply_nested_model_json_is_a_format_error(tiny_copy, text):
+    (tiny_copy / "model.json").write_text(text)
+    with pytest.raises(FormatError, match=r"model.json: expected JSON nested at most \d+ levels deep"):
+        load_model(tiny_copy)
+    with pytest.raises(FormatError, match="nested"):
+        Zoo(tiny_copy.parent).summaries()
+    assert "nested" in Zoo(tiny_copy.parent).verify()[tiny_copy.name]
+
+
+def test_huge_model_json_is_refused_before_parsing(tiny_copy):
+    meta = json.loads((tiny_copy / "model.json").read_text())
+    meta["extra"] = {"pad": "x" * (5 * 1024 * 1024)}
+    (tiny_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(FormatError, match=r"model.json: expected a JSON file of at most \d+ bytes"):
+        load_model(tiny_copy)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tiny_copy):
+    _edit_json(tiny_copy, lambda m: m.__setitem__("extra", {"note": "[[[{{{" * 1000 + '\\"]'}))
+    assert load_model(tiny_copy).metadata["extra"]["note"].startswith("[[[{{{")
+
+
+# --------------------------------------------------------------------------------------------
+# issue 19 item 8: an overwrite killed between its two renames; Zoo skips hidden/temporary folders
+# --------------------------------------------------------------------------------------------
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (every later rename dies too)."""
+
+
+@pytest.mark.parametrize("next_open", ["load_model", "Zoo", "save_model"])
+def test_overwrite_killed_between_renames_is_recovered(tmp_path, tiny, monkeypatch, next_open):
+    import os
+
+    save_model(tiny, tmp_path / "m", name="v1")
+    real, calls = os.replace, []
+
+    def dying(a, b):
+        calls.append(1)
+        if len(calls) > 1:  # m -> .m.old.* happened; the new copy never arrives
+            raise _Killed
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", dying)
+    with pytest.raises(_Killed):
+        save_model(tiny, tmp_path / "m", name="v2", overwrite=True)
+    monkeypatch.undo()
+    # the state a kill leaves: no m, its old copy aside, and (a real kill skips the cleanup) the new one
+    shutil.copytree(TINY, tmp_path / ".m.k2j4x.tmp")
+    assert not (tmp_path / "m").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.old.")]
+    if next_open == "load_model":
+        assert load_model(tmp_path / "m").name == "v1"
+    elif next_open == "Zoo":
+        zoo = Zoo(tmp_path)
+        assert zoo.names == ["v1"] and zoo.paths == [tmp_path / "m"]  # no duplicates, temp folders skipped
+        assert zoo.verify() == {"m": None}
+    else:
+        assert save_model(tiny, tmp_path / "m", name="v3", overwrite=True).name == "v3"
+        assert load_model(tmp_path / "m").name == "v3"
+    assert not [p for p in tmp_path.iterdir() if ".old." in p.name]
+
+
+def test_zoo_skips_hidden_and_temporary_folders(tmp_path, tiny):
+    save_model(tiny, tmp_path / "a", name="a")
+    for junk in (".a.x1y2.tmp", ".a.old.q9", "b.tmp", ".hidden"):
+        shutil.copytree(tmp_path / "a", tmp_path / junk)
+    zoo = Zoo(tmp_path)
+    assert zoo.paths == [tmp_path / "a"] and zoo.names == ["a"] and len(zoo) == 1
+    assert list(zoo.verify()) == ["a"]

@@ -386,3 +386,46 @@ def test_probabilities_rounding_past_one_are_clipped(pkg, monkeypatch):
     assert tiles.max() == 1.0 and image.max() == 1.0
     seg = neuroadda_rt.segment(image[0], "boundary", threshold=0.5)
     assert seg.shape == (40, 50)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 19 item 5: an encoder whose output width is not the package's feature width
+# --------------------------------------------------------------------------------------------
+def _package_with_encoder(tmp_path, encoder_widths):
+    """A copy of the tiny package whose encoder.onnx is another network's, checksums updated (the
+    tamper a checksum cannot catch: the files are consistent with model.json, not with each other)."""
+    import json
+    import shutil
+
+    from neuroadda_rt._digest import file_sha256
+    from neuroadda_rt.export import export_onnx
+
+    dst = tmp_path / "wrong_encoder"
+    shutil.copytree(TINY, dst)
+    torch.manual_seed(0)
+    export_onnx(UNet(widths=encoder_widths).eval(), dst / "encoder.onnx", part="encoder")
+    meta = json.loads((dst / "model.json").read_text())
+    meta["files"]["encoder.onnx"] = file_sha256(dst / "encoder.onnx")
+    (dst / "model.json").write_text(json.dumps(meta))
+    return dst
+
+
+@pytest.mark.parametrize("widths", [(4, 8, 1), (4, 8, 32)])
+def test_encoder_of_the_wrong_width_is_refused_not_broadcast(tmp_path, widths):
+    bad = _package_with_encoder(tmp_path, widths)
+    pkg = neuroadda_rt.load_model(bad)
+    assert pkg.reference_features.shape == (32, 16)
+    x = np.random.default_rng(0).random((5, 32, 32), dtype=np.float32)
+    with pytest.raises(ShapeError, match=rf"16 channels.*reference features have 16 columns.* {widths[-1]};"):
+        FeatureExtractor(pkg, backend="onnxruntime", device="cpu", threads=1).features(x)
+    with pytest.raises(ShapeError, match=rf"16 channels.* {widths[-1]};"):
+        FeatureExtractor(str(bad), backend="onnxruntime", device="cpu", threads=1).features(x)
+
+
+@pytest.mark.parametrize("out_shape", [(5, 1, 2, 2), (5, 16), (4, 16, 2, 2)])
+def test_runner_output_of_the_wrong_shape_is_refused_not_broadcast(pkg, out_shape):
+    """Even a runner whose output shape is only known when it runs (no static ONNX shape)."""
+    fx = FeatureExtractor(pkg, backend="onnxruntime", device="cpu", threads=1)
+    fx._runner = lambda batch: np.ones(out_shape, np.float32)
+    with pytest.raises(ShapeError, match="encoder output"):
+        fx.features(np.random.default_rng(0).random((5, 32, 32), dtype=np.float32))

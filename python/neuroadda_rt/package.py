@@ -14,10 +14,14 @@ A package is a directory::
 :func:`neuroadda_rt.io.intensity_rule` dict), ``network`` (the UNet config), ``training``
 (``data`` description, ``n_samples``, free-form extras), ``metrics``, ``reference_features``
 (``pooling``, ``n_tiles``, ``tile_size``, ``seed``), ``onnx`` (opset, I/O names),
-``neuroadda_rt_version``, ``files`` (name -> sha256), and optional ``extra``.
+``neuroadda_rt_version``, ``files`` (name -> sha256), optional ``extra``, and ``metadata_sha256``
+(the SHA-256 of ``model.json``'s own canonical content, every other key, so an edit is detected;
+format-1 packages written before it existed load without it, with a logged note).
 
-:func:`load_model` verifies every checksum and raises :class:`~neuroadda_rt.errors.IntegrityError`
-naming the file for a tampered, truncated or missing one (the format is read and verified by
+:func:`load_model` validates ``model.json`` against the package schema
+(:class:`~neuroadda_rt.errors.FormatError` naming the field), verifies every checksum and raises
+:class:`~neuroadda_rt.errors.IntegrityError` naming the file for a tampered, truncated or missing
+one, or for a link leading out of the package (the format is read and verified by
 :func:`neuroadda_rt.runtime.source.read_package`, which a package folder given to the runtime
 goes through too). :func:`save_model` writes into a temporary folder next to the destination and
 renames it into place. A :class:`ModelPackage` hands the runtime a
@@ -41,7 +45,7 @@ from .errors import FormatError, InputValueError, IntegrityError, require
 from .export import INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
 from .io import intensity_rule
 from .runtime import POOLINGS, FeatureExtractor, ModelSource, Predictor, config_feature_level
-from .runtime.source import FILES, FORMAT, read_json, read_package
+from .runtime.source import FILES, FORMAT, METADATA_CHECKSUM, metadata_sha256, read_json, read_package
 
 log = logging.getLogger("neuroadda_rt")
 
@@ -270,6 +274,7 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
 
     st = require("safetensors.torch", "runtime")
     dest = Path(path)
+    _atomic.recover_dir(dest)  # a previous overwrite killed between its renames: its old copy comes back first
     base: dict[str, Any] = {}
     if isinstance(model, ModelPackage):
         base = json.loads(json.dumps(model.metadata))
@@ -356,6 +361,8 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
         }
         if extra is not None or "extra" in base:
             meta["extra"] = pick("extra", extra)
+        meta = json.loads(json.dumps(meta, allow_nan=False))  # the checksum is of what a reader parses
+        meta[METADATA_CHECKSUM] = metadata_sha256(meta)
         text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
         (tmp / "model.json").write_text(text + "\n", encoding="utf-8")
         _atomic.commit_dir(tmp, dest, overwrite=overwrite)
@@ -369,7 +376,8 @@ def save_model(model, path: str | os.PathLike, *, name: str | None = None, organ
 # zoo
 # --------------------------------------------------------------------------------------------
 class Zoo:
-    """A folder of model packages (one per sub-folder holding a ``model.json``).
+    """A folder of model packages (one per sub-folder holding a ``model.json``; hidden and temporary
+    folders, such as a save in progress, are skipped).
 
     Parameters
     ----------
@@ -394,7 +402,13 @@ class Zoo:
             if not self.root.is_dir():
                 raise FormatError(f"{self.root}: expected a zoo folder of model packages, got "
                                   f"{'a file' if self.root.exists() else 'a missing path'}")
-            _paths = sorted(p.parent for p in self.root.glob("*/model.json"))
+            # a replacement interrupted between its two renames left a package aside: put it back
+            for old in self.root.glob(".*.old.*"):
+                if old.is_dir():
+                    _atomic.recover_dir(self.root / old.name[1:old.name.rindex(".old.")])
+            # hidden and temporary folders (a save in progress, an old copy being replaced) are not packages
+            _paths = sorted(p.parent for p in self.root.glob("*/model.json")
+                            if not _atomic.is_temporary_name(p.parent.name))
         self._paths = list(_paths)
 
     @property

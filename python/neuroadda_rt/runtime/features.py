@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputValueError
+from ..errors import InputValueError, ShapeError
 from .backends import RunnerInfo, make_runner
-from .source import as_model_source, first_len, network_batch, progress_bar
+from .source import POOLINGS, as_model_source, first_len, network_batch, progress_bar
 
-POOLINGS = ("mean", "max", "mean+std")
+__all__ = ["POOLINGS", "FeatureExtractor", "config_feature_level"]
 
 
 def config_feature_level(config: dict) -> int:
@@ -90,17 +90,44 @@ class FeatureExtractor(RunnerInfo):
         self._runner = make_runner(self._source, "encoder", backend=backend, device=device,
                                    ort_providers=ort_providers, trt_profile=trt_profile, fp16=fp16,
                                    cache_dir=cache_dir, threads=threads, who="FeatureExtractor")
+        # an encoder whose (static) output width is not the config's is refused before any tile runs
+        session = getattr(self._runner, "session", None)
+        if session is not None:
+            shape = session.get_outputs()[0].shape
+            if len(shape) >= 2 and isinstance(shape[1], int):
+                self._check_width(int(shape[1]), "its ONNX output declares")
+
+    @property
+    def _channels(self) -> int:
+        """Channels of the encoder's feature map that the config (and a package's reference features) expect."""
+        cfg = self._source.config
+        return int(cfg["widths"][config_feature_level(cfg)])
+
+    def _check_width(self, got: int, how: str) -> None:
+        want = self._channels
+        if got != want:
+            ref = self._source.reference_width
+            ref_note = f" (the package's reference features have {ref} columns)" if ref is not None else ""
+            raise ShapeError(f"expected an encoder output of {want} channels, the width of the model's "
+                             f"features{ref_note}, but {how} {got}; the encoder does not match the model")
 
     @property
     def n_features(self) -> int:
         """Feature dimension: channels of the feature level (the bottleneck by default), doubled for ``"mean+std"``."""
-        cfg = self._source.config
-        c = int(cfg["widths"][config_feature_level(cfg)])
+        c = self._channels
         return 2 * c if self.pooling == "mean+std" else c
 
     def bottleneck(self, tiles) -> np.ndarray:
         """Raw encoder activations ``(N, C, *spatial / 2**level)`` of an in-memory batch of raw tiles."""
-        return self._runner(network_batch(tiles, self._source, normalize=self.normalize))
+        x = network_batch(tiles, self._source, normalize=self.normalize)
+        fmap = np.asarray(self._runner(x))
+        # never broadcast a (k, 1) output into k x n_features: a wrong encoder is an error, not features
+        if fmap.ndim != x.ndim or fmap.shape[0] != x.shape[0]:
+            raise ShapeError(f"expected an encoder output of shape ({x.shape[0]}, {self._channels}, "
+                             f"*spatial) for an input batch of shape {x.shape}, got {fmap.shape}; "
+                             f"the encoder does not match the model")
+        self._check_width(int(fmap.shape[1]), "it returned")
+        return fmap
 
     def features(self, tiles, batch_size: int = 16, *, progress: bool = False) -> np.ndarray:
         """Pooled encoder features of every tile.

@@ -62,3 +62,73 @@ def test_commit_dir_replaces_by_rename_and_respects_overwrite(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert dest.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (every later rename dies too)."""
+
+
+def _die_from_rename(monkeypatch, n_ok):
+    real, calls = os.replace, []
+
+    def dying(a, b):
+        calls.append((a, b))
+        if len(calls) > n_ok:
+            raise _Killed
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", dying)
+
+
+def test_commit_dir_killed_between_its_renames_is_recovered(tmp_path, monkeypatch):
+    dest = tmp_path / "pkg"
+    first = _atomic.temp_dir_beside(dest)
+    (first / "a.txt").write_text("1")
+    _atomic.commit_dir(first, dest)
+    second = _atomic.temp_dir_beside(dest)
+    (second / "b.txt").write_text("2")
+    _die_from_rename(monkeypatch, n_ok=1)  # dest -> .pkg.old.* happens, then the process dies
+    with pytest.raises(_Killed):
+        _atomic.commit_dir(second, dest)
+    monkeypatch.undo()
+    assert not dest.exists() and [p for p in tmp_path.iterdir() if ".old." in p.name]
+    assert _atomic.recover_dir(dest) is True
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt"]  # the last complete state
+    assert _atomic.recover_dir(dest) is False  # nothing left to recover
+    assert not [p for p in tmp_path.iterdir() if ".old." in p.name]
+    # killed again; this time the next commit itself finishes the job
+    _die_from_rename(monkeypatch, n_ok=1)
+    with pytest.raises(_Killed):
+        _atomic.commit_dir(second, dest)
+    monkeypatch.undo()
+    _atomic.commit_dir(second, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_commit_dir_error_between_its_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    dest = tmp_path / "pkg"
+    first = _atomic.temp_dir_beside(dest)
+    (first / "a.txt").write_text("1")
+    _atomic.commit_dir(first, dest)
+    second = _atomic.temp_dir_beside(dest)
+    real, n = os.replace, []
+
+    def failing(a, b):
+        n.append(1)
+        if len(n) == 2:
+            raise OSError("disk gone")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        _atomic.commit_dir(second, dest)
+    monkeypatch.undo()
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt"]
+    assert not [p for p in tmp_path.iterdir() if ".old." in p.name]
+
+
+@pytest.mark.parametrize("name,temporary", [("pkg", False), ("pkg.v2", False), (".pkg.abc.tmp", True),
+                                            (".pkg.old.x1", True), ("pkg.tmp", True), (".hidden", True)])
+def test_is_temporary_name(name, temporary):
+    assert _atomic.is_temporary_name(name) is temporary

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("neuroadda_rt")
 
 
 def _umask() -> int:
@@ -151,22 +154,70 @@ def temp_dir_beside(dest: str | os.PathLike) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
 
 
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is one of the hidden working names of this module (``.x.*.tmp`` being
+    filled, ``.x.old.*`` being replaced) or any hidden name: listings of results skip them."""
+    return name.startswith(".") or name.endswith(".tmp") or ".old." in name
+
+
+def _old_copies(dest: Path) -> list[Path]:
+    """Folders that :func:`commit_dir` renamed ``dest`` to, newest first."""
+    olds = [p for p in dest.parent.glob(f".{dest.name}.old.*") if p.is_dir() and not p.is_symlink()]
+    return sorted(olds, key=lambda p: p.stat().st_ctime, reverse=True)
+
+
+def recover_dir(dest: str | os.PathLike) -> bool:
+    """Undo a :func:`commit_dir` that was killed between its two renames.
+
+    Such a kill leaves ``dest`` missing and its previous content in a hidden ``.dest.old.*``
+    folder: that folder is renamed back to ``dest`` (the last complete state; the new copy may
+    be incomplete, so it is not guessed at). Returns True when ``dest`` was restored; False
+    when there was nothing to recover (``dest`` exists, or no old copy) or it could not be
+    renamed (a read-only folder; the warning says what to rename).
+    """
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink() or not dest.parent.is_dir():
+        return False
+    olds = _old_copies(dest)
+    if not olds:
+        return False
+    try:
+        os.replace(olds[0], dest)
+    except OSError as exc:
+        if dest.exists():  # another process restored or wrote it meanwhile
+            return False
+        log.warning("%s: an interrupted replacement left the previous copy in %s and it could not be put "
+                    "back (%s); rename it to %s", dest, olds[0], exc, dest.name)
+        return False
+    log.warning("%s: restored the previous copy from %s (a replacement of it had been interrupted)",
+                dest, olds[0].name)
+    return True
+
+
 def commit_dir(tmp: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """Move the finished folder ``tmp`` to ``dest`` by renames only.
 
-    An existing ``dest`` is first renamed aside and deleted after the new folder is in place, so
-    ``dest`` is never half-written; with ``overwrite=False`` an existing ``dest`` raises
-    ``FileExistsError``. The folder gets the usual umask permissions (``mkdtemp`` makes 0700).
+    An existing ``dest`` is first renamed aside (``.dest.old.*``) and deleted after the new folder
+    is in place, so ``dest`` is never half-written. An error between the two renames puts the old
+    folder back; a kill between them leaves it aside, and the next :func:`commit_dir` or
+    :func:`recover_dir` of ``dest`` puts it back. With ``overwrite=False`` an existing ``dest``
+    raises ``FileExistsError``. The folder gets the usual umask permissions (``mkdtemp`` makes 0700).
     """
     tmp, dest = Path(tmp), Path(dest)
     os.chmod(tmp, 0o777 & ~_umask())
+    recover_dir(dest)
     if dest.exists():
         if not overwrite:
             raise FileExistsError(f"{dest}: already exists (pass overwrite=True to replace it)")
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
         old.rmdir()
         os.replace(dest, old)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            if not dest.exists():
+                os.replace(old, dest)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)

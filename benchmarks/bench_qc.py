@@ -83,7 +83,8 @@ def test_update_throughput(benchmark, encoders, data, precision):
     rep = benchmark(mon.update, batch)
     assert len(rep.windows) == 1 and rep.scores.shape == (WINDOW,)
     feats = fx.features(batch[:8].astype(np.float32)[:, None] / 255)
-    np.testing.assert_allclose(rep.similarity[:8], _kernel_mean(feats, mon.ref, mon.sigma), rtol=1e-6, atol=1e-9)
+    # the monitor uses the package's one Gaussian kernel (C++, float32 distances and exp): float32 tolerance
+    np.testing.assert_allclose(rep.similarity[:8], _kernel_mean(feats, mon.ref, mon.sigma), rtol=1e-5, atol=1e-9)
     benchmark.extra_info["tiles_per_update"] = WINDOW
 
 

@@ -14,7 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import FormatError, ShapeError
-from ..io import natural_sort_key
+from ..io import load_npy, natural_sort_key
 from ..io.images import read_image_stack
 
 __all__ = ["read_tiles", "split_tiles", "DEFAULT_PATTERNS"]
@@ -81,14 +81,6 @@ def split_tiles(stack: np.ndarray, tile_size: int) -> np.ndarray:
     gh, gw = h // t, w // t
     out = stack[:, :gh * t, :gw * t].reshape(n, gh, t, gw, t).transpose(0, 1, 3, 2, 4)
     return np.ascontiguousarray(out.reshape(n * gh * gw, t, t))
-
-
-def load_npy(path: Path) -> np.ndarray:
-    """A plain ``.npy`` array (never pickled objects); a truncated or object file is a FormatError."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise FormatError(f"{path}: not a plain .npy array ({exc})") from exc
 
 
 def load_array(path: Path) -> np.ndarray:

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..runtime.source import read_json
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -165,7 +167,7 @@ def run_list(args) -> int:
     zoo = _zoo(args.zoo).filter(organism=args.organism, modality=args.modality, representation=args.representation)
     rows = zoo.summaries()
     for r, p in zip(rows, zoo.paths):
-        m = json.loads((p / "model.json").read_text(encoding="utf-8"))
+        m = read_json(p / "model.json")
         r["segmentation_threshold"] = (m.get("metrics") or {}).get("segmentation_threshold")
         r["widths"] = (m.get("network") or {}).get("widths")
     if args.json:
@@ -205,7 +207,7 @@ def run_show(args) -> int:
     path = next((p for p in zoo.paths if p.name == args.name), None)
     if path is None:
         for p in zoo.paths:
-            if json.loads((p / "model.json").read_text(encoding="utf-8")).get("name") == args.name:
+            if read_json(p / "model.json").get("name") == args.name:
                 path = p
                 break
     if path is None:

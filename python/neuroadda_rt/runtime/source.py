@@ -35,7 +35,7 @@ from .. import __version__, _atomic, _cache
 from .._digest import arrays_sha256, file_sha256, json_sha256
 from ..errors import FormatError, InputValueError, IntegrityError, ShapeError, require
 from ..export import OPSET, as_network_input, export_onnx, onnx_metadata
-from ..io import intensity_rule, normalize_tiles
+from ..io import intensity_rule, load_npy, normalize_tiles
 from ..segmentation import REPRESENTATIONS
 
 log = logging.getLogger("neuroadda_rt")
@@ -274,8 +274,8 @@ def read_package(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[
                                      f"the file is truncated or was modified")
     ref_path = root / "reference_features.npy"
     try:
-        ref = np.load(ref_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        ref = load_npy(ref_path)  # header checked against the file size before anything is allocated
+    except FormatError as exc:
         raise IntegrityError(f"{ref_path}: unreadable ({exc})") from exc
     if ref.ndim != 2 or ref.dtype != np.float32:
         raise IntegrityError(f"{ref_path}: expected a 2-D float32 array, got {ref.dtype} {ref.shape}")

@@ -12,7 +12,8 @@ import pytest
 import neuroadda_rt
 from neuroadda_rt._device import cuda_unavailable_reason
 
-EM_DATA = Path(os.environ.get("NEUROADDA_EM_DATA", Path(__file__).resolve().parent.parent / "shared" / "em_data"))
+# One variable for the data root, the one the dataset manifests read (neuroadda_rt.datasets.DATA_ENV).
+EM_DATA = Path(os.environ.get("NEUROADDA_DATA", Path(__file__).resolve().parent.parent / "shared" / "em_data"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
         if "cuda" in item.keywords and reason is not None:
             item.add_marker(pytest.mark.skip(reason=f"cuda: {reason}"))
         if "realdata" in item.keywords and not EM_DATA.is_dir():
-            item.add_marker(pytest.mark.skip(reason=f"real EM data not found at {EM_DATA} (set NEUROADDA_EM_DATA)"))
+            item.add_marker(pytest.mark.skip(reason=f"real EM data not found at {EM_DATA} (set NEUROADDA_DATA)"))
 
 
 # Parametrise device-aware tests with this so the CUDA case is listed (and skipped) everywhere.

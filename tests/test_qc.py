@@ -312,3 +312,25 @@ def test_reference_as_features_and_errors(rng):
         tiled.update(noise_tiles(rng, 2, size=48))  # descriptors are calibrated at 32x32
     with pytest.raises(ShapeError):
         tiled.update(np.zeros((2, 4, 4), np.uint8))
+
+
+def test_model_package_model(rng):
+    """A loaded ModelPackage is accepted like its path: the same features, hence the same statistics."""
+    pytest.importorskip("onnxruntime")
+    from pathlib import Path
+
+    from neuroadda_rt import FeatureExtractor, load_model
+
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny_model"
+    if not tiny.is_dir():
+        pytest.skip("tests/assets/tiny_model is missing (tools/make_test_assets.py writes it)")
+    pkg = load_model(tiny)
+    tiles = (rng.random((40, 32, 32)) * 255).astype(np.uint8)
+    by_pkg = QCMonitor(pkg, tiles[:32], window=8, n_permutations=30, backend="onnxruntime")
+    by_path = QCMonitor(tiny, tiles[:32], window=8, n_permutations=30, backend="onnxruntime")
+    ref_feats = FeatureExtractor(tiny, backend="onnxruntime").features(tiles[:32, None] / 255.0)
+    assert by_pkg.dim == ref_feats.shape[1]
+    np.testing.assert_allclose(by_pkg.ref, by_path.ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(by_pkg.update(tiles[32:]).similarity, by_path.update(tiles[32:]).similarity,
+                               rtol=1e-6, atol=1e-6)
+    assert by_pkg._model.fingerprint == by_path._model.fingerprint != ""

@@ -47,6 +47,7 @@ import numpy as np
 from .._digest import folder_sha256
 from ..errors import DTypeError, FormatError, InputValueError, ShapeError
 from ..mmd import gaussian_kernel_matrix, median_sigma
+from ..package import ModelPackage
 from ..runtime import FeatureExtractor, Predictor
 from ..uncertainty import tile_uncertainty
 from .descriptors import IMAGE_STATS, IMAGE_TAILS, KIND_OF, TEXTURE, as_tiles, image_stats
@@ -178,9 +179,9 @@ class _Model:
     """Adapter: ``features(tiles) -> (N, d) float32`` and optional ``uncertainty(tiles) -> (N,)``.
 
     ``model`` may be a model package directory or ONNX file (through
-    :class:`~neuroadda_rt.FeatureExtractor`), a FeatureExtractor, or a callable mapping (N, H, W)
-    float32 tiles to (N, d) features.
-    ``uncertainty`` may be None, a model package / full-network ONNX path or a
+    :class:`~neuroadda_rt.FeatureExtractor`), a loaded ModelPackage, a FeatureExtractor, or a
+    callable mapping (N, H, W) float32 tiles to (N, d) features.
+    ``uncertainty`` may be None, a model package (path or loaded) / full-network ONNX path or a
     :class:`~neuroadda_rt.Predictor` (probabilities of each tile reduced with
     :func:`~neuroadda_rt.tile_uncertainty`, mean binary entropy), or a callable mapping tiles to
     (N,) uncertainties.
@@ -189,7 +190,11 @@ class _Model:
     def __init__(self, model, uncertainty=None, *, backend="auto", batch_size=32):
         self.batch_size = int(batch_size)
         self.fingerprint = ""
-        if isinstance(model, (str, os.PathLike)):
+        if isinstance(model, ModelPackage):
+            # a loaded package: the same fingerprint and extractor as its directory
+            self.fingerprint = folder_sha256(model.path, suffixes=(".onnx", ".safetensors", ".json"))[:16]
+            model = model.feature_extractor(backend=backend)
+        elif isinstance(model, (str, os.PathLike)):
             # the weights' files only: a fingerprint of what computes the features
             self.fingerprint = folder_sha256(model, suffixes=(".onnx", ".safetensors", ".json"))[:16]
             model = FeatureExtractor(model, backend=backend)
@@ -202,9 +207,12 @@ class _Model:
         elif callable(model):
             self._features = model
         else:
-            raise DTypeError(f"expected model as a path, a FeatureExtractor or a callable, got {type(model).__name__}")
+            raise DTypeError("expected model as a path, a ModelPackage, a FeatureExtractor or a callable, got "
+                            f"{type(model).__name__}")
         self._uncertainty = None
-        if isinstance(uncertainty, (str, os.PathLike)):
+        if isinstance(uncertainty, ModelPackage):
+            uncertainty = uncertainty.predictor(backend=backend)
+        elif isinstance(uncertainty, (str, os.PathLike)):
             uncertainty = Predictor(uncertainty, backend=backend)
         if uncertainty is not None:
             if isinstance(uncertainty, Predictor):
@@ -305,9 +313,10 @@ class QCMonitor:
 
     Parameters
     ----------
-    model : path, FeatureExtractor or callable
+    model : path, ModelPackage, FeatureExtractor or callable
         The encoder: a model package directory or encoder ONNX file (int8 ones included, see
-        :func:`~neuroadda_rt.quantize_int8`), a :class:`~neuroadda_rt.FeatureExtractor`, or a
+        :func:`~neuroadda_rt.quantize_int8`), a loaded :class:`~neuroadda_rt.ModelPackage`, a
+        :class:`~neuroadda_rt.FeatureExtractor`, or a
         callable mapping (N, H, W) float32 tiles in [0, 1] to (N, d) features.
     reference : array-like
         Reference tiles (N, H, W) uint8 / uint16 / float in [0, 1], or precomputed features

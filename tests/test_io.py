@@ -541,3 +541,47 @@ def test_npy_header_larger_than_the_file_is_refused_before_allocating(tmp_path, 
     np.save(ok, np.arange(8, dtype=np.float32).reshape(2, 4))
     np.testing.assert_array_equal(load_npy(ok), np.arange(8, dtype=np.float32).reshape(2, 4))
     np.testing.assert_array_equal(open_volume(ok)[...], np.arange(8, dtype=np.float32).reshape(2, 4))
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_zarr_missing_chunk_inside_the_bounds_is_refused(tmp_path, vol, fmt):
+    # zarr fills a missing chunk with its fill value (zeros): a deleted chunk file silently
+    # changed a ranking. The reader must refuse, naming the array and the first missing chunk,
+    # unless the caller says a partial volume is legitimate.
+    zarr = pytest.importorskip("zarr")
+    path = tmp_path / f"m{fmt}.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=fmt)
+    z = root.create_array("raw", shape=vol.shape, dtype=vol.dtype, chunks=(2, 8, 8))
+    z[:] = vol
+    chunk_file = path / "raw" / ("1.2.0" if fmt == 2 else "c/1/2/0")
+    assert chunk_file.is_file()
+    chunk_file.unlink()
+    with pytest.raises(FormatError, match=r"raw.*\(1, 2, 0\).*missing inside.*allow_missing_chunks") as ei:
+        open_volume(f"{path}:raw")
+    assert str(path) in str(ei.value)
+    v = open_volume(f"{path}:raw", allow_missing_chunks=True)
+    ref = vol.copy()
+    ref[2:4, 16:17, 0:8] = 0
+    np.testing.assert_array_equal(v[:], ref)
+    # the choice survives pickling (workers reopen by path)
+    import pickle
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(v))[:], ref)
+    # a complete array opens as before
+    z2 = zarr.create_array(str(tmp_path / "full.zarr"), shape=vol.shape, dtype=vol.dtype, chunks=(4, 8, 8),
+                           zarr_format=fmt)
+    z2[:] = vol
+    np.testing.assert_array_equal(open_volume(tmp_path / "full.zarr")[:], vol)
+
+
+def test_zarr_corrupt_chunk_names_the_file_and_chunk(tmp_path, vol):
+    zarr = pytest.importorskip("zarr")
+    path = tmp_path / "c.zarr"
+    z = zarr.create_array(str(path), shape=vol.shape, dtype=vol.dtype, chunks=(2, 8, 8), zarr_format=3,
+                          compressors=zarr.codecs.ZstdCodec())
+    z[:] = vol
+    (path / "c/1/0/2").write_bytes(b"not zstd" * 8)
+    v = open_volume(path)
+    np.testing.assert_array_equal(v[0:2], vol[0:2])  # chunks that decode still read
+    for box in [(Ellipsis,), (slice(2, 4), slice(0, 8), slice(16, 23))]:
+        with pytest.raises(FormatError, match=r"c\.zarr.*chunk \(1, 0, 2\).*c/1/0/2.*decode"):
+            v[box]

@@ -65,6 +65,61 @@ class _ArrayBackend(_Backend):
         return np.asarray(self.arr[tuple(slice(a, b) for a, b in zip(starts, stops))])
 
 
+class _ZarrBackend(_ArrayBackend):
+    """A zarr array whose chunks were checked against the chunk grid at open, and whose decode
+    failures name the chunk (zarr says only e.g. "Zstd decompression error")."""
+
+    def __init__(self, arr, label: str):
+        super().__init__(arr)
+        self.label = label
+        grid = getattr(arr.metadata, "chunk_grid", None)
+        self.chunk_shape = tuple(int(c) for c in getattr(grid, "chunk_shape", ())) or None  # stored keys (shards)
+
+    def _chunk_coords(self, starts, stops):
+        import itertools
+        ranges = [range(a // c, (b + c - 1) // c) for a, b, c in zip(starts, stops, self.chunk_shape)]
+        return itertools.product(*ranges)
+
+    def _key(self, coords) -> str:
+        rel = self.arr.metadata.encode_chunk_key(tuple(coords))
+        return f"{self.arr.path}/{rel}" if self.arr.path else rel
+
+    def first_missing_chunk(self):
+        """The first chunk (C order) inside the bounds with no stored object, or None. Lists the
+        store's keys under the array once."""
+        if self.chunk_shape is None or len(self.chunk_shape) != len(self.shape) or 0 in self.shape:
+            return None
+        from zarr.core.sync import sync
+
+        async def keys():
+            prefix = f"{self.arr.path}/" if self.arr.path else ""
+            return {k async for k in self.arr.store.list_prefix(prefix)}
+
+        present = sync(keys())
+        for coords in self._chunk_coords((0,) * len(self.shape), self.shape):
+            if self._key(coords) not in present:
+                return coords
+        return None
+
+    def read_box(self, starts, stops):
+        try:
+            return super().read_box(starts, stops)
+        except Exception as exc:  # codec errors are RuntimeError/ValueError/... depending on the codec
+            bad = None
+            if self.chunk_shape is not None:
+                for coords in self._chunk_coords(starts, stops):
+                    lo = [i * c for i, c in zip(coords, self.chunk_shape)]
+                    hi = [min(l + c, n) for l, c, n in zip(lo, self.chunk_shape, self.shape)]
+                    try:
+                        super().read_box(lo, hi)
+                    except Exception as chunk_exc:
+                        bad, exc = tuple(coords), chunk_exc
+                        break
+            where = f"chunk {bad} (file {self._key(bad)})" if bad is not None else "a chunk"
+            raise FormatError(f"{self.label}: {where} cannot be decoded (corrupt or truncated?) while reading the "
+                              f"box {list(zip(starts, stops))}: {type(exc).__name__}: {exc}") from exc
+
+
 class _H5Backend(_ArrayBackend):
     def __init__(self, f, ds):
         super().__init__(ds)
@@ -274,6 +329,7 @@ class Volume:
         self.voxels_read = 0
         self.files: list[str] | None = None
         self._reopen: tuple[str, str | None] | None = None  # (path, key) that open_volume can reopen
+        self._allow_missing_chunks = False  # what open_volume was told; travels with a pickle
 
     # -- array protocol
     @property
@@ -354,7 +410,7 @@ class Volume:
         # Pickling (e.g. to DataLoader workers or dask) reopens the file by path rather than
         # shipping an open HDF5 handle; in-memory arrays travel as arrays.
         if self._reopen is not None:
-            return (_reopen_volume, (*self._reopen, self.voxel_size_nm))
+            return (_reopen_volume, (*self._reopen, self.voxel_size_nm, self._allow_missing_chunks))
         if isinstance(self._b, _ArrayBackend) and isinstance(self._b.arr, np.ndarray):
             return (_array_volume, (self._b.arr, self.voxel_size_nm))
         if isinstance(self._b, _ZSlab):
@@ -385,8 +441,8 @@ class Volume:
         self.close()
 
 
-def _reopen_volume(path, key, voxel_size_nm):
-    return open_volume(path, key=key, voxel_size_nm=voxel_size_nm)
+def _reopen_volume(path, key, voxel_size_nm, allow_missing_chunks=False):
+    return open_volume(path, key=key, voxel_size_nm=voxel_size_nm, allow_missing_chunks=allow_missing_chunks)
 
 
 def _array_volume(arr, voxel_size_nm):
@@ -489,7 +545,7 @@ def _ome_level(group, key, path):
     return arr, vs, d["path"]
 
 
-def _open_zarr(path: Path, key):
+def _open_zarr(path: Path, key, allow_missing_chunks: bool = False):
     zarr = require("zarr", "io")
     try:
         node = zarr.open(str(path), mode="r")
@@ -517,7 +573,18 @@ def _open_zarr(path: Path, key):
                 raise FormatError(f"{path}: no array {key!r}; available: {names[:20]}") from exc
             if not isinstance(arr, zarr.Array):
                 raise FormatError(f"{path}: {key!r} is a group, not an array")
-    b = _ArrayBackend(arr)
+    label = f"{path} (array {arr.path or '/'!r})"
+    b = _ZarrBackend(arr, label)
+    if not allow_missing_chunks:
+        try:
+            missing = b.first_missing_chunk()
+        except Exception as exc:  # a store that cannot be listed: nothing to compare against
+            raise FormatError(f"{label}: cannot list the stored chunks to check them: {exc}") from exc
+        if missing is not None:
+            raise FormatError(f"{label}: chunk {tuple(missing)} (file {b._key(missing)}) is missing inside the "
+                              f"volume's bounds {arr.shape}; zarr would read it as the fill value "
+                              f"({getattr(arr.fill_value, 'item', lambda: arr.fill_value)()!r}). Pass allow_missing_chunks=True if a partial volume is "
+                              f"intended (e.g. written with write_empty_chunks=False)")
     b.voxel_size_nm = vs or _voxel_size_from_attrs(dict(arr.attrs), arr.ndim)
     return Volume(b, path=path, key=key)
 
@@ -649,7 +716,8 @@ def _open_folder(path: Path, pattern: str | None):
     return v
 
 
-def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume:
+def open_volume(source, *, key: str | None = None, voxel_size_nm=None,
+                allow_missing_chunks: bool = False) -> Volume:
     """Open an EM volume (or 2-D image) lazily.
 
     Parameters
@@ -666,6 +734,11 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
         files of a slice folder (``"*.png"``).
     voxel_size_nm : sequence of float, optional
         Overrides the voxel size stated in the file.
+    allow_missing_chunks : bool, default False
+        zarr only. By default a zarr array with a chunk missing inside its bounds is refused
+        (zarr would silently read it as the fill value, usually zeros); ``True`` accepts such a
+        partial volume (e.g. one written with ``write_empty_chunks=False``). Checked once at
+        open by listing the array's stored keys; inner chunks of a sharded array are not checked.
 
     Returns
     -------
@@ -675,7 +748,9 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
     Raises
     ------
     FormatError
-        Unknown format, missing dataset key, truncated or unreadable file (the message names it).
+        Unknown format, missing dataset key, truncated or unreadable file (the message names it),
+        a zarr chunk missing inside the bounds, or (when sliced) a chunk that fails to decode
+        (the message names the chunk and its file).
 
     Examples
     --------
@@ -712,7 +787,7 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
         v = _open_n5(path, key)
     elif path.is_dir() and (suf == ".zarr" or (path / ".zarray").exists() or (path / ".zgroup").exists()
                             or (path / "zarr.json").exists()):
-        v = _open_zarr(path, key)
+        v = _open_zarr(path, key, allow_missing_chunks)
     elif path.is_dir() and (path / "info").is_file():
         v = Volume(_CloudVolumeBackend("precomputed://file://" + str(path.resolve())), path=path)
     elif path.is_dir():
@@ -733,6 +808,7 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None) -> Volume
         if len(v.voxel_size_nm) != v.ndim:
             raise ShapeError(f"{path}: expected {v.ndim} voxel sizes, got {len(v.voxel_size_nm)}")
     v._reopen = (str(path), key)
+    v._allow_missing_chunks = bool(allow_missing_chunks)
     return v
 
 

@@ -115,3 +115,25 @@ def test_shipped_manifests_open_real_data(em_data):
     assert lab.shape == (6, 512, 512) and 0.1 < (lab == 0).mean() < 0.35 and lab.max() > 300
     gala = Dataset.from_json(MANIFESTS / "gala_fibsem.json", data_root=em_data)
     assert gala.labels("test").shape == gala.image("test").shape == (50, 100, 200)
+
+
+def test_absolute_manifest_paths_need_no_data_root(root, tmp_path, monkeypatch):
+    # Issue 19/15: a data root was required even when every manifest path is absolute.
+    d, img, lab, _ = root
+    monkeypatch.delenv("NEUROADDA_DATA", raising=False)
+    m = _manifest(image=str(d / "vol.h5:raw"), labels={"path": str(d / "gt.h5"), "key": "seg"},
+                  splits={"train": {"z": [0, 4]}, "test": {"z": [4, 6], "image": str(d / "vol.h5:raw")}})
+    (tmp_path / "abs.json").write_text(json.dumps(m))
+    for ds in (Dataset.from_dict(m), Dataset.from_json(tmp_path / "abs.json")):
+        assert ds.data_root is None
+        np.testing.assert_array_equal(np.asarray(ds.image("test")), img[4:6])
+        np.testing.assert_array_equal(ds.labels("train") > 0, lab[:4] > 0)
+    # a stale $NEUROADDA_DATA is irrelevant to an all-absolute manifest
+    monkeypatch.setenv("NEUROADDA_DATA", str(tmp_path / "gone"))
+    np.testing.assert_array_equal(np.asarray(Dataset.from_dict(m).image("train")), img[:4])
+    # one relative path (here in a split) still needs the root, and the error says which path
+    monkeypatch.delenv("NEUROADDA_DATA", raising=False)
+    m["splits"]["test"]["image"] = "vol.h5:raw"
+    with pytest.raises(FormatError, match=r"no data root.*vol\.h5:raw"):
+        Dataset.from_dict(m)
+    assert Dataset.from_dict(m, data_root=d).data_root == d

@@ -2,9 +2,9 @@
 
 A manifest names an image source, an optional label source with its convention, the
 biology and imaging (organism, tissue, modality, voxel size) and the train/test split.
-Paths are relative to a *data root* given by the caller (``--data-root`` on the CLI,
-``data_root=`` here) or the environment variable ``NEUROADDA_DATA``; the data never
-enters the repository. Example (``examples/datasets/isbi2012.json``)::
+Relative paths are relative to a *data root* given by the caller (``--data-root`` on the
+CLI, ``data_root=`` here) or the environment variable ``NEUROADDA_DATA``; the data never
+enters the repository. A manifest whose paths are all absolute needs no data root. Example (``examples/datasets/isbi2012.json``)::
 
     {
       "name": "isbi2012",
@@ -65,6 +65,22 @@ def resolve_data_root(data_root=None) -> Path:
     return p
 
 
+def _source_specs(manifest: dict) -> list:
+    """Every image/labels source a manifest names (top level and per split), nulls left out."""
+    specs = [manifest.get("image"), manifest.get("labels")]
+    splits = manifest.get("splits")
+    if isinstance(splits, dict):
+        for sp in splits.values():
+            if isinstance(sp, dict):
+                specs += [sp.get("image"), sp.get("labels")]
+    return [s for s in specs if s is not None]
+
+
+def _relative_paths(manifest: dict) -> list[str]:
+    """The manifest's source paths that are relative (they need a data root)."""
+    return [rel for rel, _ in map(_source, _source_specs(manifest)) if not Path(rel).expanduser().is_absolute()]
+
+
 def _source(spec) -> tuple[str, str | None]:
     if isinstance(spec, str):
         return spec, None
@@ -85,14 +101,15 @@ class Dataset:
     """
 
     manifest: dict
-    data_root: Path
+    data_root: Path | None  # None when every path of the manifest is absolute
     source: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     # -- construction
     @classmethod
     def from_json(cls, path, *, data_root=None) -> "Dataset":
-        """Read a manifest file; ``data_root`` (or ``$NEUROADDA_DATA``) anchors its paths."""
+        """Read a manifest file; ``data_root`` (or ``$NEUROADDA_DATA``) anchors its relative paths
+        (not needed when every path is absolute)."""
         path = Path(path)
         try:
             manifest = json.loads(path.read_text())
@@ -116,7 +133,19 @@ class Dataset:
         bad = kinds - set(LABEL_KINDS)
         if bad:
             raise FormatError(f"{where}: expected label_kind in {LABEL_KINDS}, got {sorted(bad)}")
-        return cls(manifest=manifest, data_root=resolve_data_root(data_root), source=source)
+        relative = _relative_paths(manifest)
+        if not relative:
+            # every path is absolute: the root is not needed, so a missing or stale one is no error
+            try:
+                root = resolve_data_root(data_root)
+            except FormatError:
+                root = None
+        else:
+            try:
+                root = resolve_data_root(data_root)
+            except FormatError as exc:
+                raise FormatError(f"{exc}; {where} has relative paths that need it: {relative[:5]}") from exc
+        return cls(manifest=manifest, data_root=root, source=source)
 
     # -- metadata
     @property
@@ -168,7 +197,13 @@ class Dataset:
 
     def _open(self, spec, split) -> Volume:
         rel, key = _source(spec)
-        path = self.data_root / rel
+        if Path(rel).expanduser().is_absolute():
+            path = Path(rel).expanduser()
+        elif self.data_root is None:
+            raise FormatError(f"{rel}: a relative path needs a data root (data set {self.name!r}, split {split!r}): "
+                              f"pass --data-root / data_root= or set {DATA_ENV}")
+        else:
+            path = self.data_root / rel
         if not path.exists() and not Path(str(path).split(":")[0]).exists():
             raise FormatError(f"{path}: missing (data set {self.name!r}, split {split!r}; data root {self.data_root})")
         v = open_volume(str(path), key=key, voxel_size_nm=None)

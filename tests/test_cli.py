@@ -91,6 +91,7 @@ def test_workflow_steps(zoo, data, tmp_path, capsys):
     f = run_json(capsys, ["finetune", str(ann), "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size", "2",
                           "--no-progress", "--json"])
     assert f["tiles"] == 3 and f["mode"] == "finetune" and f["source"].endswith("near_b")
+    assert f["device"] == "cpu"  # the Python API's default
     import neuroadda_rt as nr
 
     ft = nr.load_model(tmp_path / "ft")
@@ -253,3 +254,27 @@ def test_unlisted_errors_keep_their_traceback(monkeypatch):
         main(["rank", "target.tif"])
     assert all(isinstance(t, type) and issubclass(t, BaseException) for t in cli.REPORTED_ERRORS)
     assert Exception not in cli.REPORTED_ERRORS and BaseException not in cli.REPORTED_ERRORS
+
+
+def test_finetune_device(zoo, data, tmp_path, capsys):
+    """``finetune --device`` reaches the trainer: cuda on a PyTorch without CUDA is refused by training's own
+    check (one line, exit 2), cpu trains, an unknown device is an argparse error."""
+    torch = pytest.importorskip("torch")
+    d, img, lab = data
+    assert main(["select", str(d / "target.tif"), "--model", str(zoo[0]), "-n", "2", "--pool", "8",
+                 "--tile-size", "32", "--no-progress", "--out", str(tmp_path / "ann")]) == 0
+    ann = tmp_path / "ann"
+    for p in sorted((ann / "images").iterdir()):
+        z, y, x = (int(part[1:]) for part in p.stem.split("_")[-3:])
+        tifffile.imwrite(ann / "labels" / p.name, lab[z, y:y + 32, x:x + 32])
+    argv = ["finetune", str(ann), "--out", str(tmp_path / "ft"), "--steps", "1", "--batch-size", "2", "--no-progress",
+            "--json"]
+    if not torch.cuda.is_available():
+        err = error_of(capsys, [*argv, "--device", "cuda"])
+        assert "device='cuda' was asked for" in err
+        assert not (tmp_path / "ft").exists()
+    f = run_json(capsys, [*argv, "--device", "cpu"])
+    assert f["device"] == "cpu" and f["tiles"] == 2
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--device", "tpu"])
+    assert exc.value.code == 2

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--batch-size", type=int, default=None, help="patches per step")
     p.add_argument("--no-augment", action="store_true", help="disable flips/rotations/jitter/elastic")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="training device (default cpu, as the Python API: deterministic; auto picks CUDA when "
+                        "PyTorch sees a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed (training is deterministic on the CPU)")
     p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoint folder (default OUT.checkpoint)")
     p.add_argument("--out", required=True, help="folder of the new model package")
@@ -50,10 +53,10 @@ def run(args) -> int:
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".checkpoint")
     fn = train_from_scratch if args.scratch else finetune
     pkg = fn(model, images, labels, checkpoint_dir=ckpt, progress=not args.no_progress, out=out, overwrite=True,
-             **train)
+             device=args.device, **train)
     path = str(pkg.path)
     result = {"model": path, "source": str(model_path), "mode": "scratch" if args.scratch else "finetune",
-              "tiles": len(images), "train": train}
+              "tiles": len(images), "train": train, "device": args.device}
     if args.json:
         print_json(result)
     else:

@@ -1,5 +1,7 @@
 import json
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +134,47 @@ def test_commit_dir_error_between_its_renames_puts_the_old_folder_back(tmp_path,
                                             (".pkg.old.x1", True), ("pkg.tmp", True), (".hidden", True)])
 def test_is_temporary_name(name, temporary):
     assert _atomic.is_temporary_name(name) is temporary
+
+
+@pytest.fixture
+def umask_002():
+    """Run with umask 002 (group-writable), so that 0666 & ~umask differs from the usual 0644."""
+    old = os.umask(0o002)
+    yield 0o002
+    os.umask(old)
+
+
+def test_commit_dir_gives_its_files_the_umask_mode(tmp_path, umask_002):
+    """Files and folders in a committed folder get what a plain open()/mkdir() gives (0666 / 0777 & ~umask),
+    whatever wrote them: mkstemp-style 0600 files (as safetensors' save_file leaves), mkdtemp's 0700 folders;
+    an executable keeps its x bits."""
+    tmp = _atomic.temp_dir_beside(tmp_path / "dest")
+    fd = os.open(tmp / "weights.bin", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    sub = Path(tempfile.mkdtemp(dir=tmp))
+    (sub / "inner.json").write_text("{}")
+    os.chmod(sub / "inner.json", 0o600)
+    (tmp / "tool.sh").write_text("#!/bin/sh\n")
+    os.chmod(tmp / "tool.sh", 0o700)
+    os.symlink("weights.bin", tmp / "link")
+    dest = _atomic.commit_dir(tmp, tmp_path / "dest")
+    assert (dest / "weights.bin").stat().st_mode & 0o777 == 0o664
+    assert (dest / sub.name).stat().st_mode & 0o777 == 0o775
+    assert (dest / sub.name / "inner.json").stat().st_mode & 0o777 == 0o664
+    assert (dest / "tool.sh").stat().st_mode & 0o777 == 0o775
+    assert dest.stat().st_mode & 0o777 == 0o775
+    assert (dest / "link").is_symlink()
+
+
+def test_saved_model_weights_are_not_0600(tmp_path, umask_002):
+    """save_model's files, weights.safetensors included, get 0666 & ~umask like a plain open() would."""
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    import neuroadda_rt as nr
+    from neuroadda_rt.models import UNet
+
+    feats = np.random.default_rng(0).random((20, 8)).astype(np.float32)
+    pkg = nr.save_model(UNet(widths=(4, 8)), tmp_path / "m", reference_features=feats)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in pkg.path.iterdir()}
+    assert "weights.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o664), modes

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,26 @@ def _umask() -> int:
 
 def _default_mode() -> int:
     return 0o666 & ~_umask()
+
+
+def _normalize_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir`` / ``open`` would:
+    folders ``0o777 & ~umask``, files ``0o666 & ~umask`` (executables, files with any x bit,
+    ``0o777 & ~umask``, as a linker makes them).
+
+    Whatever filled the folder may have made files 0600 (``mkstemp``, safetensors' ``save_file``)
+    or folders 0700 (``mkdtemp``); results are meant to be shared. Symlinks are left alone.
+    """
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode):
+                os.chmod(p, 0o777 & ~mask)
+            elif stat.S_ISREG(st.st_mode):
+                os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -201,10 +222,12 @@ def commit_dir(tmp: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bo
     is in place, so ``dest`` is never half-written. An error between the two renames puts the old
     folder back; a kill between them leaves it aside, and the next :func:`commit_dir` or
     :func:`recover_dir` of ``dest`` puts it back. With ``overwrite=False`` an existing ``dest``
-    raises ``FileExistsError``. The folder gets the usual umask permissions (``mkdtemp`` makes 0700).
+    raises ``FileExistsError``. The folder and everything in it get the usual umask permissions
+    (``mkdtemp`` makes 0700 folders, ``mkstemp`` and safetensors 0600 files): see
+    :func:`_normalize_modes`.
     """
     tmp, dest = Path(tmp), Path(dest)
-    os.chmod(tmp, 0o777 & ~_umask())
+    _normalize_modes(tmp)
     recover_dir(dest)
     if dest.exists():
         if not overwrite:

@@ -325,3 +325,34 @@ def test_real_manifests_labelled_and_unlabelled(em_data, tmp_path):
     assert set(m.target) == {"isbi2012", "gala_fibsem", "kasthuri_cortex"}
     assert set(res.table.target) == {"isbi2012", "gala_fibsem"} and len(res.table) == 4
     assert set(res.table.init) == {"isbi2012", "gala_fibsem", "scratch"}
+
+
+def test_cli_data_root_reaches_the_manifests(tmp_path, monkeypatch):
+    # Issue 19/15: `experiment --data-root DIR` is documented but was not accepted.
+    from neuroadda_rt.cli import main
+    from neuroadda_rt.io import write_volume
+
+    monkeypatch.delenv("NEUROADDA_DATA", raising=False)
+    data = tmp_path / "data"
+    write_volume(data / "v.h5:raw", np.zeros((4, 16, 16), np.uint8))
+    (tmp_path / "m.json").write_text(json.dumps({"name": "toy", "image": "v.h5:raw", "labels": None}))
+    cfg = {"name": "dr", "domains": {"datasets": [str(tmp_path / "m.json")]}}
+    assert ex.load_config(cfg, data_root=data).raw["domains"]["data_root"] == str(data)
+    assert ex.load_config(cfg).raw["domains"]["data_root"] is None
+    with pytest.raises(InputValueError):  # no domains: the defaults' dict must not keep the root
+        ex.load_config({"name": "x"}, data_root=data)
+    assert ex.config._DEFAULTS["domains"]["data_root"] is None
+    seen = {}
+
+    def fake_run(config, out, **kw):
+        seen["root"] = config.raw["domains"]["data_root"]
+        from neuroadda_rt.study.experiments.plan import _prepare_dataset
+        seen["dom"] = _prepare_dataset(config.raw["domains"]["datasets"][0], config, tmp_path / "out")
+        raise SystemExit(0)
+
+    monkeypatch.setattr(ex, "run_experiment", fake_run)
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit):
+        main(["experiment", str(tmp_path / "c.json"), "--data-root", str(data), "--out", str(tmp_path / "out")])
+    assert seen["root"] == str(data) and seen["dom"].name == "toy"
+    assert np.load(seen["dom"].path("target_image")).shape == (4, 16, 16)

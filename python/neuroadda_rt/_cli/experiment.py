@@ -15,6 +15,9 @@ def register(subparsers) -> None:
     p.add_argument("--scheduler", default=None,
                    help="Dask scheduler address (tcp://host:8786) to run on an existing cluster; 'synchronous' "
                         "runs in this process; default: a local cluster")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder the dataset manifests' relative paths point into (overrides the config's "
+                        "domains.data_root; default: $NEUROADDA_DATA)")
     p.add_argument("--workers", type=int, default=None, help="local cluster size (default: number of CPUs)")
     p.add_argument("--dry-run", action="store_true",
                    help="prepare data, sources and the MMD² matrix, plan the runs, and stop")
@@ -25,11 +28,12 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ._common import print_json
-    from ..study.experiments import run_experiment
+    from ..study.experiments import load_config, run_experiment
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"expected --workers >= 1, got {args.workers}")
-    res = run_experiment(args.config, args.out, scheduler=args.scheduler, workers=args.workers,
+    config = load_config(args.config, data_root=args.data_root) if args.data_root is not None else args.config
+    res = run_experiment(config, args.out, scheduler=args.scheduler, workers=args.workers,
                          progress=not args.no_progress and not args.json, dry_run=args.dry_run)
     if args.json:
         print_json({"out": str(res.out), "runs": res.n_runs, "skipped": res.n_skipped,

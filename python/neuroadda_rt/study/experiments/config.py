@@ -103,7 +103,7 @@ class ExperimentConfig:
         return json_sha256(part)[:10]
 
 
-def load_config(config) -> ExperimentConfig:
+def load_config(config, *, data_root=None) -> ExperimentConfig:
     """Read and validate a study configuration.
 
     Parameters
@@ -111,6 +111,9 @@ def load_config(config) -> ExperimentConfig:
     config : path to a YAML or JSON file, or a dict
         Unknown keys are refused (they are usually typos); missing keys take the defaults of the
         paper-sized study (see ``docs/method.md``).
+    data_root : path, optional
+        Overrides ``domains.data_root``: the folder the dataset manifests' relative paths point
+        into (``--data-root`` on the command line). Without either, ``$NEUROADDA_DATA``.
 
     Returns
     -------
@@ -145,6 +148,9 @@ def load_config(config) -> ExperimentConfig:
     if not isinstance(config, Mapping):
         raise InputValueError(f"expected a configuration mapping, got {type(config).__name__}")
     raw = _merge(_DEFAULTS, config)
+    if data_root is not None:
+        # a new dict: _merge shares the defaults' sub-dicts that the config does not override
+        raw["domains"] = {**raw["domains"], "data_root": str(Path(data_root).expanduser())}
     cfg = ExperimentConfig(raw, source)
     _validate(cfg)
     return cfg

@@ -40,6 +40,11 @@ class IntegrityError(NeuroaddaError, ValueError):
     """A model package or cache entry fails its checksum or is incomplete."""
 
 
+class MissingChunksWarning(UserWarning):
+    """A zarr volume lacks chunks inside its bounds; zarr reads them as the fill value. Legitimate by the
+    zarr spec (writers skip all-fill chunks), but also what a deleted or not-yet-written chunk looks like."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise :class:`MissingExtraError` naming the extra.
 

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import bz2
 import json
+import logging
 import lzma
 import os
 import re
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import FormatError, InputValueError, ShapeError, require
+from ..errors import FormatError, InputValueError, MissingChunksWarning, ShapeError, require
 from .images import IMAGE_SUFFIXES, TIFF_SUFFIXES, image_dtype, read_image_2d, read_image_stack
 
 __all__ = ["Volume", "open_volume", "natural_sort_key", "load_npy", "read_npy_header"]
+
+log = logging.getLogger("neuroadda_rt")
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".hd5")
 # dtypes the N5 spec names, as NumPy type codes (the writer checks against the same table)
@@ -578,13 +582,17 @@ def _open_zarr(path: Path, key, allow_missing_chunks: bool = False):
     if not allow_missing_chunks:
         try:
             missing = b.first_missing_chunk()
-        except Exception as exc:  # a store that cannot be listed: nothing to compare against
-            raise FormatError(f"{label}: cannot list the stored chunks to check them: {exc}") from exc
+        except Exception as exc:  # a store that cannot be listed (e.g. plain HTTP): nothing to compare against
+            log.info("%s: stored chunks not listable, missing chunks not checked (%s)", label, exc)
+            missing = None
         if missing is not None:
-            raise FormatError(f"{label}: chunk {tuple(missing)} (file {b._key(missing)}) is missing inside the "
-                              f"volume's bounds {arr.shape}; zarr would read it as the fill value "
-                              f"({getattr(arr.fill_value, 'item', lambda: arr.fill_value)()!r}). Pass allow_missing_chunks=True if a partial volume is "
-                              f"intended (e.g. written with write_empty_chunks=False)")
+            # The zarr spec reads a missing chunk as the fill value, and writers skip all-fill chunks, so a
+            # missing chunk is legal; but it is also what a deleted or unwritten chunk looks like.
+            fill = getattr(arr.fill_value, "item", lambda: arr.fill_value)()
+            warnings.warn(MissingChunksWarning(
+                f"{label}: chunk {tuple(missing)} (file {b._key(missing)}) is missing inside the volume's bounds "
+                f"{arr.shape}; zarr reads it as the fill value ({fill!r}). If the volume should be complete, a chunk "
+                f"was lost; pass allow_missing_chunks=True when a partial volume is intended"), stacklevel=3)
     b.voxel_size_nm = vs or _voxel_size_from_attrs(dict(arr.attrs), arr.ndim)
     return Volume(b, path=path, key=key)
 
@@ -735,10 +743,11 @@ def open_volume(source, *, key: str | None = None, voxel_size_nm=None,
     voxel_size_nm : sequence of float, optional
         Overrides the voxel size stated in the file.
     allow_missing_chunks : bool, default False
-        zarr only. By default a zarr array with a chunk missing inside its bounds is refused
-        (zarr would silently read it as the fill value, usually zeros); ``True`` accepts such a
-        partial volume (e.g. one written with ``write_empty_chunks=False``). Checked once at
-        open by listing the array's stored keys; inner chunks of a sharded array are not checked.
+        zarr only. By default a zarr array with a chunk missing inside its bounds raises a
+        :class:`~neuroadda_rt.errors.MissingChunksWarning` naming the first such chunk (zarr reads
+        it as the fill value, usually zeros: legal by the spec, and also what a lost chunk looks
+        like); ``True`` silences it for a volume that is partial on purpose. Checked once at open
+        by listing the array's stored keys; inner chunks of a sharded array are not checked.
 
     Returns
     -------

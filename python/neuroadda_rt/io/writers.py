@@ -139,10 +139,12 @@ def write_volume(path, array, *, key: str | None = None, voxel_size_nm=None, chu
         try:
             if key:
                 root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
-                z = root.create_array(key, shape=a.shape, dtype=a.dtype, chunks=chunks or "auto")
+                z = root.create_array(key, shape=a.shape, dtype=a.dtype, chunks=chunks or "auto",
+                                      config={"write_empty_chunks": True})
             else:
                 z = zarr.create_array(str(tmp), shape=a.shape, dtype=a.dtype, chunks=chunks or "auto",
-                                      zarr_format=zarr_format, overwrite=True)
+                                      zarr_format=zarr_format, overwrite=True,
+                                      config={"write_empty_chunks": True})
             z[...] = a
             if vs is not None:
                 z.attrs["voxel_size_nm"] = vs

@@ -27,7 +27,7 @@ _DEFAULTS: dict[str, Any] = {
         "synthetic": None,   # {"n": 3, "family_seed": 0, "shape": [z, h, w], "drift": 0.6,
                              #  "tree": "coalescent", "traits": "morphology"}
         "datasets": [],      # manifest paths (examples/datasets/*.json) or {"manifest": ..., "name": ...}
-        "data_root": None,   # where the manifests' relative paths point (default: $NEUROADDA_DATA / ../shared/em_data)
+        "data_root": None,   # where the manifests' relative paths point (default: $NEUROADDA_DATA)
     },
     "sources": {
         "zoo": None,         # reuse an existing zoo: {domain name: package path}, a zoo folder or "default"

@@ -179,6 +179,11 @@ def test_demo_fast(zoo, tmp_path, capsys):
     assert out["target_domain"] == "held" and out["best_source"] == "near_b"
     assert out["nearest_relative"] == "near_b"
     assert set(out["vi"]) == {"finetuned", "scratch", "source"}
+    from neuroadda_rt import _core
+
+    compiled = bool(_core.built_with_cuda())  # cuda_compiled is the build, cuda_available also needs a GPU now
+    assert out["cuda_compiled"] is compiled
+    assert out["cuda_available"] is (compiled and _core.cuda_device_count() > 0)
     report = tmp_path / "demo" / "report.html"
     assert out["report"] == str(report) and report.exists()
     run = json.loads((tmp_path / "demo" / "run.json").read_text())

@@ -82,6 +82,18 @@ def test_report_is_self_contained(tmp_path):
     assert "syn00" in text and "64.3%" in text and "n_permutations" in text and "median" in text
 
 
+def test_report_says_cuda_compiled_and_available_separately(tmp_path):
+    """``cuda=True`` on a machine without a GPU meant "compiled": the page says both, from the compiled core."""
+    from neuroadda_rt import _core
+
+    compiled = bool(_core.built_with_cuda())
+    available = compiled and _core.cuda_device_count() > 0
+    text = write_report(make_run_dir(tmp_path)).read_text()
+    assert f"cuda_compiled={compiled}" in text
+    assert f"cuda_available={available}" in text
+    assert not re.search(r"\bcuda=", text)
+
+
 def test_report_of_a_run_awaiting_labels(tmp_path):
     run = make_run_dir(tmp_path, complete=False)
     text = write_report(run, tmp_path / "r.html").read_text()

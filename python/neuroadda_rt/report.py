@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _html
+from ._device import cuda_available
 from ._info import build_info
 from . import __version__
 from .errors import FormatError
@@ -314,6 +315,7 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
             settings_rows += [[title, k, v] for k, v in _flatten(d)]
     parts.append(_table(settings_rows, ["step", "setting", "value"]))
     info = build_info()
+    # "cuda" in build_info is whether the kernels were compiled, not whether a GPU is usable: say both
     parts.append(f'<p class="note">neuroadda_rt {__version__}; simd={info.get("simd_active")}, '
-                 f'cuda={info.get("cuda")}</p>')
+                 f'cuda_compiled={bool(info.get("cuda"))}, cuda_available={cuda_available()}</p>')
     return _html.write_page(Path(out) if out is not None else run_dir / "report.html", "neuroadda_rt report", parts)

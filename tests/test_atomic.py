@@ -70,26 +70,33 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs (every later rename dies too)."""
 
 
-def _die_from_rename(monkeypatch, n_ok):
+def _fail_rename(monkeypatch, n_ok, exc, *, once=False):
+    """os.replace succeeds n_ok times, then raises ``exc`` (every later call too, unless ``once``)."""
     real, calls = os.replace, []
 
-    def dying(a, b):
+    def failing(a, b):
         calls.append((a, b))
-        if len(calls) > n_ok:
-            raise _Killed
+        if len(calls) > n_ok and not (once and len(calls) > n_ok + 1):
+            raise exc
         return real(a, b)
 
-    monkeypatch.setattr(os, "replace", dying)
+    monkeypatch.setattr(os, "replace", failing)
 
 
-def test_commit_dir_killed_between_its_renames_is_recovered(tmp_path, monkeypatch):
+def _committed_and_next(tmp_path):
+    """A package folder committed once (a.txt) and the temporary folder of its next version (b.txt)."""
     dest = tmp_path / "pkg"
     first = _atomic.temp_dir_beside(dest)
     (first / "a.txt").write_text("1")
     _atomic.commit_dir(first, dest)
     second = _atomic.temp_dir_beside(dest)
     (second / "b.txt").write_text("2")
-    _die_from_rename(monkeypatch, n_ok=1)  # dest -> .pkg.old.* happens, then the process dies
+    return dest, second
+
+
+def test_commit_dir_killed_between_its_renames_is_recovered(tmp_path, monkeypatch):
+    dest, second = _committed_and_next(tmp_path)
+    _fail_rename(monkeypatch, 1, _Killed)  # dest -> .pkg.old.* happens, then the process dies
     with pytest.raises(_Killed):
         _atomic.commit_dir(second, dest)
     monkeypatch.undo()
@@ -99,7 +106,7 @@ def test_commit_dir_killed_between_its_renames_is_recovered(tmp_path, monkeypatc
     assert _atomic.recover_dir(dest) is False  # nothing left to recover
     assert not [p for p in tmp_path.iterdir() if ".old." in p.name]
     # killed again; this time the next commit itself finishes the job
-    _die_from_rename(monkeypatch, n_ok=1)
+    _fail_rename(monkeypatch, 1, _Killed)
     with pytest.raises(_Killed):
         _atomic.commit_dir(second, dest)
     monkeypatch.undo()
@@ -109,20 +116,8 @@ def test_commit_dir_killed_between_its_renames_is_recovered(tmp_path, monkeypatc
 
 
 def test_commit_dir_error_between_its_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
-    dest = tmp_path / "pkg"
-    first = _atomic.temp_dir_beside(dest)
-    (first / "a.txt").write_text("1")
-    _atomic.commit_dir(first, dest)
-    second = _atomic.temp_dir_beside(dest)
-    real, n = os.replace, []
-
-    def failing(a, b):
-        n.append(1)
-        if len(n) == 2:
-            raise OSError("disk gone")
-        return real(a, b)
-
-    monkeypatch.setattr(os, "replace", failing)
+    dest, second = _committed_and_next(tmp_path)
+    _fail_rename(monkeypatch, 1, OSError("disk gone"), once=True)  # only the second rename fails
     with pytest.raises(OSError, match="disk gone"):
         _atomic.commit_dir(second, dest)
     monkeypatch.undo()

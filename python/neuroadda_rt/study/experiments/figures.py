@@ -29,12 +29,6 @@ def _fig(n_panels: int, panel_w: float = 3.4, panel_h: float = 2.9):
     return fig, axes
 
 
-def _save(fig, path: Path) -> Path:
-    with _atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    return path
-
-
 def _empty(fig, axes, text: str):
     axes[0].set_visible(True)
     axes[0].text(0.5, 0.5, text, ha="center", va="center", transform=axes[0].transAxes)
@@ -48,10 +42,10 @@ def make_figures(table, fig_dir, *, atlas=None) -> list[Path]:
     if atlas is not None:
         paths.append(fig_dir / "atlas.png")
         atlas.plot(paths[-1], title="Domain atlas: (MMD²[s,t] + MMD²[t,s]) / 2")
-    paths.append(_save(_fig_vi_vs_n(table), fig_dir / "vi_vs_n.png"))
-    paths.append(_save(_fig_rank_vs_vi(table), fig_dir / "mmd_rank_vs_vi.png"))
-    paths.append(_save(_fig_strategies(table), fig_dir / "strategies_n4.png"))
-    paths.append(_save(_fig_reduction(table), fig_dir / "vi_reduction_n4.png"))
+    paths.append(_atomic.save_figure(_fig_vi_vs_n(table), fig_dir / "vi_vs_n.png", dpi=120))
+    paths.append(_atomic.save_figure(_fig_rank_vs_vi(table), fig_dir / "mmd_rank_vs_vi.png", dpi=120))
+    paths.append(_atomic.save_figure(_fig_strategies(table), fig_dir / "strategies_n4.png", dpi=120))
+    paths.append(_atomic.save_figure(_fig_reduction(table), fig_dir / "vi_reduction_n4.png", dpi=120))
     return paths
 
 

@@ -356,3 +356,22 @@ def test_cli_data_root_reaches_the_manifests(tmp_path, monkeypatch):
         main(["experiment", str(tmp_path / "c.json"), "--data-root", str(data), "--out", str(tmp_path / "out")])
     assert seen["root"] == str(data) and seen["dom"].name == "toy"
     assert np.load(seen["dom"].path("target_image")).shape == (4, 16, 16)
+
+
+@pytest.mark.parametrize("flags, expected", [(["--json"], True), (["--json", "--no-progress"], False), ([], True)])
+def test_cli_json_keeps_progress_on_stderr(tmp_path, monkeypatch, flags, expected):
+    # Issue 19/15: `--json` silenced all progress, so a 30-minute run printed nothing until the end. Progress
+    # bars go to stderr and do not mix with the JSON on stdout; only --no-progress hides them.
+    from neuroadda_rt.cli import main
+
+    seen = {}
+
+    def fake_run(config, out, **kw):
+        seen["progress"] = kw["progress"]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(ex, "run_experiment", fake_run)
+    (tmp_path / "c.json").write_text(json.dumps({"name": "p"}))
+    with pytest.raises(SystemExit):
+        main(["experiment", str(tmp_path / "c.json"), "--out", str(tmp_path / "out"), *flags])
+    assert seen["progress"] is expected

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="local cluster size (default: number of CPUs)")
     p.add_argument("--dry-run", action="store_true",
                    help="prepare data, sources and the MMD² matrix, plan the runs, and stop")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr, also with --json)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -34,7 +34,7 @@ def run(args) -> int:
         raise ValueError(f"expected --workers >= 1, got {args.workers}")
     config = load_config(args.config, data_root=args.data_root) if args.data_root is not None else args.config
     res = run_experiment(config, args.out, scheduler=args.scheduler, workers=args.workers,
-                         progress=not args.no_progress and not args.json, dry_run=args.dry_run)
+                         progress=not args.no_progress, dry_run=args.dry_run)
     if args.json:
         print_json({"out": str(res.out), "runs": res.n_runs, "skipped": res.n_skipped,
                     "failures": [f["run_id"] for f in res.failures],

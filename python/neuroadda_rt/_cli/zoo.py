@@ -120,7 +120,7 @@ def run_refresh(args) -> int:
     from ..study.zoo_build import refresh_reference_features
 
     fam = refresh_reference_features(args.zoo, feature_level=args.feature_level, pooling=args.pooling,
-                                     progress=not args.no_progress and not args.json)
+                                     progress=not args.no_progress)
     if args.json:
         print_json({"zoo": str(args.zoo), "recipe": fam["recipe"], "models": fam["models"]})
     else:
@@ -138,7 +138,7 @@ def run_build(args) -> int:
     res = build_zoo(args.out, n_domains=args.n_domains, seed=args.seed, held_out=args.held_out, widths=widths,
                     steps=args.steps, lr=args.lr, batch_size=args.batch_size, patch_size=args.patch_size,
                     volumes=args.volumes, volume_shape=shape, tile_size=args.tile_size, device=args.device,
-                    workers=args.workers, threads=args.threads, progress=not args.no_progress and not args.json,
+                    workers=args.workers, threads=args.threads, progress=not args.no_progress,
                     train_only=args.train_only, checkpoint_root=args.checkpoints,
                     intensity_augment=not args.no_intensity_augment, tree=args.tree, traits=args.traits,
                     feature_level=args.feature_level, pooling=args.pooling)

@@ -111,8 +111,12 @@ def test_workflow_steps(zoo, data, tmp_path, capsys):
     x = img[:1, :32, :32]
     np.testing.assert_allclose(nr.FeatureExtractor(str(tmp_path / "enc.onnx")).features(x),
                                nr.FeatureExtractor(ft).features(x), atol=1e-4)
-    err = error_of(capsys, ["export", str(tmp_path / "ft"), "--format", "int8", "--out", str(tmp_path / "q.onnx")])
+    err = error_of(capsys, ["export", str(tmp_path / "ft"), "--format", "int8", "--part", "encoder",
+                            "--out", str(tmp_path / "q.onnx")])
     assert "--calibration" in err
+    # Issue 19/15: the part has no default, so `--out encoder.int8.onnx` can no longer hold the full network.
+    err = error_of(capsys, ["export", str(tmp_path / "ft"), "--format", "onnx", "--out", str(tmp_path / "e.onnx")])
+    assert "--part encoder" in err and "--part full" in err and not (tmp_path / "e.onnx").exists()
 
 
 def test_errors(zoo, data, tmp_path, capsys):

@@ -15,7 +15,9 @@ def register(subparsers) -> None:
                     "profile of square tiles.")
     p.add_argument("model", help="model package folder")
     p.add_argument("--format", required=True, choices=["onnx", "int8", "tensorrt"], help="what to write")
-    p.add_argument("--part", default="full", choices=["encoder", "full"], help="encoder or full network (default full)")
+    p.add_argument("--part", default=None, choices=["encoder", "full"],
+                   help="required: 'encoder' (the feature encoder that rank, select and qc run) or 'full' (the "
+                        "segmentation network that predict and evaluate run)")
     p.add_argument("--out", required=True, help="output file (.onnx, or .engine for TensorRT)")
     p.add_argument("--calibration", default=None, help="int8: volume whose random tiles calibrate activations")
     p.add_argument("--n-calibration", type=int, default=32, help="int8: calibration tiles (default 32)")
@@ -30,6 +32,11 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from .._sources import load_package
 
+    if args.part is None:
+        # No default: an unnamed part once wrote the full network to `encoder.int8.onnx`, which `qc watch` then
+        # could not run, with an error that did not say why.
+        raise ValueError("expected --part encoder (the feature encoder that rank, select and qc run) or --part full "
+                         "(the segmentation network that predict and evaluate run), got no --part")
     pkg = load_package(args.model)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -62,5 +69,7 @@ def run(args) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"wrote {args.format} {args.part} network to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+        what = "feature encoder (for rank, select, qc)" if args.part == "encoder" else \
+            "full segmentation network (for predict, evaluate)"
+        print(f"wrote the {what} as {args.format} to {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0

@@ -57,7 +57,7 @@ def test_annotation_roundtrip(tmp_path):
 def test_annotation_labels_as_one_stack(tmp_path):
     sel = _selection([[4, 4], [40, 40]])
     ann = write_annotation(sel, tmp_path / "ann")
-    lab = np.stack([np.full((16, 16), 3, np.uint8), np.eye(16, dtype=np.uint8)])
+    lab = np.stack([np.tri(16, dtype=np.uint8) + 3, np.eye(16, dtype=np.uint8)])
     tifffile.imwrite(ann / "labels" / "tiles.tif", lab, photometric="minisblack")
     _, labels, _ = read_annotation(ann)
     np.testing.assert_array_equal(labels, lab)
@@ -66,7 +66,9 @@ def test_annotation_labels_as_one_stack(tmp_path):
 def test_annotation_mismatches_are_refused(tmp_path):
     sel = _selection([[0, 5, 7], [2, 30, 1]])
     ann = write_annotation(sel, tmp_path / "ann")
-    with pytest.raises(FileNotFoundError, match="no label for tile tile_000_z0_y5_x7"):
+    # Issue 19/15: every missing tile is named, not just the first
+    with pytest.raises(FileNotFoundError, match=r"no label for tiles tile_000_z0_y5_x7, tile_001_z2_y30_x1 in .*"
+                                                r"\(2 of 2 missing"):
         read_annotation(ann)
     _paint(ann, sel)
     # a label whose coordinates are not in the selection
@@ -82,8 +84,20 @@ def test_annotation_mismatches_are_refused(tmp_path):
     tifffile.imwrite(ann / "labels" / "tile_001_z2_y30_x1.tif", np.full((16, 16), 0.5, np.float32))
     with pytest.raises(FormatError, match="integer label ids"):
         read_annotation(ann)
+    # Issue 19/15: an all-ones float label (a mask saved as 32-bit) was accepted as an annotation
     tifffile.imwrite(ann / "labels" / "tile_001_z2_y30_x1.tif", np.ones((16, 16), np.float32))
+    with pytest.raises(FormatError, match=r"tile_001_z2_y30_x1.tif: one value \(1\) everywhere: nothing was painted"):
+        read_annotation(ann)
+    tifffile.imwrite(ann / "labels" / "tile_001_z2_y30_x1.tif", np.tri(16, dtype=np.float32) * 2)
     read_annotation(ann)  # integral floats (Fiji's 32-bit) are fine
+    # Issue 19/15: several problems are reported in one run, each naming its file
+    tifffile.imwrite(ann / "labels" / "tile_001_z2_y30_x1.tif", np.zeros((16, 15), np.uint8))
+    tifffile.imwrite(ann / "labels" / "tile_000_z0_y5_x7.tif", np.zeros((16, 16), np.uint8))
+    with pytest.raises(FormatError, match="2 problems") as info:
+        read_annotation(ann)
+    assert "tile_000_z0_y5_x7.tif: one value (0)" in str(info.value)
+    assert "tile_001_z2_y30_x1.tif: label has shape (16, 15)" in str(info.value)
+    _paint(ann, sel)
     # a tile image swapped for another one
     tifffile.imwrite(ann / "images" / "tile_000_z0_y5_x7.tif", sel.tiles[1])
     with pytest.raises(FormatError, match="checksum"):
@@ -92,6 +106,17 @@ def test_annotation_mismatches_are_refused(tmp_path):
         read_annotation(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="tiles.json"):
         read_annotation(tmp_path)
+
+
+def test_annotation_readme_names_real_files_and_folder(tmp_path):
+    # Issue 19/15: README.txt showed a file-name pattern that matched no file and a literal "{this folder}".
+    sel = _selection([[0, 5, 7], [2, 30, 1]])
+    ann = write_annotation(sel, tmp_path / "my ann")
+    text = (ann / "README.txt").read_text()
+    first = sorted(p.stem for p in (ann / "images").iterdir())[0]
+    assert f"images/{first}.tif -> labels/{first}.tif" in text
+    assert "{" not in text and "}" not in text
+    assert f"finetune '{ann.resolve()}' --labels '{ann.resolve() / 'labels'}'" in text
 
 
 def test_exclusion_mask_matches_brute_force():

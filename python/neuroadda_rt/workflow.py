@@ -123,7 +123,7 @@ def write_annotation(selection: TileSelection, out_dir, *, tiles: np.ndarray | N
         "selection": selection.to_dict(),
     }
     _atomic.write_json(out / "tiles.json", meta)
-    _atomic.write_text(out / "README.txt", _ANNOTATION_README.format(n=len(names), size=selection.tile_size))
+    _atomic.write_text(out / "README.txt", _annotation_readme(out, names, selection.tile_size))
     return out
 
 
@@ -133,13 +133,23 @@ neuroadda_rt annotation hand-off: {n} tiles of {size}x{size} pixels chosen for a
 1. Open images/ (one TIFF per tile) or tiles.tif (all tiles as one stack) in Fiji or napari.
 2. Paint instance labels (one integer id per neurite, 0 = membrane/background) for every tile.
 3. Save each label image into labels/ under the SAME file name as its image
-   (images/tile_000_y128_x64.tif -> labels/tile_000_y128_x64.tif), as an integer TIFF of the same size,
+   (images/{example}.tif -> labels/{example}.tif), as an integer TIFF of the same size,
    or save all labels as one stack labels/tiles.tif in the order of tiles.csv.
-4. Run:  neuroadda-rt finetune {{this folder}} --labels {{this folder}}/labels --out finetuned_model
+4. Run:  neuroadda-rt finetune {folder} --labels {labels} --out finetuned_model
 
 The file names carry the tile coordinates (z, y, x of the top-left corner in the target volume);
 tiles.json records them with a checksum of every image, and finetune refuses labels that do not match.
 """
+
+
+def _annotation_readme(out: Path, names: list[str], size: int) -> str:
+    import shlex
+
+    # The real first file name and the real folder: a pattern that did not match the files, and a literal
+    # "{this folder}", sent annotators guessing.
+    folder = out.resolve()
+    return _ANNOTATION_README.format(n=len(names), size=size, example=names[0] if names else "tile_000_z0_y0_x0",
+                                     folder=shlex.quote(str(folder)), labels=shlex.quote(str(folder / "labels")))
 
 
 def _tifffile():
@@ -190,15 +200,19 @@ def read_annotation(annotation_dir, labels_dir=None) -> tuple[np.ndarray, np.nda
     labels_dir = Path(labels_dir) if labels_dir is not None else ann / "labels"
     if not labels_dir.is_dir():
         raise FileNotFoundError(f"labels folder not found: {labels_dir}")
+    # Every problem is collected and reported at once: an annotator fixing one file per run was the old cost.
+    problems: list[tuple[type[Exception], str]] = []
     images = []
     for e in entries:
         p = ann / "images" / f"{e['name']}.tif"
         if not p.exists():
-            raise FileNotFoundError(f"tile image missing: {p}")
+            problems.append((FileNotFoundError, f"tile image missing: {p}"))
+            images.append(None)
+            continue
         im = read_image_2d(p)
         if _sha(im) != e["sha256"]:
-            raise FormatError(f"{p}: the tile image changed since selection (checksum mismatch); "
-                              f"expected the tile at {tuple(e['coords'])}")
+            problems.append((FormatError, f"{p}: the tile image changed since selection (checksum mismatch); "
+                                          f"expected the tile at {tuple(e['coords'])}"))
         images.append(im)
     expected = {e["name"]: e for e in entries}
     stack = labels_dir / "tiles.tif"
@@ -207,31 +221,65 @@ def read_annotation(annotation_dir, labels_dir=None) -> tuple[np.ndarray, np.nda
         m = _NAME_RE.match(p.name)
         if m:
             if m.group(1) not in expected:
-                raise FormatError(f"{p}: label file does not match any selected tile (expected one of "
-                                  f"{sorted(expected)[:3]}{'...' if len(expected) > 3 else ''}); "
-                                  f"its coordinates differ from the selection")
+                problems.append((FormatError, f"{p}: label file does not match any selected tile (expected one of "
+                                              f"{sorted(expected)[:3]}{'...' if len(expected) > 3 else ''}); "
+                                              f"its coordinates differ from the selection"))
+                continue
             found[m.group(1)] = p
     labels = []
     if not found and stack.exists():
         arr = read_image_stack(stack, kind="labels")
         if arr.shape[0] != len(entries):
-            raise ShapeError(f"{stack}: expected {len(entries)} label pages, got {arr.shape[0]}")
-        for e, page, im in zip(entries, arr, images):
-            if page.shape != im.shape:
-                raise ShapeError(f"{stack}: page for {e['name']} has shape {page.shape}, expected {im.shape}")
-            labels.append(page)
+            problems.append((ShapeError, f"{stack}: expected {len(entries)} label pages, got {arr.shape[0]}"))
+        else:
+            for e, page, im in zip(entries, arr, images):
+                where = f"{stack}: page for {e['name']}"
+                if im is not None and page.shape != im.shape:
+                    problems.append((ShapeError, f"{where} has shape {page.shape}, expected {im.shape}"))
+                elif _unpainted(page) is not None:
+                    problems.append((FormatError, f"{where} {_unpainted(page)}"))
+                labels.append(page)
     else:
+        missing = [e["name"] for e in entries if e["name"] not in found]
+        if missing:
+            problems.append((FileNotFoundError,
+                             f"no label for tile{'s' if len(missing) > 1 else ''} {', '.join(missing)} in "
+                             f"{labels_dir} ({len(missing)} of {len(entries)} missing; expected files named like "
+                             f"{missing[0]}.tif)"))
         for e, im in zip(entries, images):
             p = found.get(e["name"])
             if p is None:
-                raise FileNotFoundError(f"no label for tile {e['name']} in {labels_dir} (expected "
-                                        f"{e['name']}.tif)")
-            lab = read_image_2d(p, kind="labels")
-            if lab.shape != im.shape:
-                raise ShapeError(f"{p}: label has shape {lab.shape}, expected {im.shape} like its tile at "
-                                 f"{tuple(e['coords'])}")
+                continue
+            try:
+                lab = read_image_2d(p, kind="labels")
+            except FormatError as exc:
+                problems.append((FormatError, str(exc)))
+                continue
+            if im is not None and lab.shape != im.shape:
+                problems.append((ShapeError, f"{p}: label has shape {lab.shape}, expected {im.shape} like its tile "
+                                             f"at {tuple(e['coords'])}"))
+            elif _unpainted(lab) is not None:
+                problems.append((FormatError, f"{p}: {_unpainted(lab)}"))
             labels.append(lab)
+    if problems:
+        kinds = {k for k, _ in problems}
+        kind = kinds.pop() if len(kinds) == 1 else FormatError
+        if len(problems) == 1:
+            raise kind(problems[0][1])
+        raise kind(f"{len(problems)} problems in {ann}: " + "; ".join(m for _, m in problems))
     return np.stack(images), np.stack(labels), meta
+
+
+def _unpainted(labels: np.ndarray) -> str | None:
+    """Why a label image cannot be a painted instance annotation, or None when it can.
+
+    A tile of at least 128 px of neuropil always crosses membranes, so one value everywhere (an all-ones
+    float mask, an empty canvas) means nothing was painted, not one huge neurite.
+    """
+    if labels.size and labels.min() == labels.max():
+        return (f"one value ({labels.flat[0]}) everywhere: nothing was painted (expected instance ids, one per "
+                f"neurite, with 0 or other ids between them)")
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ _LAZY = {
     "train_from_scratch": "training",
     "evaluate": "evaluation",
     "run_workflow": "workflow",
+    # deployment on whole volumes
+    "predict_volume": "deploy",
     # atlas and QC
     "domain_atlas": "atlas",
     "compare_to_phylogeny": "atlas",

@@ -1,0 +1,719 @@
+"""Deploy a model on a whole volume: blockwise prediction, segmentation and evaluation.
+
+:func:`predict_volume` runs a model over a volume of any size, block by block, and writes the
+probabilities to an OME-Zarr image; :func:`segment_volume` turns them into a uint64 label image
+whose ids are consistent across blocks; :func:`evaluate_volume` scores a segmentation against
+ground truth through merged :class:`~neuroadda_rt.ContingencyTable` blocks.
+
+**Exact blending across blocks.** The windows of the prediction lie on one grid over the whole
+volume, the grid :class:`~neuroadda_rt.Predictor` uses for a one-shot prediction (same window,
+same overlap, same blend window). Each window belongs to the block holding its start corner and
+is computed once. A block accumulates ``probability * weight`` of its own windows over its core
+and the *halo* its windows reach into the next blocks (one window minus one voxel per axis); the
+halo part is handed to those blocks through small spill files, and each block divides by the sum
+of the weights of every window covering it (computed exactly, per axis, as the weights are
+separable). Hence a block must wait for its lower neighbours (a wavefront: independent blocks
+run in parallel, a 2-D model's z blocks are all independent) and the result equals the one-shot
+prediction up to float summation order.
+
+**Resumable.** The output folder holds ``.neuroadda/``: the run's parameters, the model file
+used, one done-marker per block (written after the block's data and spill files) and the spill
+files. A killed run started again with the same arguments skips the done blocks. Output chunks
+never straddle two blocks, so concurrent blocks never write the same chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import _atomic
+from ._digest import file_sha256, json_sha256
+from .errors import BackendUnavailableError, FormatError, InputValueError, ShapeError, require
+from .io import Volume, open_volume
+from .io.intensity import intensity_rule
+from .io.writers import create_ome_zarr
+from .metrics import ContingencyTable
+from .runtime.backends import BACKENDS, make_runner
+from .runtime.source import DEFAULT_NORMALIZATION, ModelSource, as_model_source, network_batch
+from .segmentation import REPRESENTATIONS, segment
+from .tiles import blend_weights, window_starts
+
+__all__ = ["predict_volume", "segment_volume", "evaluate_volume", "PredictResult", "SegmentResult",
+           "PRECISIONS", "OUTPUT_DTYPES"]
+
+log = logging.getLogger("neuroadda_rt")
+
+#: ``precision=`` values of :func:`predict_volume`.
+PRECISIONS = ("fp32", "int8")
+#: ``dtype=`` values of the probability output.
+OUTPUT_DTYPES = ("float16", "uint8", "float32")
+STATE = ".neuroadda"           # run state inside an output folder
+_FORMAT = "neuroadda_rt.deploy/1"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the test hook ``_fail_at_block`` (simulates a kill in the middle of a run)."""
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PredictResult(_atomic.JsonRecord):
+    """What :func:`predict_volume` did.
+
+    Attributes
+    ----------
+    out : Path
+        The OME-Zarr folder (probabilities in level ``"0"``, axes ``czyx``).
+    shape : tuple of int
+        ``(C_out, Z, Y, X)``.
+    n_blocks, blocks_computed, blocks_skipped : int
+        Blocks in the grid, computed by this call, and found done by an earlier call.
+    windows : int
+        Network windows run by this call.
+    seconds, voxels_per_s : float
+        Wall time of the block phase and input voxels per second over the blocks computed.
+    backend, device, precision, dtype : str
+    block_shape, halo, tile : tuple of int
+        Block core, how far a block's windows reach into the next blocks, window size (z, y, x).
+    """
+
+    out: Path
+    shape: tuple
+    n_blocks: int
+    blocks_computed: int
+    blocks_skipped: int
+    windows: int
+    seconds: float
+    voxels_per_s: float
+    backend: str
+    device: str
+    precision: str
+    dtype: str
+    block_shape: tuple
+    halo: tuple
+    tile: tuple
+    scheduler: str = "synchronous"
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class SegmentResult(_atomic.JsonRecord):
+    """What :func:`segment_volume` did: the label image, fragments before and segments after
+    stitching across block faces, and the face merges."""
+
+    out: Path
+    shape: tuple
+    n_blocks: int
+    fragments: int
+    segments: int
+    face_merges: int
+    seconds: float
+    block_shape: tuple
+    threshold: float
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# block grids
+# --------------------------------------------------------------------------------------------
+def _edges(n: int, b: int, min_last: int) -> list[int]:
+    """Block boundaries ``[0, b, 2b, ..., n]``; a last block shorter than ``min_last`` is merged
+    into the one before, so a block's halo never reaches past its immediate neighbour."""
+    e = list(range(0, n, b)) + [n]
+    if len(e) > 2 and e[-1] - e[-2] < min_last:
+        del e[-2]
+    return e
+
+
+def _grid(edges: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    return list(itertools.product(*[range(len(e) - 1) for e in edges]))
+
+
+def _chunk_for(block: int) -> int:
+    """A chunk size that divides ``block`` (so chunks never straddle blocks), at most 256."""
+    if block <= 256:
+        return block
+    for c in range(256, 31, -1):
+        if block % c == 0:
+            return c
+    return block
+
+
+def _neighbour_offsets(spill_axes: Sequence[bool]) -> list[tuple[int, ...]]:
+    """Offsets ``d`` in {0, 1}^3 minus 0 whose non-zero axes all spill."""
+    return [d for d in itertools.product((0, 1), repeat=3) if any(d) and all(s or not x for s, x in zip(spill_axes, d))]
+
+
+def _tuple3(v, name: str) -> tuple[int, int, int] | None:
+    if v is None:
+        return None
+    t = (int(v),) * 3 if np.isscalar(v) else tuple(int(x) for x in v)
+    if len(t) != 3 or min(t) < 1:
+        raise InputValueError(f"expected {name} as 3 positive ints (z, y, x), got {v!r}")
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# the plan: everything a block task needs (picklable; sent to Dask workers)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    token: str
+    out: str
+    state: str
+    volume: Any                  # Volume (pickles by path) or array
+    channels_first: bool         # input has a leading channel axis
+    shape: tuple                 # spatial (Z, Y, X)
+    win: tuple                   # window per axis (1 on z for a 2-D model)
+    starts: list                 # window starts per axis
+    edges: list                  # block boundaries per axis
+    spill_axes: tuple
+    out_channels: int
+    out_dtype: str
+    rule: dict
+    blend: str
+    batch_size: int
+    source: ModelSource
+    backend: str
+    device: str
+    threads: int | None
+    fp16: bool
+    fail_at: int | None = None
+    grid: list = field(default_factory=list)
+
+    def box(self, idx) -> tuple[list[int], list[int]]:
+        lo = [self.edges[a][i] for a, i in enumerate(idx)]
+        hi = [self.edges[a][i + 1] for a, i in enumerate(idx)]
+        return lo, hi
+
+    def exists(self, idx) -> bool:
+        return all(0 <= i < len(e) - 1 for i, e in zip(idx, self.edges))
+
+    def name(self, idx) -> str:
+        return "_".join(str(i) for i in idx)
+
+
+_RUNNERS: dict[str, Any] = {}
+
+
+def _runner(plan: _Plan):
+    """One runner per process and run (Dask workers keep it between blocks)."""
+    r = _RUNNERS.get(plan.token)
+    if r is None:
+        _RUNNERS.clear()  # one run at a time per process: free the previous session
+        r = _RUNNERS[plan.token] = make_runner(plan.source, "full", backend=plan.backend, device=plan.device,
+                                               fp16=plan.fp16, threads=plan.threads, who="predict_volume")
+    return r
+
+
+def _axis_weight_sum(n: int, starts: Sequence[int], win: int, blend: str) -> np.ndarray:
+    """Sum over the windows of one axis of their (separable) blend profile, float64 ``(n,)``."""
+    prof = blend_weights((win,), blend).astype(np.float64)
+    s = np.zeros(n, np.float64)
+    for a in starts:
+        s[a:a + win] += prof
+    return s
+
+
+def _spill_path(plan: _Plan, src, d) -> Path:
+    return Path(plan.state) / "spill" / f"{plan.name(src)}-{''.join(map(str, d))}.npy"
+
+
+def _done_path(plan: _Plan, idx) -> Path:
+    return Path(plan.state) / "done" / f"{plan.name(idx)}.json"
+
+
+def _predict_block(plan: _Plan, idx, *_deps) -> int:
+    """Compute one block (its windows, plus the spills of its lower neighbours); returns the
+    number of windows run, 0 when the block was done by an earlier run."""
+    idx = tuple(idx)
+    done = _done_path(plan, idx)
+    if done.exists():
+        return 0
+    if plan.fail_at is not None and plan.grid.index(idx) == plan.fail_at:
+        raise InjectedFailure(f"injected failure at block {idx} (test hook)")
+    t0 = time.perf_counter()
+    lo, hi = plan.box(idx)
+    own = [[s for s in st if a <= s < b] for st, a, b in zip(plan.starts, lo, hi)]
+    ext = [min(n, max([b] + [s + w for s in o])) for n, b, o, w in zip(plan.shape, hi, own, plan.win)]
+    lead = (slice(None),) if plan.channels_first else ()
+    region = np.asarray(plan.volume[lead + tuple(slice(a, e) for a, e in zip(lo, ext))])
+    if region.dtype.kind == "f" and not np.isfinite(region).all():
+        bad = np.argwhere(~np.isfinite(region))[0][-3:]
+        raise InputValueError(f"expected finite intensities, got NaN/inf at voxel "
+                              f"{tuple(int(b + a) for b, a in zip(bad, lo))} (block {idx})")
+    C = plan.out_channels
+    acc = np.zeros((C, *[e - a for a, e in zip(lo, ext)]), np.float32)
+    dim2 = plan.win[0] == 1 and plan.source.dim == 2
+    w = blend_weights(plan.win[1:] if dim2 else plan.win, plan.blend)
+    runner = _runner(plan)
+    corners = list(itertools.product(*own))
+    for i in range(0, len(corners), plan.batch_size):
+        chunk = corners[i:i + plan.batch_size]
+        sls = [tuple(slice(c - a, c - a + t) for c, a, t in zip(corner, lo, plan.win)) for corner in chunk]
+        if dim2:
+            tiles = np.stack([region[lead + (s[0].start,) + s[1:]] for s in sls])
+        else:
+            tiles = np.stack([region[lead + s] for s in sls])
+        probs = runner(network_batch(tiles, plan.source, rule=plan.rule))
+        for s, p in zip(sls, probs):
+            if dim2:
+                acc[(slice(None), s[0].start) + s[1:]] += p * w
+            else:
+                acc[(slice(None),) + s] += p * w
+    # the halo contributions of the lower neighbours' windows
+    for d in _neighbour_offsets(plan.spill_axes):
+        src = tuple(i - x for i, x in zip(idx, d))
+        if not plan.exists(src):
+            continue
+        f = _spill_path(plan, src, d)
+        if not f.exists():
+            raise FormatError(f"{f}: missing spill file of block {src} (its done-marker exists but not its halo; "
+                              f"delete {Path(plan.state) / 'done'} / {plan.name(src)}.json to recompute it)")
+        part = np.load(f)
+        acc[(slice(None),) + tuple(slice(0, n) for n in part.shape[1:])] += part
+    core = tuple(slice(0, b - a) for a, b in zip(lo, hi))
+    wsum = None
+    for ax, (a, b) in enumerate(zip(lo, hi)):
+        s = _axis_weight_sum(plan.shape[ax], plan.starts[ax], plan.win[ax], plan.blend)[a:b]
+        s = s.reshape([-1 if k == ax else 1 for k in range(3)])
+        wsum = s if wsum is None else wsum * s
+    out = acc[(slice(None),) + core] / wsum.astype(np.float32)
+    np.clip(out, 0.0, 1.0, out=out)
+    if plan.out_dtype == "uint8":
+        out = np.rint(out * 255.0).astype(np.uint8)
+    else:
+        out = out.astype(plan.out_dtype)
+    zarr = require("zarr", "io")
+    z = zarr.open_array(str(Path(plan.out) / "0"), mode="r+")
+    z[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))] = out
+    # halo handed to the upper neighbours, then the done-marker (last: a kill before it redoes the block)
+    for d in _neighbour_offsets(plan.spill_axes):
+        dst = tuple(i + x for i, x in zip(idx, d))
+        if not plan.exists(dst):
+            continue
+        sl = tuple(slice(b - a, e - a) if x else slice(0, b - a) for a, b, e, x in zip(lo, hi, ext, d))
+        part = acc[(slice(None),) + sl]
+        if part.size:
+            _atomic.save_npy(_spill_path(plan, idx, d), np.ascontiguousarray(part))
+    _atomic.write_json(done, {"block": list(idx), "windows": len(corners), "seconds": time.perf_counter() - t0})
+    return len(corners)
+
+
+# --------------------------------------------------------------------------------------------
+# running a DAG of block tasks: in process, on Dask threads, a local cluster or a scheduler
+# --------------------------------------------------------------------------------------------
+def _scheduler_name(scheduler) -> str:
+    if scheduler in (None, "local", "distributed"):
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            log.info("distributed is not installed: running blocks in this process (pip install "
+                     "'neuroadda_rt[dask]' for a local cluster)")
+            return "synchronous"
+        return "local"
+    if scheduler in ("synchronous", "sync"):
+        return "synchronous"
+    if scheduler in ("threads", "processes"):
+        return str(scheduler)
+    s = str(scheduler)
+    if "://" not in s:
+        raise InputValueError(f"expected scheduler None, 'local', 'synchronous', 'threads', 'processes' or a Dask "
+                              f"scheduler address such as 'tcp://host:8786', got {scheduler!r}")
+    return s
+
+
+def _run_graph(fn: Callable, args: tuple, items: Sequence, deps: Callable, *, scheduler: str,
+               workers: int | None, progress: bool, desc: str) -> list:
+    """``fn(*args, item, *results of deps(item))`` for every item (items in an order where
+    dependencies come first). Returns the results in item order; the first failure is raised."""
+    bar = None
+    if progress:
+        tqdm = require("tqdm", "runtime").tqdm
+        bar = tqdm(total=len(items), desc=desc, unit="block", dynamic_ncols=True)
+    try:
+        if scheduler == "synchronous":
+            out = {}
+            for it in items:
+                out[it] = fn(*args, it, *[out[d] for d in deps(it)])
+                if bar is not None:
+                    bar.update(1)
+            return [out[it] for it in items]
+        if scheduler in ("threads", "processes"):
+            dask = require("dask", "dask")
+            tasks: dict = {}
+            for it in items:
+                tasks[it] = dask.delayed(fn, pure=False)(*args, it, *[tasks[d] for d in deps(it)])
+            res = dask.compute(*[tasks[it] for it in items], scheduler=scheduler,
+                               **({"num_workers": workers} if workers else {}))
+            if bar is not None:
+                bar.update(len(items))
+            return list(res)
+        distributed = require("distributed", "dask")
+        quiet = {n: logging.getLogger(n).level for n in list(logging.root.manager.loggerDict)
+                 if n == "distributed" or n.startswith("distributed.")}
+        for n in quiet:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        cluster = client = None
+        try:
+            if scheduler == "local":
+                n = workers or _cores()
+                cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                   dashboard_address=":0", silence_logs=logging.ERROR)
+                client = distributed.Client(cluster)
+            else:
+                client = distributed.Client(scheduler)
+            [a_future] = client.scatter([args], broadcast=True)
+            futs: dict = {}
+            for it in items:
+                futs[it] = client.submit(_call_packed, fn, a_future, it, *[futs[d] for d in deps(it)], pure=False)
+            for f in distributed.as_completed(list(futs.values())):
+                if f.status == "error":
+                    client.cancel(list(futs.values()))
+                    f.result()  # raises the task's exception
+                if bar is not None:
+                    bar.update(1)
+            return [futs[it].result() for it in items]
+        finally:
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                cluster.close()
+            for n, lvl in quiet.items():
+                logging.getLogger(n).setLevel(lvl)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _call_packed(fn, args, item, *deps):
+    return fn(*args, item, *deps)
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------
+# predict_volume
+# --------------------------------------------------------------------------------------------
+def _frozen_rule(rule: dict, vol, channels_first: bool, shape, block) -> dict:
+    """The model's intensity rule made element-wise for the whole volume: a percentile rule
+    becomes the volume's own percentiles (exact from a histogram for 8/16-bit integers, read
+    block by block; from a strided sample of at most 2**24 voxels otherwise)."""
+    r = intensity_rule(rule)
+    if r["rule"] != "percentile":
+        return r
+    dt = np.dtype(vol.dtype)
+    q = np.array([r["low"], r["high"]], np.float64)
+    lead = (slice(None),) if channels_first else ()
+    if dt.kind in "ui" and dt.itemsize <= 2:
+        off = -int(np.iinfo(dt).min)
+        hist = np.zeros(1 << (8 * dt.itemsize), np.int64)
+        edges = [list(range(0, n, b)) + [n] for n, b in zip(shape, block)]
+        for idx in _grid(edges):
+            sl = tuple(slice(e[i], e[i + 1]) for i, e in zip(idx, edges))
+            a = np.asarray(vol[lead + sl]).ravel().astype(np.int64) + off
+            hist += np.bincount(a, minlength=hist.size)
+        cum = np.cumsum(hist)
+        n = int(cum[-1])
+        vals = []
+        for p in q:  # NumPy's default ("linear") percentile on the sorted values
+            h = (n - 1) * p / 100.0
+            k = int(math.floor(h))
+            v0 = int(np.searchsorted(cum, k + 1)) - off
+            v1 = int(np.searchsorted(cum, min(k + 1, n - 1) + 1)) - off
+            vals.append(v0 + (h - k) * (v1 - v0))
+        lo, hi = vals
+    else:
+        total = int(np.prod(shape))
+        step = max(1, int(math.ceil((total / float(1 << 24)) ** (1 / 3))))
+        a = np.asarray(vol[lead + (slice(None, None, step),) * 3], dtype=np.float64)
+        lo, hi = (float(v) for v in np.percentile(a[np.isfinite(a)], q))
+    return {"rule": "fixed", "low": float(lo), "high": float(hi) if hi > lo else float(lo) + 1.0}
+
+
+def _check_output(out: Path, signature: dict, overwrite: bool) -> bool:
+    """True when ``out`` holds this same run (resume); refuses other content unless overwrite."""
+    state = out / STATE / "run.json"
+    if not out.exists() and not out.is_symlink():
+        return False
+    if state.is_file():
+        try:
+            old = json.loads(state.read_text())
+        except ValueError:
+            old = {}
+        if old.get("signature") == signature:
+            return True
+        what = "a prediction with other parameters, model or input"
+    else:
+        what = "other content"
+    if not overwrite:
+        raise InputValueError(f"{out}: expected a new output path or an unfinished run with the same arguments, "
+                              f"got {what} (pass overwrite=True / --overwrite to replace it)")
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    else:
+        out.unlink()
+    return False
+
+
+def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: float = 0.25,
+                   backend: str = "auto", device: str = "auto", precision: str = "fp32", dtype: str = "float16",
+                   scheduler=None, workers: int | None = None, threads: int | None = None, batch_size: int = 4,
+                   blend: str = "cosine", key: str | None = None, calibration_tiles: int = 32,
+                   overwrite: bool = False, progress: bool = True, fp16: bool = False,
+                   _fail_at_block: int | None = None) -> PredictResult:
+    """Predict a whole volume block by block into an OME-Zarr image (resumable, bounded memory).
+
+    Parameters
+    ----------
+    model : model package folder, ModelPackage, UNet, ModelSource or full-model ``.onnx`` file
+        A 2-D model predicts every z slice; a 3-D model the volume in 3-D.
+    volume : path, Volume or array
+        Anything :func:`~neuroadda_rt.open_volume` opens (HDF5, zarr, N5, OME-Zarr, TIFF, slice
+        folders, ``.npy``): ``(Z, Y, X)``, or ``(C, Z, Y, X)`` for a model with ``C`` input
+        channels; a 2-D image is one slice. Only each block and its halo are read.
+    out : path
+        The ``.zarr`` folder written: OME-NGFF 0.4, one level ``"0"`` of shape
+        ``(C_out, Z, Y, X)``, axes ``czyx``, the volume's voxel size as the scale.
+    block_shape : 3 ints, optional
+        Block core (z, y, x); default ``(8, 1024, 1024)`` for a 2-D model and ``(64, 384, 384)``
+        for a 3-D one, clipped to the volume. Memory is about ``C_out * 4`` bytes times the block
+        grown by its halo, plus the input region, per worker.
+    halo : int or 3 ints, optional
+        The window of the sliding-window prediction (z, y, x; the z entry is ignored for a 2-D
+        model). A block's windows reach ``halo - 1`` voxels into the next block, so every block
+        must be at least ``halo`` long. Default: the :class:`~neuroadda_rt.Predictor` window
+        (256 in 2-D, ``(32, 128, 128)`` in 3-D).
+    overlap : float
+        Fraction of a window shared with the next one (as :class:`~neuroadda_rt.Predictor`).
+    backend, device : str
+        As for :class:`~neuroadda_rt.Predictor`: ONNX Runtime by default, TensorRT on a GPU
+        where installed (``backend="tensorrt"``), PyTorch as the fallback.
+    precision : {"fp32", "int8"}
+        ``"int8"`` quantises the model statically (ONNX Runtime, QDQ) on ``calibration_tiles``
+        windows drawn from the volume; the quantised file is kept in the run state.
+    dtype : {"float16", "uint8", "float32"}
+        Output dtype (uint8: probability * 255, rounded; float32 for exact comparisons).
+    scheduler : None, "synchronous", "threads", "processes" or "tcp://host:port"
+        ``None``: a local Dask cluster of ``workers`` processes (default: one per core), or this
+        process when ``distributed`` is not installed; an address uses an existing cluster.
+    workers : int, optional
+        Workers of the local cluster (each gets ``cores // workers`` inference threads).
+    overwrite : bool
+        Replace an existing ``out`` that is not an unfinished run with the same arguments.
+    progress : bool
+        A progress bar over blocks (stderr).
+
+    Returns
+    -------
+    PredictResult
+
+    Raises
+    ------
+    ShapeError
+        The model's input channels or dimensionality do not match the volume.
+    InputValueError
+        A block shorter than the halo, NaN/inf intensities (checked per block, before that
+        block is written), an existing output with other content, a bad option.
+    """
+    t_start = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise InputValueError(f"expected precision in {PRECISIONS}, got {precision!r}")
+    if dtype not in OUTPUT_DTYPES:
+        raise InputValueError(f"expected dtype in {OUTPUT_DTYPES}, got {dtype!r}")
+    if backend not in BACKENDS:
+        raise InputValueError(f"expected backend in {BACKENDS}, got {backend!r}")
+    if precision == "int8" and backend not in ("auto", "onnxruntime"):
+        raise InputValueError(f"precision='int8' runs on ONNX Runtime (static QDQ), got backend={backend!r}")
+    if not 0.0 <= float(overlap) < 1.0:
+        raise InputValueError(f"expected 0 <= overlap < 1, got {overlap}")
+    if int(batch_size) < 1:
+        raise InputValueError(f"expected batch_size >= 1, got {batch_size}")
+    blend_weights((2,), blend)
+    sched = _scheduler_name(scheduler)
+    out = Path(out)
+    source = as_model_source(model)
+    vol = volume if isinstance(volume, Volume) else (open_volume(volume, key=key) if key else open_volume(volume))
+    c_in, dim = source.in_channels, source.dim
+    shp = tuple(vol.shape)
+    channels_first = c_in > 1
+    spatial = shp[1:] if channels_first else shp
+    if channels_first and (len(shp) != 4 or shp[0] != c_in):
+        raise ShapeError(f"expected a (C={c_in}, Z, Y, X) volume for a model with {c_in} input channels, "
+                         f"got shape {shp}")
+    if not channels_first and len(shp) == 4:
+        raise ShapeError(f"expected a 3-D (Z, Y, X) volume for a model with 1 input channel, got shape {shp} "
+                         f"(a channel axis?)")
+    if len(spatial) == 2 and dim == 2 and not channels_first:
+        vol = _Slice2D(vol)
+        spatial = (1, *spatial)
+    if len(spatial) != 3:
+        raise ShapeError(f"expected a {'2-D image or ' if dim == 2 else ''}3-D volume for a {dim}-D model, got "
+                         f"spatial shape {spatial}")
+    m = source.multiple
+    if min(spatial[3 - dim:]) < m:
+        raise ShapeError(f"expected a volume at least {m} voxels along every axis the {dim}-D model sees "
+                         f"(2**(depth-1)), got shape {spatial}")
+    # windows: the Predictor's grid over the whole volume
+    if halo is None:
+        tile = (1, 256, 256) if dim == 2 else (32, 128, 128)
+    else:
+        tile = _tuple3(halo, "halo")
+    if dim == 2:
+        tile = (1, *tile[1:])
+    win = tuple(min(t, n) for t, n in zip(tile, spatial))
+    if min(win[3 - dim:]) < m:
+        raise InputValueError(f"expected a halo (window) of at least {m} voxels (2**(depth-1)), got {tile}")
+    starts = [window_starts(n, t, max(1, int(round(t * (1 - float(overlap)))))) for n, t in zip(spatial, win)]
+    default_block = (8, 1024, 1024) if dim == 2 else (64, 384, 384)
+    block = tuple(min(b, n) for b, n in zip(_tuple3(block_shape, "block_shape") or default_block, spatial))
+    spill_axes = tuple(w > 1 for w in win)
+    short = [ax for ax, (b, w, n) in enumerate(zip(block, win, spatial)) if spill_axes[ax] and b < w and b < n]
+    if short:
+        raise InputValueError(f"expected block_shape at least the halo (window) {win} on every axis the window "
+                              f"spans, got block_shape {block} (axis {'zyx'[short[0]]})")
+    edges = [_edges(n, b, w if s else 1) for n, b, w, s in zip(spatial, block, win, spill_axes)]
+    grid = _grid(edges)
+    if sched == "local":
+        workers = workers or _cores()
+    threads = threads or (max(1, _cores() // workers) if workers and sched != "synchronous" else None)
+
+    # the model file: copied into the run state, quantised for int8 (reused by a resumed run)
+    rule = source.normalization or DEFAULT_NORMALIZATION
+    sig_model = None
+    if backend != "torch":
+        onnx = source.onnx_path("full")
+        if onnx is None:
+            raise BackendUnavailableError("no full-model ONNX file and no network to export one from")
+        sig_model = file_sha256(onnx)
+    elif source.has_weights:
+        from ._digest import arrays_sha256  # noqa: PLC0415
+        net = source.torch_net()
+        sig_model = arrays_sha256(*(v.detach().cpu().numpy() for v in net.state_dict().values()),
+                                  header=[source.config])
+    signature = {"format": _FORMAT, "model": sig_model, "precision": precision, "dtype": dtype,
+                 "volume": {"path": getattr(vol, "path", None), "key": getattr(vol, "key", None),
+                            "shape": list(shp), "dtype": str(vol.dtype)},
+                 "win": list(win), "overlap": float(overlap), "block": list(block), "blend": blend,
+                 "rule": rule, "config": source.config}
+    resume = _check_output(out, signature, overwrite)
+    state = out / STATE
+    frozen = None
+    if resume:
+        run = json.loads((state / "run.json").read_text())
+        frozen = run["frozen_rule"]
+    else:
+        frozen = _frozen_rule(rule, vol, channels_first, spatial, block)
+    C = 1 if source.config.get("head", "boundary") == "boundary" else dim
+    vs = getattr(vol, "voxel_size_nm", None)
+    vs = tuple(vs[-3:]) if vs is not None and len(vs) >= 3 else ((1.0, *vs) if vs is not None and len(vs) == 2
+                                                                  else None)
+    if not resume:
+        chunks = (C, *[_chunk_for(b) for b in block])
+        create_ome_zarr(out, (C, *spatial), np.dtype(dtype), axes="czyx", voxel_size_nm=vs, chunks=chunks,
+                        name=f"{source.config.get('head', 'boundary')} probabilities",
+                        attributes={"neuroadda_rt": {"complete": False, "representation":
+                                                     source.config.get("head", "boundary"), "dtype": dtype}})
+        (state / "done").mkdir(parents=True)
+        (state / "spill").mkdir()
+        if backend != "torch":
+            if precision == "int8":
+                from .export import quantize_int8  # noqa: PLC0415
+                from .tiles import sample_tiles  # noqa: PLC0415
+                size = tuple(win[1:]) if dim == 2 else win
+                cal_vol = vol if not channels_first else None
+                if cal_vol is None:
+                    raise InputValueError("precision='int8' supports single-channel volumes only")
+                cal = sample_tiles(cal_vol if isinstance(cal_vol, Volume) else open_volume(cal_vol),
+                                   int(calibration_tiles), size, seed=0).tiles
+                quantize_int8(source.onnx_path("full"), cal, state / "model.onnx", normalization=frozen)
+            else:
+                shutil.copyfile(source.onnx_path("full"), state / "model.onnx")
+        _atomic.write_json(state / "run.json", {"signature": signature, "frozen_rule": frozen,
+                                                "n_blocks": len(grid)})
+    if backend != "torch":
+        run_source = ModelSource.from_onnx(state / "model.onnx")
+        run_backend = "onnxruntime" if precision == "int8" else backend
+    else:
+        run_source, run_backend = source, "torch"
+    plan = _Plan(token=uuid.uuid4().hex, out=str(out), state=str(state), volume=vol, channels_first=channels_first,
+                 shape=spatial, win=win, starts=starts, edges=edges, spill_axes=spill_axes, out_channels=C,
+                 out_dtype=dtype, rule=frozen, blend=blend, batch_size=int(batch_size), source=run_source,
+                 backend=run_backend, device=device, threads=threads, fp16=bool(fp16), fail_at=_fail_at_block,
+                 grid=grid)
+    info = make_runner(run_source, "full", backend=run_backend, device=device, fp16=bool(fp16), threads=1,
+                       who="predict_volume") if sched != "synchronous" else _runner(plan)
+    offsets = _neighbour_offsets(spill_axes)
+
+    def deps(idx):
+        return [s for s in (tuple(i - x for i, x in zip(idx, d)) for d in offsets) if plan.exists(s)]
+
+    done_before = sum(_done_path(plan, idx).exists() for idx in grid)
+    t0 = time.perf_counter()
+    try:
+        counts = _run_graph(_predict_block, (plan,), grid, deps, scheduler=sched, workers=workers,
+                            progress=progress, desc="predict")
+    except InputValueError:
+        # bad input (NaN): no run with these arguments can finish, so nothing is left to resume
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    computed = sum(1 for c in counts if c > 0)
+    vox = sum(int(np.prod([h - l for l, h in zip(*plan.box(i))])) for i, c in zip(grid, counts) if c > 0)
+    # finished: the metadata says so, the spill files go
+    zarr = require("zarr", "io")
+    g = zarr.open_group(str(out), mode="r+")
+    meta = dict(g.attrs["neuroadda_rt"])
+    meta["complete"] = True
+    g.attrs["neuroadda_rt"] = meta
+    shutil.rmtree(state / "spill", ignore_errors=True)
+    (state / "spill").mkdir(exist_ok=True)
+    log.info("predict_volume: %d blocks (%d computed, %d done before) in %.1f s", len(grid), computed,
+             done_before, time.perf_counter() - t_start)
+    return PredictResult(out=out, shape=(C, *spatial), n_blocks=len(grid), blocks_computed=computed,
+                         blocks_skipped=len(grid) - computed, windows=int(sum(counts)), seconds=seconds,
+                         voxels_per_s=vox / seconds if seconds > 0 else 0.0, backend=info.backend,
+                         device=info.device, precision=precision, dtype=dtype, block_shape=block,
+                         halo=tuple(w - 1 for w in win), tile=win, scheduler=sched)
+
+
+class _Slice2D:
+    """A 2-D image seen as a one-slice volume (for a 2-D model)."""
+
+    def __init__(self, vol):
+        self.vol = vol
+        self.shape = (1, *vol.shape)
+        self.dtype = vol.dtype
+        self.path = getattr(vol, "path", None)
+        self.key = getattr(vol, "key", None)
+        vs = getattr(vol, "voxel_size_nm", None)
+        self.voxel_size_nm = None if vs is None else (1.0, *vs)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        z, rest = key[0], key[1:]
+        a = np.asarray(self.vol[rest])
+        return a[None][z] if isinstance(z, slice) else a

@@ -1,0 +1,163 @@
+"""predict_volume / segment_volume / evaluate_volume: blockwise results against one-shot references
+(Predictor, segment, the metrics on whole arrays), resume after a failure, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("zarr")
+
+import neuroadda_rt  # noqa: E402
+from neuroadda_rt import Predictor, open_volume  # noqa: E402
+from neuroadda_rt.deploy import InjectedFailure, predict_volume  # noqa: E402
+from neuroadda_rt.errors import InputValueError, ShapeError  # noqa: E402
+from neuroadda_rt.io import write_volume  # noqa: E402
+from neuroadda_rt.models import UNet  # noqa: E402
+
+KW = dict(scheduler="synchronous", progress=False)
+
+
+@pytest.fixture(scope="module")
+def net2():
+    torch.manual_seed(0)
+    return UNet(widths=(4, 8)).eval()
+
+
+@pytest.fixture(scope="module")
+def net3():
+    torch.manual_seed(1)
+    return UNet(dim=3, widths=(3, 6), head="affinities").eval()
+
+
+@pytest.fixture(scope="module")
+def vol():
+    rng = np.random.default_rng(0)
+    v = rng.integers(0, 256, (5, 100, 130), dtype=np.uint8)
+    return (v // 2 + 64 * (np.indices(v.shape)[2] % 23 < 3)).astype(np.uint8)  # some structure
+
+
+def _read(path):
+    return open_volume(path)[...]
+
+
+def test_blockwise_equals_one_shot_2d(tmp_path, net2, vol):
+    ref = Predictor(net2, backend="onnxruntime", tile=32, overlap=0.25).predict(vol)
+    r = predict_volume(net2, vol, tmp_path / "p.zarr", block_shape=(2, 48, 64), halo=32, dtype="float32", **KW)
+    got = _read(tmp_path / "p.zarr")
+    assert got.shape == ref.shape == (1, 5, 100, 130)
+    assert np.abs(got - ref).max() <= 1e-4
+    assert r.n_blocks == 3 * 2 * 2 and r.blocks_computed == r.n_blocks
+    # every window of the one-shot grid ran exactly once: 5 slices x (y 0, 24, 48, 68) x (x 0, 24, 48, 72, 96, 98)
+    assert r.windows == 5 * 4 * 6
+
+
+def test_blockwise_equals_one_shot_3d_threads(tmp_path, net3, vol):
+    ref = Predictor(net3, backend="onnxruntime", tile=(4, 32, 32), overlap=0.25).predict(vol)
+    r = predict_volume(net3, vol, tmp_path / "p.zarr", block_shape=(4, 40, 40), halo=(4, 32, 32),
+                       dtype="float32", scheduler="threads", workers=2, progress=False)
+    got = _read(tmp_path / "p.zarr")
+    assert got.shape == ref.shape == (3, 5, 100, 130)
+    assert np.abs(got - ref).max() <= 1e-4
+    assert r.n_blocks == 1 * 2 * 3  # z: 5 < 4 + 4 merges the last z block; x: 130 -> [0, 40, 80, 130]
+
+
+def test_output_is_ome_zarr_with_voxel_size(tmp_path, net2, vol):
+    src = tmp_path / "in.h5"
+    write_volume(f"{src}:raw", vol, voxel_size_nm=(30.0, 4.0, 4.0))
+    predict_volume(net2, f"{src}:raw", tmp_path / "p.zarr", block_shape=(5, 64, 64), halo=32, dtype="uint8", **KW)
+    attrs = json.loads((tmp_path / "p.zarr" / ".zattrs").read_text())
+    ms = attrs["multiscales"][0]
+    assert ms["version"] == "0.4"
+    assert [a["name"] for a in ms["axes"]] == ["c", "z", "y", "x"]
+    assert ms["axes"][1] == {"name": "z", "type": "space", "unit": "nanometer"}
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 30.0, 4.0, 4.0]
+    assert attrs["neuroadda_rt"]["complete"] is True
+    v = open_volume(tmp_path / "p.zarr")
+    assert v.dtype == np.uint8 and v.voxel_size_nm == (1.0, 30.0, 4.0, 4.0)
+    ref = Predictor(net2, backend="onnxruntime", tile=32).predict(vol)
+    assert np.abs(v[...].astype(np.float32) / 255 - ref).max() <= 0.5 / 255 + 1e-4
+
+
+def test_resume_after_failure_computes_every_block_once(tmp_path, net2, vol):
+    args = dict(block_shape=(1, 48, 64), halo=32, dtype="float32", **KW)
+    full = predict_volume(net2, vol, tmp_path / "full.zarr", **args)
+    k = int(np.random.default_rng(7).integers(1, full.n_blocks - 1))
+    with pytest.raises(InjectedFailure):
+        predict_volume(net2, vol, tmp_path / "p.zarr", _fail_at_block=k, **args)
+    done = sorted((tmp_path / "p.zarr" / ".neuroadda" / "done").iterdir())
+    assert len(done) == k  # blocks run in C order in-process: exactly the ones before k
+    assert json.loads((tmp_path / "p.zarr" / ".zattrs").read_text())["neuroadda_rt"]["complete"] is False
+    r = predict_volume(net2, vol, tmp_path / "p.zarr", **args)
+    assert r.blocks_skipped == k and r.blocks_computed == full.n_blocks - k  # none twice
+    assert np.array_equal(_read(tmp_path / "p.zarr"), _read(tmp_path / "full.zarr"))
+    again = predict_volume(net2, vol, tmp_path / "p.zarr", **args)
+    assert again.blocks_computed == 0 and again.windows == 0
+
+
+def test_percentile_rule_frozen_on_the_whole_volume(tmp_path, net2, vol):
+    from neuroadda_rt.deploy import _frozen_rule
+    r = _frozen_rule({"rule": "percentile", "low": 1.0, "high": 99.0}, vol, False, vol.shape, (2, 48, 64))
+    lo, hi = np.percentile(vol, [1.0, 99.0])
+    assert r == {"rule": "fixed", "low": pytest.approx(lo, abs=1e-9), "high": pytest.approx(hi, abs=1e-9)}
+    v16 = (vol.astype(np.uint16) * 251 + 7).astype(np.uint16)
+    r = _frozen_rule({"rule": "percentile", "low": 2.5, "high": 97.5}, v16, False, v16.shape, (3, 33, 50))
+    lo, hi = np.percentile(v16, [2.5, 97.5])
+    assert (r["low"], r["high"]) == (pytest.approx(lo, abs=1e-6), pytest.approx(hi, abs=1e-6))
+
+
+def test_int8_close_to_fp32(tmp_path, net2, vol):
+    r = predict_volume(net2, vol, tmp_path / "q.zarr", block_shape=(5, 100, 130), halo=32, precision="int8",
+                       dtype="float32", **KW)
+    assert r.precision == "int8" and (tmp_path / "q.zarr" / ".neuroadda" / "model.onnx").is_file()
+    ref = Predictor(net2, backend="onnxruntime", tile=32).predict(vol)
+    got = _read(tmp_path / "q.zarr")
+    assert np.abs(got - ref).mean() < 0.02
+
+
+def test_torch_backend_matches(tmp_path, net2, vol):
+    r = predict_volume(net2, vol[:2], tmp_path / "t.zarr", block_shape=(1, 64, 64), halo=32, backend="torch",
+                       dtype="float32", **KW)
+    assert r.backend == "torch"
+    ref = Predictor(net2, backend="torch", tile=32).predict(vol[:2])
+    assert np.abs(_read(tmp_path / "t.zarr") - ref).max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _no_output(path: Path) -> bool:
+    return not path.exists()
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, net2, net3, vol):
+    out = tmp_path / "p.zarr"
+    two_ch = UNet(widths=(4, 8), in_channels=2).eval()
+    with pytest.raises(ShapeError, match="2 input channels"):
+        predict_volume(two_ch, vol, out, **KW)
+    with pytest.raises(ShapeError, match="3-D volume for a 3-D model"):
+        predict_volume(net3, vol[0], out, **KW)
+    with pytest.raises(InputValueError, match="at least the halo"):
+        predict_volume(net2, vol, out, block_shape=(2, 16, 64), halo=32, **KW)
+    assert _no_output(out)
+    bad = vol.astype(np.float32) / 255
+    bad[3, 90, 120] = np.nan
+    with pytest.raises(InputValueError, match=r"NaN/inf at voxel \(3, 90, 120\)"):
+        predict_volume(net2, bad, out, block_shape=(1, 64, 64), halo=32, **KW)
+    assert _no_output(out)  # nothing a later run could resume or mistake for finished
+    other = tmp_path / "other.zarr"
+    other.mkdir()
+    (other / "keep.txt").write_text("not ours")
+    with pytest.raises(InputValueError, match="--overwrite"):
+        predict_volume(net2, vol, other, **KW)
+    assert (other / "keep.txt").read_text() == "not ours"
+    predict_volume(net2, vol[:1], other, overwrite=True, block_shape=(1, 100, 130), halo=32, **KW)
+    assert not (other / "keep.txt").exists()
+    # the same output with other parameters is "other content" too
+    with pytest.raises(InputValueError, match="other parameters"):
+        predict_volume(net2, vol[:1], other, block_shape=(1, 50, 130), halo=32, **KW)
+    for e in (ShapeError, InputValueError):
+        assert issubclass(e, neuroadda_rt.errors.NeuroaddaError)

@@ -43,6 +43,7 @@ _LAZY = {
     "UNet": "models",
     "export_onnx": "export",
     "quantize_int8": "export",
+    "export_bioimageio": "bioimageio",
     "FeatureExtractor": "runtime",
     "Predictor": "runtime",
     "ModelPackage": "package",

@@ -14,7 +14,11 @@ def register(subparsers) -> None:
                     "calibrated on tiles of a volume; TensorRT builds (and caches) an engine for an optimisation "
                     "profile of square tiles.")
     p.add_argument("model", help="model package folder")
-    p.add_argument("--format", required=True, choices=["onnx", "int8", "tensorrt"], help="what to write")
+    p.add_argument("--format", required=True, choices=["onnx", "int8", "tensorrt", "bioimageio"],
+                   help="what to write; bioimageio: a bioimage.io model package (.zip, or a folder) of the full "
+                        "network for deepImageJ/ilastik/napari/bioimageio.core (--part is not used)")
+    p.add_argument("--sample", default=None,
+                   help="bioimageio: volume whose central tile becomes the test input (default: a generated EM-like tile)")
     p.add_argument("--part", default=None, choices=["encoder", "full"],
                    help="required: 'encoder' (the feature encoder that rank, select and qc run) or 'full' (the "
                         "segmentation network that predict and evaluate run)")
@@ -25,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="TensorRT: largest batch of the profile (default 16)")
     p.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration tiles")
+    p.add_argument("--overwrite", action="store_true", help="bioimageio: replace an existing --out")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -32,6 +37,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from .._sources import load_package
 
+    if args.format == "bioimageio":
+        return _run_bioimageio(args)
     if args.part is None:
         # No default: an unnamed part once wrote the full network to `encoder.int8.onnx`, which `qc watch` then
         # could not run, with an error that did not say why.
@@ -72,4 +79,21 @@ def run(args) -> int:
         what = "feature encoder (for rank, select, qc)" if args.part == "encoder" else \
             "full segmentation network (for predict, evaluate)"
         print(f"wrote the {what} as {args.format} to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _run_bioimageio(args) -> int:
+    from ..bioimageio import export_bioimageio
+
+    # the edge of the test tile: --tile-size when given, else export_bioimageio's default (256 in 2-D, 64 in 3-D;
+    # --tile-size's own default of 256 would make a 256**3 test tensor for a 3-D network)
+    tile = args.tile_size if args.tile_size not in (None, 256) else None
+    out = export_bioimageio(args.model, args.out, sample=args.sample, tile_size=tile, overwrite=args.overwrite)
+    size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.iterdir())
+    result = {"model": str(args.model), "format": "bioimageio", "part": "full", "out": str(out), "bytes": size}
+    if args.json:
+        print_json(result)
+    else:
+        print(f"wrote a bioimage.io model (rdf.yaml, ONNX + TorchScript + PyTorch weights, test tensors) to {out} "
+              f"({size / 1e6:.2f} MB)")
     return 0

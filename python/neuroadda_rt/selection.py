@@ -25,12 +25,15 @@ Strategies
 
 Ties are broken by pool index (the sampling order), so every strategy is deterministic for a seed.
 Chosen tiles never overlap each other (a candidate overlapping an already chosen tile is skipped)
-unless the pool has too few non-overlapping tiles.
+unless the pool has too few non-overlapping tiles. In 3-D, tiles that overlap in ``y, x`` count as
+overlapping unless they are at least ``min_slice_gap`` slices apart (default 10): tiles a few sections
+apart show the same neurites, and an annotator would paint them twice.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +51,10 @@ STRATEGIES = ("median", "random", "max", "min", "kcenter", "median-diverse")
 
 #: Width of the middle uncertainty band for "median-diverse", as a fraction of the pool.
 DEFAULT_BAND = 0.25
+
+#: Slices that must separate two chosen 3-D tiles overlapping in y, x. The same separation as between
+#: annotated and test tiles in the evaluation protocol (docs/method.md).
+DEFAULT_MIN_SLICE_GAP = 10
 
 
 @dataclass
@@ -118,21 +125,22 @@ class TileSelection(_atomic.JsonRecord):
 # --------------------------------------------------------------------------------------------
 # strategies on precomputed scores / features (pure NumPy)
 # --------------------------------------------------------------------------------------------
-def _overlaps(a: np.ndarray, b: np.ndarray, size: int) -> bool:
-    """Whether two tiles of edge ``size`` at corners a and b overlap (same slice in 3-D)."""
-    if len(a) == 3 and a[0] != b[0]:
+def _overlaps(a: np.ndarray, b: np.ndarray, size: int, gap: int = 1) -> bool:
+    """Whether two tiles of edge ``size`` at corners a and b overlap: in ``y, x``, and in 3-D also
+    fewer than ``gap`` slices apart (``gap=1``: the same slice only)."""
+    if len(a) == 3 and abs(int(a[0]) - int(b[0])) >= gap:
         return False
     return bool(abs(int(a[-2]) - int(b[-2])) < size and abs(int(a[-1]) - int(b[-1])) < size)
 
 
-def _take_in_order(order: np.ndarray, n: int, coords: np.ndarray | None, size: int) -> np.ndarray:
+def _take_in_order(order: np.ndarray, n: int, coords: np.ndarray | None, size: int, gap: int = 1) -> np.ndarray:
     """The first n of ``order`` skipping tiles that overlap an already taken one (then fill up)."""
     chosen: list[int] = []
     if coords is not None:
         for i in order:
             if len(chosen) == n:
                 break
-            if all(not _overlaps(coords[i], coords[j], size) for j in chosen):
+            if all(not _overlaps(coords[i], coords[j], size, gap) for j in chosen):
                 chosen.append(int(i))
     for i in order:  # not enough disjoint tiles: allow overlaps rather than return fewer
         if len(chosen) == n:
@@ -143,7 +151,7 @@ def _take_in_order(order: np.ndarray, n: int, coords: np.ndarray | None, size: i
 
 
 def _kcenter(features: np.ndarray, n: int, start: int, candidates: np.ndarray,
-             coords: np.ndarray | None, size: int) -> np.ndarray:
+             coords: np.ndarray | None, size: int, gap: int = 1) -> np.ndarray:
     """Greedy farthest-point selection among ``candidates`` starting at ``start``.
 
     Each step takes the candidate whose Euclidean distance to its nearest chosen tile is largest
@@ -157,7 +165,7 @@ def _kcenter(features: np.ndarray, n: int, start: int, candidates: np.ndarray,
         d = dmin.copy()
         d[np.isin(cand, chosen)] = -np.inf
         if coords is not None:
-            blocked = np.array([any(_overlaps(coords[c], coords[j], size) for j in chosen) for c in cand])
+            blocked = np.array([any(_overlaps(coords[c], coords[j], size, gap) for j in chosen) for c in cand])
             if (~blocked & np.isfinite(d)).any():
                 d[blocked] = -np.inf
         # argmax returns the first maximum: ties go to the lowest position in ``cand`` (sorted)
@@ -168,33 +176,34 @@ def _kcenter(features: np.ndarray, n: int, start: int, candidates: np.ndarray,
 
 
 def _choose(strategy: str, scores: np.ndarray, n: int, *, seed: int = 0, features: np.ndarray | None = None,
-            coords: np.ndarray | None = None, size: int = 0, band: float = DEFAULT_BAND) -> np.ndarray:
+            coords: np.ndarray | None = None, size: int = 0, band: float = DEFAULT_BAND,
+            gap: int = DEFAULT_MIN_SLICE_GAP) -> np.ndarray:
     """Indices into the pool chosen by ``strategy`` (see the module docstring)."""
     s = np.asarray(scores, dtype=np.float64)
     idx = np.arange(len(s))
     if strategy == "median":
         med = float(np.median(s))
         order = np.lexsort((idx, np.abs(s - med)))
-        return _take_in_order(order, n, coords, size)
+        return _take_in_order(order, n, coords, size, gap)
     if strategy == "max":
-        return _take_in_order(np.lexsort((idx, -s)), n, coords, size)
+        return _take_in_order(np.lexsort((idx, -s)), n, coords, size, gap)
     if strategy == "min":
-        return _take_in_order(np.lexsort((idx, s)), n, coords, size)
+        return _take_in_order(np.lexsort((idx, s)), n, coords, size, gap)
     if strategy == "random":
         order = np.random.default_rng(seed).permutation(len(s))
-        return _take_in_order(order, n, coords, size)
+        return _take_in_order(order, n, coords, size, gap)
     if features is None:
         raise InputValueError(f"strategy {strategy!r} needs encoder features")
     if strategy == "kcenter":
         f = np.asarray(features, dtype=np.float64)
         start = int(np.argmin(np.linalg.norm(f - f.mean(axis=0), axis=1)))
-        return _kcenter(f, n, start, idx, coords, size)
+        return _kcenter(f, n, start, idx, coords, size, gap)
     if strategy == "median-diverse":
         med = float(np.median(s))
         order = np.lexsort((idx, np.abs(s - med)))  # by closeness to the median
         width = max(n, int(np.ceil(band * len(s))))
         band_idx = np.sort(order[:width])
-        return _kcenter(features, n, int(order[0]), band_idx, coords, size)
+        return _kcenter(features, n, int(order[0]), band_idx, coords, size, gap)
     raise InputValueError(f"expected strategy in {STRATEGIES}, got {strategy!r}")
 
 
@@ -230,7 +239,7 @@ def _uncertainty_scores(pkg: ModelPackage, tiles: np.ndarray, *, measure: str, b
 def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int = 2048, tile_size: int = 256,
                  seed: int = 0, measure: str = "entropy", band: float = DEFAULT_BAND, backend: str = "auto",
                  device: str = "auto", batch_size: int = 16, progress: bool = False,
-                 keep_tiles: bool = True) -> TileSelection:
+                 keep_tiles: bool = True, min_slice_gap: int = DEFAULT_MIN_SLICE_GAP) -> TileSelection:
     """Choose ``n`` target tiles to annotate, scored by the source model alone.
 
     Parameters
@@ -257,6 +266,9 @@ def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int =
         Passed to the runtime.
     keep_tiles : bool
         Keep the chosen raw tiles in ``.tiles``.
+    min_slice_gap : int
+        In 3-D, two chosen tiles that overlap in ``y, x`` must be at least this many slices apart
+        (default 10); ``1`` only keeps them off the same slice.
 
     Returns
     -------
@@ -278,6 +290,8 @@ def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int =
         raise InputValueError(f"expected pool >= n, got pool={pool} and n={n}")
     if not 0.0 < float(band) <= 1.0:
         raise InputValueError(f"expected 0 < band <= 1, got {band}")
+    if isinstance(min_slice_gap, bool) or not isinstance(min_slice_gap, (int, np.integer)) or min_slice_gap < 1:
+        raise InputValueError(f"expected min_slice_gap as an integer >= 1, got {min_slice_gap!r}")
     volume = as_volume(target)
     pkg = load_package(model)
     tiles, coords = sample_target_tiles(volume, pool, tile_size, seed)
@@ -289,9 +303,20 @@ def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int =
         features = PackageSource(pkg).embed(tiles, backend=backend, device=device, batch_size=batch_size,
                                             progress=progress)
     chosen = _choose(strategy, scores, n, seed=seed, features=features, coords=coords, size=tile_size,
-                     band=band)
+                     band=band, gap=int(min_slice_gap))
+    gap = int(min_slice_gap)
+    picked = coords[chosen]
+    # Overlaps are allowed only when the pool has too few disjoint tiles; say how many, never hide them.
+    overlapping = sum(_overlaps(picked[i], picked[j], tile_size, gap)
+                      for i in range(len(picked)) for j in range(i + 1, len(picked)))
+    if overlapping:
+        logging.getLogger(__name__).warning(
+            "%d pair(s) of chosen tiles overlap (in y, x and fewer than %d slices apart): the pool had too few "
+            "disjoint tiles; a larger pool or volume avoids this", overlapping, gap)
     settings = {"n": n, "strategy": strategy, "pool": pool, "tile_size": tile_size, "seed": seed,
+                "overlapping_pairs": int(overlapping),
                 "measure": measure, "band": float(band) if strategy == "median-diverse" else None,
+                "min_slice_gap": int(min_slice_gap),
                 "model": {"name": pkg.name, "path": str(pkg.path.resolve())},
                 "target": describe_target(target, volume)}
     return TileSelection(coords=coords[chosen], scores=scores[chosen], pool_coords=coords, pool_scores=scores,

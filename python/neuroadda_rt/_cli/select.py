@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--pool", type=int, default=2048, help="candidate tiles scored (default 2048)")
     p.add_argument("--measure", default="entropy", help="uncertainty measure (default entropy)")
     p.add_argument("--band", type=float, default=0.25, help="median-diverse: pool fraction around the median")
+    p.add_argument("--min-slice-gap", type=int, default=10,
+                   help="3-D: chosen tiles overlapping in y, x are at least this many slices apart (default 10)")
     p.add_argument("--coords", default=None,
                    help="CSV/JSON of tile corners to write instead of selecting (z,y,x or y,x per row)")
     p.add_argument("--out", required=True, help="annotation folder to write")
@@ -94,7 +96,7 @@ def run(args) -> int:
     else:
         model = resolve_model(args.model)
         sel = select_tiles(volume, model, args.n, strategy=args.strategy, pool=args.pool, tile_size=args.tile_size,
-                           seed=args.seed, measure=args.measure, band=args.band, backend=args.backend,
+                           seed=args.seed, measure=args.measure, band=args.band, min_slice_gap=args.min_slice_gap, backend=args.backend,
                            device=args.device, progress=not args.no_progress)
         sel.settings["target"]["path"] = args.target
     out = write_annotation(sel, args.out, target=args.target)

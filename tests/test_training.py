@@ -283,20 +283,30 @@ def test_finetune_and_scratch_write_complete_packages(tmp_path):
     src = load_model(Path(__file__).resolve().parent / "assets" / "tiny_model")
     img, lab = make_domain(None, (2, 64, 64), seed=11)
     kw = dict(steps=3, batch_size=2, patch_size=32, seed=1)
-    ft = finetune(src, img, lab, out=tmp_path / "ft", **kw)
+    ft = finetune(src, img, lab, out=tmp_path / "ft", data={"organism": "mouse", "voxel_size_nm": [30, 6, 6]}, **kw)
     sc = train_from_scratch(src, img, lab, out=tmp_path / "sc", **kw)
     for pkg, mode in ((ft, "finetune"), (sc, "scratch")):
         again = load_model(pkg.path)  # verifies every checksum
         m = again.metadata
         assert m["training"]["mode"] == mode and m["training"]["n_samples"] == 2
         assert m["training"]["source_model"]["name"] == src.name
-        assert m["organism"] == src.organism and m["network"] == src.config
+        assert m["network"] == src.config
+        # Issue 19/15: the new package describes the annotated tiles, not the source; the source's own
+        # description is kept under training.source_model
+        assert m["training"]["source_model"]["organism"] == src.organism
+        assert m["training"]["source_model"]["voxel_size_nm"] == src.voxel_size_nm
+        if mode == "finetune":
+            assert m["organism"] == "mouse" and list(m["voxel_size_nm"]) == [30, 6, 6]
+        else:
+            assert m["organism"] is None and m["voxel_size_nm"] is None and m["modality"] is None
         assert len(m["metrics"]["training"]["loss"]) == 3 and len(pkg.history.loss) == 3
         assert 0.0 < stored_threshold(again) < 1.0
         assert m["extra"]["segmentation"]["threshold"] == m["metrics"]["segmentation_threshold"]
         # reference features recomputed on the training tiles (64 px images, reference tile 64)
         assert again.reference_features.shape == (2, src.reference_features.shape[1])
         assert m["reference_features"]["tile_size"] == 64
+    with pytest.raises(InputValueError, match="expected data keys"):
+        finetune(src, img, lab, out=tmp_path / "bad", data={"species": "fly"}, **kw)
     st_src = {k: v for k, v in src.unet().state_dict().items() if k.endswith("weight")}
     ft_net, sc_net = ft.unet(), sc.unet()
     # fine-tuning starts from the source: a few small steps stay close to it; scratch does not

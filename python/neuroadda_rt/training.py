@@ -78,6 +78,20 @@ class TrainRecipe:
         Include the intensity jitter in the augmentation (geometry is augmented either way
         when ``augment``). ``neuroadda-rt zoo build --no-intensity-augment`` trains sources
         without it (the bundled zoo's sources were trained with it).
+    blur : float
+        Largest Gaussian blur sigma (px) of the intensity augmentation; each patch is blurred
+        with a sigma drawn uniformly from ``[0, blur]`` (0: no blur, the default).
+    scale : float
+        Largest relative scale change: each patch is cropped at ``patch_size * f`` and resized
+        to ``patch_size`` (image bilinear, labels nearest), ``log f`` uniform in
+        ``[-log(1 + scale), log(1 + scale)]`` (0: no rescaling, the default). Real EM volumes
+        differ in pixel size; this teaches the encoder to tolerate small differences.
+
+    Notes
+    -----
+    ``blur`` and ``scale`` draw random numbers only when non-zero, and :meth:`to_dict` leaves
+    them out at 0, so recipes, checkpoints and bit-identical results of runs from before they
+    existed are unchanged.
     """
 
     steps: int = 200
@@ -88,6 +102,8 @@ class TrainRecipe:
     seed: int = 0
     weight_decay: float = 0.0
     intensity: bool = True
+    blur: float = 0.0
+    scale: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "patch_size"):
@@ -100,9 +116,15 @@ class TrainRecipe:
             raise InputValueError(f"expected weight_decay >= 0, got {self.weight_decay!r}")
         if self.patch_size < 8:
             raise InputValueError(f"expected patch_size >= 8, got {self.patch_size}")
+        for name in ("blur", "scale"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and np.isfinite(v) and 0 <= v <= (5.0 if name == "blur" else 1.0)):
+                raise InputValueError(f"expected {name} in [0, {5.0 if name == 'blur' else 1.0}], got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (float(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        # blur/scale at 0 are left out: the fingerprint of a run from before they existed stays the same
+        return {k: (float(v) if isinstance(v, float) else v) for k, v in asdict(self).items()
+                if not (k in ("blur", "scale") and v == 0)}
 
 
 @dataclass
@@ -131,6 +153,20 @@ class TrainHistory:
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
+def describe_augmentation(recipe: TrainRecipe) -> str:
+    """The augmentation of a recipe in words (for model cards)."""
+    if not recipe.augment:
+        return "none"
+    parts = ["flips, 90-degree rotations, elastic"]
+    if recipe.scale > 0:
+        parts.append(f"scale x{1 / (1 + recipe.scale):.2f}..x{1 + recipe.scale:.2f}")
+    if recipe.intensity and recipe.blur > 0:
+        parts.append(f"Gaussian blur sigma 0..{recipe.blur:g} px")
+    if recipe.intensity:
+        parts.append("intensity jitter (contrast, brightness, gamma, Gaussian noise)")
+    return ", ".join(parts)
+
+
 def _split_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Validate images and labels: a 2-D array, a (N, H, W) stack, or a sequence of 2-D arrays.
 
@@ -287,7 +323,7 @@ def _jitter_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 
 def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
-                 elastic: bool = True, intensity: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 elastic: bool = True, intensity: bool = True, blur: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Augment one square patch and its instance labels identically.
 
     Parameters
@@ -300,6 +336,9 @@ def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
         Source of every random choice (so a seed fixes the result).
     elastic, intensity : bool
         Switch the elastic deformation and the intensity jitter.
+    blur : float
+        With ``intensity``: blur the image with a Gaussian of sigma uniform in ``[0, blur]`` px
+        before the jitter (its noise is added after the blur, as a detector's would be).
 
     Returns
     -------
@@ -321,9 +360,28 @@ def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
                          f"and {labels.shape}")
     geom = _sample_geometry(rng, image.shape[0], elastic=elastic)
     img, lab = _apply_geometry(image, labels, geom)
+    if intensity and blur > 0:
+        from scipy import ndimage
+
+        sigma = float(rng.uniform(0.0, blur))
+        if sigma > 0.25:  # below a quarter pixel a Gaussian changes nothing visible
+            img = ndimage.gaussian_filter(np.asarray(img, dtype=np.float32), sigma, mode="mirror")
     if intensity:
         img = _jitter_intensity(img, rng)
     return img, lab
+
+
+def _resize_pair(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A square crop and its labels resized to ``size`` (image bilinear, labels nearest, pixel centres
+    aligned), for the scale augmentation."""
+    from scipy import ndimage
+
+    c = image.shape[0]
+    src = (np.arange(size, dtype=np.float64) + 0.5) * (c / size) - 0.5
+    yy, xx = np.meshgrid(src, src, indexing="ij")
+    img = ndimage.map_coordinates(image, np.stack([yy, xx]), order=1, mode="nearest").astype(np.float32)
+    idx = np.clip(np.floor((np.arange(size) + 0.5) * (c / size)).astype(np.int64), 0, c - 1)
+    return img, labels[np.ix_(idx, idx)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,11 +423,17 @@ def _make_batch(images, labels, rng: np.random.Generator, recipe: TrainRecipe, r
     for _ in range(recipe.batch_size):
         k = int(rng.integers(len(images)))
         im, lb = images[k], labels[k]
-        y = int(rng.integers(max(1, im.shape[0] - s + 1)))
-        x = int(rng.integers(max(1, im.shape[1] - s + 1)))
-        pi, pl = _crop(im, y, x, s), _crop(lb, y, x, s)
+        c = s
+        if recipe.augment and recipe.scale > 0:  # small scale change: crop larger or smaller, resize to s
+            f = float(np.exp(rng.uniform(-np.log1p(recipe.scale), np.log1p(recipe.scale))))
+            c = max(8, min(int(round(s * f)), *im.shape))
+        y = int(rng.integers(max(1, im.shape[0] - c + 1)))
+        x = int(rng.integers(max(1, im.shape[1] - c + 1)))
+        pi, pl = _crop(im, y, x, c), _crop(lb, y, x, c)
+        if c != s:
+            pi, pl = _resize_pair(pi, pl, s)
         if recipe.augment:
-            pi, pl = augment_pair(pi, pl, rng, intensity=recipe.intensity)
+            pi, pl = augment_pair(pi, pl, rng, intensity=recipe.intensity, blur=recipe.blur)
         t, m = target_fn(pl, representation)
         xs.append(pi[None])
         ts.append(t)
@@ -746,8 +810,7 @@ def train_and_package(net, images, labels, *, recipe: TrainRecipe, out, name: st
     shapes = ", ".join(sorted({"x".join(map(str, im.shape)) for im in ims}))
     provenance = {"data": f"{len(ims)} annotated tiles ({shapes})", "n_samples": len(ims),
                   "recipe": recipe.to_dict(), "loss": "BCE on boundary/affinity targets from the instance labels",
-                  "augmentation": ("flips, 90-degree rotations, elastic"
-                                   + (", intensity jitter" if recipe.intensity else "") if recipe.augment else "none"),
+                  "augmentation": describe_augmentation(recipe),
                   **(training or {})}
     recorded = {"training": _history_dict(history, recipe, loss_every), "segmentation_threshold": seg["threshold"],
                 "vi_train": seg["vi_train"], **(metrics or {})}
@@ -759,8 +822,11 @@ def train_and_package(net, images, labels, *, recipe: TrainRecipe, out, name: st
     return pkg
 
 
+_DATA_KEYS = ("organism", "tissue", "modality", "voxel_size_nm")
+
+
 def _train_package(source, images, labels, *, mode: str, recipe: TrainRecipe, out, name: str | None,
-                   **run) -> ModelPackage:
+                   data: dict | None = None, **run) -> ModelPackage:
     """:func:`finetune` / :func:`train_from_scratch`: a source package's network, metadata and rule."""
     torch = require("torch", "torch")
 
@@ -777,13 +843,22 @@ def _train_package(source, images, labels, *, mode: str, recipe: TrainRecipe, ou
     name = name or f"{pkg.name}-{label}"
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="neuroadda-trained-")) / name
-    training = {"mode": mode, "source_model": {"name": pkg.name, "sha256": pkg.sha256},
+    data = dict(data or {})
+    unknown = set(data) - set(_DATA_KEYS)
+    if unknown:
+        raise InputValueError(f"expected data keys among {_DATA_KEYS}, got {sorted(unknown)}")
+    # The new package describes the annotated tiles it learnt from, not the source: a fine-tuned model kept the
+    # source's organism and voxel size, so a ranking of it against the next volume read the wrong domain.
+    # What the caller does not say is recorded as unknown; the source's own description moves under training.
+    training = {"mode": mode, "source_model": {"name": pkg.name, "sha256": pkg.sha256,
+                                               **{k: getattr(pkg, k) for k in _DATA_KEYS}},
                 "initialisation": ("the source model's weights" if mode == "finetune"
                                    else f"fresh (torch.manual_seed({recipe.seed})), the source's network config")}
     ref_size = int((pkg.metadata.get("reference_features") or {}).get("tile_size") or 256)
     return train_and_package(net, images, labels, recipe=recipe, out=out, name=name,
-                             normalization=pkg.normalization, organism=pkg.organism, tissue=pkg.tissue,
-                             modality=pkg.modality, voxel_size_nm=pkg.voxel_size_nm, pooling=pkg.pooling,
+                             normalization=pkg.normalization, organism=data.get("organism"),
+                             tissue=data.get("tissue"), modality=data.get("modality"),
+                             voxel_size_nm=data.get("voxel_size_nm"), pooling=pkg.pooling,
                              training=training, extra=dict(pkg.metadata.get("extra") or {}),
                              reference_tile_size=ref_size, desc=f"{'fine-tuning' if mode == 'finetune' else 'scratch'} {pkg.name}",
                              **run)
@@ -816,6 +891,10 @@ _TRAIN_DOC = """
         Package name (default ``"<source>-finetuned"`` / ``"<source>-scratch"``).
     callback : callable(step, loss), optional
         Called after every step.
+    data : dict, optional
+        What the annotated tiles are: ``organism``, ``tissue``, ``modality``, ``voxel_size_nm``. The new
+        package's metadata describes them (unknown where not given); the source's description is kept
+        under ``training.source_model``.
     overwrite : bool
         Replace an existing package at ``out``.
 
@@ -833,24 +912,26 @@ def finetune(model, images, labels, *, steps: int = DEFAULT_RECIPE.steps, lr: fl
              batch_size: int = DEFAULT_RECIPE.batch_size, patch_size: int = DEFAULT_RECIPE.patch_size,
              augment: bool = True, seed: int = 0, checkpoint_dir=None, checkpoint_every: int = 50,
              progress: bool = False, device: str = "cpu", out=None, name: str | None = None,
-             callback: Callable[[int, float], None] | None = None, overwrite: bool = False):
+             callback: Callable[[int, float], None] | None = None, overwrite: bool = False,
+            data: dict | None = None):
     recipe = TrainRecipe(steps=steps, lr=lr, batch_size=batch_size, patch_size=patch_size, augment=augment,
                          seed=seed)
     return _train_package(model, images, labels, mode="finetune", recipe=recipe, out=out, name=name,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
-                          device=device, callback=callback, overwrite=overwrite)
+                          device=device, callback=callback, overwrite=overwrite, data=data)
 
 
 def train_from_scratch(model, images, labels, *, steps: int = DEFAULT_RECIPE.steps, lr: float = DEFAULT_RECIPE.lr,
                        batch_size: int = DEFAULT_RECIPE.batch_size, patch_size: int = DEFAULT_RECIPE.patch_size,
                        augment: bool = True, seed: int = 0, checkpoint_dir=None, checkpoint_every: int = 50,
                        progress: bool = False, device: str = "cpu", out=None, name: str | None = None,
-                       callback: Callable[[int, float], None] | None = None, overwrite: bool = False):
+                       callback: Callable[[int, float], None] | None = None, overwrite: bool = False,
+                      data: dict | None = None):
     recipe = TrainRecipe(steps=steps, lr=lr, batch_size=batch_size, patch_size=patch_size, augment=augment,
                          seed=seed)
     return _train_package(model, images, labels, mode="scratch", recipe=recipe, out=out, name=name,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
-                          device=device, callback=callback, overwrite=overwrite)
+                          device=device, callback=callback, overwrite=overwrite, data=data)
 
 
 finetune.__doc__ = """Fine-tune a source model package on a few annotated tiles.

@@ -27,6 +27,12 @@ def register(subparsers) -> None:
                         "PyTorch sees a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed (training is deterministic on the CPU)")
     p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoint folder (default OUT.checkpoint)")
+    p.add_argument("--organism", default=None, help="what the annotated tiles are (recorded in model.json; "
+                                                     "default unknown, never the source's)")
+    p.add_argument("--tissue", default=None, help="tissue of the annotated tiles (recorded in model.json)")
+    p.add_argument("--modality", default=None, help="imaging modality of the annotated tiles, e.g. FIB-SEM")
+    p.add_argument("--voxel-size", default=None, metavar="Z,Y,X",
+                   help="voxel size of the annotated volume in nm (recorded in model.json)")
     p.add_argument("--out", required=True, help="folder of the new model package")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -51,9 +57,16 @@ def run(args) -> int:
         train["augment"] = False
     out = Path(args.out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".checkpoint")
+    data = {k: getattr(args, k) for k in ("organism", "tissue", "modality") if getattr(args, k) is not None}
+    if args.voxel_size is not None:
+        try:
+            data["voxel_size_nm"] = [float(v) for v in args.voxel_size.split(",")]
+        except ValueError:
+            raise ValueError(f"expected --voxel-size as comma-separated numbers in nm (e.g. 40,4,4), "
+                             f"got {args.voxel_size!r}") from None
     fn = train_from_scratch if args.scratch else finetune
     pkg = fn(model, images, labels, checkpoint_dir=ckpt, progress=not args.no_progress, out=out, overwrite=True,
-             device=args.device, **train)
+             device=args.device, data=data, **train)
     path = str(pkg.path)
     result = {"model": path, "source": str(model_path), "mode": "scratch" if args.scratch else "finetune",
               "tiles": len(images), "train": train, "device": args.device}

@@ -161,3 +161,58 @@ def test_bad_inputs_are_one_line_errors(tmp_path, net2, net3, vol):
         predict_volume(net2, vol[:1], other, block_shape=(1, 50, 130), halo=32, **KW)
     for e in (ShapeError, InputValueError):
         assert issubclass(e, neuroadda_rt.errors.NeuroaddaError)
+
+
+# ------------------------------------------------------------------------------------------- segment
+def _voronoi_boundaries(shape, n_cells, seed):
+    """A boundary map of anisotropic Voronoi cells (high on the faces between cells) plus noise."""
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform([0, 0, 0], shape, (n_cells, 3))
+    zz, yy, xx = np.indices(shape)
+    d = np.sort(np.stack([((zz - p[0]) * 3) ** 2 + (yy - p[1]) ** 2 + (xx - p[2]) ** 2 for p in pts]), axis=0)
+    gap = np.sqrt(d[1]) - np.sqrt(d[0])
+    return np.clip(np.exp(-gap / 2.0) + rng.normal(0, 0.05, shape), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_segment_volume_matches_one_shot(tmp_path, per_slice):
+    from neuroadda_rt import segment, variation_of_information
+    from neuroadda_rt.deploy import segment_volume
+    b = _voronoi_boundaries((10, 110, 140), 50, seed=3)
+    ref = segment(b, "boundary", threshold=0.5, per_slice=per_slice)
+    r = segment_volume(b, tmp_path / "s.zarr", threshold=0.5, block_shape=(4, 48, 64), per_slice=per_slice, **KW)
+    got = open_volume(tmp_path / "s.zarr")
+    assert got.dtype == np.uint64 and got.shape == b.shape
+    seg = got[...]
+    split, merge = variation_of_information(seg, ref, ignore_gt=())
+    assert split + merge <= 0.05
+    assert r.n_blocks == 3 * 3 * 3 and r.fragments > r.segments == len(np.unique(seg))
+    assert r.face_merges > 0
+    # ids are consecutive 1..n (no id is shared by two blocks' unrelated fragments)
+    assert np.array_equal(np.unique(seg), np.arange(1, r.segments + 1))
+
+
+def test_segment_volume_from_predict_output(tmp_path, net2, vol):
+    from neuroadda_rt.deploy import segment_volume
+    predict_volume(net2, vol, tmp_path / "p.zarr", block_shape=(5, 64, 64), halo=32, dtype="uint8", **KW)
+    r = segment_volume(tmp_path / "p.zarr", tmp_path / "s.zarr", block_shape=(5, 50, 65), **KW)
+    v = open_volume(tmp_path / "s.zarr")
+    assert v.shape == vol.shape and v.dtype == np.uint64 and r.segments >= 1
+    with pytest.raises(InputValueError, match="--overwrite"):
+        segment_volume(tmp_path / "p.zarr", tmp_path / "s.zarr", threshold=0.3, **KW)
+
+
+def test_evaluate_volume_bit_for_bit(tmp_path):
+    from neuroadda_rt import adapted_rand_error, variation_of_information
+    from neuroadda_rt.deploy import evaluate_volume
+    rng = np.random.default_rng(5)
+    gt = rng.integers(0, 40, (9, 70, 50)).astype(np.uint64)
+    seg = (gt * 3 + (rng.random(gt.shape) < 0.1)).astype(np.int32)
+    write_volume(tmp_path / "seg.h5:s", seg)
+    split, merge = variation_of_information(seg, gt)
+    err, prec, rec = adapted_rand_error(seg, gt)
+    for sched in ("synchronous", "threads"):
+        e = evaluate_volume(tmp_path / "seg.h5", gt, block_shape=(4, 32, 17), scheduler=sched, workers=2)
+        assert (e["vi_split"], e["vi_merge"]) == (split, merge)  # exact, not approx
+        assert (e["adapted_rand_error"], e["are_precision"], e["are_recall"]) == (err, prec, rec)
+        assert e["blocks"] == 3 * 3 * 3 and e["voxels"] == gt.size

@@ -71,6 +71,8 @@ _LAZY = {
     "run_workflow": "workflow",
     # deployment on whole volumes
     "predict_volume": "deploy",
+    "segment_volume": "deploy",
+    "evaluate_volume": "deploy",
     # atlas and QC
     "domain_atlas": "atlas",
     "compare_to_phylogeny": "atlas",

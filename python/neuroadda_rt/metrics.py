@@ -33,7 +33,8 @@ from . import _core
 from ._device import resolve_device
 from .errors import BackendUnavailableError, DTypeError, InputValueError, ShapeError
 
-__all__ = ["ContingencyTable", "variation_of_information", "adapted_rand_error"]
+__all__ = ["ContingencyTable", "variation_of_information", "adapted_rand_error", "block_boxes", "blockwise_table",
+           "merge_tables"]
 
 _U64 = 1 << 64
 
@@ -298,3 +299,55 @@ def adapted_rand_error(seg, gt, *, ignore_gt=(0,), alpha: float = 0.5,
     """
     _cpu_only(device, "adapted_rand_error")
     return _table(seg, gt).adapted_rand_error(ignore_gt=ignore_gt, alpha=alpha)
+
+
+# ----------------------------------------------------------------------------- blockwise
+def block_boxes(shape, block_shape) -> list[tuple[slice, ...]]:
+    """The boxes (tuples of slices) of a grid of ``block_shape`` blocks covering ``shape``, in C order;
+    the last block on an axis is shorter when the shape is not a multiple.
+
+    Examples
+    --------
+    >>> [tuple((s.start, s.stop) for s in b) for b in block_boxes((5,), (2,))]
+    [((0, 2),), ((2, 4),), ((4, 5),)]
+    """
+    shape = tuple(int(s) for s in shape)
+    bs = tuple(int(b) for b in block_shape)
+    if len(bs) != len(shape) or min(bs, default=1) < 1:
+        raise ShapeError(f"expected {len(shape)} positive block sizes for shape {shape}, got {bs}")
+    axes = [[slice(a, min(a + b, n)) for a in range(0, n, b)] for n, b in zip(shape, bs)]
+    out: list[tuple[slice, ...]] = [()]
+    for ax in axes:
+        out = [o + (s,) for o in out for s in ax]
+    return out
+
+
+def blockwise_table(seg, gt, *, block_shape=None, boxes=None) -> ContingencyTable:
+    """A :class:`ContingencyTable` of two aligned label volumes filled block by block.
+
+    ``seg`` and ``gt`` are anything sliceable with a ``shape`` (NumPy arrays, lazy
+    :class:`~neuroadda_rt.Volume` objects, zarr or h5py datasets): only one block of each is in
+    memory at a time. The scores of the table equal those of a one-shot count bit for bit (counts
+    are exact integers; the module notes). ``block_shape`` defaults to 64 along the first axis and
+    512 along the others; ``boxes`` (from :func:`block_boxes`) restricts the table to some blocks,
+    e.g. one worker's share, to :func:`merge_tables` afterwards.
+    """
+    shape = tuple(int(s) for s in seg.shape)
+    if shape != tuple(int(s) for s in gt.shape):
+        raise ShapeError(f"expected seg and gt of the same shape, got {shape} and {tuple(gt.shape)}")
+    if boxes is None:
+        if block_shape is None:
+            block_shape = tuple(64 if i == 0 else 512 for i in range(len(shape)))
+        boxes = block_boxes(shape, block_shape)
+    t = ContingencyTable()
+    for box in boxes:
+        t.add(np.asarray(seg[box]), np.asarray(gt[box]))
+    return t
+
+
+def merge_tables(tables) -> ContingencyTable:
+    """One table holding the counts of all ``tables`` (e.g. from Dask workers); none is modified."""
+    out = ContingencyTable()
+    for t in tables:
+        out.merge(t)
+    return out

@@ -141,3 +141,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert (px.sum(axis=2) < 700).mean() > 0.05
     orange = (abs(px[..., 0] - 0xD9) < 12) & (abs(px[..., 1] - 0x5F) < 12) & (abs(px[..., 2] - 0x02) < 12)
     assert orange.sum() > 200
+
+
+def test_headline_shows_the_source_as_is_beside_fine_tuned(tmp_path):
+    # Issue 19/15: the demo's headline "96.5% vs scratch" hid that the source as-is scored better than the
+    # fine-tuned model. The headline now has the source-as-is row and says when it won.
+    from neuroadda_rt.report import headline_lines
+
+    run = make_run_dir(tmp_path)
+    doc = json.loads((run / "run.json").read_text())
+    lines = headline_lines(doc)
+    assert lines[0] == f"fine-tuned (n = 4): VI 0.500, {100 * (1 - 0.5 / 1.4):.1f}% lower than scratch, " \
+                       f"{100 * (1 - 0.5 / 0.9):.1f}% lower than the source as-is"
+    assert lines[1:] == ["scratch (n = 4): VI 1.400", "source as-is (n = 0): VI 0.900"]
+    doc["evaluation"]["source"]["overall"]["vi_total"] = 0.25
+    lines = headline_lines(doc)
+    assert "100.0% higher than the source as-is" in lines[0]
+    assert lines[-1].startswith("the source as-is scored better than the fine-tuned model")
+    (run / "run.json").write_text(json.dumps(doc))
+    text = write_report(run).read_text()
+    assert "source as-is (n = 0): VI 0.250" in text and "the source as-is scored better" in text
+    assert headline_lines({"status": "awaiting_labels"}) == []

@@ -24,11 +24,52 @@ from ._info import build_info
 from . import __version__
 from .errors import FormatError
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "headline_lines"]
 
 _esc = _html.escape
 _table = _html.table
 
+
+
+def headline_lines(run: dict) -> list[str]:
+    """The run's result in a few plain lines: fine-tuned, scratch and the source as-is, with both ratios.
+
+    The source as-is (n = 0) is always shown beside the fine-tuned model: a headline of "x% versus scratch"
+    alone hid runs where the untouched source scored better than the fine-tuned one.
+
+    Parameters
+    ----------
+    run : dict
+        A parsed ``run.json`` (its ``evaluation`` and ``settings``).
+
+    Returns
+    -------
+    list of str
+        Empty when the run has no evaluation.
+    """
+    ev = run.get("evaluation") or {}
+    vi = {k: ((ev.get(k) or {}).get("overall") or {}).get("vi_total") for k in ("finetuned", "scratch", "source")}
+    if vi["finetuned"] is None:
+        return []
+    n = (run.get("settings") or {}).get("n")
+    at = f" (n = {n})" if n is not None else ""
+
+    def change(ref, what):
+        if not ref:
+            return f"n/a vs {what}"
+        r = 100 * (1 - vi["finetuned"] / ref)
+        return f"{abs(r):.1f}% {'lower' if r >= 0 else 'higher'} than {what}"
+
+    lines = [f"fine-tuned{at}: VI {vi['finetuned']:.3f}"
+             + (f", {change(vi['scratch'], 'scratch')}" if vi["scratch"] is not None else "")
+             + (f", {change(vi['source'], 'the source as-is')}" if vi["source"] is not None else "")]
+    if vi["scratch"] is not None:
+        lines.append(f"scratch{at}: VI {vi['scratch']:.3f}")
+    if vi["source"] is not None:
+        lines.append(f"source as-is (n = 0): VI {vi['source']:.3f}")
+        if vi["source"] < vi["finetuned"]:
+            lines.append("the source as-is scored better than the fine-tuned model: fine-tuning did not help here")
+    return lines
 
 def _load_json(path: Path) -> Any:
     if not path.exists():
@@ -228,8 +269,11 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     summary = [f"Target: <b>{_esc(str(label))}</b> {_esc(str(target.get('shape', '')))}",
                f"Best source: <b>{_esc(str(best.get('name')))}</b> (MMD² {best.get('mmd2', float('nan')):.4g})",
                f"Status: <b>{_esc(status)}</b>"]
-    if run.get("vi_reduction") is not None:
-        summary.append(f"VI reduction of fine-tuning versus scratch: <b>{100 * run['vi_reduction']:.1f}%</b>")
+    lines = headline_lines(run)
+    if lines:
+        summary.append("VI on held-out tiles (lower is better):<br>" + "<br>".join(
+            f"&nbsp;&nbsp;<b>{_esc(line)}</b>" if i == 0 else f"&nbsp;&nbsp;{_esc(line)}"
+            for i, line in enumerate(lines)))
     if run.get("total_s") is not None:
         summary.append(f"Run time: {run['total_s']:.1f} s")
     parts.append('<p class="big">' + "<br>".join(summary) + "</p>")

@@ -543,6 +543,9 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
         vi_ft, vi_sc = (evaluation[k]["overall"]["vi_total"] for k in ("finetuned", "scratch"))
         if vi_sc > 0:
             run["vi_reduction"] = 1.0 - vi_ft / vi_sc
+        vi_src = evaluation["source"]["overall"]["vi_total"]
+        if vi_src > 0:  # the headline shows it: fine-tuning can score worse than the source as-is
+            run["vi_reduction_vs_source"] = 1.0 - vi_ft / vi_src
     else:
         run["test"] = None
         log.warning("no held-out labels: skipping evaluation (pass test=(images, labels))")

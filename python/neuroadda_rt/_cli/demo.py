@@ -134,7 +134,8 @@ def run(args) -> int:
     summary = {"report": str(res.report), "run_dir": str(res.run_dir), "target_domain": name,
                "best_source": res.ranking[0].name, "ranking": [e.name for e in res.ranking],
                "vi": {k: (v.get("overall", {}) or {}).get("vi_total") for k, v in res.evaluation.items()},
-               "vi_reduction": run_json.get("vi_reduction"), "wall_s": round(wall, 1),
+               "vi_reduction": run_json.get("vi_reduction"),
+               "vi_reduction_vs_source": run_json.get("vi_reduction_vs_source"), "wall_s": round(wall, 1),
                # the build's CUDA kernels and whether a GPU can run them now are two different facts
                "cuda_compiled": bool(_core.built_with_cuda()), "cuda_available": cuda_available()}
     nearest = fam.get("nearest", {}).get(name) if isinstance(fam.get("nearest"), dict) else None
@@ -145,11 +146,13 @@ def run(args) -> int:
         return 0
     print(f"best source for {name}: {summary['best_source']}" +
           (f" (nearest relative in the tree: {nearest})" if nearest else ""))
-    vi = summary["vi"]
-    if vi:
-        print("VI total on held-out tiles: " + ", ".join(f"{k} {v:.3f}" for k, v in vi.items() if v is not None))
-    if summary["vi_reduction"] is not None:
-        print(f"fine-tuning lowers VI versus scratch by {100 * summary['vi_reduction']:.1f}%")
+    from ..report import headline_lines
+
+    lines = headline_lines(run_json)
+    if lines:
+        print("VI on held-out tiles (lower is better):")
+        for line in lines:
+            print(f"  {line}")
     print(f"done in {wall:.0f} s (cuda_compiled={summary['cuda_compiled']}, "
           f"cuda_available={summary['cuda_available']}); report: {res.report}")
     return 0

@@ -216,3 +216,27 @@ def test_evaluate_volume_bit_for_bit(tmp_path):
         assert (e["vi_split"], e["vi_merge"]) == (split, merge)  # exact, not approx
         assert (e["adapted_rand_error"], e["are_precision"], e["are_recall"]) == (err, prec, rec)
         assert e["blocks"] == 3 * 3 * 3 and e["voxels"] == gt.size
+
+
+def test_cli_predict_and_segment(tmp_path, vol, capsys):
+    from neuroadda_rt.cli import main
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny_model"
+    write_volume(f"{tmp_path / 'v.h5'}:raw", vol[:2], voxel_size_nm=(30.0, 4.0, 4.0))
+    common = ["--scheduler", "synchronous", "--no-progress"]
+    assert main(["predict", str(tiny), f"{tmp_path / 'v.h5'}:raw", "--out", str(tmp_path / "p.zarr"), "--halo", "64",
+                 "--block-shape", "1,64,64", "--json", *common]) == 0
+    r = json.loads(capsys.readouterr().out)
+    # z 2 blocks; y 100 = one block (a 36-voxel rest < halo is merged); x 130 = [0, 64) + [64, 130)
+    assert r["n_blocks"] == 4 and r["blocks_computed"] == 4 and r["shape"] == [1, 2, 100, 130]
+    # a second run finds every block done
+    assert main(["predict", str(tiny), f"{tmp_path / 'v.h5'}:raw", "--out", str(tmp_path / "p.zarr"), "--halo", "64",
+                 "--block-shape", "1,64,64", "--json", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["blocks_computed"] == 0
+    assert main(["predict", str(tiny), f"{tmp_path / 'v.h5'}:raw", "--out", str(tmp_path / "p.zarr"), "--halo", "64",
+                 "--block-shape", "1,32,64", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "at least the halo" in err and len(err.splitlines()) == 1
+    assert main(["segment", str(tmp_path / "p.zarr"), "--out", str(tmp_path / "s.zarr"), "--gt", str(tmp_path / "s.zarr"),
+                 "--json", *common]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["scores"]["vi"] == 0.0 and s["segments"] >= 1

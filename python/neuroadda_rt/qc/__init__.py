@@ -10,10 +10,10 @@
 """
 
 from .descriptors import image_stats
-from .monitor import QCMonitor, QCReport, WindowResult
+from .monitor import QCCalibrationWarning, QCMonitor, QCReport, WindowResult
 from .reading import DEFAULT_PATTERNS, load_array as _load_array, read_tiles, split_tiles  # noqa: F401
 from .report import write_report
 from .service import QCService
 
-__all__ = ["QCMonitor", "QCReport", "WindowResult", "image_stats", "QCService", "read_tiles", "split_tiles",
+__all__ = ["QCMonitor", "QCReport", "WindowResult", "QCCalibrationWarning", "image_stats", "QCService", "read_tiles", "split_tiles",
            "write_report", "DEFAULT_PATTERNS"]

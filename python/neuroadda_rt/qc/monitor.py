@@ -1,27 +1,28 @@
 """Acquisition-time quality control: drift and artefact monitoring in encoder feature space.
 
-A :class:`QCMonitor` holds a fixed *reference* (early, good tiles of the acquisition, as
-tiles or as precomputed encoder features) and compares every new tile with it in the
-feature space of a trained encoder, with the kernel of the MMD² test used for source
-ranking:
+A :class:`QCMonitor` holds a fixed *reference* (the first, good sections of the acquisition, in
+acquisition order, as tiles or as precomputed encoder features) and compares every new tile with it
+in the feature space of a trained encoder, with the kernel of the MMD² test used for source ranking:
 
-* **Drift** -- the stream is cut into consecutive windows of ``window`` tiles. Each full
-  window is tested against the reference with an unbiased MMD² and an exact permutation
-  p-value. The reference half of the kernel sums and the permutations are computed once at
-  construction; a window then costs O(n·(n + M)·d + n·(n + M)·B) with BLAS (n window tiles,
-  M ≤ ``max_reference`` reference features, B permutations). ``drift`` follows a two-rule
-  sequential decision whose false-alarm rate per window is at most ``alpha`` (see
-  ``docs/method.md``, "Acquisition-time QC").
+* **Drift** -- the stream is cut into consecutive windows of ``window`` tiles; each full window's
+  unbiased MMD² against the reference is compared with a threshold *calibrated on the reference's own
+  consecutive windows*: every run of ``window`` consecutive reference tiles is scored against the
+  reference without its sections and one section on each side, and the window alarms when its MMD²
+  exceeds the mean of those scores by ``sqrt(1/alpha - 1)`` standard deviations (Cantelli's one-sided
+  bound, which needs no distributional assumption). Consecutive sections are not exchangeable with a
+  random reference sample, so a permutation null (the old test) alarms on every clean stream; this
+  null is made of the same kind of windows the stream delivers. See ``docs/method.md``.
 * **Tile scores** -- the MMD witness function at every new tile,
   ``mean_w k(x, w) - mean_r k(x, r)`` (w: the other tiles of the current window, r: the
   reference); positive where the window has more mass than the reference.
-* **Artefact flags** -- conformal outlier tests against the reference's own distribution:
-  reference similarity ``mean_r k(x, r)`` (leave-one-out on the reference), model
-  uncertainty when a full network is available, and cheap intensity descriptors (brightness,
-  contrast, sharpness, darkest / brightest 8×8 block) when the reference was given as tiles.
-  The per-detector tail ranks are combined by their minimum, and the combined score is
-  calibrated on the reference itself, so the false-positive rate on good tiles is about
-  ``artefact_fpr``.
+* **Artefact flags** -- robust per-detector cuts calibrated on the reference's clean tiles: each
+  detector's value (reference similarity, model uncertainty when a full network is given, and cheap
+  intensity descriptors when the reference was given as tiles) becomes a robust z-score
+  ``(value - median) / max(1.4826 MAD, floor)`` in its artefact tail, and a tile is flagged when some
+  z-score exceeds both the Bonferroni Gaussian cut ``Phi^-1(1 - artefact_fpr / D)`` and the largest
+  z-score of that detector over the reference (so no clean reference tile would be flagged). The
+  *severity* (largest z-score over its cut) orders flags, and a likely cause is named from the
+  detectors that exceed their cut.
 
 Memory is bounded over an unbounded stream: a ring buffer of one window plus aggregate
 counters and the last ``history`` window results. ``update`` is safe to call from several
@@ -38,11 +39,14 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.special import erfc
 
 from .._digest import folder_sha256
 from ..errors import DTypeError, FormatError, InputValueError, ShapeError
@@ -50,11 +54,21 @@ from ..mmd import gaussian_kernel_matrix, median_sigma
 from ..package import ModelPackage
 from ..runtime import FeatureExtractor, Predictor
 from ..uncertainty import tile_uncertainty
-from .descriptors import IMAGE_STATS, IMAGE_TAILS, KIND_OF, TEXTURE, as_tiles, image_stats
+from .descriptors import IMAGE_STATS, IMAGE_TAILS, KIND_OF, SCALE_FLOOR, TEXTURE, as_tiles, image_stats
 from .reading import load_array
 from .state import read_state, write_state
 
-__all__ = ["QCMonitor", "QCReport", "WindowResult"]
+__all__ = ["QCMonitor", "QCReport", "WindowResult", "QCCalibrationWarning"]
+
+#: Fewest reference windows (runs of ``window`` consecutive tiles, half a window apart) the drift
+#: threshold is calibrated on; below it the mean and standard deviation of the null are too uncertain
+#: and windows are not tested (the monitor says so).
+MIN_CALIBRATION_WINDOWS = 8
+
+
+class QCCalibrationWarning(UserWarning):
+    """The reference is too small for the requested alpha / artefact_fpr; the message says what is
+    missing and what the monitor does instead."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,17 +88,21 @@ class WindowResult:
     mmd2 : float
         Unbiased MMD² between the window and the reference (same kernel for every window).
     p_value : float
-        Permutation p-value ``(1 + #{null >= mmd2}) / (1 + n_permutations)``.
+        Cantelli's upper bound on the probability that a clean window scores at least ``mmd2``,
+        ``1 / (1 + z²)`` for ``z = (mmd2 - mean) / sd`` of the calibration windows (1 when z <= 0);
+        NaN when the monitor could not be calibrated.
     drift : bool
-        Decision of the sequential rule (see ``docs/method.md``).
+        ``p_value <= alpha``, i.e. ``mmd2 >= threshold``.
     rule : str
-        Which rule fired: ``"single"``, ``"persistent"`` or ``""``.
+        ``"calibrated"`` when the window alarmed, ``"uncalibrated"`` when it was not tested, else ``""``.
     first_id, last_id : str
         Ids of the first and last tile of the window.
     t_start, t_end : float
         Timestamps of the first and last tile.
     n_flagged : int
         Tiles of the window flagged as artefacts.
+    threshold : float
+        The calibrated MMD² alarm threshold (NaN when uncalibrated).
     """
 
     index: int
@@ -98,6 +116,7 @@ class WindowResult:
     t_start: float
     t_end: float
     n_flagged: int
+    threshold: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,15 +139,18 @@ class QCReport:
     uncertainty : ndarray (N,) float64 or None
         Mean binary entropy of the model's prediction, when the monitor has a full network.
     artefact_p : ndarray (N,) float64
-        Conformal p-value of the combined artefact score against the reference.
+        Nominal p-value of the tile's severity: ``min(1, D * Phi(-severity * c))`` with ``c`` the
+        Bonferroni Gaussian cut of D detectors; ``<= artefact_fpr`` exactly when flagged.
     flags : ndarray (N,) bool
-        ``artefact_p <= artefact_fpr``.
+        ``severity > 1``: some detector beyond its calibrated cut.
     kinds : list of str
-        Most likely cause for flagged tiles (``"brightness"``, ``"contrast"``, ``"defocus"``,
-        ``"dark_region"``, ``"bright_region"``, ``"feature_outlier"``, ``"uncertainty"``), ``""``
-        for unflagged tiles.
+        Most likely cause for flagged tiles (``"black_region"``, ``"saturation"``, ``"defocus"``,
+        ``"fold"``, ``"stain"``, ``"brightness"``, ``"contrast"``, ``"bright_region"``,
+        ``"feature_outlier"``, ``"uncertainty"``), ``""`` for unflagged tiles.
     windows : tuple of WindowResult
         Windows completed by this update (often none; several if the update is large).
+    severity : ndarray (N,) float64
+        Largest robust z-score over its detector's cut (> 1 flagged; orders the gallery).
     """
 
     ids: list[str]
@@ -140,6 +162,7 @@ class QCReport:
     flags: np.ndarray
     kinds: list[str]
     windows: tuple[WindowResult, ...]
+    severity: np.ndarray | None = None
 
     @property
     def drift(self) -> bool:
@@ -167,6 +190,7 @@ class QCReport:
             "scores": self.scores.tolist(), "similarity": self.similarity.tolist(),
             "uncertainty": None if self.uncertainty is None else self.uncertainty.tolist(),
             "artefact_p": self.artefact_p.tolist(), "flags": self.flags.tolist(), "kinds": list(self.kinds),
+            "severity": None if self.severity is None else self.severity.tolist(),
             "windows": [w.to_dict() for w in self.windows], "drift": self.drift,
         }
 
@@ -279,29 +303,20 @@ def _kernel(a: np.ndarray, b: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
 
 
 
-def _tail_fraction(ref: np.ndarray, x: np.ndarray, tail: int, *, loo: bool) -> np.ndarray:
-    """Fraction of ``ref`` at least as extreme as each ``x``.
-
-    ``tail`` -1 = small values are extreme, +1 = large, 0 = two-sided (twice the smaller tail,
-    capped at 1). With ``loo`` the values are the reference itself, each compared with the
-    others only (leave-one-out), so a reference tile is never compared with itself."""
-    srt = np.sort(ref)
-    m = len(ref)
-    sub = 1 if loo else 0
-    low = np.searchsorted(srt, x, side="right") - sub  # #{ref <= x}
-    high = m - np.searchsorted(srt, x, side="left") - sub  # #{ref >= x}
-    n = m - sub
-    if tail < 0:
-        return low / n
-    if tail > 0:
-        return high / n
-    return np.minimum(1.0, 2 * np.minimum(low, high) / n)
+def _mmd2_from_sums(a_ww: float, a_rr: float, a_wr: float, n: int, m: int) -> float:
+    """Unbiased MMD² from the off-diagonal kernel sums of the two samples and their cross sum."""
+    return a_ww / (n * (n - 1)) + a_rr / (m * (m - 1)) - 2 * a_wr / (n * m)
 
 
-def _conformal_p(ref_scores: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """(1 + #{reference score <= x}) / (M + 1): small scores are extreme; ties count against x."""
-    srt = np.sort(ref_scores)
-    return (1 + np.searchsorted(srt, x, side="right")) / (len(srt) + 1)
+def _order_groups(groups, m: int) -> np.ndarray:
+    """Section labels -> 0, 1, 2, ... in order of first appearance (the acquisition order)."""
+    g = np.asarray(groups).reshape(-1)
+    if len(g) != m:
+        raise ShapeError(f"expected one reference group per reference tile ({m}), got {len(g)}")
+    _, first, inv = np.unique(g, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inv.reshape(-1)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,29 +335,36 @@ class QCMonitor:
         callable mapping (N, H, W) float32 tiles in [0, 1] to (N, d) features.
     reference : array-like
         Reference tiles (N, H, W) uint8 / uint16 / float in [0, 1], or precomputed features
-        (N, d) float. At least ``2 * window`` reference tiles are recommended (at least 16
-        are required). Copied; at most ``max_reference`` are kept (deterministic subsample).
+        (N, d) float, **in acquisition order** (the first sections of the acquisition). Copied; at
+        most ``max_reference`` are kept (deterministic subsample, order kept). The drift threshold
+        needs at least ``MIN_CALIBRATION_WINDOWS`` runs of ``window`` consecutive tiles (about
+        ``(MIN_CALIBRATION_WINDOWS / 2 + 3) * window`` tiles); with fewer the monitor warns and does
+        not test drift.
     window : int
         Tiles per drift test.
     alpha : float
-        Target false-alarm rate per window of the drift decision.
-    n_permutations : int
-        Permutations of the drift test (drawn once, reused for every window).
+        False-alarm rate per window the drift threshold is set for (Cantelli's bound on the
+        reference's own windows; the rate measured on real streams is in ``docs/results.md``).
     uncertainty : callable or Predictor, optional
         Full network for the uncertainty detector (see :class:`_Model`); None disables it.
     reference_uncertainty : array-like, optional
         Uncertainties of the reference when ``reference`` is features and ``uncertainty`` is set.
+    reference_groups : array-like, optional
+        The section (file, z) of each reference tile. Calibration windows leave their own sections
+        and one on each side out of the reference they are compared with. Default: each run of
+        ``window`` consecutive tiles is a section.
     sigma : float or sequence of float, optional
         Kernel bandwidth(s); default the median heuristic on the reference
         (:func:`~neuroadda_rt.median_sigma`), computed once.
     max_reference : int
         Largest reference kept (bounds memory and the cost per tile).
     artefact_fpr : float
-        Target false-positive rate of the artefact flags on good tiles.
+        Target false-positive rate of the artefact flags on good tiles (the Bonferroni level of the
+        Gaussian cut; the rate measured on real tiles is in ``docs/results.md``).
     history : int
         Window results kept in memory (older ones are only counted).
     seed : int
-        Seed of the reference subsample and the permutations.
+        Seed of the reference subsample and of the bandwidth's half/half split.
     backend : str
         Backend used when ``model`` is a path.
     batch_size : int
@@ -354,30 +376,28 @@ class QCMonitor:
     >>> from neuroadda_rt import QCMonitor
     >>> rng = np.random.default_rng(0)
     >>> encoder = lambda t: np.stack([t.mean((1, 2)), t.std((1, 2))], axis=1)  # a toy encoder
-    >>> ref = rng.integers(0, 256, size=(256, 32, 32), dtype=np.uint8)
-    >>> mon = QCMonitor(encoder, ref, window=64, n_permutations=200)
+    >>> ref = rng.integers(0, 256, size=(512, 32, 32), dtype=np.uint8)
+    >>> mon = QCMonitor(encoder, ref, window=64)
     >>> rep = mon.update(rng.integers(0, 256, size=(64, 32, 32), dtype=np.uint8))
     >>> len(rep.windows), rep.scores.shape
     (1, (64,))
     """
 
-    def __init__(self, model, reference, *, window: int = 256, alpha: float = 0.01, n_permutations: int = 500,
-                 uncertainty=None, reference_uncertainty=None, sigma: float | Sequence[float] | None = None,
-                 max_reference: int = 2048, artefact_fpr: float = 0.01, history: int = 4096, seed: int = 0,
+    def __init__(self, model, reference, *, window: int = 256, alpha: float = 0.01,
+                 uncertainty=None, reference_uncertainty=None, reference_groups=None,
+                 sigma: float | Sequence[float] | None = None, max_reference: int = 2048,
+                 artefact_fpr: float = 0.01, history: int = 4096, seed: int = 0,
                  backend: str = "auto", batch_size: int = 32, _state: dict | None = None):
         if int(window) < 4:
             raise InputValueError(f"expected window >= 4, got {window}")
         if not 0 < float(alpha) < 1:
             raise InputValueError(f"expected 0 < alpha < 1, got {alpha}")
-        if int(n_permutations) < 20:
-            raise InputValueError(f"expected n_permutations >= 20, got {n_permutations}")
         if not 0 < float(artefact_fpr) < 1:
             raise InputValueError(f"expected 0 < artefact_fpr < 1, got {artefact_fpr}")
         if int(max_reference) < 16:
             raise InputValueError(f"expected max_reference >= 16, got {max_reference}")
         self.window = int(window)
         self.alpha = float(alpha)
-        self.n_permutations = int(n_permutations)
         self.artefact_fpr = float(artefact_fpr)
         self.max_reference = int(max_reference)
         self.seed = int(seed)
@@ -388,18 +408,20 @@ class QCMonitor:
         if _state is not None:
             self._restore(_state)
             return
-        self._build_reference(reference, reference_uncertainty, sigma)
+        self._build_reference(reference, reference_uncertainty, reference_groups, sigma)
         self._reset_stream()
 
     # -- reference ---------------------------------------------------------------------------
 
-    def _build_reference(self, reference, reference_uncertainty, sigma) -> None:
+    def _build_reference(self, reference, reference_uncertainty, reference_groups, sigma) -> None:
         if isinstance(reference, (str, os.PathLike)):
             reference = load_array(Path(reference))
         ref = np.asarray(reference) if not isinstance(reference, (list, tuple)) else reference
         rng = np.random.default_rng(self.seed)
         ref_stats = ref_unc = None
         self._tile_shape: list[int] | None = None
+        self.examples = np.zeros((0, 1, 1), np.uint8)
+        n_given = len(ref)
         if isinstance(ref, np.ndarray) and ref.ndim == 2 and ref.dtype.kind == "f":
             feats = np.array(ref, dtype=np.float32)
             keep = self._subsample(len(feats), rng)
@@ -413,6 +435,7 @@ class QCMonitor:
                 raise InputValueError("expected finite reference features, got NaN or inf")
         else:
             tiles = as_tiles(ref, "reference")
+            n_given = len(tiles)
             keep = self._subsample(len(tiles), rng)
             tiles = tiles[keep]
             feats = self._model.features(tiles)
@@ -420,33 +443,29 @@ class QCMonitor:
             self._tile_shape = list(tiles.shape[1:])
             if self._model.has_uncertainty:
                 ref_unc = self._model.uncertainty(tiles)
+            pick = np.unique(np.linspace(0, len(tiles) - 1, min(8, len(tiles))).round().astype(int))
+            self.examples = np.rint(tiles[pick] * 255).astype(np.uint8)  # shown beside flags in the report
         if len(feats) < 16:
             raise ShapeError(f"expected at least 16 reference tiles, got {len(feats)}")
+        m = len(feats)
+        if reference_groups is None:
+            groups = np.arange(n_given) // self.window
+        else:
+            groups = _order_groups(reference_groups, n_given)
+        self._groups = np.asarray(groups, dtype=np.int64)[keep]
         self.ref = feats
         self.dim = feats.shape[1]
-        m = len(feats)
         self.sigmas = self._choose_sigma(feats, sigma, rng)
-        # permutations, drawn once: perm b puts the pseudo-window at `positions[b]` among the
-        # n window slots (0..n-1) followed by the m reference slots.
-        n, b = self.window, self.n_permutations
-        self._positions = np.stack([rng.choice(n + m, size=n, replace=False) for _ in range(b)]).astype(np.int32)
-        self._derive_permutation_matrices()
-        # reference kernel sums, once: row sums (leave-one-out similarity), total, and the
-        # reference-reference part of every permutation's quadratic form.
-        rowsum = np.zeros(m)
-        kx = np.zeros((m, b))
+        # the reference kernel, once: row sums (leave-one-out similarity), total, and the drift calibration
+        kmat = np.empty((m, m))
         for s in range(0, m, 512):  # one-off: BLAS may use every thread here
-            blk = _kernel(feats[s:s + 512], feats, self.sigmas)
-            idx = np.arange(s, min(s + 512, m))
-            blk[idx - s, idx] = 0.0
-            rowsum[s:s + 512] = blk.sum(axis=1)
-            kx[s:s + 512] = blk @ self._xr
-        self._ref_rowsum = rowsum
+            kmat[s:s + 512] = _kernel(feats[s:s + 512], feats, self.sigmas)
+        np.fill_diagonal(kmat, 0.0)
+        rowsum = kmat.sum(axis=1)
         self._ref_total = float(rowsum.sum())
-        self._perm_rr = np.einsum("jb,jb->b", self._xr, kx)  # x_R' K_RR0 x_R
-        self._perm_rr_row = self._xr.T @ rowsum  # x_R' K_RR0 1
+        self._calibrate_drift(kmat)
+        del kmat
         ref_sim = rowsum / (m - 1)  # leave-one-out reference similarity
-        # artefact detectors: reference values (leave-one-out where the value depends on the reference)
         self._det_names = ["similarity"]
         self._det_ref = [ref_sim]
         self._det_tail = [-1]
@@ -462,7 +481,8 @@ class QCMonitor:
             self._ref_texture = float(np.median(ref_stats[:, TEXTURE]))
         else:
             self._ref_texture = 0.0
-        self._calibrate_combined()
+        self._calibrate_artefacts()
+        self._warn_calibration()
 
     def _subsample(self, n: int, rng) -> np.ndarray:
         if n <= self.max_reference:
@@ -480,30 +500,71 @@ class QCMonitor:
         # the package's median heuristic, on a random half/half split
         return np.array([float(median_sigma(feats[perm[:half]], feats[perm[half:]]))])
 
-    def _derive_permutation_matrices(self) -> None:
-        n, b = self.window, self.n_permutations
-        m = len(self.ref)
-        ind = np.zeros((b, n + m), dtype=np.float64)
-        np.put_along_axis(ind, self._positions.astype(np.int64), 1.0, axis=1)
-        self._xw = np.ascontiguousarray(ind[:, :n].T)  # (n, B)
-        self._xr = np.ascontiguousarray(ind[:, n:].T)  # (m, B)
+    def _calibrate_drift(self, kmat: np.ndarray) -> None:
+        """MMD² of every run of ``window`` consecutive reference tiles (starting every half window)
+        against the reference without the run's sections and one section on each side: windows of
+        consecutive sections, scored against sections they do not touch, as the stream's are."""
+        n, m, g = self.window, len(self.ref), self._groups
+        vals = []
+        for s in range(0, m - n + 1, max(1, n // 2)):
+            blk = np.arange(s, s + n)
+            lo, hi = g[blk].min() - 1, g[blk].max() + 1
+            rest = np.flatnonzero((g < lo) | (g > hi))
+            if len(rest) < n:
+                continue
+            a_ww = kmat[np.ix_(blk, blk)].sum()
+            a_rr = kmat[np.ix_(rest, rest)].sum()
+            a_wr = kmat[np.ix_(blk, rest)].sum()
+            vals.append(_mmd2_from_sums(a_ww, a_rr, a_wr, n, len(rest)))
+        self._cal = np.asarray(vals, dtype=np.float64)
+        self._set_threshold()
 
-    def _calibrate_combined(self) -> None:
-        m = len(self.ref)
-        self._robust = self._robust_scales()
-        values = dict(zip(self._det_names, self._det_ref))
-        self._combined_ref = self._combined_score(values, loo=True)[0]
-        assert self._combined_ref.shape == (m,)
+    def _set_threshold(self) -> None:
+        b = len(self._cal)
+        if b >= MIN_CALIBRATION_WINDOWS:
+            self._cal_mean = float(self._cal.mean())
+            self._cal_sd = max(float(self._cal.std(ddof=1)), 1e-12)
+            self.threshold = self._cal_mean + math.sqrt(1 / self.alpha - 1) * self._cal_sd
+            self.drift_note = ""
+        else:
+            self._cal_mean = self._cal_sd = self.threshold = float("nan")
+            self.drift_note = (
+                f"drift is not tested: the reference ({len(self.ref)} tiles, {len(np.unique(self._groups))} "
+                f"sections) gives {b} calibration windows of {self.window} consecutive tiles with a section "
+                f"on each side left out, fewer than the {MIN_CALIBRATION_WINDOWS} needed (the smallest p-value "
+                f"their ranks could give is 1/{b + 1} = {1 / (b + 1):.3g}, alpha is {self.alpha:g}); give more "
+                f"reference sections or a smaller window")
 
-    def _robust_scales(self) -> np.ndarray:
-        """(lowest, median, highest) reference value per detector: a tile's excess beyond the
-        reference range, relative to the half-range on that side, names its likely cause."""
-        return np.array([np.quantile(r, [0.0, 0.5, 1.0]) for r in self._det_ref])
+    def _calibrate_artefacts(self) -> None:
+        """Robust centre and scale per detector, its cut (the larger of the Bonferroni Gaussian cut
+        and the reference's own largest z-score)."""
+        d = len(self._det_names)
+        self._gauss_cut = NormalDist().inv_cdf(1 - self.artefact_fpr / d)
+        centre, scale = [], []
+        for name, r in zip(self._det_names, self._det_ref):
+            med = float(np.median(r))
+            mad = 1.4826 * float(np.median(np.abs(r - med)))
+            centre.append(med)
+            scale.append(max(mad, SCALE_FLOOR.get(name, 1e-6)))
+        self._centre, self._scale = np.array(centre), np.array(scale)
+        z_ref = self._zscores(dict(zip(self._det_names, self._det_ref)))
+        self._cut = np.maximum(self._gauss_cut, z_ref.max(axis=1))
+
+    def _warn_calibration(self) -> None:
+        m = len(self.ref)
+        if self.drift_note:
+            warnings.warn(self.drift_note, QCCalibrationWarning, stacklevel=3)
+        if m + 1 < 1 / self.artefact_fpr:
+            warnings.warn(
+                f"the reference has {m} tiles: the smallest p-value its ranks can give is 1/{m + 1} = "
+                f"{1 / (m + 1):.3g}, above artefact_fpr = {self.artefact_fpr:g}; artefact flags rest on the "
+                f"robust Gaussian cut and the reference's largest values, and their false-positive rate "
+                f"is not checked against {self.artefact_fpr:g} by the reference itself", QCCalibrationWarning,
+                stacklevel=3)
 
     def _reset_stream(self) -> None:
-        n, b = self.window, self.n_permutations
+        n = self.window
         self._ring_f = np.zeros((n, self.dim), dtype=np.float32)
-        self._ring_p = np.zeros((n, b))  # K_xR x_R per tile
         self._ring_s = np.zeros(n)  # reference similarity
         self._ring_flag = np.zeros(n, dtype=bool)
         self._ring_id: list[str] = [""] * n
@@ -516,7 +577,6 @@ class QCMonitor:
         self.n_drift_windows = 0
         self.n_flagged = 0
         self.flag_counts: dict[str, int] = {}
-        self._prev_p = 1.0
         self._windows: deque[WindowResult] = deque(maxlen=self._history_len)
 
     # -- public API -------------------------------------------------------------------------
@@ -532,6 +592,13 @@ class QCMonitor:
         return list(self._det_names)
 
     @property
+    def calibration(self) -> dict[str, Any]:
+        """The drift calibration: windows used, their mean and sd, the threshold, and why not (if not)."""
+        return {"n_windows": int(len(self._cal)), "mean": self._cal_mean, "sd": self._cal_sd,
+                "threshold": self.threshold, "alpha": self.alpha, "note": self.drift_note,
+                "artefact_cuts": dict(zip(self._det_names, self._cut.tolist()))}
+
+    @property
     def windows(self) -> list[WindowResult]:
         """The last ``history`` window results (a copy)."""
         with self._lock:
@@ -542,7 +609,8 @@ class QCMonitor:
         with self._lock:
             return {"n_tiles": self.n_tiles, "n_windows": self.n_windows, "n_drift_windows": self.n_drift_windows,
                     "n_flagged": self.n_flagged, "flag_counts": dict(self.flag_counts),
-                    "sigma": self.sigma, "reference_size": len(self.ref), "detectors": self.detectors}
+                    "sigma": self.sigma, "reference_size": len(self.ref), "detectors": self.detectors,
+                    "threshold": self.threshold, "drift_note": self.drift_note}
 
     def update(self, tiles, *, ids: Sequence[Any] | None = None, timestamp: float | None = None) -> QCReport:
         """Score new tiles, and test every window they complete.
@@ -579,12 +647,9 @@ class QCMonitor:
         unc = self._model.uncertainty(x) if "uncertainty" in self._det_names else None
         stats = image_stats(x) if "mean" in self._det_names else None
         with _single_blas():
-            k_ref = _kernel(feats, self.ref, self.sigmas)
-            sim = k_ref.mean(axis=1)
-            p_rows = k_ref @ self._xr
-        del k_ref
-        artefact_p, kinds = self._artefacts(sim, unc, stats)
-        flags = artefact_p <= self.artefact_fpr
+            sim = _kernel(feats, self.ref, self.sigmas).mean(axis=1)
+        severity, artefact_p, kinds = self._artefacts(sim, unc, stats)
+        flags = severity > 1.0
         with self._lock, _single_blas():
             if ids is None:
                 ids = [str(self.n_tiles + i) for i in range(n_new)]
@@ -592,7 +657,6 @@ class QCMonitor:
             for i in range(n_new):
                 slot = self._ring_pos
                 self._ring_f[slot] = feats[i]
-                self._ring_p[slot] = p_rows[i]
                 self._ring_s[slot] = sim[i]
                 self._ring_flag[slot] = flags[i]
                 self._ring_id[slot] = ids[i]
@@ -617,116 +681,71 @@ class QCMonitor:
                 if k:
                     self.flag_counts[k] = self.flag_counts.get(k, 0) + 1
         return QCReport(ids=list(ids), timestamp=ts, scores=scores, similarity=sim, uncertainty=unc,
-                        artefact_p=artefact_p, flags=flags, kinds=kinds, windows=tuple(done))
+                        artefact_p=artefact_p, flags=flags, kinds=kinds, windows=tuple(done), severity=severity)
 
     # -- internals --------------------------------------------------------------------------
 
-    def _combined_score(self, values: dict, *, loo: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Combined artefact score (small = extreme) and every detector's excess beyond the
-        reference range.
+    def _zscores(self, values: dict) -> np.ndarray:
+        """(D, N) robust z-scores, each in its detector's artefact tail (two-sided: the absolute value)."""
+        z = []
+        for j, (name, tail) in enumerate(zip(self._det_names, self._det_tail)):
+            v = (np.asarray(values[name], dtype=np.float64) - self._centre[j]) / self._scale[j]
+            z.append(v if tail > 0 else -v if tail < 0 else np.abs(v))
+        return np.stack(z)
 
-        The score is the smallest tail fraction over the detectors; ties (typically tiles beyond
-        the whole reference on some detector, fraction 0) are broken by the excess, by less than
-        half a fraction step, so the order between different fractions is unchanged."""
-        m = len(self.ref)
-        fr = np.stack([_tail_fraction(r, values[name], t, loo=loo)
-                       for name, r, t in zip(self._det_names, self._det_ref, self._det_tail)])
-        ex = []
-        for name, (lo, med, hi), t in zip(self._det_names, self._robust, self._det_tail):
-            v = values[name]
-            low = (lo - v) / max(med - lo, 1e-12)
-            high = (v - hi) / max(hi - med, 1e-12)
-            ex.append(low if t < 0 else high if t > 0 else np.maximum(low, high))
-        ex = np.stack(ex)
-        best = fr.min(axis=0)
-        ex_at = np.where(fr <= best[None], ex, -np.inf).max(axis=0)
-        tie = 1.0 - np.exp(-np.maximum(ex_at, 0.0))  # in [0, 1), increasing with the excess
-        return best - 0.4 / m * tie, np.where(fr <= best[None], ex, -np.inf)
-
-    def _artefacts(self, sim, unc, stats) -> tuple[np.ndarray, list[str]]:
+    def _artefacts(self, sim, unc, stats) -> tuple[np.ndarray, np.ndarray, list[str]]:
         values = {"similarity": sim, "uncertainty": unc}
         if stats is not None:
             values.update({name: stats[:, j] for j, name in enumerate(IMAGE_STATS)})
-        score, ex = self._combined_score(values, loo=False)
-        # conformal p-value of the combined score against the reference's own (leave-one-out) scores
-        p = _conformal_p(self._combined_ref, score)
-        kinds = [""] * len(p)
-        flagged = np.flatnonzero(p <= self.artefact_fpr)
-        if len(flagged):
-            names = self._name_causes(ex[:, flagged], None if stats is None else stats[flagged])
-            for i, k in zip(flagged, names):
-                kinds[i] = k
-        return p, kinds
+        rel = self._zscores(values) / self._cut[:, None]
+        severity = rel.max(axis=0)
+        d = len(self._det_names)
+        # nominal p-value of the severity: Bonferroni over D detectors of the Gaussian tail at the cut's scale
+        p = np.minimum(1.0, d * 0.5 * erfc(severity * self._gauss_cut / math.sqrt(2)))
+        kinds = [""] * len(severity)
+        for i in np.flatnonzero(severity > 1.0):
+            kinds[i] = self._name_cause(rel[:, i], None if stats is None else stats[i])
+        return severity, p, kinds
 
-    def _name_causes(self, ex: np.ndarray, stats) -> list[str]:
-        """Likely cause per tile among the detectors at its most extreme tail fraction (finite
-        ``ex``): a global change first (brightness; defocus when the median block texture fell
-        below half the reference's), then the largest excess beyond the reference range relative
-        to that side's half-range (fold vs stain vs bright region vs feature outlier ...)."""
-        names = self._det_names
-        out = []
-        for i in range(ex.shape[1]):
-            cand = {names[j]: ex[j, i] for j in range(len(names)) if np.isfinite(ex[j, i])}
-            if "mean" in cand and cand["mean"] > 0:
-                out.append(KIND_OF["mean"])
-            elif ("sharpness" in cand and stats is not None and self._ref_texture > 0
-                  and stats[i, TEXTURE] < 0.5 * self._ref_texture):
-                out.append(KIND_OF["sharpness"])
-            else:
-                cand.pop("sharpness", None) if len(cand) > 1 else None
-                out.append(KIND_OF[max(cand, key=cand.get)])
-        return out
+    def _name_cause(self, rel: np.ndarray, stats) -> str:
+        """Likely cause of one flagged tile from the detectors beyond their cut (``rel`` > 1): black
+        pixels first (padding bands, stripes, lost sections), then saturation, then a global blur
+        (sharpness beyond its cut with the median block texture below half the reference's), else the
+        detector furthest beyond its cut (fold, stain, brightness, contrast, ...)."""
+        over = {name: r for name, r in zip(self._det_names, rel) if r > 1.0}
+        for name in ("dark_fraction", "saturated_fraction"):
+            if name in over:
+                return KIND_OF[name]
+        if ("sharpness" in over and stats is not None and self._ref_texture > 0
+                and stats[TEXTURE] < 0.5 * self._ref_texture):
+            return KIND_OF["sharpness"]
+        if len(over) > 1:
+            over.pop("sharpness", None)  # a local artefact also lowers the sharpness ratio
+        return KIND_OF[max(over, key=over.get)]
 
     def _test_window(self) -> WindowResult:
-        """Unbiased MMD² of the ring (exactly one window) against the reference, with the
-        permutation null. Caller holds the lock."""
+        """Unbiased MMD² of the ring (exactly one window) against the reference, compared with the
+        calibrated threshold. Caller holds the lock."""
         n, m = self.window, len(self.ref)
-        # ring slot order does not matter for the statistic, but the permutation matrices index
-        # window slots; any fixed slot order is a valid relabelling.
         kww = _kernel(self._ring_f, self._ring_f, self.sigmas)
         np.fill_diagonal(kww, 0.0)
-        ref_sum = self._ring_s * m  # K_WR 1
-        ww_row = kww.sum(axis=1)
-        total = float(ww_row.sum() + 2 * ref_sum.sum() + self._ref_total)
-
-        def stat(a, rs):
-            xy = rs - a
-            yy = total - 2 * rs + a
-            return a / (n * (n - 1)) + yy / (m * (m - 1)) - 2 * xy / (n * m)
-
-        a_obs = float(ww_row.sum())
-        mmd2 = float(stat(a_obs, a_obs + ref_sum.sum()))
-        xw = self._xw
-        a_perm = (np.einsum("ib,ib->b", xw, kww @ xw) + 2 * np.einsum("ib,ib->b", xw, self._ring_p)
-                  + self._perm_rr)
-        rs_perm = xw.T @ (ww_row + ref_sum) + self._ring_p.sum(axis=0) + self._perm_rr_row
-        null = stat(a_perm, rs_perm)
-        # tolerate rounding: a permutation equal to the observed labelling must count as >=
-        p = float((1 + np.count_nonzero(null >= mmd2 - 1e-12 * max(1.0, abs(mmd2)))) / (1 + self.n_permutations))
-        drift, rule = self._decide(p)
+        mmd2 = float(_mmd2_from_sums(float(kww.sum()), self._ref_total, float(self._ring_s.sum()) * m, n, m))
+        if math.isnan(self.threshold):
+            p, drift, rule = float("nan"), False, "uncalibrated"
+        else:
+            z = (mmd2 - self._cal_mean) / self._cal_sd
+            p = 1.0 if z <= 0 else 1.0 / (1.0 + z * z)  # Cantelli
+            drift = mmd2 >= self.threshold
+            rule = "calibrated" if drift else ""
         order = np.roll(np.arange(n), -self._ring_pos)  # oldest first
         res = WindowResult(index=self.n_windows, n_tiles=n, mmd2=mmd2, p_value=p, drift=drift, rule=rule,
                            first_id=self._ring_id[order[0]], last_id=self._ring_id[order[-1]],
                            t_start=float(self._ring_t[order[0]]), t_end=float(self._ring_t[order[-1]]),
-                           n_flagged=int(self._ring_flag.sum()))
+                           n_flagged=int(self._ring_flag.sum()), threshold=float(self.threshold))
         self.n_windows += 1
         self.n_drift_windows += int(drift)
         self._windows.append(res)
         return res
-
-    def _decide(self, p: float) -> tuple[bool, str]:
-        """Two rules, alpha split between them (union bound): a window alone at alpha/2, or two
-        consecutive windows each at sqrt(alpha/2) (probability alpha/2 for independent null
-        windows). Per-window false-alarm rate <= alpha."""
-        single = p <= self.alpha / 2
-        lvl = math.sqrt(self.alpha / 2)
-        persistent = p <= lvl and self._prev_p <= lvl
-        self._prev_p = p
-        if single:
-            return True, "single"
-        if persistent:
-            return True, "persistent"
-        return False, ""
 
     # -- state -------------------------------------------------------------------------------
 
@@ -748,24 +767,22 @@ class QCMonitor:
         """
         with self._lock:
             arrays = {
-                "ref": self.ref, "sigmas": self.sigmas, "positions": self._positions,
-                "ref_rowsum": self._ref_rowsum, "perm_rr": self._perm_rr, "perm_rr_row": self._perm_rr_row,
-                "combined_ref": self._combined_ref,
-                "ring_f": self._ring_f, "ring_p": self._ring_p, "ring_s": self._ring_s,
+                "ref": self.ref, "sigmas": self.sigmas, "groups": self._groups, "calibration": self._cal,
+                "examples": self.examples,
+                "ring_f": self._ring_f, "ring_s": self._ring_s,
                 "ring_flag": self._ring_flag.astype(np.uint8), "ring_t": self._ring_t,
             }
             for name, r in zip(self._det_names, self._det_ref):
                 arrays[f"det_{name}"] = np.asarray(r, dtype=np.float64)
             meta = {
-                "window": self.window, "alpha": self.alpha,
-                "n_permutations": self.n_permutations, "artefact_fpr": self.artefact_fpr,
+                "window": self.window, "alpha": self.alpha, "artefact_fpr": self.artefact_fpr,
                 "max_reference": self.max_reference, "seed": self.seed, "history": self._history_len,
                 "ref_total": self._ref_total, "detectors": self._det_names, "tails": self._det_tail,
                 "ref_texture": self._ref_texture, "tile_shape": self._tile_shape,
                 "ring_id": self._ring_id, "ring_pos": self._ring_pos, "ring_fill": self._ring_fill,
                 "since_test": self._since_test, "n_tiles": self.n_tiles, "n_windows": self.n_windows,
                 "n_drift_windows": self.n_drift_windows, "n_flagged": self.n_flagged,
-                "flag_counts": self.flag_counts, "prev_p": self._prev_p,
+                "flag_counts": self.flag_counts,
                 "windows": [w.to_dict() for w in self._windows], "model": self._model.fingerprint,
                 "extra": extra or {},
             }
@@ -782,11 +799,12 @@ class QCMonitor:
             The file is missing, truncated or not a QC state.
         """
         meta, arrays = read_state(path)
-        mon = cls(model, None, window=meta["window"], alpha=meta["alpha"], n_permutations=meta["n_permutations"],
-                  uncertainty=uncertainty, max_reference=meta["max_reference"], artefact_fpr=meta["artefact_fpr"],
-                  history=meta["history"], seed=meta["seed"], backend=backend, batch_size=batch_size,
-                  _state={"meta": meta, "arrays": arrays, "path": str(path)})
-        return mon
+        try:
+            kw = {k: meta[k] for k in ("window", "alpha", "max_reference", "artefact_fpr", "history", "seed")}
+        except KeyError as exc:
+            raise FormatError(f"{path}: inconsistent QC state (missing {exc})") from exc
+        return cls(model, None, uncertainty=uncertainty, backend=backend, batch_size=batch_size,
+                   _state={"meta": meta, "arrays": arrays, "path": str(path)}, **kw)
 
     def _restore(self, state: dict) -> None:
         meta, a = state["meta"], state["arrays"]
@@ -797,23 +815,21 @@ class QCMonitor:
             self.ref = a["ref"].astype(np.float32)
             self.dim = self.ref.shape[1]
             self.sigmas = a["sigmas"].astype(np.float64)
-            self._positions = a["positions"].astype(np.int32)
-            self._derive_permutation_matrices()
-            self._ref_rowsum = a["ref_rowsum"]
+            self._groups = a["groups"].astype(np.int64)
+            self._cal = a["calibration"].astype(np.float64)
+            self.examples = a["examples"].astype(np.uint8)
+            self._set_threshold()
             self._ref_total = float(meta["ref_total"])
-            self._perm_rr, self._perm_rr_row = a["perm_rr"], a["perm_rr_row"]
-            self._combined_ref = a["combined_ref"]
             self._det_names = list(meta["detectors"])
             self._det_tail = [int(t) for t in meta["tails"]]
             self._det_ref = [a[f"det_{name}"] for name in self._det_names]
             self._ref_texture = float(meta["ref_texture"])
             self._tile_shape = meta["tile_shape"]
-            self._robust = self._robust_scales()
+            self._calibrate_artefacts()
             if "uncertainty" in self._det_names and not self._model.has_uncertainty:
                 raise FormatError(f"{state['path']}: the saved monitor uses an uncertainty model; pass uncertainty=")
             self._reset_stream()
             self._ring_f[:] = a["ring_f"]
-            self._ring_p[:] = a["ring_p"]
             self._ring_s[:] = a["ring_s"]
             self._ring_flag[:] = a["ring_flag"].astype(bool)
             self._ring_t[:] = a["ring_t"]
@@ -822,9 +838,7 @@ class QCMonitor:
                         "n_flagged"):
                 setattr(self, f"_{key}" if key.startswith(("ring", "since")) else key, int(meta[key]))
             self.flag_counts = {str(k): int(v) for k, v in meta["flag_counts"].items()}
-            self._prev_p = float(meta["prev_p"])
             self._windows.extend(WindowResult(**w) for w in meta["windows"])
             self.loaded_extra = dict(meta.get("extra") or {})
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"{state['path']}: inconsistent QC state ({exc!r})") from exc
-

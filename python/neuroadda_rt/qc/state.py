@@ -18,7 +18,7 @@ from .. import _atomic
 from ..errors import FormatError, require
 
 #: Version of the metadata layout; a file of another version is refused.
-STATE_VERSION = 1
+STATE_VERSION = 2
 _META_KEY = "neuroadda_qc_state"
 
 

@@ -1,0 +1,361 @@
+"""Real-acquisition acceptance of the QC monitor (issue 17), printed as Markdown tables.
+
+    python benchmarks/qc_real_acceptance.py [--data DIR] [--cache DIR] [--parts ...] [--json out.json]
+
+The protocol is fixed in ``docs/results.md`` section 3.1 (written before the results were looked at):
+the five shared sets in acquisition order, reference = first min(30, ceil(n/4)) sections, stream = the
+rest; 64x64 tiles, window 32, alpha 0.01; a random-weight default UNet encoder quantised to int8.
+Parts: ``fa`` (false drift alarms on clean streams), ``pairs`` (dataset switch, every ordered pair),
+``artefacts`` (clean FP rate, injected kinds, DVID bands), ``alibi`` (alibi-detect side by side),
+``alternatives`` (the drift nulls compared in docs/method.md), ``throughput`` (256x256 PNG tiles, int8, and
+file-written -> reported latency through the watcher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TILE = 64
+WINDOW = 32
+ALPHA = 0.01
+ARTEFACT_FPR = 0.01
+BAND_ROW_MEAN = 2.0  # a DVID row is black padding when its mean is < 2 of 255
+BAND_TILE_FRACTION = 0.25
+SETS = ("dvid", "gala", "isbi", "gerhard", "kasthuri")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def _png_u8(path):
+    from PIL import Image
+
+    a = np.asarray(Image.open(path))
+    return a[..., 0] if a.ndim == 3 else a
+
+
+def load_acquisitions(root: Path) -> dict[str, dict]:
+    """Every acceptance acquisition as {name: {"set", "sections": (n, H, W) uint8}} in z order."""
+    from neuroadda_rt.io import natural_sort_key
+
+    def folder(p, pattern):
+        files = sorted(p.glob(pattern), key=lambda f: natural_sort_key(f.name))
+        if not files:
+            raise FileNotFoundError(f"no {pattern} in {p}")
+        return np.stack([_png_u8(f) if f.suffix == ".png" else _tif(f) for f in files])
+
+    def _tif(f):
+        import tifffile
+
+        a = tifffile.imread(f)
+        return a[..., 0] if a.ndim == 3 else a
+
+    def h5(p):
+        import h5py
+
+        with h5py.File(p, "r") as f:
+            return np.asarray(f["stack"][...], dtype=np.uint8)
+
+    isbi = root / "isbi2012_drosophila_l1_vnc" / "data" / "membrane"
+    ger = root / "drosophila_l3_vnc_gerhard"
+    gala = root / "drosophila_fibsem_gala_example" / "tests" / "example-data"
+    acq = {
+        "dvid": ("dvid", lambda: folder(root / "drosophila_fibsem_dvid_grayscale" / "grayscale_maps", "iso.*.png")),
+        "gala_train": ("gala", lambda: h5(gala / "train-image.h5")),
+        "gala_test": ("gala", lambda: h5(gala / "test-image.h5")),
+        "isbi_train": ("isbi", lambda: folder(isbi / "train" / "image", "*.png")),
+        "isbi_test": ("isbi", lambda: folder(isbi / "test", "*.png")),
+        "gerhard_stack1": ("gerhard", lambda: folder(ger / "stack1" / "raw", "*.tif")),
+        "gerhard_stack2": ("gerhard", lambda: folder(ger / "stack2" / "raw", "*.tif")),
+        "kasthuri": ("kasthuri", lambda: folder(root / "kasthuri_mouse_cortex_uniem" / "data" / "DNN_test_images",
+                                                "*.png")),
+    }
+    return {name: {"set": s, "sections": fn()} for name, (s, fn) in acq.items()}
+
+
+def n_reference_sections(n: int) -> int:
+    """The protocol's rule: the first min(30, ceil(n / 4)) sections are the reference."""
+    return min(30, math.ceil(n / 4))
+
+
+def tiles_of(sections: np.ndarray):
+    """(tiles, section index per tile) with 64x64 row-major tiles per section."""
+    from neuroadda_rt.qc import split_tiles
+
+    t = split_tiles(sections, TILE)
+    per = len(t) // len(sections)
+    return t, np.repeat(np.arange(len(sections)), per)
+
+
+def band_rows(sections: np.ndarray) -> np.ndarray:
+    """(n, H) bool: rows whose mean is < 2 of 255 (DVID black padding)."""
+    return sections.astype(np.float64).mean(axis=2) < BAND_ROW_MEAN
+
+
+def band_tiles(sections: np.ndarray) -> np.ndarray:
+    """Per 64x64 tile (split_tiles order): True when >= 25% of its rows are band rows."""
+    rows = band_rows(sections)
+    n, h, w = sections.shape
+    gh, gw = h // TILE, w // TILE
+    frac = rows[:, :gh * TILE].reshape(n, gh, TILE).mean(axis=2)  # (n, gh)
+    return np.repeat(frac >= BAND_TILE_FRACTION, gw, axis=1).reshape(-1)
+
+
+def prepare(root: Path) -> dict[str, dict]:
+    """Acquisitions cut into reference and stream tiles, with section ids and clean masks."""
+    out = {}
+    for name, a in load_acquisitions(root).items():
+        secs = a["sections"]
+        k = n_reference_sections(len(secs))
+        tiles, sec = tiles_of(secs)
+        clean_sec = ~band_rows(secs).any(axis=1)
+        band = band_tiles(secs) if name == "dvid" else np.zeros(len(tiles), bool)
+        ref = sec < k
+        out[name] = {"set": a["set"], "tiles": tiles, "section": sec, "ref": ref, "k": k, "n_sections": len(secs),
+                     "clean": clean_sec[sec], "band": band}
+        log(f"{name}: {len(secs)} sections {secs.shape[1:]}, K={k}, {ref.sum()} reference / {(~ref).sum()} "
+            f"stream tiles, {band.sum()} band tiles")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder and cached features
+
+
+def synthetic_tiles(n: int, size: int, seed0: int) -> np.ndarray:
+    from neuroadda_rt.study.synthetic import make_domain
+
+    out, i = [], 0
+    while sum(len(o) for o in out) < n:
+        img, _ = make_domain(None, (256, 256), seed=seed0 + i)
+        k = 256 // size
+        out.append(img.reshape(k, size, k, size).transpose(0, 2, 1, 3).reshape(k * k, size, size))
+        i += 1
+    return np.concatenate(out)[:n]
+
+
+def build_encoder(cache: Path) -> tuple[Path, Path]:
+    """The default UNet (seed 0, random weights) encoder, fp32 and int8 (calibrated on synthetic tiles)."""
+    import torch
+
+    import neuroadda_rt as nr
+    from neuroadda_rt.models import UNet
+
+    fp32, int8 = cache / "encoder.onnx", cache / "encoder.int8.onnx"
+    if not int8.is_file():
+        torch.manual_seed(0)
+        nr.export_onnx(UNet().eval(), fp32, part="encoder")
+        nr.quantize_int8(fp32, synthetic_tiles(32, TILE, 900).astype(np.float32) / 255, int8)
+    return fp32, int8
+
+
+class FeatureCache:
+    """Features of tiles keyed by their bytes (so that the experiments replay tiles cheaply)."""
+
+    def __init__(self, fx, path: Path):
+        self.fx, self.path, self.store = fx, path, {}
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                self.store = {k.tobytes(): f for k, f in zip(z["keys"], z["features"])}
+        self.dirty = False
+
+    @staticmethod
+    def key(t):
+        return hashlib.blake2b(np.ascontiguousarray(t).tobytes(), digest_size=16).digest()
+
+    def __call__(self, tiles):
+        """Encoder callable for QCMonitor: (N, H, W) float32 in [0, 1] -> (N, d)."""
+        keys = [self.key(t) for t in tiles]
+        miss = [i for i, k in enumerate(keys) if k not in self.store]
+        for s in range(0, len(miss), 512):
+            idx = miss[s:s + 512]
+            f = self.fx.features(tiles[idx][:, None], batch_size=64)
+            for i, fi in zip(idx, f):
+                self.store[keys[i]] = fi
+            self.dirty = True
+            if len(miss) > 512:
+                log(f"  features {s + len(idx)}/{len(miss)}")
+        return np.stack([self.store[k] for k in keys])
+
+    def save(self):
+        if not self.dirty:
+            return
+        keys = np.stack([np.frombuffer(k, dtype=np.uint8) for k in self.store])
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=keys, features=np.stack(list(self.store.values())))
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+# ----------------------------------------------------------------------------------------------
+# injected artefacts (generation fixed in docs/results.md 3.1)
+
+KINDS = ("fold", "stain", "blur", "saturation", "black_stripe")
+EXPECTED_CAUSE = {"fold": "fold", "stain": "stain", "blur": "defocus", "saturation": "saturation",
+                  "black_stripe": "black_region"}
+
+
+def inject(tile: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    """One artefact on a uint8 tile (a new uint8 tile)."""
+    from neuroadda_rt.study.synthetic import apply_artefact
+
+    if kind in ("fold", "stain", "blur"):
+        return apply_artefact(tile, {"blur": "defocus"}.get(kind, kind), seed=seed)[0]
+    rng = np.random.default_rng(seed)
+    x = tile.astype(np.float32) / 255
+    h, w = x.shape
+    if kind == "saturation":
+        # a half-plane covering 30-100% of the tile: intensities -> min(1, 1.8 x + 0.3)
+        ang = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:h, 0:w]
+        proj = (yy - h / 2) * math.sin(ang) + (xx - w / 2) * math.cos(ang)
+        cut = np.quantile(proj, 1 - rng.uniform(0.3, 1.0))
+        m = proj >= cut
+        x[m] = np.minimum(1.0, 1.8 * x[m] + 0.3)
+    elif kind == "black_stripe":
+        vertical = rng.random() < 0.5
+        size = h if not vertical else w
+        width = int(round(rng.uniform(0.25, 0.6) * size))
+        start = int(rng.integers(0, size - width + 1))
+        noise = np.abs(rng.normal(0, 0.004, size=(h, w))).astype(np.float32)
+        if vertical:
+            x[:, start:start + width] = noise[:, start:start + width]
+        else:
+            x[start:start + width] = noise[start:start + width]
+    else:
+        raise ValueError(kind)
+    return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
+
+
+def injected_set(acq: dict, n: int = 100):
+    """{kind: (tiles, source index)} from the acquisition's clean stream tiles (rng 17; seed 1000 + i)."""
+    idx = np.flatnonzero(~acq["ref"] & acq["clean"])
+    rng = np.random.default_rng(17)
+    pick = np.sort(rng.choice(idx, size=min(n, len(idx)), replace=False))
+    return {k: np.stack([inject(acq["tiles"][j], k, 1000 + i) for i, j in enumerate(pick)]) for k in KINDS}, pick
+
+
+# ----------------------------------------------------------------------------------------------
+# experiments
+
+
+def monitor_for(enc, acq, **kw):
+    import warnings
+
+    from neuroadda_rt import QCMonitor
+    from neuroadda_rt.qc import QCCalibrationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QCCalibrationWarning)
+        mon = QCMonitor(enc, acq["tiles"][acq["ref"]], reference_groups=acq["section"][acq["ref"]], window=WINDOW,
+                        alpha=ALPHA, artefact_fpr=ARTEFACT_FPR, **kw)
+    return mon, [str(w.message) for w in caught]
+
+
+def false_alarms(enc, data):
+    """Per stream: windows of clean sections, alarms; band windows separately; tile flags."""
+    rows, flags_all = {}, {}
+    for name, a in data.items():
+        mon, warns = monitor_for(enc, a)
+        st = ~a["ref"]
+        tiles, clean, band = a["tiles"][st], a["clean"][st], a["band"][st]
+        rep = mon.update(tiles, timestamp=0.0)
+        ws = rep.windows
+        wclean = np.array([clean[w.index * WINDOW:(w.index + 1) * WINDOW].all() for w in ws], bool)
+        alarms = np.array([w.drift for w in ws], bool)
+        rows[name] = {"windows_clean": int(wclean.sum()), "alarms_clean": int((alarms & wclean).sum()),
+                      "windows_band": int((~wclean).sum()), "alarms_band": int((alarms & ~wclean).sum()),
+                      "tested": mon.drift_note == "", "note": mon.drift_note, "warnings": warns,
+                      "threshold": mon.threshold, "calibration_windows": int(len(mon._cal)),
+                      "clean_tiles": int(clean.sum()), "clean_flagged": int(rep.flags[clean].sum()),
+                      "flag_kinds_clean": _count([k for k, c in zip(rep.kinds, clean) if c and k])}
+        if band.any():
+            kinds = [k for k, b in zip(rep.kinds, band) if b and k]
+            rows[name]["band_tiles"] = int(band.sum())
+            rows[name]["band_flagged"] = int(rep.flags[band].sum())
+            rows[name]["band_kinds"] = _count(kinds)
+        flags_all[name] = rep
+        log(name, {k: v for k, v in rows[name].items() if k != "warnings"})
+    return rows
+
+
+def _count(xs):
+    out = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+FIRST = {"dvid": "dvid", "gala": "gala_train", "isbi": "isbi_train", "gerhard": "gerhard_stack1",
+         "kasthuri": "kasthuri"}
+
+
+def pair_stream(data, a_name, b_name):
+    a, b = data[a_name], data[b_name]
+    pre = a["tiles"][~a["ref"]][:4 * WINDOW]
+    return np.concatenate([pre, b["tiles"]]), len(pre)
+
+
+def switch_pairs(enc, data, detector=None):
+    """Delay (windows) to the first alarm after the switch A -> B, every ordered pair of sets."""
+    out = {}
+    for sa in SETS:
+        for sb in SETS:
+            if sa == sb:
+                continue
+            a_name, b_name = FIRST[sa], FIRST[sb]
+            stream, n_pre = pair_stream(data, a_name, b_name)
+            if detector is None:
+                mon, _ = monitor_for(enc, data[a_name])
+                if mon.drift_note:
+                    out[(sa, sb)] = {"delay": None, "pre_alarms": None, "note": "reference too small"}
+                    continue
+                alarms = [w.drift for w in mon.update(stream, timestamp=0.0).windows]
+            else:
+                alarms = detector(data[a_name], stream)
+                if alarms is None:
+                    out[(sa, sb)] = {"delay": None, "pre_alarms": None, "note": "reference too small"}
+                    continue
+            k0 = n_pre // WINDOW
+            post = alarms[k0:]
+            delay = next((i + 1 for i, x in enumerate(post) if x), None)
+            out[(sa, sb)] = {"delay": delay, "pre_alarms": int(sum(alarms[:k0])), "windows_after": len(post)}
+    return out
+
+
+def artefact_recall(enc, data):
+    res = {k: {"n": 0, "flagged": 0, "cause_right": 0, "causes": {}} for k in KINDS}
+    for name, a in data.items():
+        mon, _ = monitor_for(enc, a)
+        inj, _ = injected_set(a)
+        for k, tiles in inj.items():
+            rep = mon.update(tiles, timestamp=0.0)
+            r = res[k]
+            r["n"] += len(tiles)
+            r["flagged"] += int(rep.flags.sum())
+            r["cause_right"] += sum(1 for kk, f in zip(rep.kinds, rep.flags) if f and kk == EXPECTED_CAUSE[k])
+            for kk in rep.kinds:
+                if kk:
+                    r["causes"][kk] = r["causes"].get(kk, 0) + 1
+            r.setdefault("per_stream", {})[name] = round(float(rep.flags.mean()), 3)
+    for k, r in res.items():
+        r["recall"] = r["flagged"] / max(r["n"], 1)
+        r["cause_accuracy"] = r["cause_right"] / max(r["flagged"], 1)
+        log(k, r)
+    return res

@@ -23,6 +23,8 @@ pytest.importorskip("watchdog")
 pytest.importorskip("safetensors")
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "tiny_model"
+# small references in unit tests: the monitor warns that they are too small for its alpha (tested on its own)
+pytestmark = pytest.mark.filterwarnings("ignore::neuroadda_rt.qc.QCCalibrationWarning")
 _PROJ = np.random.default_rng(3).normal(size=(18, 6)) / 3
 
 
@@ -44,7 +46,7 @@ def setup(tmp_path, rng):
     ref = tiles(rng, 256)
 
     def factory():
-        return QCMonitor(enc, ref, window=16, n_permutations=60, alpha=0.02)
+        return QCMonitor(enc, ref, window=16, alpha=0.02)
 
     return folder, factory
 
@@ -237,7 +239,7 @@ def test_cli_watch_and_report(tmp_path, rng, capsys):
         np.save(folder / f"f{i}.npy", tiles(rng, 8, size=32))
     (folder / "bad.tif").write_bytes(b"II*\x00junk")
     args = ["qc", "watch", str(folder), "--model", str(ASSETS), "--reference", str(tmp_path / "ref.npy"),
-            "--window", "8", "--n-permutations", "50", "--once", "--settle", "0", "--give-up", "0"]
+            "--window", "8", "--once", "--settle", "0", "--give-up", "0"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "processed 3 files" in out and "ERROR" in out

@@ -28,7 +28,6 @@ def register(subparsers) -> None:
     w.add_argument("--tile-size", type=int, default=None, help="cut images into tiles of this size")
     w.add_argument("--window", type=int, default=256, help="tiles per drift test (default 256)")
     w.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate per window (default 0.01)")
-    w.add_argument("--n-permutations", type=int, default=500, help="permutations of the drift test")
     w.add_argument("--artefact-fpr", type=float, default=0.01, help="false-positive rate of artefact flags")
     w.add_argument("--uncertainty", action="store_true",
                    help="also flag tiles on the model's prediction uncertainty (runs the full network from a "
@@ -70,7 +69,7 @@ def run_watch(args) -> int:
         else:
             reference = read_tiles(ref_path, tile_size=args.tile_size)
         return QCMonitor(model, reference, window=args.window, alpha=args.alpha, uncertainty=uncertainty,
-                         n_permutations=args.n_permutations, artefact_fpr=args.artefact_fpr, seed=args.seed)
+                         artefact_fpr=args.artefact_fpr, seed=args.seed)
 
     svc = QCService(args.folder, factory, model, db=args.db, tile_size=args.tile_size, settle=args.settle,
                     give_up=args.give_up, uncertainty=uncertainty, echo=lambda s: print(s, flush=True))

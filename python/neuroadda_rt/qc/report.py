@@ -45,16 +45,17 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         try:
-            wins = con.execute("SELECT idx, mmd2, p_value, drift, rule, first_id, last_id, t_start, t_end, n_flagged "
-                               "FROM windows ORDER BY idx").fetchall()
+            wins = con.execute("SELECT idx, mmd2, p_value, drift, rule, first_id, last_id, t_start, t_end, n_flagged, "
+                               "threshold FROM windows ORDER BY idx").fetchall()
+            examples = [r[0] for r in con.execute("SELECT thumb FROM examples ORDER BY idx")]
             files = con.execute("SELECT status, COUNT(*), SUM(n_tiles), SUM(n_flagged) FROM files GROUP BY status"
                                 ).fetchall()
             errors = con.execute("SELECT path, error, processed_at FROM files WHERE status = 'error' ORDER BY seq"
                                  ).fetchall()
             kinds = con.execute("SELECT kind, COUNT(*) FROM tiles WHERE flagged = 1 GROUP BY kind ORDER BY 2 DESC"
                                 ).fetchall()
-            gallery = con.execute("SELECT tile_id, kind, artefact_p, score, thumb FROM tiles WHERE flagged = 1 "
-                                  "AND thumb IS NOT NULL ORDER BY artefact_p, score DESC LIMIT ?",
+            gallery = con.execute("SELECT tile_id, kind, artefact_p, severity, thumb FROM tiles WHERE flagged = 1 "
+                                  "AND thumb IS NOT NULL ORDER BY severity DESC LIMIT ?",
                                   (int(max_gallery),)).fetchall()
             meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
@@ -74,6 +75,8 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
         parts.append("<p>" + ", ".join(f"{_esc(k)}={_esc(v)}" for k, v in sorted(meta.items())) + "</p>")
     parts.append("<h2>Drift</h2>")
     if wins:
+        if meta.get("drift_note"):
+            parts.append(f"<p><b>Drift not tested:</b> {_esc(meta['drift_note'])}</p>")
         parts.append(_html.figure_img(_drift_figure(wins, alpha), "drift over time"))
         drifted = [[w[0], f"{w[1]:.4g}", f"{w[2]:.3g}", w[4] or "", w[5], w[6], w[9]] for w in wins if w[3]]
         if drifted:
@@ -90,10 +93,15 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
         fig.tight_layout()
         parts.append(_html.figure_img(fig, "artefact counts"))
         parts.append(_html.table([[k or "?", c] for k, c in kinds], ["likely cause", "tiles"]))
-        parts.append(f"<h2>Flagged tiles ({len(gallery)} most extreme)</h2><div class='gallery'>")
-        for tid, kind, p, _score, thumb in gallery:
+        if examples:
+            parts.append("<h2>Reference examples (clean tiles the flags are calibrated on)</h2><div class='gallery'>")
+            parts.extend(f"<figure>{_html.png_img(t, 'reference', cls=None)}<figcaption>reference</figcaption>"
+                         f"</figure>" for t in examples)
+            parts.append("</div>")
+        parts.append(f"<h2>Flagged tiles ({len(gallery)} most severe first)</h2><div class='gallery'>")
+        for tid, kind, _p, sev, thumb in gallery:
             parts.append(f"<figure>{_html.png_img(thumb, tid, cls=None)}<figcaption>{_esc(tid)}<br>"
-                         f"{_esc(kind)} p={p:.2g}</figcaption></figure>")
+                         f"{_esc(kind)}, severity {sev or 0:.2f}</figcaption></figure>")
         parts.append("</div>")
     else:
         parts.append("<p>No flagged tiles.</p>")
@@ -104,27 +112,24 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
 
 
 def _drift_figure(wins: list, alpha: float):
-    """MMD² and p-value per window over time (minutes when the timestamps are real), drift marked."""
+    """MMD² per window over time (minutes when the timestamps are real) with the calibrated alarm
+    threshold, drift windows marked."""
     idx = np.array([w[0] for w in wins])
     mmd = np.array([w[1] for w in wins])
-    pv = np.array([w[2] for w in wins])
     dr = np.array([bool(w[3]) for w in wins])
     t = np.array([w[8] for w in wins])
-    use_time = np.all(np.diff(t) >= 0) and t[-1] > t[0] and t[0] > 1e8
+    thr = np.array([np.nan if w[10] is None else w[10] for w in wins], dtype=float)
+    use_time = len(t) > 1 and np.all(np.diff(t) >= 0) and t[-1] > t[0] and t[0] > 1e8
     x = (t - t[0]) / 60.0 if use_time else idx
-    fig = _html.figure(figsize=(9, 5))
-    ax = fig.subplots(2, 1, sharex=True)
-    ax[0].plot(x, mmd, "-o", ms=3, color="C0")
-    ax[0].plot(x[dr], mmd[dr], "o", color="C3", label="drift")
-    ax[0].axhline(0, color="0.6", lw=0.8)
-    ax[0].set_ylabel("MMD² (window vs reference)")
-    ax[0].legend(loc="upper left")
-    ax[1].semilogy(x, pv, "-o", ms=3, color="C0")
-    ax[1].semilogy(x[dr], pv[dr], "o", color="C3")
-    ax[1].axhline(alpha / 2, color="C3", ls="--", lw=0.8, label=f"alpha/2 = {alpha / 2:g}")
-    ax[1].axhline((alpha / 2) ** 0.5, color="C1", ls=":", lw=0.8, label="persistence level")
-    ax[1].set_ylabel("p-value")
-    ax[1].set_xlabel("minutes since first window" if use_time else "window")
-    ax[1].legend(loc="lower left")
+    fig = _html.figure(figsize=(9, 3.5))
+    ax = fig.subplots()
+    ax.plot(x, mmd, "-o", ms=3, color="C0", label="MMD² (window vs reference)")
+    ax.plot(x[dr], mmd[dr], "o", color="C3", label="drift")
+    if np.isfinite(thr).any():
+        ax.plot(x, thr, "--", color="C3", lw=1, label=f"calibrated threshold (alpha = {alpha:g})")
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set_ylabel("MMD²")
+    ax.set_xlabel("minutes since first window" if use_time else "window")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     return fig

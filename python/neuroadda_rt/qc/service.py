@@ -22,14 +22,15 @@ the watcher.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import os
 import queue
 import sqlite3
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import FormatError, ShapeError, require
+from .. import _atomic
+from ..errors import FormatError, NeuroaddaError, ShapeError, require
 from .monitor import QCMonitor
 from .reading import DEFAULT_PATTERNS, matches, read_tiles, split_tiles
 from .report import write_report
@@ -45,19 +47,25 @@ from .report import write_report
 log = logging.getLogger("neuroadda_rt")
 
 # read_tiles, split_tiles and write_report live beside the watcher for its users
-__all__ = ["QCService", "read_tiles", "split_tiles", "write_report", "DEFAULT_PATTERNS"]
+__all__ = ["QCService", "read_tiles", "split_tiles", "write_report", "DEFAULT_PATTERNS", "WatcherLockedError"]
+
+
+class WatcherLockedError(NeuroaddaError, RuntimeError):
+    """Another live watcher holds the folder's database (its lock file names the process)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, seq INTEGER, status TEXT NOT NULL, size INTEGER, mtime REAL,
-    processed_at REAL, n_tiles INTEGER, n_flagged INTEGER, tiles_after INTEGER, error TEXT);
+    processed_at REAL, n_tiles INTEGER, n_flagged INTEGER, tiles_after INTEGER, error TEXT, sha TEXT,
+    tiles_sha TEXT);
 CREATE TABLE IF NOT EXISTS tiles (
     file TEXT, idx INTEGER, tile_id TEXT, score REAL, similarity REAL, uncertainty REAL,
-    artefact_p REAL, flagged INTEGER, kind TEXT, thumb BLOB, PRIMARY KEY (file, idx));
+    artefact_p REAL, flagged INTEGER, kind TEXT, thumb BLOB, severity REAL, PRIMARY KEY (file, idx));
+CREATE TABLE IF NOT EXISTS examples (idx INTEGER PRIMARY KEY, thumb BLOB);
 CREATE TABLE IF NOT EXISTS windows (
     idx INTEGER PRIMARY KEY, n_tiles INTEGER, mmd2 REAL, p_value REAL, drift INTEGER, rule TEXT,
-    first_id TEXT, last_id TEXT, t_start REAL, t_end REAL, n_flagged INTEGER, file TEXT);
+    first_id TEXT, last_id TEXT, t_start REAL, t_end REAL, n_flagged INTEGER, file TEXT, threshold REAL);
 """
 
 
@@ -146,10 +154,54 @@ class QCService:
         self._pending: dict[Path, _Pending] = {}
         self._events: queue.Queue[Path] = queue.Queue()
         self._stop = threading.Event()
-        self.db = sqlite3.connect(str(self.db_path), check_same_thread=False)
-        self.db.executescript(_SCHEMA)
+        self.lock_path = self.db_path.with_name(self.db_path.name + ".lock")
+        self._take_lock()
+        try:
+            self.db = sqlite3.connect(str(self.db_path), check_same_thread=False)
+            self.db.executescript(_SCHEMA)
+        except BaseException:
+            self._release_lock()
+            raise
         self.db.commit()
-        self.monitor = self._resume(monitor_factory, model, uncertainty)
+        try:
+            self.monitor = self._resume(monitor_factory, model, uncertainty)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the lock: one watcher per database -------------------------------------------------
+
+    def _take_lock(self) -> None:
+        """Create ``<db>.lock`` holding this pid (O_EXCL); a lock whose process is gone is stale and
+        replaced, a live one refuses this watcher."""
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.lock_path.read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pid = -1
+                if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                    raise WatcherLockedError(
+                        f"{self.folder} is already watched by process {pid} (lock {self.lock_path}); stop it first, "
+                        f"or delete the lock if that process is not a QC watcher") from None
+                if pid == os.getpid():
+                    raise WatcherLockedError(f"{self.folder} is already watched by this process "
+                                             f"(lock {self.lock_path}); close the other QCService first") from None
+                log.warning("removing stale QC lock %s (process %s is gone)", self.lock_path, pid)
+                self.lock_path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            self._locked = True
+            return
+        raise WatcherLockedError(f"could not take the lock {self.lock_path}")
+
+    def _release_lock(self) -> None:
+        if getattr(self, "_locked", False):
+            self.lock_path.unlink(missing_ok=True)
+            self._locked = False
 
     # -- state ------------------------------------------------------------------------------
 
@@ -177,25 +229,47 @@ class QCService:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
                 ("folder", str(self.folder)), ("window", str(mon.window)), ("alpha", str(mon.alpha)),
-                ("n_permutations", str(mon.n_permutations)), ("artefact_fpr", str(mon.artefact_fpr)),
+                ("threshold", str(mon.threshold)), ("artefact_fpr", str(mon.artefact_fpr)),
+                ("drift_note", mon.drift_note),
                 ("reference_size", str(len(mon.ref))), ("sigma", json.dumps(mon.sigma)),
                 ("detectors", ",".join(mon.detectors)), ("tile_size", str(self.tile_size or ""))])
+            self.db.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?)",
+                                [(i, _thumbnail_png(t)) for i, t in enumerate(getattr(mon, "examples", []))])
+        if mon.drift_note:
+            self.echo(f"WARNING   {mon.drift_note}")
         return mon
 
     def _save_state(self, mon, seq: int) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.state_path.name}.", suffix=".tmp", dir=self.state_path.parent)
-        os.close(fd)
-        try:
+        # the new state is written beside the old one (the package's atomic writer), the current one
+        # becomes the previous one, then the new one takes its place: a crash leaves one of the two
+        with _atomic.atomic_path(self.state_path) as tmp:
             mon.save(tmp, extra={"seq": seq, "folder": str(self.folder)})
             if self.state_path.exists():
                 os.replace(self.state_path, self.prev_state_path)
-            os.replace(tmp, self.state_path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
     def processed(self) -> set[str]:
         """Paths (relative to the folder) already in the database, errors included."""
         return {r[0] for r in self.db.execute("SELECT path FROM files")}
+
+    def _known(self) -> dict[str, tuple]:
+        """path -> (size, mtime, sha, n_tiles, tiles_sha, status) of every recorded file."""
+        return {r[0]: r[1:] for r in self.db.execute(
+            "SELECT path, size, mtime, sha, n_tiles, tiles_sha, status FROM files")}
+
+    def _changed(self, p: Path, known: dict) -> bool:
+        """New, or its size / mtime differ from what was recorded (grown or overwritten)."""
+        row = known.get(self._key(p))
+        if row is None:
+            return True
+        st = _safe_stat(p)
+        return st is not None and (row[0], row[1]) != (st.st_size, st.st_mtime)
+
+    def _inside(self, p: Path) -> bool:
+        """Whether ``p`` (a link is followed) is a file of the watched folder itself."""
+        try:
+            return p.resolve().parent == self.folder
+        except OSError:
+            return False
 
     # -- processing -------------------------------------------------------------------------
 
@@ -210,16 +284,22 @@ class QCService:
         # the monitor did not change: the state saved for seq-1 is still exact; re-save under seq
         self._save_state(self.monitor, seq)
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?)",
+            self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                             (self._key(path), seq, "error", st.st_size if st else None, st.st_mtime if st else None,
-                             time.time(), 0, 0, self.monitor.n_tiles, msg))
+                             time.time(), 0, 0, self.monitor.n_tiles, msg, None, None))
         self.echo(f"ERROR     {self._key(path)}: {msg}")
 
     def process_file(self, path: Path) -> bool:
-        """Decode, monitor and record one complete file. Returns False when it is not yet readable."""
+        """Decode, monitor and record one complete file. Returns False when it is not yet readable.
+
+        Files are keyed by content: a file whose bytes were already processed under another name
+        (a rename) is recorded as a duplicate and not fed again; a file that grew since it was
+        processed (a multi-page TIFF written page by page) feeds only its new tiles when its old
+        tiles are unchanged; an overwritten file is processed again in full."""
         key = self._key(path)
         try:
             st = path.stat()
+            raw = path.read_bytes()
             tiles = read_tiles(path, tile_size=self.tile_size)
         except FileNotFoundError:
             return True  # vanished: nothing to record
@@ -230,50 +310,97 @@ class QCService:
                 return False
             self._record_error(path, None if isinstance(exc, FileNotFoundError) else _safe_stat(path), str(exc))
             return True
+        sha = hashlib.sha256(raw).hexdigest()
+        known = self._known()
+        prev = known.get(key)
+        if prev is not None and prev[2] == sha:
+            self._touch(key, st)  # same bytes (touched): nothing new
+            return True
+        same = [k for k, row in known.items() if row[2] == sha and row[5] in ("ok", "duplicate") and k != key]
+        if same and prev is None:
+            self._record_duplicate(key, st, sha, same[0])
+            return True
+        start = 0
+        if prev is not None and prev[5] == "ok" and prev[3] and len(tiles) > prev[3] \
+                and _tiles_sha(tiles[:prev[3]]) == prev[4]:
+            start = int(prev[3])  # grown: the first tiles were already monitored
         try:
-            ids = [f"{key}#{i}" for i in range(len(tiles))]
-            rep = self.monitor.update(tiles, ids=ids, timestamp=st.st_mtime)
+            ids = [f"{key}#{i}" for i in range(start, len(tiles))]
+            rep = self.monitor.update(tiles[start:], ids=ids, timestamp=st.st_mtime)
         except (ValueError, TypeError) as exc:  # bad dtype / shape / values for this monitor
             self._record_error(path, st, f"rejected by the monitor: {exc}")
             return True
         seq = self._db_seq() + 1
         self._save_state(self.monitor, seq)
-        unc = rep.uncertainty if rep.uncertainty is not None else [None] * len(tiles)
+        unc = rep.uncertainty if rep.uncertainty is not None else [None] * len(ids)
+        sev = rep.severity if rep.severity is not None else np.zeros(len(ids))
         rows = []
-        for i in range(len(tiles)):
-            thumb = _thumbnail_png(tiles[i]) if (rep.flags[i] and self.thumbnails) else None
-            rows.append((key, i, ids[i], float(rep.scores[i]), float(rep.similarity[i]),
-                         None if unc[i] is None else float(unc[i]), float(rep.artefact_p[i]), int(rep.flags[i]),
-                         rep.kinds[i], thumb))
+        for j in range(len(ids)):
+            thumb = _thumbnail_png(tiles[start + j]) if (rep.flags[j] and self.thumbnails) else None
+            rows.append((key, start + j, ids[j], float(rep.scores[j]), float(rep.similarity[j]),
+                         None if unc[j] is None else float(unc[j]), float(rep.artefact_p[j]), int(rep.flags[j]),
+                         rep.kinds[j], thumb, float(sev[j])))
+        n_flagged = rep.n_flagged
+        if start:  # the flags of the tiles monitored before the file grew
+            n_flagged += self.db.execute("SELECT COUNT(*) FROM tiles WHERE file = ? AND flagged = 1 AND idx < ?",
+                                         (key, start)).fetchone()[0]
         with self.db:
-            self.db.execute("DELETE FROM tiles WHERE file = ?", (key,))
-            self.db.executemany("INSERT INTO tiles VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            if start == 0:
+                self.db.execute("DELETE FROM tiles WHERE file = ?", (key,))
+            self.db.executemany("INSERT OR REPLACE INTO tiles VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
             for w in rep.windows:
-                self.db.execute("INSERT OR REPLACE INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                self.db.execute("INSERT OR REPLACE INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                                 (w.index, w.n_tiles, w.mmd2, w.p_value, int(w.drift), w.rule, w.first_id, w.last_id,
-                                 w.t_start, w.t_end, w.n_flagged, key))
-            self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (key, seq, "ok", st.st_size, st.st_mtime, time.time(), len(tiles), rep.n_flagged,
-                             self.monitor.n_tiles, None))
-        self.echo(f"ok        {key}: {len(tiles)} tiles, {rep.n_flagged} flagged")
-        for i in np.flatnonzero(rep.flags):
-            self.echo(f"ARTEFACT  {ids[i]}: {rep.kinds[i]} (p={rep.artefact_p[i]:.2g})")
-        for w in rep.windows:
-            tag = "DRIFT    " if w.drift else "window   "
-            self.echo(f"{tag} #{w.index} [{w.first_id} .. {w.last_id}]: MMD²={w.mmd2:.4g} p={w.p_value:.3g}"
-                      + (f" ({w.rule} rule)" if w.drift else ""))
+                                 w.t_start, w.t_end, w.n_flagged, key, w.threshold))
+            self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (key, seq, "ok", st.st_size, st.st_mtime, time.time(), len(tiles), n_flagged,
+                             self.monitor.n_tiles, None, sha, _tiles_sha(tiles)))
+        self.echo(self._summary_line(key, rep, len(ids), start, prev))
         return True
 
+    def _summary_line(self, key, rep, n, start, prev) -> str:
+        """One console line per file: tiles, flags by likely cause, windows completed and drift."""
+        what = "ok       " if prev is None else ("grown    " if start else "rewritten")
+        causes: dict[str, int] = {}
+        for k in rep.kinds:
+            if k:
+                causes[k] = causes.get(k, 0) + 1
+        line = f"{what} {key}: {n} tiles" + (f" (from tile {start})" if start else "")
+        line += f", {rep.n_flagged} flagged" + (" (" + ", ".join(f"{k} {c}" for k, c in
+                                                                 sorted(causes.items(), key=lambda kv: -kv[1]))
+                                                + ")" if causes else "")
+        for w in rep.windows:
+            if w.rule == "uncalibrated":
+                line += f"; window #{w.index} not tested"
+            else:
+                line += (f"; window #{w.index} MMD²={w.mmd2:.4g} (threshold {w.threshold:.4g})"
+                         + (" DRIFT" if w.drift else ""))
+        return line
+
+    def _touch(self, key: str, st) -> None:
+        with self.db:
+            self.db.execute("UPDATE files SET size = ?, mtime = ? WHERE path = ?", (st.st_size, st.st_mtime, key))
+
+    def _record_duplicate(self, key: str, st, sha: str, original: str) -> None:
+        seq = self._db_seq() + 1
+        self._save_state(self.monitor, seq)  # unchanged monitor, re-saved under the new sequence number
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (key, seq, "duplicate", st.st_size, st.st_mtime, time.time(), 0, 0, self.monitor.n_tiles,
+                             f"same content as {original} (renamed or copied): not counted again", sha, None))
+        self.echo(f"duplicate {key}: same content as {original}, not counted again")
+
     def _candidates(self) -> list[Path]:
-        done = self.processed()
+        known = self._known()
         out = []
         for p in self.folder.iterdir():
-            if p.is_file() and matches(p.name, self.patterns) and self._key(p) not in done:
+            if (matches(p.name, self.patterns) and self._inside(p) and p.is_file()
+                    and self._changed(p, known)):
                 out.append(p)
         return sorted(out, key=lambda p: (_safe_mtime(p), p.name))
 
     def scan(self) -> int:
-        """Queue every file in the folder not yet in the database. Returns how many."""
+        """Queue every file in the folder that is new or changed since it was recorded. Returns how many."""
         new = self._candidates()
         for p in new:
             self._pending.setdefault(p, _Pending(first_seen=time.time()))
@@ -281,13 +408,15 @@ class QCService:
 
     def step(self) -> int:
         """Process the pending files that are complete. Returns how many were finished."""
+        known = None
         while True:
             try:
                 p = self._events.get_nowait()
             except queue.Empty:
                 break
-            if matches(p.name, self.patterns) and p.parent.resolve() == self.folder:
-                if self._key(p) not in self.processed():
+            if matches(p.name, self.patterns) and p.parent == self.folder and self._inside(p):
+                known = self._known() if known is None else known
+                if self._changed(p, known):
                     self._pending.setdefault(p, _Pending(first_seen=time.time()))
         now = time.time()
         finished = 0
@@ -337,7 +466,10 @@ class QCService:
         self._stop.set()
 
     def close(self) -> None:
-        self.db.close()
+        """Close the database and release the folder's lock."""
+        with contextlib.suppress(AttributeError):
+            self.db.close()
+        self._release_lock()
 
     def _start_observer(self):
         require("watchdog", "qc")
@@ -369,6 +501,20 @@ class QCService:
         # files that arrived between the scan and the observer's start
         self.scan()
         return observer
+
+
+def _tiles_sha(tiles: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tiles).tobytes()).hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _safe_stat(p: Path):

@@ -263,3 +263,114 @@ def test_old_module_path_warns_and_aliases():
         old = importlib.import_module("neuroadda_rt.qc_service")
     for name in old.__all__:
         assert getattr(old, name) is getattr(new, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# watcher fixes (issue 17): content keys, growing files, renames, one watcher per folder, links
+
+
+def test_growing_multipage_tiff_is_reread_until_complete(setup, rng):
+    """A TIFF written page by page with pauses longer than `settle`: each time it is found grown, only
+    its new pages are fed (the old ones are unchanged), so every page is monitored exactly once."""
+    tifffile = pytest.importorskip("tifffile")
+    folder, factory = setup
+    pages = tiles(rng, 5)
+    path = folder / "stack.tif"
+    svc = QCService(folder, factory, enc, settle=0.0)
+    for k in (1, 3, 5):
+        tifffile.imwrite(path, pages[:k], photometric="minisblack")
+        os.utime(path, (time.time() + k, time.time() + k))  # a later mtime, as a real append gives
+        svc.scan()
+        svc.step()
+        assert svc.monitor.n_tiles == k
+    con = sqlite3.connect(svc.db_path)
+    assert sorted(r[0] for r in con.execute("SELECT idx FROM tiles WHERE file = 'stack.tif'")) == list(range(5))
+    assert con.execute("SELECT n_tiles FROM files WHERE path = 'stack.tif'").fetchone()[0] == 5
+    ref = factory()
+    ref_rep = ref.update(pages)
+    got = [r[0] for r in con.execute("SELECT similarity FROM tiles WHERE file = 'stack.tif' ORDER BY idx")]
+    np.testing.assert_allclose(got, ref_rep.similarity, rtol=1e-6)
+    svc.close()
+
+
+def test_overwritten_file_is_processed_again(setup, rng):
+    folder, factory = setup
+    path = write_npy(folder / "a.npy", tiles(rng, 6))
+    svc = QCService(folder, factory, enc, settle=0.0)
+    svc.run(once=True)
+    assert svc.monitor.n_tiles == 6
+    os.utime(path, (time.time() + 5, time.time() + 5))  # touched, same bytes: nothing new
+    assert svc.run(once=True) == 1 and svc.monitor.n_tiles == 6
+    second = tiles(rng, 4, mean=60)
+    np.save(path, second)
+    os.utime(path, (time.time() + 10, time.time() + 10))
+    svc.run(once=True)
+    assert svc.monitor.n_tiles == 10  # the new content is monitored
+    con = sqlite3.connect(svc.db_path)
+    assert con.execute("SELECT COUNT(*) FROM tiles WHERE file = 'a.npy'").fetchone()[0] == 4
+    svc.close()
+
+
+def test_renamed_file_is_not_counted_twice(setup, rng):
+    folder, factory = setup
+    path = write_npy(folder / "a.npy", tiles(rng, 6))
+    lines = []
+    svc = QCService(folder, factory, enc, settle=0.0, echo=lines.append)
+    svc.run(once=True)
+    os.replace(path, folder / "renamed.npy")
+    svc.run(once=True)
+    assert svc.monitor.n_tiles == 6
+    con = sqlite3.connect(svc.db_path)
+    assert con.execute("SELECT status FROM files WHERE path = 'renamed.npy'").fetchone()[0] == "duplicate"
+    assert any(s.startswith("duplicate") and "a.npy" in s for s in lines)
+    svc.close()
+
+
+def test_second_watcher_on_the_same_folder_is_refused(setup, rng, tmp_path):
+    from neuroadda_rt.qc.service import WatcherLockedError
+
+    folder, factory = setup
+    svc = QCService(folder, factory, enc, settle=0.0)
+    with pytest.raises(WatcherLockedError, match="already watched"):
+        QCService(folder, factory, enc, settle=0.0)
+    svc.close()
+    assert not svc.lock_path.exists()
+    # a lock left by a process that is gone is stale: taken over
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    svc.lock_path.write_text(dead.stdout.strip() + "\n")
+    svc2 = QCService(folder, factory, enc, settle=0.0)
+    assert svc2.lock_path.read_text().split()[0] == str(os.getpid())
+    svc2.close()
+
+
+def test_links_leading_out_of_the_folder_are_ignored(setup, rng, tmp_path):
+    folder, factory = setup
+    outside = write_npy(tmp_path / "elsewhere.npy", tiles(rng, 5))
+    (folder / "link.npy").symlink_to(outside)
+    write_npy(folder / "real.npy", tiles(rng, 3))
+    (folder / "inside_link.npy").symlink_to(folder / "real.npy")  # inside the folder: its target is processed
+    svc = QCService(folder, factory, enc, settle=0.0)
+    svc.run(once=True)
+    con = sqlite3.connect(svc.db_path)
+    paths = {r[0] for r in con.execute("SELECT path FROM files")}
+    assert "link.npy" not in paths and "elsewhere.npy" not in paths
+    assert svc.monitor.n_tiles == 3
+    svc.close()
+
+
+def test_console_prints_one_line_per_file(setup, rng):
+    folder, factory = setup
+    bad = tiles(rng, 8)
+    bad[:4] = 0  # four black tiles
+    write_npy(folder / "a.npy", bad)
+    write_npy(folder / "b.npy", tiles(rng, 8))
+    lines = []
+    svc = QCService(folder, factory, enc, settle=0.0, echo=lines.append)
+    svc.run(once=True)
+    per_file = [s for s in lines if s.split()[0] in ("ok", "grown", "rewritten")]
+    assert len(per_file) == 2
+    assert "4 flagged (black_region 4)" in per_file[0]
+    svc.close()

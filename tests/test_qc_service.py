@@ -374,3 +374,20 @@ def test_console_prints_one_line_per_file(setup, rng):
     assert len(per_file) == 2
     assert "4 flagged (black_region 4)" in per_file[0]
     svc.close()
+
+
+def test_cli_full_network_onnx_says_what_is_wrong(tmp_path, rng, capsys):
+    pytest.importorskip("onnx")
+    if not (ASSETS / "model.onnx").is_file():
+        pytest.skip(f"tiny model asset missing at {ASSETS}")
+    from neuroadda_rt.cli import main
+
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    np.save(tmp_path / "ref.npy", tiles(rng, 64, size=32))
+    code = main(["qc", "watch", str(folder), "--model", str(ASSETS / "model.onnx"), "--reference",
+                 str(tmp_path / "ref.npy"), "--once"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "full network" in err and "1 channels" in err and "--part encoder" in err
+    assert "no backend can run" not in err

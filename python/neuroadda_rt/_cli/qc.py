@@ -55,6 +55,9 @@ def run_watch(args) -> int:
 
     if not args.folder.is_dir():
         raise FileNotFoundError(f"watched folder {args.folder} does not exist")
+    from ..qc.monitor import _refuse_full_network
+
+    _refuse_full_network(Path(args.model))  # before the runtime's less specific "no backend can run this model"
     model = FeatureExtractor(args.model, backend=args.backend)
     uncertainty = None
     if args.uncertainty:

@@ -219,6 +219,7 @@ class _Model:
             self.fingerprint = folder_sha256(model.path, suffixes=(".onnx", ".safetensors", ".json"))[:16]
             model = model.feature_extractor(backend=backend)
         elif isinstance(model, (str, os.PathLike)):
+            _refuse_full_network(Path(model))
             # the weights' files only: a fingerprint of what computes the features
             self.fingerprint = folder_sha256(model, suffixes=(".onnx", ".safetensors", ".json"))[:16]
             model = FeatureExtractor(model, backend=backend)
@@ -270,6 +271,30 @@ class _Model:
         if u.shape[0] != tiles.shape[0]:
             raise ShapeError(f"expected {tiles.shape[0]} uncertainties, got {u.shape[0]}")
         return u
+
+
+def _refuse_full_network(path: Path) -> None:
+    """An ONNX file given as the encoder but holding the full network (its output at the input's
+    resolution) is refused with what to do, instead of the runtime's 'no backend can run this model'."""
+    if not (path.is_file() and path.suffix.lower() == ".onnx"):
+        return
+    from ..export import onnx_metadata
+
+    import onnx
+
+    part = onnx_metadata(path).get("neuroadda_rt.part")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (graph.input[0],
+                                                                                         graph.output[0])]
+    channels = dims[1][1] if len(dims[1]) > 1 else None
+    if part is None and len(dims[0]) == len(dims[1]) >= 4 and dims[0][2:] == dims[1][2:]:
+        part = "full"  # a foreign ONNX whose output has the input's spatial axes
+    if part == "full":
+        what = f"{channels} channels" if isinstance(channels, int) and channels else "a probability map"
+        raise InputValueError(
+            f"{path}: this ONNX is the full network (output {what} at full resolution), but QC needs the "
+            f"encoder's features; export the encoder with `neuroadda-rt export MODEL --part encoder` (or pass the "
+            f"model package folder)")
 
 
 # ----------------------------------------------------------------------------------------------

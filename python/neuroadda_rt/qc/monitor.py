@@ -5,11 +5,13 @@ acquisition order, as tiles or as precomputed encoder features) and compares eve
 in the feature space of a trained encoder, with the kernel of the MMD² test used for source ranking:
 
 * **Drift** -- the stream is cut into consecutive windows of ``window`` tiles; each full window's
-  unbiased MMD² against the reference is compared with a threshold *calibrated on the reference's own
-  consecutive windows*: every run of ``window`` consecutive reference tiles is scored against the
-  reference without its sections and one section on each side, and the window alarms when its MMD²
-  exceeds the mean of those scores by ``sqrt(1/alpha - 1)`` standard deviations (Cantelli's one-sided
-  bound, which needs no distributional assumption). Consecutive sections are not exchangeable with a
+  statistic (by default its *novelty*: the mean log distance of its tiles to their k-th nearest
+  reference tile; or its unbiased MMD² against the reference) is compared with a threshold
+  *calibrated on the reference's own consecutive windows*: every run of ``window`` consecutive
+  reference tiles is scored against the reference without its sections and one section on each
+  side, and the window alarms when its statistic exceeds the mean of those scores by
+  ``sqrt(1/alpha - 1)`` standard deviations (Cantelli's one-sided bound, which needs no
+  distributional assumption). Consecutive sections are not exchangeable with a
   random reference sample, so a permutation null (the old test) alarms on every clean stream; this
   null is made of the same kind of windows the stream delivers. See ``docs/method.md``.
 * **Tile scores** -- the MMD witness function at every new tile,
@@ -64,6 +66,9 @@ __all__ = ["QCMonitor", "QCReport", "WindowResult", "QCCalibrationWarning"]
 #: threshold is calibrated on; below it the mean and standard deviation of the null are too uncertain
 #: and windows are not tested (the monitor says so).
 MIN_CALIBRATION_WINDOWS = 8
+#: Window statistics: ``"novelty"`` (mean log distance of the window's tiles to their k-th nearest reference
+#: tile), ``"mmd2"`` (unbiased MMD² against the reference), ``"both"`` (either, each at alpha / 2).
+STATISTICS = ("novelty", "mmd2", "both")
 
 
 class QCCalibrationWarning(UserWarning):
@@ -88,13 +93,15 @@ class WindowResult:
     mmd2 : float
         Unbiased MMD² between the window and the reference (same kernel for every window).
     p_value : float
-        Cantelli's upper bound on the probability that a clean window scores at least ``mmd2``,
-        ``1 / (1 + z²)`` for ``z = (mmd2 - mean) / sd`` of the calibration windows (1 when z <= 0);
-        NaN when the monitor could not be calibrated.
+        Cantelli's upper bound on the probability that a clean window scores at least this high,
+        ``1 / (1 + z²)`` for ``z = (statistic - mean) / sd`` of the calibration windows (1 when z <= 0;
+        with ``statistic="both"`` twice the smaller of the two); NaN when the monitor could not be
+        calibrated.
     drift : bool
-        ``p_value <= alpha``, i.e. ``mmd2 >= threshold``.
+        The statistic in use reached its calibrated threshold (``p_value <= alpha``).
     rule : str
-        ``"calibrated"`` when the window alarmed, ``"uncalibrated"`` when it was not tested, else ``""``.
+        Which statistic fired (``"novelty"``, ``"mmd2"``, ``"mmd2+novelty"``), ``"uncalibrated"`` when the
+        window was not tested, else ``""``.
     first_id, last_id : str
         Ids of the first and last tile of the window.
     t_start, t_end : float
@@ -102,7 +109,12 @@ class WindowResult:
     n_flagged : int
         Tiles of the window flagged as artefacts.
     threshold : float
-        The calibrated MMD² alarm threshold (NaN when uncalibrated).
+        The calibrated MMD² alarm threshold (NaN when MMD² is not the statistic or uncalibrated).
+    novelty : float
+        Mean over the window's tiles of the log distance to their ``n_neighbors``-th nearest
+        reference tile (in feature units).
+    novelty_threshold : float
+        The calibrated novelty alarm threshold (NaN when not used or uncalibrated).
     """
 
     index: int
@@ -117,6 +129,8 @@ class WindowResult:
     t_end: float
     n_flagged: int
     threshold: float = float("nan")
+    novelty: float = float("nan")
+    novelty_threshold: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -328,6 +342,11 @@ def _kernel(a: np.ndarray, b: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
 
 
 
+def _or_none(x: float) -> float | None:
+    """NaN (a threshold not in use) as None, so that summaries compare and serialise plainly."""
+    return None if math.isnan(x) else float(x)
+
+
 def _mmd2_from_sums(a_ww: float, a_rr: float, a_wr: float, n: int, m: int) -> float:
     """Unbiased MMD² from the off-diagonal kernel sums of the two samples and their cross sum."""
     return a_ww / (n * (n - 1)) + a_rr / (m * (m - 1)) - 2 * a_wr / (n * m)
@@ -390,6 +409,15 @@ class QCMonitor:
         Window results kept in memory (older ones are only counted).
     seed : int
         Seed of the reference subsample and of the bandwidth's half/half split.
+    statistic : {"novelty", "mmd2", "both"}
+        Window statistic the alarm uses: ``"novelty"`` (default), the mean over the window's tiles of
+        the log distance to their ``n_neighbors``-th nearest reference tile: high when the tiles look
+        like nothing in the reference (focus, contrast, noise, another sample), insensitive to which
+        reference-like content the window holds; ``"mmd2"``, the unbiased MMD² against the whole
+        reference (also sensitive to the window's content mix); ``"both"``, either at alpha / 2. Both
+        statistics are always computed and reported.
+    n_neighbors : int
+        k of the novelty statistic.
     backend : str
         Backend used when ``model`` is a path.
     batch_size : int
@@ -411,8 +439,8 @@ class QCMonitor:
     def __init__(self, model, reference, *, window: int = 256, alpha: float = 0.01,
                  uncertainty=None, reference_uncertainty=None, reference_groups=None,
                  sigma: float | Sequence[float] | None = None, max_reference: int = 2048,
-                 artefact_fpr: float = 0.01, history: int = 4096, seed: int = 0,
-                 backend: str = "auto", batch_size: int = 32, _state: dict | None = None):
+                 artefact_fpr: float = 0.01, history: int = 4096, seed: int = 0, statistic: str = "novelty",
+                 n_neighbors: int = 5, backend: str = "auto", batch_size: int = 32, _state: dict | None = None):
         if int(window) < 4:
             raise InputValueError(f"expected window >= 4, got {window}")
         if not 0 < float(alpha) < 1:
@@ -421,6 +449,12 @@ class QCMonitor:
             raise InputValueError(f"expected 0 < artefact_fpr < 1, got {artefact_fpr}")
         if int(max_reference) < 16:
             raise InputValueError(f"expected max_reference >= 16, got {max_reference}")
+        if statistic not in STATISTICS:
+            raise InputValueError(f"expected statistic in {STATISTICS}, got {statistic!r}")
+        if not 1 <= int(n_neighbors) < int(window):
+            raise InputValueError(f"expected 1 <= n_neighbors < window ({window}), got {n_neighbors}")
+        self.statistic = statistic
+        self.n_neighbors = int(n_neighbors)
         self.window = int(window)
         self.alpha = float(alpha)
         self.artefact_fpr = float(artefact_fpr)
@@ -488,7 +522,8 @@ class QCMonitor:
         np.fill_diagonal(kmat, 0.0)
         rowsum = kmat.sum(axis=1)
         self._ref_total = float(rowsum.sum())
-        self._calibrate_drift(kmat)
+        self._ref_sq = (feats.astype(np.float64) ** 2).sum(axis=1)
+        self._calibrate_drift(kmat, self._sqdist(feats))
         del kmat
         ref_sim = rowsum / (m - 1)  # leave-one-out reference similarity
         self._det_names = ["similarity"]
@@ -525,12 +560,24 @@ class QCMonitor:
         # the package's median heuristic, on a random half/half split
         return np.array([float(median_sigma(feats[perm[:half]], feats[perm[half:]]))])
 
-    def _calibrate_drift(self, kmat: np.ndarray) -> None:
-        """MMD² of every run of ``window`` consecutive reference tiles (starting every half window)
-        against the reference without the run's sections and one section on each side: windows of
-        consecutive sections, scored against sections they do not touch, as the stream's are."""
+    def _sqdist(self, feats: np.ndarray) -> np.ndarray:
+        """Squared Euclidean distances of features to every reference tile, float64."""
+        f = feats.astype(np.float64)
+        return np.maximum((f * f).sum(axis=1)[:, None] + self._ref_sq[None] - 2 * f @ self.ref.astype(np.float64).T,
+                          0.0)
+
+    def _novelty(self, d2: np.ndarray) -> np.ndarray:
+        """Log distance of each row's tile to its ``n_neighbors``-th nearest column tile."""
+        kth = np.partition(d2, self.n_neighbors - 1, axis=1)[:, self.n_neighbors - 1]
+        return 0.5 * np.log(np.maximum(kth, 1e-24))
+
+    def _calibrate_drift(self, kmat: np.ndarray, dmat: np.ndarray) -> None:
+        """Both window statistics of every run of ``window`` consecutive reference tiles (starting
+        every half window) against the reference without the run's sections and one section on each
+        side: windows of consecutive sections, scored against sections they do not touch, as the
+        stream's are."""
         n, m, g = self.window, len(self.ref), self._groups
-        vals = []
+        vals, nov = [], []
         for s in range(0, m - n + 1, max(1, n // 2)):
             blk = np.arange(s, s + n)
             lo, hi = g[blk].min() - 1, g[blk].max() + 1
@@ -541,18 +588,29 @@ class QCMonitor:
             a_rr = kmat[np.ix_(rest, rest)].sum()
             a_wr = kmat[np.ix_(blk, rest)].sum()
             vals.append(_mmd2_from_sums(a_ww, a_rr, a_wr, n, len(rest)))
+            nov.append(float(self._novelty(dmat[np.ix_(blk, rest)]).mean()))
         self._cal = np.asarray(vals, dtype=np.float64)
+        self._cal_nov = np.asarray(nov, dtype=np.float64)
         self._set_threshold()
 
     def _set_threshold(self) -> None:
         b = len(self._cal)
+        nan = float("nan")
+        self._cal_mean = self._cal_sd = self.threshold = nan
+        self._nov_mean = self._nov_sd = self.novelty_threshold = nan
         if b >= MIN_CALIBRATION_WINDOWS:
-            self._cal_mean = float(self._cal.mean())
-            self._cal_sd = max(float(self._cal.std(ddof=1)), 1e-12)
-            self.threshold = self._cal_mean + math.sqrt(1 / self.alpha - 1) * self._cal_sd
+            level = self.alpha / 2 if self.statistic == "both" else self.alpha  # Bonferroni over two statistics
+            k = math.sqrt(1 / level - 1)  # Cantelli: P(X - mean >= k sd) <= 1 / (1 + k²) = level
+            if self.statistic in ("mmd2", "both"):
+                self._cal_mean = float(self._cal.mean())
+                self._cal_sd = max(float(self._cal.std(ddof=1)), 1e-12)
+                self.threshold = self._cal_mean + k * self._cal_sd
+            if self.statistic in ("novelty", "both"):
+                self._nov_mean = float(self._cal_nov.mean())
+                self._nov_sd = max(float(self._cal_nov.std(ddof=1)), 1e-12)
+                self.novelty_threshold = self._nov_mean + k * self._nov_sd
             self.drift_note = ""
         else:
-            self._cal_mean = self._cal_sd = self.threshold = float("nan")
             self.drift_note = (
                 f"drift is not tested: the reference ({len(self.ref)} tiles, {len(np.unique(self._groups))} "
                 f"sections) gives {b} calibration windows of {self.window} consecutive tiles with a section "
@@ -591,6 +649,7 @@ class QCMonitor:
         n = self.window
         self._ring_f = np.zeros((n, self.dim), dtype=np.float32)
         self._ring_s = np.zeros(n)  # reference similarity
+        self._ring_n = np.zeros(n)  # novelty (log k-th nearest reference distance)
         self._ring_flag = np.zeros(n, dtype=bool)
         self._ring_id: list[str] = [""] * n
         self._ring_t = np.zeros(n)
@@ -619,8 +678,10 @@ class QCMonitor:
     @property
     def calibration(self) -> dict[str, Any]:
         """The drift calibration: windows used, their mean and sd, the threshold, and why not (if not)."""
-        return {"n_windows": int(len(self._cal)), "mean": self._cal_mean, "sd": self._cal_sd,
-                "threshold": self.threshold, "alpha": self.alpha, "note": self.drift_note,
+        return {"n_windows": int(len(self._cal)), "statistic": self.statistic, "mean": self._cal_mean,
+                "sd": self._cal_sd, "threshold": self.threshold, "novelty_mean": self._nov_mean,
+                "novelty_sd": self._nov_sd, "novelty_threshold": self.novelty_threshold, "alpha": self.alpha,
+                "note": self.drift_note,
                 "artefact_cuts": dict(zip(self._det_names, self._cut.tolist()))}
 
     @property
@@ -635,7 +696,8 @@ class QCMonitor:
             return {"n_tiles": self.n_tiles, "n_windows": self.n_windows, "n_drift_windows": self.n_drift_windows,
                     "n_flagged": self.n_flagged, "flag_counts": dict(self.flag_counts),
                     "sigma": self.sigma, "reference_size": len(self.ref), "detectors": self.detectors,
-                    "threshold": self.threshold, "drift_note": self.drift_note}
+                    "statistic": self.statistic, "threshold": _or_none(self.threshold),
+                    "novelty_threshold": _or_none(self.novelty_threshold), "drift_note": self.drift_note}
 
     def update(self, tiles, *, ids: Sequence[Any] | None = None, timestamp: float | None = None) -> QCReport:
         """Score new tiles, and test every window they complete.
@@ -673,6 +735,7 @@ class QCMonitor:
         stats = image_stats(x) if "mean" in self._det_names else None
         with _single_blas():
             sim = _kernel(feats, self.ref, self.sigmas).mean(axis=1)
+            nov = self._novelty(self._sqdist(feats))
         severity, artefact_p, kinds = self._artefacts(sim, unc, stats)
         flags = severity > 1.0
         with self._lock, _single_blas():
@@ -683,6 +746,7 @@ class QCMonitor:
                 slot = self._ring_pos
                 self._ring_f[slot] = feats[i]
                 self._ring_s[slot] = sim[i]
+                self._ring_n[slot] = nov[i]
                 self._ring_flag[slot] = flags[i]
                 self._ring_id[slot] = ids[i]
                 self._ring_t[slot] = ts
@@ -755,18 +819,28 @@ class QCMonitor:
         kww = _kernel(self._ring_f, self._ring_f, self.sigmas)
         np.fill_diagonal(kww, 0.0)
         mmd2 = float(_mmd2_from_sums(float(kww.sum()), self._ref_total, float(self._ring_s.sum()) * m, n, m))
-        if math.isnan(self.threshold):
+        novelty = float(self._ring_n.mean())
+        if self.drift_note:
             p, drift, rule = float("nan"), False, "uncalibrated"
         else:
-            z = (mmd2 - self._cal_mean) / self._cal_sd
-            p = 1.0 if z <= 0 else 1.0 / (1.0 + z * z)  # Cantelli
-            drift = mmd2 >= self.threshold
-            rule = "calibrated" if drift else ""
+            ps, fired = [], []
+            for name, x, mu, sd, thr in (("mmd2", mmd2, self._cal_mean, self._cal_sd, self.threshold),
+                                         ("novelty", novelty, self._nov_mean, self._nov_sd, self.novelty_threshold)):
+                if math.isnan(thr):
+                    continue
+                z = (x - mu) / sd
+                ps.append(1.0 if z <= 0 else 1.0 / (1.0 + z * z))  # Cantelli
+                if x >= thr:
+                    fired.append(name)
+            p = min(1.0, len(ps) * min(ps))  # Bonferroni over the statistics in use
+            drift = bool(fired)
+            rule = "+".join(fired)
         order = np.roll(np.arange(n), -self._ring_pos)  # oldest first
         res = WindowResult(index=self.n_windows, n_tiles=n, mmd2=mmd2, p_value=p, drift=drift, rule=rule,
                            first_id=self._ring_id[order[0]], last_id=self._ring_id[order[-1]],
                            t_start=float(self._ring_t[order[0]]), t_end=float(self._ring_t[order[-1]]),
-                           n_flagged=int(self._ring_flag.sum()), threshold=float(self.threshold))
+                           n_flagged=int(self._ring_flag.sum()), threshold=float(self.threshold),
+                           novelty=novelty, novelty_threshold=float(self.novelty_threshold))
         self.n_windows += 1
         self.n_drift_windows += int(drift)
         self._windows.append(res)
@@ -793,6 +867,7 @@ class QCMonitor:
         with self._lock:
             arrays = {
                 "ref": self.ref, "sigmas": self.sigmas, "groups": self._groups, "calibration": self._cal,
+                "calibration_novelty": self._cal_nov, "ring_n": self._ring_n,
                 "examples": self.examples,
                 "ring_f": self._ring_f, "ring_s": self._ring_s,
                 "ring_flag": self._ring_flag.astype(np.uint8), "ring_t": self._ring_t,
@@ -801,6 +876,7 @@ class QCMonitor:
                 arrays[f"det_{name}"] = np.asarray(r, dtype=np.float64)
             meta = {
                 "window": self.window, "alpha": self.alpha, "artefact_fpr": self.artefact_fpr,
+                "statistic": self.statistic, "n_neighbors": self.n_neighbors,
                 "max_reference": self.max_reference, "seed": self.seed, "history": self._history_len,
                 "ref_total": self._ref_total, "detectors": self._det_names, "tails": self._det_tail,
                 "ref_texture": self._ref_texture, "tile_shape": self._tile_shape,
@@ -825,7 +901,8 @@ class QCMonitor:
         """
         meta, arrays = read_state(path)
         try:
-            kw = {k: meta[k] for k in ("window", "alpha", "max_reference", "artefact_fpr", "history", "seed")}
+            kw = {k: meta[k] for k in ("window", "alpha", "max_reference", "artefact_fpr", "history", "seed",
+                                       "statistic", "n_neighbors")}
         except KeyError as exc:
             raise FormatError(f"{path}: inconsistent QC state (missing {exc})") from exc
         return cls(model, None, uncertainty=uncertainty, backend=backend, batch_size=batch_size,
@@ -842,6 +919,8 @@ class QCMonitor:
             self.sigmas = a["sigmas"].astype(np.float64)
             self._groups = a["groups"].astype(np.int64)
             self._cal = a["calibration"].astype(np.float64)
+            self._cal_nov = a["calibration_novelty"].astype(np.float64)
+            self._ref_sq = (self.ref.astype(np.float64) ** 2).sum(axis=1)
             self.examples = a["examples"].astype(np.uint8)
             self._set_threshold()
             self._ref_total = float(meta["ref_total"])
@@ -856,6 +935,7 @@ class QCMonitor:
             self._reset_stream()
             self._ring_f[:] = a["ring_f"]
             self._ring_s[:] = a["ring_s"]
+            self._ring_n[:] = a["ring_n"]
             self._ring_flag[:] = a["ring_flag"].astype(bool)
             self._ring_t[:] = a["ring_t"]
             self._ring_id = list(meta["ring_id"])

@@ -46,7 +46,7 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
     try:
         try:
             wins = con.execute("SELECT idx, mmd2, p_value, drift, rule, first_id, last_id, t_start, t_end, n_flagged, "
-                               "threshold FROM windows ORDER BY idx").fetchall()
+                               "threshold, novelty, novelty_threshold FROM windows ORDER BY idx").fetchall()
             examples = [r[0] for r in con.execute("SELECT thumb FROM examples ORDER BY idx")]
             files = con.execute("SELECT status, COUNT(*), SUM(n_tiles), SUM(n_flagged) FROM files GROUP BY status"
                                 ).fetchall()
@@ -112,24 +112,28 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
 
 
 def _drift_figure(wins: list, alpha: float):
-    """MMD² per window over time (minutes when the timestamps are real) with the calibrated alarm
-    threshold, drift windows marked."""
+    """The window statistics over time (minutes when the timestamps are real), each with its
+    calibrated alarm threshold when it is the one in use, drift windows marked."""
     idx = np.array([w[0] for w in wins])
-    mmd = np.array([w[1] for w in wins])
     dr = np.array([bool(w[3]) for w in wins])
     t = np.array([w[8] for w in wins])
-    thr = np.array([np.nan if w[10] is None else w[10] for w in wins], dtype=float)
     use_time = len(t) > 1 and np.all(np.diff(t) >= 0) and t[-1] > t[0] and t[0] > 1e8
     x = (t - t[0]) / 60.0 if use_time else idx
-    fig = _html.figure(figsize=(9, 3.5))
-    ax = fig.subplots()
-    ax.plot(x, mmd, "-o", ms=3, color="C0", label="MMD² (window vs reference)")
-    ax.plot(x[dr], mmd[dr], "o", color="C3", label="drift")
-    if np.isfinite(thr).any():
-        ax.plot(x, thr, "--", color="C3", lw=1, label=f"calibrated threshold (alpha = {alpha:g})")
-    ax.axhline(0, color="0.6", lw=0.8)
-    ax.set_ylabel("MMD²")
-    ax.set_xlabel("minutes since first window" if use_time else "window")
-    ax.legend(loc="upper left")
+    series = [("novelty (mean log distance to the k-th nearest reference tile)", 11, 12),
+              ("MMD² (window vs reference)", 1, 10)]
+    fig = _html.figure(figsize=(9, 5))
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, (label, col, thr_col) in zip(axes, series):
+        y = np.array([np.nan if w[col] is None else w[col] for w in wins], dtype=float)
+        thr = np.array([np.nan if w[thr_col] is None else w[thr_col] for w in wins], dtype=float)
+        ax.plot(x, y, "-o", ms=3, color="C0")
+        ax.plot(x[dr], y[dr], "o", color="C3", label="drift")
+        if np.isfinite(thr).any():
+            ax.plot(x, thr, "--", color="C3", lw=1, label=f"calibrated threshold (alpha = {alpha:g})")
+        else:
+            ax.set_title("not the alarm statistic (shown for information)", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[1].set_xlabel("minutes since first window" if use_time else "window")
     fig.tight_layout()
     return fig

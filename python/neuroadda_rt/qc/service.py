@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS tiles (
 CREATE TABLE IF NOT EXISTS examples (idx INTEGER PRIMARY KEY, thumb BLOB);
 CREATE TABLE IF NOT EXISTS windows (
     idx INTEGER PRIMARY KEY, n_tiles INTEGER, mmd2 REAL, p_value REAL, drift INTEGER, rule TEXT,
-    first_id TEXT, last_id TEXT, t_start REAL, t_end REAL, n_flagged INTEGER, file TEXT, threshold REAL);
+    first_id TEXT, last_id TEXT, t_start REAL, t_end REAL, n_flagged INTEGER, file TEXT, threshold REAL,
+    novelty REAL, novelty_threshold REAL);
 """
 
 
@@ -229,7 +230,8 @@ class QCService:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
                 ("folder", str(self.folder)), ("window", str(mon.window)), ("alpha", str(mon.alpha)),
-                ("threshold", str(mon.threshold)), ("artefact_fpr", str(mon.artefact_fpr)),
+                ("statistic", mon.statistic), ("threshold", str(mon.threshold)),
+                ("novelty_threshold", str(mon.novelty_threshold)), ("artefact_fpr", str(mon.artefact_fpr)),
                 ("drift_note", mon.drift_note),
                 ("reference_size", str(len(mon.ref))), ("sigma", json.dumps(mon.sigma)),
                 ("detectors", ",".join(mon.detectors)), ("tile_size", str(self.tile_size or ""))])
@@ -349,9 +351,9 @@ class QCService:
                 self.db.execute("DELETE FROM tiles WHERE file = ?", (key,))
             self.db.executemany("INSERT OR REPLACE INTO tiles VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
             for w in rep.windows:
-                self.db.execute("INSERT OR REPLACE INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                self.db.execute("INSERT OR REPLACE INTO windows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                                 (w.index, w.n_tiles, w.mmd2, w.p_value, int(w.drift), w.rule, w.first_id, w.last_id,
-                                 w.t_start, w.t_end, w.n_flagged, key, w.threshold))
+                                 w.t_start, w.t_end, w.n_flagged, key, w.threshold, w.novelty, w.novelty_threshold))
             self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                             (key, seq, "ok", st.st_size, st.st_mtime, time.time(), len(tiles), n_flagged,
                              self.monitor.n_tiles, None, sha, _tiles_sha(tiles)))
@@ -373,8 +375,12 @@ class QCService:
             if w.rule == "uncalibrated":
                 line += f"; window #{w.index} not tested"
             else:
-                line += (f"; window #{w.index} MMD²={w.mmd2:.4g} (threshold {w.threshold:.4g})"
-                         + (" DRIFT" if w.drift else ""))
+                line += f"; window #{w.index}"
+                if w.novelty_threshold == w.novelty_threshold:  # not NaN: the statistic is in use
+                    line += f" novelty {w.novelty:.3f} (threshold {w.novelty_threshold:.3f})"
+                if w.threshold == w.threshold:
+                    line += f" MMD² {w.mmd2:.4g} (threshold {w.threshold:.4g})"
+                line += f" DRIFT ({w.rule})" if w.drift else ""
         return line
 
     def _touch(self, key: str, st) -> None:

@@ -23,10 +23,12 @@ from neuroadda_rt.models import UNet  # noqa: E402
 KW = dict(scheduler="synchronous", progress=False)
 
 
+TINY = Path(__file__).resolve().parent / "assets" / "tiny_model"
+
+
 @pytest.fixture(scope="module")
 def net2():
-    torch.manual_seed(0)
-    return UNet(widths=(4, 8)).eval()
+    return neuroadda_rt.load_model(TINY)  # a 2-D boundary package with its ONNX files: nothing to export
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,9 @@ def test_blockwise_equals_one_shot_2d(tmp_path, net2, vol):
 
 
 def test_blockwise_equals_one_shot_3d_threads(tmp_path, net3, vol):
-    ref = Predictor(net3, backend="onnxruntime", tile=(4, 32, 32), overlap=0.25).predict(vol)
-    r = predict_volume(net3, vol, tmp_path / "p.zarr", block_shape=(4, 40, 40), halo=(4, 32, 32),
+    # PyTorch on both sides (an ONNX export of a 3-D network takes longer than the test)
+    ref = Predictor(net3, backend="torch", tile=(4, 32, 32), overlap=0.25).predict(vol)
+    r = predict_volume(net3, vol, tmp_path / "p.zarr", block_shape=(4, 40, 40), halo=(4, 32, 32), backend="torch",
                        dtype="float32", scheduler="threads", workers=2, progress=False)
     got = _read(tmp_path / "p.zarr")
     assert got.shape == ref.shape == (3, 5, 100, 130)
@@ -220,7 +223,7 @@ def test_evaluate_volume_bit_for_bit(tmp_path):
 
 def test_cli_predict_and_segment(tmp_path, vol, capsys):
     from neuroadda_rt.cli import main
-    tiny = Path(__file__).resolve().parent / "assets" / "tiny_model"
+    tiny = TINY
     write_volume(f"{tmp_path / 'v.h5'}:raw", vol[:2], voxel_size_nm=(30.0, 4.0, 4.0))
     common = ["--scheduler", "synchronous", "--no-progress"]
     assert main(["predict", str(tiny), f"{tmp_path / 'v.h5'}:raw", "--out", str(tmp_path / "p.zarr"), "--halo", "64",
@@ -240,3 +243,23 @@ def test_cli_predict_and_segment(tmp_path, vol, capsys):
                  "--json", *common]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["scores"]["vi"] == 0.0 and s["segments"] >= 1
+
+
+def test_dask_scheduler_address_and_fallback(tmp_path, net2, vol, monkeypatch):
+    """A running cluster by its address (here an in-process one, quick to start) gives the same
+    output as in-process blocks; without distributed installed the default runs in process."""
+    distributed = pytest.importorskip("distributed")
+    import sys
+    from neuroadda_rt import deploy
+    args = dict(block_shape=(1, 48, 64), halo=32, dtype="float32", progress=False)
+    ref = predict_volume(net2, vol[:2], tmp_path / "ref.zarr", scheduler="synchronous", **args)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as c:
+        r = predict_volume(net2, vol[:2], tmp_path / "d.zarr", scheduler=c.scheduler_address, **args)
+    assert "://" in r.scheduler and r.blocks_computed == ref.n_blocks
+    assert np.array_equal(_read(tmp_path / "d.zarr"), _read(tmp_path / "ref.zarr"))
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
+    assert deploy._scheduler_name(None) == "synchronous"
+    r = predict_volume(net2, vol[:2], tmp_path / "n.zarr", **args)
+    assert r.scheduler == "synchronous" and np.array_equal(_read(tmp_path / "n.zarr"), _read(tmp_path / "ref.zarr"))
+    with pytest.raises(InputValueError, match="scheduler"):
+        predict_volume(net2, vol[:2], tmp_path / "x.zarr", scheduler="bogus", **args)

@@ -387,8 +387,9 @@ def _run_graph(fn: Callable, args: tuple, items: Sequence, deps: Callable, *, sc
                 futs[it] = client.submit(_call_packed, fn, a_future, it, *[futs[d] for d in deps(it)], pure=False)
             for f in distributed.as_completed(list(futs.values())):
                 if f.status == "error":
+                    exc = f.exception()
                     client.cancel(list(futs.values()))
-                    f.result()  # raises the task's exception
+                    raise exc
                 if bar is not None:
                     bar.update(1)
             return [futs[it].result() for it in items]

@@ -159,7 +159,7 @@ def test_int8_mmd_ranking_and_summary(setup):
     calib = np.stack(calib)
     # a trained encoder from the bundled zoo when there is one (a random-init encoder's pooled
     # features vary little between tiles, so it is a weak test of what int8 costs)
-    zoo = neuroadda_rt.default_zoo(allow_empty=True)
+    zoo = neuroadda_rt.synthetic_zoo(allow_empty=True)
     if len(zoo):
         pkg = next(iter(zoo))
         enc = pkg.encoder_onnx

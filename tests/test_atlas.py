@@ -311,7 +311,7 @@ def test_atlas_of_the_bundled_zoo_carries_its_family_tree():
     pytest.importorskip("onnxruntime")
     from neuroadda_rt.study.synthetic import DomainStyle, make_domain
 
-    zoo = nr.default_zoo()
+    zoo = nr.synthetic_zoo()
     fam = json.loads((zoo.root / "family.json").read_text())
     targets = {}
     for i, name in enumerate(fam["zoo_domains"]):

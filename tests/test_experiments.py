@@ -274,11 +274,11 @@ def test_a_domain_without_a_source_is_a_target_and_finetune_targets_restricts_ru
 
 
 def test_reusing_a_zoo_of_another_synthetic_family_is_refused(tmp_path):
-    """The bundled zoo ("default") was trained on family.json's family; a study over another family
+    """The bundled synthetic zoo ("default", also "synthetic") was trained on family.json's family; a study over another family
     would match its domain names (syn00, ...) but not its styles, so it is refused before any run."""
-    from neuroadda_rt import default_zoo
+    from neuroadda_rt import synthetic_zoo
 
-    fam = json.loads((default_zoo().root / "family.json").read_text())
+    fam = json.loads((synthetic_zoo().root / "family.json").read_text())
     cfg = {**SMALL, "sources": {"zoo": "default"}}  # SMALL: 3 domains of family seed 0
     with pytest.raises(InputValueError, match=rf"n={fam['n']}, seed={fam['seed']}.*n=3, family_seed=0"):
         ex.run_experiment(cfg, tmp_path, scheduler="synchronous")

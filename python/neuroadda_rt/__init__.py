@@ -51,6 +51,8 @@ _LAZY = {
     "save_model": "package",
     "Zoo": "package",
     "default_zoo": "package",
+    "synthetic_zoo": "package",
+    "build_zoo_from_datasets": "zoo_builder",
     # data
     "open_volume": "io",
     "Volume": "io",

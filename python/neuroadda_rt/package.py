@@ -49,9 +49,25 @@ from .runtime.source import FILES, FORMAT, METADATA_CHECKSUM, metadata_sha256, r
 
 log = logging.getLogger("neuroadda_rt")
 
-__all__ = ["FILES", "FORMAT", "ModelPackage", "Zoo", "default_zoo", "load_model", "save_model"]
+__all__ = ["FILES", "FORMAT", "ModelPackage", "Zoo", "default_zoo", "synthetic_zoo", "load_model", "save_model",
+           "is_synthetic"]
 
+#: The bundled real-EM zoo (``neuroadda-rt zoo build --from-datasets``, see README "Model zoo").
 _ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+#: The bundled synthetic zoo (the demo's and the tests'): sources trained on a synthetic domain family.
+_SYNTHETIC_ZOO_DIR = Path(__file__).resolve().parent / "zoo_synthetic"
+
+
+def is_synthetic(metadata: dict) -> bool:
+    """Whether a package's ``model.json`` describes a model trained on synthetic images.
+
+    True when its ``extra`` says ``"synthetic": true`` or names a ``synthetic_family``, or its
+    organism or modality says "synthetic" (the synthetic zoo writes all of these).
+    """
+    extra = metadata.get("extra") or {}
+    if isinstance(extra, dict) and (extra.get("synthetic") is True or "synthetic_family" in extra):
+        return True
+    return any("synthetic" in str(metadata.get(k) or "").lower() for k in ("organism", "modality"))
 
 
 class ModelPackage:
@@ -420,12 +436,19 @@ class Zoo:
         return read_json(p / "model.json")
 
     def summaries(self) -> list[dict[str, Any]]:
-        """name/organism/tissue/modality/voxel size/representation/path per package (no verification)."""
+        """name/organism/tissue/modality/voxel size/representation/path per package, plus ``synthetic``,
+        the reference ``tile_size`` and the held-out scores of its model card when it has one
+        (``held_out_vi``, ``held_out_adapted_rand``); no verification."""
         out = []
         for p in self._paths:
             m = self._meta(p)
+            held = (m.get("metrics") or {}).get("held_out") or {}
             out.append({k: m.get(k) for k in ("name", "organism", "tissue", "modality", "voxel_size_nm",
-                                              "representation")} | {"path": str(p)})
+                                              "representation")}
+                       | {"synthetic": is_synthetic(m),
+                          "tile_size": (m.get("reference_features") or {}).get("tile_size"),
+                          "held_out_vi": held.get("vi_total"), "held_out_adapted_rand": held.get("adapted_rand_error"),
+                          "path": str(p)})
         return out
 
     @property
@@ -472,8 +495,26 @@ class Zoo:
         return f"Zoo(root='{self.root}', n={len(self)})"
 
 
+def _bundled(root: Path, allow_empty: bool, build: str) -> Zoo:
+    if not root.is_dir():
+        if allow_empty:
+            return Zoo(root, _paths=[])
+        raise FormatError(f"the bundled zoo folder {root} is missing; build it with `{build}`")
+    zoo = Zoo(root)
+    if len(zoo) == 0 and not allow_empty:
+        raise FormatError(f"the bundled zoo {root} holds no model package yet; build it with `{build}` "
+                          f"(or pass a Zoo of your own models)")
+    return zoo
+
+
 def default_zoo(*, allow_empty: bool = False) -> Zoo:
-    """The zoo bundled with the package (``neuroadda_rt/zoo/``, built by ``neuroadda-rt zoo build``).
+    """The real-EM zoo bundled with the package (``neuroadda_rt/zoo/``).
+
+    One small UNet per labelled public EM data set (ISBI 2012 and Gerhard L3 ssTEM of the
+    *Drosophila* larval VNC, gala FIB-SEM of fly neuropil, EPFL mouse hippocampus FIB-SEM), built by
+    ``neuroadda-rt zoo build OUT --from-datasets examples/datasets/{...}.json``; each package's
+    ``model.json`` is its model card (data, licence, citation, recipe, held-out VI). For the demo's
+    zoo trained on synthetic images, see :func:`synthetic_zoo`.
 
     Parameters
     ----------
@@ -491,12 +532,23 @@ def default_zoo(*, allow_empty: bool = False) -> Zoo:
     >>> isinstance(neuroadda_rt.default_zoo(allow_empty=True), neuroadda_rt.Zoo)
     True
     """
-    if not _ZOO_DIR.is_dir():
-        if allow_empty:
-            return Zoo(_ZOO_DIR, _paths=[])
-        raise FormatError(f"the bundled zoo folder {_ZOO_DIR} is missing; build it with `neuroadda-rt zoo build`")
-    zoo = Zoo(_ZOO_DIR)
-    if len(zoo) == 0 and not allow_empty:
-        raise FormatError(f"the bundled zoo {_ZOO_DIR} holds no model package yet; build it with "
-                          f"`neuroadda-rt zoo build` (or pass a Zoo of your own models)")
-    return zoo
+    return _bundled(_ZOO_DIR, allow_empty, "neuroadda-rt zoo build OUT --from-datasets MANIFEST.json ...")
+
+
+def synthetic_zoo(*, allow_empty: bool = False) -> Zoo:
+    """The synthetic zoo bundled with the package (``neuroadda_rt/zoo_synthetic/``): sources trained on
+    a synthetic domain family (its ``family.json``), for the demo and the tests. Rankings with it warn
+    that its sources are synthetic; use :func:`default_zoo` on real data.
+
+    Parameters
+    ----------
+    allow_empty : bool
+        Return an empty :class:`Zoo` instead of raising when no package is bundled.
+
+    Examples
+    --------
+    >>> import neuroadda_rt
+    >>> isinstance(neuroadda_rt.synthetic_zoo(allow_empty=True), neuroadda_rt.Zoo)
+    True
+    """
+    return _bundled(_SYNTHETIC_ZOO_DIR, allow_empty, "neuroadda-rt zoo build OUT")

@@ -1,6 +1,11 @@
 """``neuroadda-rt demo``: the whole NeuroADDA workflow on a held-out synthetic domain, with a report.
 
-The bundled zoo (:func:`neuroadda_rt.default_zoo`) holds models trained on a synthetic domain family;
+``neuroadda-rt demo --real`` instead ranks the bundled real-EM zoo (:func:`neuroadda_rt.default_zoo`) on a
+real public volume that none of its models was trained on (mouse cortex ATUM-SEM from the shared data,
+``$NEUROADDA_DATA``) and selects the tiles to annotate: no labels exist there, so it stops at the
+annotation hand-off (minutes on 2 cores).
+
+The bundled synthetic zoo (:func:`neuroadda_rt.synthetic_zoo`) holds models trained on a synthetic domain family;
 its ``family.json`` names one domain that no zoo model was trained on. The demo renders a fresh volume
 of that domain (with exact labels, which act as the annotator), ranks the zoo, selects n = 4 tiles by
 median uncertainty, fine-tunes the best source and trains from scratch on the same tiles, evaluates
@@ -26,6 +31,12 @@ PRESETS = {
 }
 
 
+#: The target of ``demo --real``: in no bundled model's training data, another species, tissue and modality.
+REAL_TARGET = {"path": "kasthuri_mouse_cortex_uniem/data/DNN_test_images",
+               "what": "mouse somatosensory cortex, ATUM serial-section SEM, 6x6x30 nm, CLAHE-filtered",
+               "modality": "ATUM-SEM", "voxel_size_nm": [30.0, 6.0, 6.0]}
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="run the whole workflow on a held-out synthetic domain and write the HTML report",
@@ -39,7 +50,15 @@ def register(subparsers) -> None:
                    choices=STRATEGIES)
     p.add_argument("--seed", type=int, default=0, help="seed of every step (default 0)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the zoo's recipe)")
-    p.add_argument("--zoo", default="default", help="zoo folder with family.json (default: the bundled zoo)")
+    p.add_argument("--zoo", default="synthetic",
+                   help="zoo folder with family.json (default: the bundled synthetic zoo)")
+    p.add_argument("--real", action="store_true",
+                   help="rank the bundled real-EM zoo and select tiles on a real shared volume instead (needs "
+                        "the shared data: --data-root or $NEUROADDA_DATA)")
+    p.add_argument("--data-root", default=None, help="--real: the shared EM data folder (default $NEUROADDA_DATA)")
+    p.add_argument("--real-target", default=None,
+                   help="--real: the target volume (default: <data root>/" + REAL_TARGET["path"] + ", "
+                        + REAL_TARGET["what"] + ")")
     p.add_argument("--target", default=None, help="domain to hold out (default: the one family.json names)")
     p.add_argument("--cache-dir", default=None, help="feature cache (default $NEUROADDA_CACHE, else the platform cache folder)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -93,7 +112,54 @@ def domain_style(fam: dict, name: str):
     raise ValueError(f"domain {name!r} is not in the family of family.json")
 
 
+def run_real(args) -> int:
+    """``demo --real``: rank the real-EM zoo on a real volume and select the tiles to annotate."""
+    from ..datasets import resolve_data_root
+    from ..package import default_zoo
+    from ..workflow import run_workflow
+
+    t0 = time.perf_counter()
+    if args.real_target:
+        target, facts = args.real_target, {"modality": None, "voxel_size_nm": None, "what": args.real_target}
+    else:
+        target, facts = str(resolve_data_root(args.data_root) / REAL_TARGET["path"]), REAL_TARGET
+    if not Path(target.split(":")[0]).exists():
+        raise FileNotFoundError(f"demo --real: target volume not found: {target}")
+    zoo = default_zoo()
+    fast = args.fast
+    if not args.no_progress:
+        print(f"demo --real: target {target} ({facts['what']}); real-EM zoo of {len(zoo)} models")
+    res = run_workflow(target, zoo, n=args.n, labels=None, out_dir=args.out, strategy=args.strategy,
+                       n_tiles=32 if fast else 96, pool=64 if fast else 256, seed=args.seed,
+                       n_permutations=100 if fast else 200, cache_dir=args.cache_dir, progress=not args.no_progress,
+                       target_modality=facts.get("modality"), target_voxel_size_nm=facts.get("voxel_size_nm"),
+                       extra_settings={"demo": {"real": True, "target": target, "target_description": facts["what"],
+                                                "preset": "fast" if fast else "full"}})
+    wall = time.perf_counter() - t0
+    r = res.ranking
+    summary = {"report": str(res.report), "run_dir": str(res.run_dir), "target": target,
+               "ranking": [{"name": e.name, "mmd2": e.mmd2, "self_mmd2": e.self_mmd2, "p_value": e.p_value,
+                            "tile_size": e.tile_size} for e in r],
+               "best_source": r[0].name, "warnings": r.warnings,
+               "selected_tiles": res.selection.coords.tolist(), "annotation_dir": str(res.annotation_dir),
+               "wall_s": round(wall, 1)}
+    if args.json:
+        print_json(summary)
+        return 0
+    for i, e in enumerate(r, 1):
+        print(f"{i}. {e.name:<20} MMD² {e.mmd2:.4f} (own scale {e.self_mmd2:.4f}), p = {e.p_value:.3f}, "
+              f"{e.modality}, {e.voxel_size_nm} nm")
+    for w in r.warnings:
+        print(f"warning: {w}")
+    print(f"tiles to annotate ({res.selection.tile_size} px, from {r[0].name}): "
+          + ", ".join(str(tuple(int(v) for v in c)) for c in res.selection.coords))
+    print(f"done in {wall:.0f} s; annotation folder: {res.annotation_dir}; report: {res.report}")
+    return 0
+
+
 def run(args) -> int:
+    if args.real:
+        return run_real(args)
     from .. import _core
     from .._device import cuda_available
     from ..study.synthetic import make_domain
@@ -102,7 +168,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     preset = dict(PRESETS["fast" if args.fast else "full"])
     zoo = open_zoo(args.zoo)
-    root = Path(args.zoo) if args.zoo not in (None, "default") else zoo.root
+    root = Path(args.zoo) if args.zoo not in (None, "default", "synthetic") else zoo.root
     fam = load_family(root)
     name = args.target or held_out_name(fam)
     style = domain_style(fam, name)

@@ -91,7 +91,7 @@ def register(subparsers) -> None:
 
     ls = sub.add_parser("list", help="one line per model package",
                         description="List the model packages of a zoo (metadata only, no checksums).")
-    ls.add_argument("--zoo", default="default", help="zoo folder (default: the bundled zoo)")
+    ls.add_argument("--zoo", default="default", help="zoo folder, 'default' (bundled real-EM) or 'synthetic'")
     ls.add_argument("--organism", default=None, help="keep models of this organism")
     ls.add_argument("--modality", default=None, help="keep models of this imaging modality")
     ls.add_argument("--representation", default=None, choices=["boundary", "affinities"])
@@ -102,27 +102,35 @@ def register(subparsers) -> None:
                         description="Print a model package's model.json (verified), or with NAME 'family' the "
                                     "zoo's family.json.")
     sh.add_argument("name", help="model name or package folder name ('family' for family.json)")
-    sh.add_argument("--zoo", default="default", help="zoo folder (default: the bundled zoo)")
+    sh.add_argument("--zoo", default="default", help="zoo folder, 'default' (bundled real-EM) or 'synthetic'")
     sh.add_argument("--json", action="store_true", help="machine-readable output")
     sh.set_defaults(func=run_show)
 
     v = sub.add_parser("verify", help="check every file's sha256 in every package",
                        description="Verify every package of the zoo (checksums of every file); exit status 1 "
                                    "when any package fails, naming the file.")
-    v.add_argument("--zoo", default="default", help="zoo folder (default: the bundled zoo)")
+    v.add_argument("--zoo", default="default", help="zoo folder, 'default' (bundled real-EM) or 'synthetic'")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=run_verify)
 
 
 def _zoo(spec: str):
-    from ..package import Zoo, default_zoo
+    """The zoo of ``--zoo``: "default" (the bundled real-EM zoo), "synthetic", or a folder holding packages."""
+    from ..errors import FormatError
+    from ..package import Zoo, default_zoo, synthetic_zoo
+    from ._common import empty_zoo_message
 
     if spec in (None, "default"):
         return default_zoo(allow_empty=True)
+    if spec == "synthetic":
+        return synthetic_zoo(allow_empty=True)
     p = Path(spec)
     if not p.is_dir():
         raise FileNotFoundError(f"zoo folder not found: {spec}")
-    return Zoo(p)
+    zoo = Zoo(p)
+    if len(zoo) == 0:
+        raise FormatError(empty_zoo_message(p))
+    return zoo
 
 
 def _ints(text: str, what: str, sep: str) -> tuple[int, ...]:
@@ -247,12 +255,24 @@ def run_list(args) -> int:
     if not rows:
         print(f"no model packages in {zoo.root}")
         return 0
-    w = max(len(str(r["name"])) for r in rows)
-    print(f"{'name':<{w}}  {'organism':<10} {'modality':<14} {'representation':<14} widths")
+    def voxel(v):
+        return "x".join(f"{x:g}" for x in v) if v else "-"
+
+    def vi(v):
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+    w = max(len("name"), *(len(str(r["name"])) for r in rows))
+    wo = max(len("organism"), *(len(str(r["organism"])) for r in rows))
+    wm = max(len("modality"), *(len(str(r["modality"])) for r in rows))
+    print(f"{'name':<{w}}  {'organism':<{wo}}  {'modality':<{wm}}  {'voxel nm (z,y,x)':<16}  {'tile':>4}  "
+          f"{'held-out VI':>11}  widths")
     for r in rows:
-        print(f"{r['name']:<{w}}  {str(r['organism']):<10} {str(r['modality']):<14} {str(r['representation']):<14} "
+        print(f"{r['name']:<{w}}  {str(r['organism']):<{wo}}  {str(r['modality']):<{wm}}  "
+              f"{voxel(r['voxel_size_nm']):<16}  {r['tile_size'] or '-':>4}  {vi(r['held_out_vi']):>11}  "
               f"{'-'.join(map(str, r['widths'] or []))}")
-    print(f"({len(rows)} models in {zoo.root})")
+    kind = "synthetic" if all(r["synthetic"] for r in rows) else "real EM" if not any(r["synthetic"] for r in rows) \
+        else "mixed synthetic and real"
+    print(f"({len(rows)} models, {kind}, in {zoo.root}; held-out VI: see `zoo show NAME`)")
     return 0
 
 
@@ -299,6 +319,18 @@ def run_show(args) -> int:
         print(f"  {'training':<22} {tr.get('steps')} steps, final loss {tr.get('final_loss'):.4f}, "
               f"recipe {tr.get('recipe')}")
     print(f"  {'segmentation threshold':<22} {(meta.get('metrics') or {}).get('segmentation_threshold')}")
+    card = meta.get("training") or {}
+    held = (meta.get("metrics") or {}).get("held_out") or {}
+    if held:
+        print(f"  {'held-out scores':<22} VI {held.get('vi_total'):.4f} (split {held.get('vi_split'):.4f}, merge "
+              f"{held.get('vi_merge'):.4f}), adapted Rand error {held.get('adapted_rand_error'):.4f} on slices "
+              f"{held.get('slices')} of split {held.get('split')!r}")
+    for key in ("license", "citation", "augmentation", "command"):
+        if card.get(key):
+            print(f"  {key:<22} {card[key]}")
+    if (card.get("early_stopping") or {}).get("stop_reason"):
+        es = card["early_stopping"]
+        print(f"  {'early stopping':<22} best step {es.get('best_step')}; {es.get('stop_reason')}")
     rf = meta["reference_features"]
     print(f"  {'reference features':<22} {rf.get('n_tiles')} tiles x {rf.get('n_features')} ({rf.get('pooling')}), "
           f"tile {rf.get('tile_size')}")

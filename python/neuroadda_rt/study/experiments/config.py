@@ -30,7 +30,7 @@ _DEFAULTS: dict[str, Any] = {
         "data_root": None,   # where the manifests' relative paths point (default: $NEUROADDA_DATA)
     },
     "sources": {
-        "zoo": None,         # reuse an existing zoo: {domain name: package path}, a zoo folder or "default"
+        "zoo": None,         # reuse an existing zoo: {domain name: package path}, a zoo folder or "synthetic" ("default", its old name)
         "network": {"widths": [16, 32, 64, 128]},
         "train": {"steps": 2000, "lr": 1e-3, "batch_size": 8, "patch_size": 128},
     },

@@ -48,7 +48,7 @@ from ...atlas import Atlas, compare_to_phylogeny
 from ...errors import InputValueError, require
 from ...evaluation import METRICS, evaluate
 from ...models import UNet
-from ...package import FORMAT, ModelPackage, default_zoo, load_model
+from ...package import FORMAT, ModelPackage, load_model, synthetic_zoo
 from ...ranking import rank_sources
 from ...selection import select_tiles
 from ...tiles import extract_tiles, grid_tiles, sample_tiles
@@ -145,8 +145,8 @@ def _sources(cfg: ExperimentConfig, domains: Sequence[Domain], out: Path, *, sch
         if isinstance(zoo, Mapping):
             packages = {str(k): str(v) for k, v in zoo.items()}
         else:
-            if str(zoo) == "default":
-                zp = Path(default_zoo().root)
+            if str(zoo) in ("default", "synthetic"):  # the bundled synthetic zoo (its family.json)
+                zp = Path(synthetic_zoo().root)
             else:
                 zp = Path(str(zoo))
             if not zp.is_dir():

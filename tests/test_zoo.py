@@ -1,4 +1,6 @@
-"""The bundled zoo: loads, verifies, stays small, and its family.json poses the demo correctly."""
+"""The bundled zoos: the synthetic one (demo, tests) loads, verifies and its family.json poses the demo
+correctly; the real-EM one (default_zoo) carries real metadata and model cards; both stay small; a zoo
+built from labelled data-set manifests loads, ranks and verifies (issue 15)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import pytest
 import neuroadda_rt
 from neuroadda_rt.errors import FormatError
 
-ZOO = Path(neuroadda_rt.__file__).resolve().parent / "zoo"
-MAX_BYTES = 20 * 1024 * 1024
+ZOO = Path(neuroadda_rt.__file__).resolve().parent / "zoo_synthetic"
+REAL_ZOO = Path(neuroadda_rt.__file__).resolve().parent / "zoo"
+MAX_BYTES = 40 * 1024 * 1024  # both bundled zoos together: they ship in the wheel
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +26,15 @@ def family():
     return json.loads(f.read_text(encoding="utf-8"))
 
 
-def test_bundled_zoo_is_under_20_mb():
-    files = [p for p in ZOO.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+def test_bundled_zoos_are_under_40_mb():
+    files = [p for z in (ZOO, REAL_ZOO) for p in z.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     total = sum(p.stat().st_size for p in files)
     assert files and total < MAX_BYTES, f"bundled zoo is {total / 1e6:.1f} MB"
     assert not [p for p in files if ".checkpoints" in p.parts], "training checkpoints must not ship"
 
 
-def test_bundled_zoo_loads_and_verifies(family):
-    zoo = neuroadda_rt.default_zoo()
+def test_bundled_synthetic_zoo_loads_and_verifies(family):
+    zoo = neuroadda_rt.synthetic_zoo()
     assert len(zoo) == len(family["zoo_domains"]) >= 3
     assert zoo.verify() == {n: None for n in sorted(family["zoo_domains"])}
     for pkg in zoo:  # iterating loads (and verifies) every package
@@ -43,6 +46,7 @@ def test_bundled_zoo_loads_and_verifies(family):
         assert pkg.reference_features.shape[0] >= 64
         assert pkg.metadata["training"]["domain"] == pkg.name
         assert family["models"][pkg.name]["sha256"] == pkg.sha256
+        assert pkg.metadata.get("metadata_sha256")  # stamped (issue 19): an edit of model.json is detected
 
 
 def test_family_holds_out_a_domain_whose_nearest_relative_is_in_the_zoo(family):
@@ -95,7 +99,7 @@ def test_the_source_models_segment_their_own_domain():
     from neuroadda_rt.evaluation import evaluate
     from neuroadda_rt.study.synthetic import DomainStyle, make_domain
 
-    zoo = neuroadda_rt.default_zoo()
+    zoo = neuroadda_rt.synthetic_zoo()
     pkg = next(iter(zoo))
     style = DomainStyle.from_dict(pkg.metadata["training"]["style"])
     img, lab = make_domain(style, (2, 128, 128), seed=4242)
@@ -113,21 +117,22 @@ def _cli(capsys, *argv):
 
 
 def test_cli_zoo_list_show_verify_json(capsys, family):
-    rc, out = _cli(capsys, "zoo", "list", "--json")
+    rc, out = _cli(capsys, "zoo", "list", "--zoo", "synthetic", "--json")
     assert rc == 0
     rows = json.loads(out.out)["models"]
     assert sorted(r["name"] for r in rows) == sorted(family["zoo_domains"])
-    rc, out = _cli(capsys, "zoo", "verify", "--json")
+    assert all(r["synthetic"] for r in rows)
+    rc, out = _cli(capsys, "zoo", "verify", "--zoo", "synthetic", "--json")
     assert rc == 0 and json.loads(out.out)["ok"] is True
     name = family["zoo_domains"][0]
-    rc, out = _cli(capsys, "zoo", "show", name, "--json")
+    rc, out = _cli(capsys, "zoo", "show", name, "--zoo", "synthetic", "--json")
     assert rc == 0 and json.loads(out.out)["name"] == name
-    rc, out = _cli(capsys, "zoo", "show", "family", "--json")
+    rc, out = _cli(capsys, "zoo", "show", "family", "--zoo", "synthetic", "--json")
     assert rc == 0 and json.loads(out.out)["held_out"] == family["held_out"]
 
 
 def test_cli_zoo_errors_are_one_line(capsys, tmp_path):
-    rc, out = _cli(capsys, "zoo", "show", "no-such-model")
+    rc, out = _cli(capsys, "zoo", "show", "no-such-model", "--zoo", "synthetic")
     assert rc == 2 and "no model named" in out.err and "Traceback" not in out.err
     rc, out = _cli(capsys, "zoo", "list", "--zoo", str(tmp_path / "missing"))
     assert rc == 2 and "not found" in out.err
@@ -330,3 +335,250 @@ def test_choose_family_seed_with_image_evidence_skips_a_family_that_misses_on_on
     assert choose_family_seed(8, [11, 385]) == 11
     assert family_image_evidence(family_spec(8, 11))["agree"] == [8, 7]
     assert choose_family_seed(8, [11, 385], image_evidence=True) == 385
+
+
+# ----------------------------------------------------------------------------- issue 15: real-data zoos
+MANIFESTS = Path(__file__).resolve().parents[1] / "examples" / "datasets"
+TINY = Path(__file__).resolve().parent / "assets" / "tiny_model"
+DVID = "drosophila_fibsem_dvid_grayscale/grayscale_maps"  # a third shared volume: in no manifest of the build
+
+
+def _one_line_error(capsys, *argv) -> str:
+    rc, out = _cli(capsys, *argv)
+    assert rc == 2, (rc, out.out, out.err)
+    err = out.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+TINY_RECIPE = ["--max-steps", "2", "--eval-every", "1", "--patience", "1", "--reference-tiles", "8",
+               "--batch-size", "2", "--patch-size", "64", "--tile-size", "64", "--threads", "1", "--no-progress"]
+
+
+@pytest.mark.realdata
+def test_zoo_from_two_shared_manifests_via_cli_loads_ranks_and_verifies(capsys, tmp_path, em_data):
+    """CI-size check of issue 15: build from two manifests, load with Zoo(OUT), rank a third volume, verify,
+    and a rerun of the build skips the finished packages."""
+    out = tmp_path / "zoo"
+    argv = ["zoo", "build", str(out), "--from-datasets", str(MANIFESTS / "isbi2012.json"),
+            str(MANIFESTS / "gala_fibsem.json"), "--data-root", str(em_data), *TINY_RECIPE, "--json"]
+    rc, res = _cli(capsys, *argv)
+    assert rc == 0, res.err
+    built = json.loads(res.out)
+    assert sorted(built["models"]) == ["gala_fibsem", "isbi2012"]
+    zoo = neuroadda_rt.Zoo(out)
+    assert sorted(zoo.names) == ["gala_fibsem", "isbi2012"]
+    for pkg in zoo:
+        manifest = json.loads((MANIFESTS / f"{pkg.name}.json").read_text())
+        for key in ("organism", "tissue", "modality"):
+            assert pkg.metadata[key] == manifest[key]
+        assert pkg.voxel_size_nm == [float(v) for v in manifest["voxel_size_nm"]]
+        assert pkg.normalization["rule"] == "percentile"
+        card, metrics = pkg.training, pkg.metrics
+        assert card["license"] == manifest["license"] and card["citation"] == manifest["citation"]
+        assert card["dataset"]["label_kind"] == manifest["label_kind"]
+        assert "--from-datasets" in card["command"] and card["recipe"]["steps"] == 2
+        ho = metrics["held_out"]
+        assert ho["split"] == "test" and np.isfinite(ho["vi_total"]) and 0 <= ho["adapted_rand_error"] <= 1
+        assert [p["step"] for p in metrics["validation_curve"]] == [1, 2][:len(metrics["validation_curve"])]
+        assert pkg.metadata["metadata_sha256"] and pkg.metadata["reference_features"]["tile_size"] == 64
+        assert not (pkg.metadata.get("extra") or {}).get("synthetic")
+        # the card's held-out scores, recomputed independently (ONNX Runtime, mean over the test slices)
+        from neuroadda_rt.datasets import Dataset
+        from neuroadda_rt.evaluation import evaluate
+
+        ds = Dataset.from_json(MANIFESTS / f"{pkg.name}.json", data_root=em_data)
+        img, lab = np.asarray(ds.image("test")), ds.labels("test")
+        ev = evaluate(pkg, [img[i] for i in ho["slices"]], [lab[i] for i in ho["slices"]],
+                      backend="onnxruntime", device="cpu")
+        assert ev.vi_total == pytest.approx(ho["vi_total"], abs=0.05), (pkg.name, ev.vi_total, ho)
+    # a third shared volume (262 x 262 slices), ranked with the built zoo: real sources, no synthetic warning
+    rc, res = _cli(capsys, "rank", str(em_data / DVID), "--zoo", str(out), "--n-tiles", "8", "--permutations", "10",
+                   "--no-cache", "--no-progress", "--json")
+    assert rc == 0, res.err
+    ranking = json.loads(res.out)
+    assert sorted(r["name"] for r in ranking["ranking"]) == ["gala_fibsem", "isbi2012"]
+    assert all(r["tile_size"] == 64 and not r["synthetic"] for r in ranking["ranking"])
+    assert not any("synthetic" in w for r in ranking["ranking"] for w in r["warnings"])
+    rc, res = _cli(capsys, "zoo", "verify", "--zoo", str(out), "--json")
+    assert rc == 0 and json.loads(res.out)["ok"] is True
+    # rerun: nothing is retrained or rewritten
+    before = {p.name: (p / "model.json").stat().st_mtime_ns for p in zoo.paths}
+    rc, res = _cli(capsys, *argv)
+    assert rc == 0 and all(m["skipped"] for m in json.loads(res.out)["models"].values())
+    assert before == {p.name: (p / "model.json").stat().st_mtime_ns for p in neuroadda_rt.Zoo(out).paths}
+
+
+@pytest.mark.realdata
+def test_interrupted_zoo_build_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, em_data):
+    from neuroadda_rt.zoo_builder import DatasetZooRecipe, build_zoo_from_datasets
+
+    recipe = DatasetZooRecipe(max_steps=3, eval_every=1, patience=5, reference_tiles=4, batch_size=2, patch_size=32,
+                              tile_size=32)
+    manifest = [MANIFESTS / "gala_fibsem.json"]
+    build_zoo_from_datasets(tmp_path / "a", manifest, data_root=em_data, recipe=recipe, threads=1)
+
+    def interrupt(msg):
+        if "step 1/" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_zoo_from_datasets(tmp_path / "b", manifest, data_root=em_data, recipe=recipe, threads=1,
+                                log_fn=interrupt)
+    assert not (tmp_path / "b" / "gala_fibsem").exists()
+    lines = []
+    res = build_zoo_from_datasets(tmp_path / "b", manifest, data_root=em_data, recipe=recipe, threads=1,
+                                  log_fn=lines.append)
+    assert any("resuming after 1 steps" in m for m in lines), lines
+    a, b = neuroadda_rt.load_model(tmp_path / "a" / "gala_fibsem"), neuroadda_rt.load_model(res["models"]["gala_fibsem"]["path"])
+    assert (a.path / "weights.safetensors").read_bytes() == (b.path / "weights.safetensors").read_bytes()
+    assert a.metrics["validation_curve"] == b.metrics["validation_curve"]
+    assert a.metrics["held_out"]["vi_total"] == b.metrics["held_out"]["vi_total"]
+
+
+def _manifest(tmp_path, name, image, labels, label_kind="instances"):
+    from neuroadda_rt.io import write_volume
+
+    write_volume(tmp_path / f"{name}_img.h5:raw", image)
+    m = {"name": name, "organism": "Mus musculus", "modality": "ssTEM", "voxel_size_nm": [40, 4, 4],
+         "image": str(tmp_path / f"{name}_img.h5:raw"), "label_kind": label_kind,
+         "splits": {"train": {"z": [0, 2]}, "test": {"z": [2, 4]}}}
+    if labels is not None:
+        write_volume(tmp_path / f"{name}_lab.h5:seg", labels)
+        m["labels"] = str(tmp_path / f"{name}_lab.h5:seg")
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(m))
+    return path
+
+
+def test_zoo_build_refuses_bad_manifests_with_one_line(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (4, 48, 48), dtype=np.uint8)
+    lab = np.repeat(np.arange(1, 5, dtype=np.uint32), 12)[None, :, None].repeat(4, 0).repeat(48, 2)
+    unlabelled = _manifest(tmp_path, "unlab", img, None, label_kind="none")
+    err = _one_line_error(capsys, "zoo", "build", str(tmp_path / "z"), "--from-datasets", str(unlabelled))
+    assert "unlabelled" in err and "unlab" in err
+    mismatched = _manifest(tmp_path, "mism", img, lab[:, :40, :40])
+    err = _one_line_error(capsys, "zoo", "build", str(tmp_path / "z"), "--from-datasets", str(mismatched))
+    assert "labels" in err and "(4, 40, 40)" in err and "(4, 48, 48)" in err
+    empty = _manifest(tmp_path, "empty", img, np.zeros_like(lab))
+    err = _one_line_error(capsys, "zoo", "build", str(tmp_path / "z"), "--from-datasets", str(empty))
+    assert "hold no object" in err
+    # nothing was written for any of them
+    assert not [p for p in (tmp_path / "z").glob("*/model.json")] if (tmp_path / "z").exists() else True
+
+
+def test_a_folder_without_packages_is_one_line_error(capsys, tmp_path):
+    (tmp_path / "runner_sources" / "syn00").mkdir(parents=True)
+    (tmp_path / "runner_sources" / "syn00" / "source.json").write_text("{}")
+    target = tmp_path / "t.npy"
+    np.save(target, np.zeros((2, 64, 64), np.uint8))
+    for argv in (["rank", str(target), "--zoo", str(tmp_path / "runner_sources")],
+                 ["zoo", "verify", "--zoo", str(tmp_path / "runner_sources")],
+                 ["zoo", "list", "--zoo", str(tmp_path / "runner_sources")]):
+        err = _one_line_error(capsys, *argv)
+        assert "model packages" in err and "source.json" in err and "zoo build" in err
+
+
+def test_ranking_warnings_rules():
+    from neuroadda_rt.ranking import RankedSource, floor_warning, source_warnings
+
+    real = {"synthetic": False, "modality": "ssTEM", "voxel_size_nm": [50, 4, 4]}
+    assert source_warnings(real, {"modality": "ss-TEM", "voxel_size_nm": [40, 5, 5]}, tile_size=128,
+                           ref_tile_size=128) == []  # 1.25x and the same modality (spelling aside)
+    w = source_warnings(real, {"modality": "FIB-SEM", "voxel_size_nm": [8, 8, 8]}, tile_size=96, ref_tile_size=128)
+    assert any("modality ssTEM differs from the target's FIB-SEM" in x for x in w)
+    assert any("2.0x" in x for x in w) and any("96 px" in x and "128 px" in x for x in w)
+    assert source_warnings(real, {"modality": None, "voxel_size_nm": None}, tile_size=1, ref_tile_size=1) == []
+    syn = source_warnings({"synthetic": True, "modality": "synthetic EM"}, {}, tile_size=None, ref_tile_size=None)
+    assert len(syn) == 1 and "synthetic" in syn[0]
+    e = [RankedSource("a", None, 0.5, 1 / 51, self_mmd2=0.01), RankedSource("b", None, 0.7, 1 / 51, self_mmd2=0.02)]
+    msg = floor_warning(e, 50)
+    assert "1/(50+1) = 0.0196" in msg and "a 0.5 vs 0.01" in msg and "b 0.7 vs 0.02" in msg
+    assert floor_warning([*e, RankedSource("c", None, 0.1, 0.5)], 50) is None
+    assert floor_warning(e, 0) is None
+
+
+def test_rank_and_select_on_a_250_cube_use_a_fitting_tile_with_a_message(tmp_path, capsys):
+    """A 250 x 250 x 250 stack and a source of 256 px reference tiles: one call each, no --tile-size."""
+    pytest.importorskip("onnxruntime")
+    from neuroadda_rt import load_model, rank_sources, save_model, select_tiles
+
+    tiny = load_model(TINY)
+    src = save_model(tiny, tmp_path / "src256", reference_info={"tile_size": 256, "seed": 0})
+    assert src.metadata["reference_features"]["tile_size"] == 256
+    rng = np.random.default_rng(1)
+    cube = rng.integers(0, 255, (250, 250, 250), dtype=np.uint8)
+    r = rank_sources(cube, [src], n_tiles=4, n_permutations=10, cache_dir=False)
+    assert r[0].tile_size == 240 and r.settings["tile_sizes"] == {"src256": 240}
+    assert any("250x250 px" in w and "240 px" in w for w in r.warnings)
+    assert any("240 px" in w and "256 px" in w for w in r[0].warnings)
+    frame = r.to_frame()
+    assert "240 px" in frame.loc[1, "warnings"] and frame.attrs["warnings"] == r.warnings
+    assert r.best_tile_size == 240
+    sel = select_tiles(cube, src, 2, pool=4)
+    assert sel.tile_size == 240 and sel.tiles.shape == (2, 240, 240)
+    # the CLI: rank writes ranking.json, select takes the tile size from it
+    np.save(tmp_path / "cube.npy", cube)
+    rc, out = _cli(capsys, "rank", str(tmp_path / "cube.npy"), "--zoo", str(src.path), "--n-tiles", "4",
+                   "--permutations", "10", "--no-cache", "--no-progress", "--out", str(tmp_path / "ranking.json"))
+    assert rc == 0 and "240 px" in out.out and "warning:" in out.out
+    rc, out = _cli(capsys, "select", str(tmp_path / "cube.npy"), "--model", str(tmp_path / "ranking.json"), "-n", "2",
+                   "--pool", "4", "--out", str(tmp_path / "ann"), "--no-progress", "--json")
+    assert rc == 0, out.err
+    assert json.loads((tmp_path / "ann" / "tiles.json").read_text())["tile_size"] == 240
+
+
+def test_synthetic_sources_warn_in_rank_output_frame_and_report(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from neuroadda_rt.study.synthetic import DomainStyle, make_domain
+
+    img, _ = make_domain(DomainStyle(), (2, 160, 160), seed=5)
+    np.save(tmp_path / "t.npy", img)
+    syn = neuroadda_rt.synthetic_zoo()
+    r = neuroadda_rt.rank_sources(img, syn.filter(name="syn01"), n_tiles=4, n_permutations=5, cache_dir=False)
+    assert r[0].synthetic and any("synthetic" in w for w in r[0].warnings)
+    assert "synthetic" in r.to_frame().loc[1, "warnings"]
+    rc, out = _cli(capsys, "rank", str(tmp_path / "t.npy"), "--zoo", str(syn.root / "syn01"), "--n-tiles", "4",
+                   "--permutations", "5", "--no-cache", "--no-progress")
+    assert rc == 0 and "warning: syn01: trained on synthetic images" in out.out
+    from neuroadda_rt.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    r.to_json(run / "ranking.json")
+    html = write_report(run).read_text()
+    assert "trained on synthetic images" in html and "own scale" in html
+
+
+@pytest.mark.realdata
+def test_real_volume_warns_about_synthetic_sources_only_with_the_synthetic_zoo(em_data):
+    pytest.importorskip("onnxruntime")
+    real = neuroadda_rt.default_zoo(allow_empty=True)
+    if len(real) == 0:
+        pytest.fail("the bundled real-EM zoo is empty")
+    target = em_data / DVID
+    kw = dict(n_tiles=8, n_permutations=10, cache_dir=False)
+    r_real = neuroadda_rt.rank_sources(target, real, **kw)
+    r_syn = neuroadda_rt.rank_sources(target, neuroadda_rt.synthetic_zoo(), **kw)
+    assert not any("synthetic" in w for w in r_real.warnings) and not any(e.synthetic for e in r_real)
+    assert all(e.synthetic and any("synthetic" in w for w in e.warnings) for e in r_syn)
+
+
+def test_bundled_real_zoo_has_real_metadata_and_model_cards(capsys):
+    zoo = neuroadda_rt.default_zoo()
+    assert sorted(zoo.names) == ["epfl_hippocampus", "gala_fibsem", "gerhard_l3_vnc", "isbi2012"]
+    assert zoo.verify() == {n: None for n in sorted(zoo.names)}
+    for row in zoo.summaries():
+        manifest = json.loads((MANIFESTS / f"{row['name']}.json").read_text())
+        assert row["organism"] == manifest["organism"] and row["modality"] == manifest["modality"]
+        assert row["voxel_size_nm"] == [float(v) for v in manifest["voxel_size_nm"]] and not row["synthetic"]
+        assert 0 < row["held_out_vi"] < 5
+    for pkg in zoo:
+        card = pkg.training
+        assert card["license"] and card["citation"] and "--from-datasets" in card["command"]
+        assert pkg.metrics["validation_curve"] and pkg.metadata["metadata_sha256"]
+        assert "blur" in card["augmentation"] and "scale" in card["augmentation"]
+    assert not (REAL_ZOO / ".checkpoints").exists()
+    rc, out = _cli(capsys, "zoo", "list")
+    assert rc == 0 and "Drosophila melanogaster" in out.out and "Mus musculus" in out.out and "FIB-SEM" in out.out

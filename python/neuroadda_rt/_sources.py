@@ -26,12 +26,13 @@ import numpy as np
 from .datasets import Dataset
 from .errors import InputValueError, ShapeError
 from .io import Volume, open_volume
-from .package import ModelPackage, Zoo, load_model
+from .package import ModelPackage, Zoo, is_synthetic, load_model
 from .runtime import FeatureExtractor, config_feature_level
 from .tiles import Tiles, sample_tiles
 
 __all__ = ["RankableSource", "PackageSource", "as_source", "as_volume", "iter_zoo", "load_package",
-           "sample_target_tiles", "volume_shape", "describe_target"]
+           "sample_target_tiles", "volume_shape", "describe_target", "fit_tile_size", "reference_tile_size",
+           "source_facts", "target_facts"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +92,56 @@ def sample_target_tiles(volume, n: int, size: int, seed: int) -> Tiles:
         raise ShapeError(f"expected a target of at least {size}x{size} pixels per slice for tile_size={size}, "
                          f"got shape {shape}")
     return sample_tiles(volume, int(n), int(size), seed=int(seed))
+
+
+def fit_tile_size(volume, size: int) -> tuple[int, str | None]:
+    """``size``, or for a target whose slices are smaller, the largest multiple of 16 that fits, with a
+    message saying so (None when nothing changed). Slices under 16 px are refused (:class:`ShapeError`)."""
+    shape = volume_shape(volume)
+    side = min(shape[-2:])
+    size = int(size)
+    if side >= size:
+        return size, None
+    fit = (side // 16) * 16
+    if fit < 16:
+        raise ShapeError(f"expected a target of at least 16x16 pixels per slice, got shape {shape}")
+    return fit, (f"target slices are {shape[-2]}x{shape[-1]} px, smaller than the {size} px tiles: using {fit} px "
+                 f"tiles (features of tiles other than the reference's size are less comparable; pass a smaller "
+                 f"tile size to choose it yourself)")
+
+
+def reference_tile_size(model, default: int = 256) -> int:
+    """The tile edge a source model's reference features come from (its ``model.json``), else ``default``."""
+    meta = getattr(model, "metadata", None)
+    if meta is None and isinstance(model, (str, os.PathLike)) and (Path(model) / "model.json").is_file():
+        from .runtime.source import read_json
+
+        meta = read_json(Path(model) / "model.json")
+    size = ((meta or {}).get("reference_features") or {}).get("tile_size")
+    if size is None:
+        size = getattr(model, "reference_tile_size", None)
+    return int(size) if size else int(default)
+
+
+def source_facts(src) -> dict:
+    """What the ranking warnings need from a source: ``synthetic``, ``modality``, ``voxel_size_nm``."""
+    meta = getattr(getattr(src, "package", None), "metadata", None) or getattr(src, "metadata", None) or {}
+    return {"synthetic": bool(getattr(src, "synthetic", False)) or is_synthetic(meta),
+            "modality": meta.get("modality") or getattr(src, "modality", None),
+            "voxel_size_nm": meta.get("voxel_size_nm") or getattr(src, "voxel_size_nm", None)}
+
+
+def target_facts(target, volume, *, modality=None, voxel_size_nm=None) -> dict:
+    """The target's modality and voxel size: given, else from a Dataset's manifest or a Volume's header."""
+    if modality is None and isinstance(target, Dataset):
+        modality = target.modality
+    if voxel_size_nm is None:
+        if isinstance(target, Dataset):
+            voxel_size_nm = target.voxel_size_nm
+        else:
+            voxel_size_nm = getattr(volume, "voxel_size_nm", None)
+    return {"modality": modality, "voxel_size_nm": None if voxel_size_nm is None else
+            [float(v) for v in voxel_size_nm]}
 
 
 def describe_target(target, volume) -> dict:

@@ -28,15 +28,16 @@ import numpy as np
 from . import _atomic
 from ._cache import cache_dir as _cache_root
 from ._digest import arrays_sha256, json_sha256
-from ._sources import (PackageSource, RankableSource, as_source, as_volume, describe_target, iter_zoo,
-                       load_package, sample_target_tiles, volume_shape)
+from ._sources import (PackageSource, RankableSource, as_source, as_volume, describe_target, fit_tile_size,
+                       iter_zoo, load_package, sample_target_tiles, source_facts, target_facts, volume_shape)
 from .errors import FormatError, InputValueError, ShapeError, require
 from .io import load_npy
 from .mmd import mmd2, mmd2_test
 
 log = logging.getLogger("neuroadda_rt")
 
-__all__ = ["rank_sources", "SourceRanking", "RankedSource", "default_cache_dir", "standardize"]
+__all__ = ["rank_sources", "SourceRanking", "RankedSource", "default_cache_dir", "standardize", "ranking_warnings",
+           "tile_size_of"]
 
 #: Version of the cache-key recipe; bump when what goes into a feature changes.
 #: 2: the key holds the intensity rule, feature level and precision (v1 entries were shared by
@@ -111,6 +112,18 @@ class RankedSource:
         Identity of the model used (the feature-cache key).
     cached : bool
         Whether the target features came from the disk cache.
+    tile_size : int or None
+        Edge of the target tiles this source embedded (its reference tile size unless overridden).
+    self_mmd2 : float or None
+        Distance scale: MMD² between two random halves of the source's own reference features (same
+        kernel). A target MMD² near it is as close as the source's own data is to itself.
+    synthetic : bool
+        The source was trained on synthetic images.
+    modality, voxel_size_nm
+        The source's imaging modality and voxel size, from its package.
+    warnings : list of str
+        What to keep in mind about this source's score (synthetic source, other modality, other
+        pixel size, other tile size).
     """
 
     name: str
@@ -122,6 +135,12 @@ class RankedSource:
     n_target: int = 0
     sha256: str = ""
     cached: bool = False
+    tile_size: int | None = None
+    self_mmd2: float | None = None
+    synthetic: bool = False
+    modality: str | None = None
+    voxel_size_nm: list | None = None
+    warnings: list = field(default_factory=list)
     model: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -167,7 +186,8 @@ class SourceRanking(_atomic.JsonRecord):
     def __repr__(self) -> str:
         rows = ", ".join(f"{e.name}: {e.mmd2:.4g} (p={e.p_value:.3g})" for e in self.entries[:5])
         more = "" if len(self.entries) <= 5 else f", ... {len(self.entries) - 5} more"
-        return f"SourceRanking([{rows}{more}])"
+        n_warn = len(self.warnings)
+        return f"SourceRanking([{rows}{more}]" + (f", {n_warn} warning(s): see .warnings)" if n_warn else ")")
 
     @property
     def best(self):
@@ -198,25 +218,122 @@ class SourceRanking(_atomic.JsonRecord):
         text = _atomic.read_json_source(text_or_path, "ranking")
         try:
             d = json.loads(text)
-            entries = [RankedSource(**{k: v for k, v in r.items() if k != "rank"}) for r in d["ranking"]]
+            known = set(RankedSource.__dataclass_fields__) - {"model"}
+            entries = [RankedSource(**{k: v for k, v in r.items() if k in known}) for r in d["ranking"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise FormatError(f"expected a ranking JSON written by SourceRanking.to_json, got: {exc}") from exc
         return cls(entries, d.get("settings"), d.get("target_coords"))
 
+    @property
+    def warnings(self) -> list[str]:
+        """Warnings about the whole ranking (e.g. every p-value at the permutation floor), then the
+        sources' own, one line per warning prefixed with the names of the sources it applies to."""
+        return ranking_warnings(self.to_dict())
+
     def to_frame(self):
-        """A pandas DataFrame, one row per source, in rank order (needs the ``report`` extra)."""
+        """A pandas DataFrame, one row per source, in rank order (needs the ``report`` extra).
+
+        The ``warnings`` column holds each source's warnings joined by "; "; ``frame.attrs["warnings"]``
+        holds every warning of the ranking (:attr:`warnings`)."""
         pd = require("pandas", "report")
-        rows = [dict(rank=i + 1, **e.to_dict()) for i, e in enumerate(self.entries)]
-        return pd.DataFrame(rows).set_index("rank")
+        rows = []
+        for i, e in enumerate(self.entries):
+            d = dict(rank=i + 1, **e.to_dict())
+            d["warnings"] = "; ".join(e.warnings)
+            rows.append(d)
+        frame = pd.DataFrame(rows).set_index("rank")
+        frame.attrs["warnings"] = self.warnings
+        return frame
+
+    @property
+    def best_tile_size(self) -> int | None:
+        """The tile edge the top source was ranked with (what ``select`` and ``report`` default to)."""
+        return tile_size_of(self.to_dict())
+
+
+def ranking_warnings(ranking: dict) -> list[str]:
+    """The warnings of a ranking's dict (``ranking.json``): the ranking's own (``settings.warnings``),
+    then one line per source warning, prefixed with the names of every source it applies to."""
+    out = [str(w) for w in ((ranking.get("settings") or {}).get("warnings") or [])]
+    names: dict[str, list[str]] = {}
+    for r in ranking.get("ranking") or []:
+        for w in r.get("warnings") or []:
+            names.setdefault(str(w), []).append(str(r.get("name")))
+    return out + [f"{', '.join(n)}: {w}" for w, n in names.items()]
+
+
+def tile_size_of(ranking: dict) -> int | None:
+    """The tile edge of the top source of a ranking's dict (``ranking.json``): its entry's
+    ``tile_size``, else the settings' ``tile_size`` (rankings written before per-source sizes)."""
+    rows = ranking.get("ranking") or []
+    if rows and rows[0].get("tile_size"):
+        return int(rows[0]["tile_size"])
+    size = (ranking.get("settings") or {}).get("tile_size")
+    return int(size) if isinstance(size, (int, float)) and not isinstance(size, bool) else None
+
+
+#: A source's in-plane pixel size may differ from the target's by this factor before the ranking warns.
+VOXEL_RATIO_WARN = 1.5
+
+
+def _in_plane(voxel) -> float | None:
+    """Mean in-plane (y, x) pixel size in nm of a ``(z, y, x)`` or ``(y, x)`` voxel size, or None."""
+    try:
+        v = [float(x) for x in voxel]
+    except (TypeError, ValueError):
+        return None
+    if len(v) not in (2, 3) or min(v) <= 0:
+        return None
+    return float(np.mean(v[-2:]))
+
+
+def _norm_modality(m) -> str:
+    return "".join(ch for ch in str(m or "").lower() if ch.isalnum())
+
+
+def source_warnings(facts: dict, target: dict, *, tile_size: int | None, ref_tile_size: int | None) -> list[str]:
+    """What to keep in mind about one source's score: synthetic training data, another modality than
+    the target's (when known), an in-plane pixel size more than :data:`VOXEL_RATIO_WARN` times
+    different, target tiles of another size than the reference's."""
+    out = []
+    if facts.get("synthetic"):
+        out.append("trained on synthetic images, not real EM: its rank says how close the target is to a "
+                   "synthetic domain")
+    tm, sm = target.get("modality"), facts.get("modality")
+    if tm and sm and _norm_modality(tm) != _norm_modality(sm) and not facts.get("synthetic"):
+        out.append(f"modality {sm} differs from the target's {tm}")
+    a, b = _in_plane(facts.get("voxel_size_nm")), _in_plane(target.get("voxel_size_nm"))
+    if a and b and max(a / b, b / a) > VOXEL_RATIO_WARN:
+        out.append(f"in-plane pixel size {a:g} nm differs from the target's {b:g} nm by {max(a / b, b / a):.1f}x "
+                   f"(> {VOXEL_RATIO_WARN}x): features see structures at another scale")
+    if ref_tile_size is not None and tile_size is not None and ref_tile_size != tile_size:
+        out.append(f"target tiles of {tile_size} px, reference tiles of {ref_tile_size} px: pooled features "
+                   f"depend on the tile size")
+    return out
+
+
+def floor_warning(entries: Sequence[RankedSource], n_permutations: int) -> str | None:
+    """A warning when every p-value sits at the permutation floor ``1 / (n_permutations + 1)``."""
+    if n_permutations <= 0 or not entries:
+        return None
+    floor = 1.0 / (n_permutations + 1)
+    if not all(np.isfinite(e.p_value) and e.p_value <= floor * (1 + 1e-9) for e in entries):
+        return None
+    scale = ", ".join(f"{e.name} {e.mmd2:.3g} vs {e.self_mmd2:.3g}" for e in entries if e.self_mmd2 is not None)
+    return (f"every p-value is at the permutation floor 1/({n_permutations}+1) = {floor:.3g}: every source's "
+            f"features differ detectably from the target's, so the p-values do not order the sources; compare "
+            f"MMD² with each source's own scale (MMD² between two halves of its reference features"
+            + (f": {scale}" if scale else "") + ")")
 
 
 # --------------------------------------------------------------------------------------------
 # the ranking
 # --------------------------------------------------------------------------------------------
-def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed: int = 0,
+def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = None, seed: int = 0,
                  n_permutations: int = 200, cache_dir: str | os.PathLike | None | bool = None,
                  progress: bool = False, backend: str = "auto", device: str = "auto",
-                 batch_size: int = 16) -> SourceRanking:
+                 batch_size: int = 16, target_modality: str | None = None,
+                 target_voxel_size_nm=None) -> SourceRanking:
     """Rank source models by MMD² between their reference features and the target's features.
 
     Parameters
@@ -229,8 +346,11 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
         ranking needs from one; packages are wrapped in ``PackageSource``).
     n_tiles : int
         Number of random target tiles embedded by every source (the same tiles for all).
-    tile_size : int
-        Tile edge in pixels.
+    tile_size : int, optional
+        Tile edge in pixels. Default: each source's reference tile size (the tiles its reference
+        features come from), so each is compared on its own terms; sources of one size share one
+        tile sample. A target slice smaller than the tile gets the largest multiple of 16 that
+        fits, with a logged warning (and one in the ranking's warnings).
     seed : int
         Seeds the tile sample and the permutations; the result is deterministic for a seed.
     n_permutations : int
@@ -243,11 +363,18 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
     backend, device, batch_size
         Passed to :class:`~neuroadda_rt.FeatureExtractor`, which applies each model's intensity
         rule to the raw tiles (once).
+    target_modality, target_voxel_size_nm : optional
+        The target's imaging modality and voxel size (nm, ``(z, y, x)`` or ``(y, x)``), for the
+        warnings; default: what the target says (a Dataset's manifest, a Volume's voxel size).
 
     Returns
     -------
     SourceRanking
-        Sorted ascending by MMD²; ``.best`` is the most transferable source.
+        Sorted ascending by MMD²; ``.best`` is the most transferable source. Each entry carries
+        its ``warnings`` (synthetic source; modality other than the target's; in-plane pixel size
+        more than 1.5x different) and ``self_mmd2``, the MMD² between two halves of its own
+        reference features (a distance scale); ``settings["warnings"]`` says when every p-value
+        sits at the permutation floor. :attr:`SourceRanking.warnings` lists them all.
 
     Examples
     --------
@@ -255,11 +382,13 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
     >>> ranking = nr.rank_sources("new_volume.h5:raw", nr.default_zoo(), n_tiles=64)  # doctest: +SKIP
     >>> print(ranking.to_frame()[["name", "mmd2", "p_value"]])                       # doctest: +SKIP
     """
-    n_tiles, tile_size, seed, n_permutations = int(n_tiles), int(tile_size), int(seed), int(n_permutations)
+    n_tiles, seed, n_permutations = int(n_tiles), int(seed), int(n_permutations)
+    if tile_size is not None:
+        tile_size = int(tile_size)
+        if tile_size < 1:
+            raise InputValueError(f"expected tile_size >= 1, got {tile_size}")
     if n_tiles < 2:
         raise InputValueError(f"expected n_tiles >= 2 (MMD² needs two samples), got {n_tiles}")
-    if tile_size < 1:
-        raise InputValueError(f"expected tile_size >= 1, got {tile_size}")
     if n_permutations < 0:
         raise InputValueError(f"expected n_permutations >= 0, got {n_permutations}")
     volume = as_volume(target)
@@ -271,9 +400,21 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
     else:
         cache = Path(cache_dir)
 
-    tiles, coords = sample_target_tiles(volume, n_tiles, tile_size, seed)
-    # the key hashes the sampled tiles' content, so a changed target is never served stale features
-    content = arrays_sha256(coords, tiles, header=[list(volume_shape(volume)), str(tiles.dtype), tile_size])
+    tfacts = target_facts(target, volume, modality=target_modality, voxel_size_nm=target_voxel_size_nm)
+    notes: list[str] = []
+    sizes: dict[str, int] = {}
+    for src in sources:
+        want = tile_size if tile_size is not None else (src.reference_tile_size or 256)
+        size, note = fit_tile_size(volume, want)
+        if note and note not in notes:
+            notes.append(note)
+        sizes[src.name] = size
+    samples: dict[int, tuple] = {}
+    for size in sorted(set(sizes.values())):
+        tiles, coords = sample_target_tiles(volume, n_tiles, size, seed)
+        # the key hashes the sampled tiles' content, so a changed target is never served stale features
+        content = arrays_sha256(coords, tiles, header=[list(volume_shape(volume)), str(tiles.dtype), size])
+        samples[size] = (tiles, coords, content)
 
     entries = []
     it: Iterable[RankableSource] = sources
@@ -284,10 +425,29 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int = 256, seed:
     for src in it:
         if bar is not None:
             bar.set_postfix_str(src.name)
-        entries.append(_rank_one(src, tiles, seed=seed, n_permutations=n_permutations, cache=cache,
-                                 content=content, tile_size=tile_size, backend=backend, device=device,
-                                 batch_size=batch_size))
-    settings = {"n_tiles": n_tiles, "tile_size": tile_size, "seed": seed, "n_permutations": n_permutations,
+        size = sizes[src.name]
+        tiles, _, content = samples[size]
+        entry = _rank_one(src, tiles, seed=seed, n_permutations=n_permutations, cache=cache, content=content,
+                          tile_size=size, backend=backend, device=device, batch_size=batch_size)
+        facts = source_facts(src)
+        entry.tile_size, entry.synthetic = size, bool(facts.get("synthetic"))
+        entry.modality, entry.voxel_size_nm = facts.get("modality"), facts.get("voxel_size_nm")
+        entry.warnings = source_warnings(facts, tfacts, tile_size=size, ref_tile_size=src.reference_tile_size)
+        entries.append(entry)
+    floor = floor_warning(entries, n_permutations)
+    # in the result (SourceRanking.warnings, to_frame, ranking.json, the report), logged once in brief
+    warnings = notes + ([floor] if floor else [])
+    n_warn = len(warnings) + sum(len(e.warnings) for e in entries)
+    if n_warn:
+        log.info("the ranking carries %d warning(s): see SourceRanking.warnings", n_warn)
+    distinct = sorted(set(sizes.values()))
+    best_size = sizes[min(entries, key=lambda e: (e.mmd2, e.name)).name] if entries else None
+    coords = samples[best_size][1] if best_size is not None else None
+    settings = {"n_tiles": n_tiles, "tile_size": distinct[0] if len(distinct) == 1 else None,
+                "tile_sizes": sizes, "seed": seed, "n_permutations": n_permutations,
+                "p_value_floor": (1.0 / (n_permutations + 1)) if n_permutations > 0 else None,
+                "warnings": warnings, "target_modality": tfacts.get("modality"),
+                "target_voxel_size_nm": tfacts.get("voxel_size_nm"),
                 "kernel": "gaussian on features standardised by the source's reference mean/sd, median-heuristic "
                           "bandwidth on the pooled sample (mmd2_test default)",
                 "pooling": sorted({s.pooling for s in sources}),
@@ -321,7 +481,19 @@ def _rank_one(src: RankableSource, tiles: np.ndarray, *, seed: int, n_permutatio
         stat, p, sigma = float(mmd2(ref, feats)), float("nan"), None
     model = src.package if isinstance(src, PackageSource) else None
     return RankedSource(name=src.name, path=src.path, mmd2=stat, p_value=p, sigma=sigma, n_reference=len(ref),
-                        n_target=len(feats), sha256=src.sha256, cached=was_cached, model=model)
+                        n_target=len(feats), sha256=src.sha256, cached=was_cached, model=model,
+                        self_mmd2=_self_mmd2(ref, seed, sigma))
+
+
+def _self_mmd2(ref: np.ndarray, seed: int, sigma) -> float | None:
+    """MMD² between two random halves of a source's (standardised) reference features, with the kernel
+    bandwidth of its ranking: the distance at which a sample is as close as the source is to itself."""
+    if len(ref) < 4:
+        return None
+    perm = np.random.default_rng(seed).permutation(len(ref))
+    half = len(ref) // 2
+    a, b = ref[perm[:half]], ref[perm[half:2 * half]]
+    return float(mmd2(a, b, sigma=sigma))
 
 
 def standardize(ref: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

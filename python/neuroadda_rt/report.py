@@ -23,6 +23,7 @@ from ._device import cuda_available
 from ._info import build_info
 from . import __version__
 from .errors import FormatError
+from .ranking import ranking_warnings
 
 __all__ = ["write_report", "headline_lines"]
 
@@ -283,12 +284,18 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     parts.append(_html.figure_img(_ranking_figure(ranking), "source ranking bar chart", "fig-ranking"))
     parts.append(_table([[r.get("rank", i + 1), r["name"], f"{r['mmd2']:.5g}",
                           "n/a" if r.get("p_value") is None else f"{r['p_value']:.3g}",
+                          "n/a" if r.get("self_mmd2") is None else f"{r['self_mmd2']:.3g}",
                           _fmt_sigma(r.get("sigma")), r.get("n_reference"),
                           r.get("n_target")] for i, r in enumerate(ranking["ranking"])],
-                        ["rank", "source", "MMD²", "p-value", "kernel σ", "n ref", "n target"]))
+                        ["rank", "source", "MMD²", "p-value", "own scale", "kernel σ", "n ref", "n target"]))
     parts.append('<p class="note">MMD² between each source\'s stored reference features and the target tiles '
                  "embedded by that source's encoder; p-values from a permutation test (small: the target "
-                 "differs from the source's training data).</p>")
+                 "differs from the source's training data). Own scale: MMD² between two halves of the source's "
+                 "own reference features, what 'close' means for that source.</p>")
+    warns = ranking_warnings(ranking)
+    if warns:  # synthetic sources, other modality or pixel size, every p-value at the permutation floor
+        parts.append('<div class="warnings"><b>Read the ranking with these in mind:</b><ul>'
+                     + "".join(f"<li>{_esc(w)}</li>" for w in warns) + "</ul></div>")
 
     # selection
     parts.append("<h2>2. Tiles to annotate</h2>")

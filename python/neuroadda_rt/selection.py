@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _atomic
-from ._sources import PackageSource, as_volume, describe_target, load_package, sample_target_tiles
+from ._sources import (PackageSource, as_volume, describe_target, fit_tile_size, load_package, reference_tile_size,
+                       sample_target_tiles)
 from .errors import FormatError, InputValueError, require
 from .package import ModelPackage
 from .runtime import Predictor
@@ -236,7 +237,7 @@ def _uncertainty_scores(pkg: ModelPackage, tiles: np.ndarray, *, measure: str, b
     return scores
 
 
-def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int = 2048, tile_size: int = 256,
+def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int = 2048, tile_size: int | None = None,
                  seed: int = 0, measure: str = "entropy", band: float = DEFAULT_BAND, backend: str = "auto",
                  device: str = "auto", batch_size: int = 16, progress: bool = False,
                  keep_tiles: bool = True, min_slice_gap: int = DEFAULT_MIN_SLICE_GAP) -> TileSelection:
@@ -254,8 +255,9 @@ def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int =
         See the module documentation; ``"median"`` is NeuroADDA's rule.
     pool : int
         Number of random candidate tiles scored.
-    tile_size : int
-        Tile edge in pixels.
+    tile_size : int, optional
+        Tile edge in pixels. Default: the model's reference tile size (256 when it records none); a
+        target slice smaller than the tile gets the largest multiple of 16 that fits, with a warning.
     seed : int
         Seeds the pool sample and the ``"random"`` strategy.
     measure : str
@@ -281,7 +283,7 @@ def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int =
     >>> sel.coords                                                     # doctest: +SKIP
     array([[ 3, 512, 128], ...])
     """
-    n, pool, tile_size, seed = int(n), int(pool), int(tile_size), int(seed)
+    n, pool, seed = int(n), int(pool), int(seed)
     if strategy not in STRATEGIES:
         raise InputValueError(f"expected strategy in {STRATEGIES}, got {strategy!r}")
     if n < 1:
@@ -294,6 +296,11 @@ def select_tiles(target, model, n: int, *, strategy: str = "median", pool: int =
         raise InputValueError(f"expected min_slice_gap as an integer >= 1, got {min_slice_gap!r}")
     volume = as_volume(target)
     pkg = load_package(model)
+    if tile_size is None:
+        tile_size, note = fit_tile_size(volume, reference_tile_size(pkg))
+        if note:
+            logging.getLogger(__name__).warning("%s", note)
+    tile_size = int(tile_size)
     tiles, coords = sample_target_tiles(volume, pool, tile_size, seed)
 
     scores = _uncertainty_scores(pkg, tiles, measure=measure, backend=backend, device=device,

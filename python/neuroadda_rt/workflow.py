@@ -406,10 +406,11 @@ def _label_tiles(labels, volume, selection: TileSelection):
 # the workflow
 # --------------------------------------------------------------------------------------------
 def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run", strategy: str = "median",
-                 n_tiles: int = 256, tile_size: int = 256, pool: int = 2048, seed: int = 0,
+                 n_tiles: int = 256, tile_size: int | None = None, pool: int = 2048, seed: int = 0,
                  n_permutations: int = 200, measure: str = "entropy", train: dict | None = None,
                  test=None, n_test: int = 8, cache_dir=None, progress: bool = False, backend: str = "auto",
-                 device: str = "auto", report: bool = True, extra_settings: dict | None = None) -> WorkflowResult:
+                 device: str = "auto", report: bool = True, extra_settings: dict | None = None,
+                 target_modality: str | None = None, target_voxel_size_nm=None) -> WorkflowResult:
     """Run NeuroADDA end to end: rank, select, (annotate,) fine-tune vs scratch, evaluate, report.
 
     Parameters
@@ -430,7 +431,9 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
     strategy, pool, measure
         See :func:`select_tiles`.
     n_tiles, tile_size, n_permutations, cache_dir
-        See :func:`rank_sources` (``tile_size`` is shared by every step).
+        See :func:`rank_sources`. ``tile_size`` defaults to each source's reference tile size for the
+        ranking, then to the best source's for every later step (a target slice smaller than it gets
+        the largest multiple of 16 that fits, with a warning).
     train : dict, optional
         Training settings passed to ``finetune`` and ``train_from_scratch`` alike (``steps``,
         ``lr``, ``batch_size``, ``augment``, ...).
@@ -443,6 +446,8 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
         Progress bars for every long step.
     report : bool
         Write ``report.html`` at the end.
+    target_modality, target_voxel_size_nm : optional
+        The target's modality and voxel size (nm), for the ranking's warnings (:func:`rank_sources`).
 
     Returns
     -------
@@ -468,12 +473,15 @@ def run_workflow(target, zoo, *, n: int = 4, labels=None, out_dir="neuroadda_run
     t0 = time.perf_counter()
     ranking = rank_sources(volume, zoo, n_tiles=n_tiles, tile_size=tile_size, seed=seed,
                            n_permutations=n_permutations, cache_dir=cache_dir, progress=progress,
-                           backend=backend, device=device)
+                           backend=backend, device=device, target_modality=target_modality,
+                           target_voxel_size_nm=target_voxel_size_nm)
     if isinstance(target, (str, os.PathLike)):
         ranking.settings["target"]["path"] = str(target)
     timings["rank"] = time.perf_counter() - t0
     ranking.to_json(run_dir / "ranking.json")
     best = ranking.best
+    if tile_size is None:  # the best source's tile size (already fitted to the target by the ranking)
+        tile_size = ranking.best_tile_size or 256
 
     t0 = time.perf_counter()
     selection = select_tiles(volume, best, n, strategy=strategy, pool=pool, tile_size=tile_size, seed=seed,

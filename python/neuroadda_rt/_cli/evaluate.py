@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runtime import BACKENDS
-from ._common import open_target, print_json
+from ._common import open_target, print_json, tile_size_for
 
 
 def register(subparsers) -> None:
@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--key", default=None, help="dataset key of the image container")
     p.add_argument("--labels-key", default=None, help="dataset key of the label container")
     p.add_argument("--n-tiles", type=int, default=16, help="random tiles scored (default 16)")
-    p.add_argument("--tile-size", type=int, default=256, help="tile edge (default 256)")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="tile edge (default: the model's reference tile size, 256 when it records none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tile sample")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -46,8 +47,9 @@ def run(args) -> int:
         lab = open_target(args.labels, args.labels_key)
         if volume_shape(vol) != volume_shape(lab):
             raise ValueError(f"expected labels of the images' shape {volume_shape(vol)}, got {volume_shape(lab)}")
-        t = sample_tiles(vol, args.n_tiles, args.tile_size, seed=args.seed)
-        images, labels = t.tiles, extract_tiles(lab, t.coords, args.tile_size)
+        size = tile_size_for(args.tile_size, model, vol)
+        t = sample_tiles(vol, args.n_tiles, size, seed=args.seed)
+        images, labels = t.tiles, extract_tiles(lab, t.coords, size)
     ev = evaluate(model, images, labels, backend=args.backend, device=args.device, progress=not args.no_progress)
     if args.json:
         print_json(ev.to_dict())

@@ -25,7 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output file (.onnx, or .engine for TensorRT)")
     p.add_argument("--calibration", default=None, help="int8: volume whose random tiles calibrate activations")
     p.add_argument("--n-calibration", type=int, default=32, help="int8: calibration tiles (default 32)")
-    p.add_argument("--tile-size", type=int, default=256, help="calibration tile / TensorRT profile edge (default 256)")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="calibration tile / TensorRT profile edge (default: the model's reference tile size, 256 "
+                        "when it records none)")
     p.add_argument("--max-batch", type=int, default=16, help="TensorRT: largest batch of the profile (default 16)")
     p.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration tiles")
@@ -57,15 +59,16 @@ def run(args) -> int:
             raise ValueError("int8 export needs --calibration VOLUME (tiles to calibrate activation ranges)")
         from ..export import quantize_int8
         from ..tiles import sample_tiles
-        from ._common import open_target
+        from ._common import open_target, tile_size_for
 
         vol = open_target(args.calibration, None)
-        tiles = sample_tiles(vol, args.n_calibration, args.tile_size, seed=args.seed).tiles
+        tiles = sample_tiles(vol, args.n_calibration, tile_size_for(args.tile_size, pkg, vol), seed=args.seed).tiles
         quantize_int8(onnx_path, tiles, out, normalization=pkg.normalization or "dtype")
     else:
         from ..export import build_tensorrt_engine
+        from ._common import tile_size_for
 
-        s = args.tile_size
+        s = tile_size_for(args.tile_size, pkg)
         engine = build_tensorrt_engine(onnx_path, min_shape=(1, 1, s, s), opt_shape=(max(1, args.max_batch // 2), 1, s, s),
                                        max_shape=(args.max_batch, 1, s, s), fp16=args.fp16)
         from .. import _atomic

@@ -17,6 +17,11 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="feature cache (default $NEUROADDA_CACHE, else the platform cache folder)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--out", default=None, help="write the ranking as JSON here (input of `select --model`)")
+    p.add_argument("--modality", default=None,
+                   help="the target's imaging modality (e.g. ssTEM, FIB-SEM), to warn about sources of another")
+    p.add_argument("--voxel-size", default=None,
+                   help="the target's voxel size in nm, z,y,x or y,x (default: the file's, when it records one), "
+                        "to warn about sources whose pixel size differs by more than 1.5x")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -25,20 +30,34 @@ def run(args) -> int:
     from ..ranking import rank_sources
 
     volume = open_target(args.target, args.key)
+    voxel = None
+    if args.voxel_size:
+        try:
+            voxel = [float(v) for v in args.voxel_size.split(",")]
+        except ValueError:
+            raise ValueError(f"expected --voxel-size as numbers separated by ',', got {args.voxel_size!r}") from None
+        if len(voxel) not in (2, 3) or min(voxel) <= 0:
+            raise ValueError(f"expected --voxel-size z,y,x or y,x in nm (positive), got {args.voxel_size!r}")
     ranking = rank_sources(volume, open_zoo(args.zoo), n_tiles=args.n_tiles, tile_size=args.tile_size,
                            seed=args.seed, n_permutations=args.permutations,
                            cache_dir=False if args.no_cache else args.cache_dir, progress=not args.no_progress,
-                           backend=args.backend, device=args.device)
+                           backend=args.backend, device=args.device, target_modality=args.modality,
+                           target_voxel_size_nm=voxel)
     ranking.settings["target"]["path"] = args.target
     if args.out:
         ranking.to_json(args.out)
     if args.json:
         print_json(ranking.to_dict() | {"out": args.out})
         return 0
-    print(f"{'rank':>4}  {'source':<28} {'MMD²':>10} {'p-value':>8}")
+    print(f"{'rank':>4}  {'source':<28} {'MMD²':>10} {'own scale':>10} {'p-value':>8} {'tile':>5}  note")
     for i, e in enumerate(ranking, 1):
-        print(f"{i:>4}  {e.name:<28} {e.mmd2:>10.5f} {e.p_value:>8.3f}")
+        own = f"{e.self_mmd2:>10.5f}" if e.self_mmd2 is not None else f"{'-':>10}"
+        note = "synthetic" if e.synthetic else (e.modality or "")
+        print(f"{i:>4}  {e.name:<28} {e.mmd2:>10.5f} {own} {e.p_value:>8.3f} {e.tile_size or '-':>5}  {note}")
     print(f"best: {ranking[0].name} ({ranking[0].path})")
+    print("(own scale: MMD² between two halves of the source's own reference features)")
+    for w in ranking.warnings:
+        print(f"warning: {w}")
     if args.out:
         print(f"ranking written to {args.out}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..selection import STRATEGIES
-from ._common import add_common, add_target, open_target, print_json, resolve_model
+from ._common import add_common, add_target, open_target, print_json, resolve_model, tile_size_for
 
 
 def register(subparsers) -> None:
@@ -75,6 +75,9 @@ def run(args) -> int:
     from ..workflow import write_annotation
 
     volume = open_target(args.target, args.key)
+    model = None if args.coords and not Path(args.model).exists() else resolve_model(args.model)
+    # --tile-size, else the ranking's (a ranking.json as --model), else the model's reference tile size
+    args.tile_size = tile_size_for(args.tile_size, model, volume, ranking=args.model)
     if args.coords:
         from ..tiles import extract_tiles
 
@@ -94,7 +97,6 @@ def run(args) -> int:
                             tile_size=args.tile_size, strategy="given", measure=args.measure,
                             settings={"coords_file": args.coords, "target": {"path": args.target}}, tiles=tiles)
     else:
-        model = resolve_model(args.model)
         sel = select_tiles(volume, model, args.n, strategy=args.strategy, pool=args.pool, tile_size=args.tile_size,
                            seed=args.seed, measure=args.measure, band=args.band, min_slice_gap=args.min_slice_gap, backend=args.backend,
                            device=args.device, progress=not args.no_progress)

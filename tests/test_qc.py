@@ -406,3 +406,24 @@ def test_model_package_model(rng):
     np.testing.assert_allclose(by_pkg.update(tiles[32:]).similarity, by_path.update(tiles[32:]).similarity,
                                rtol=1e-6, atol=1e-6)
     assert by_pkg._model.fingerprint == by_path._model.fingerprint != ""
+
+
+def test_black_stripes_saturation_and_blur_are_named(em_tiles):
+    """The injected kinds the real-data acceptance uses, on synthetic EM: a black padding stripe a few
+    pixels wide at the edge, a saturated half-plane and a Gaussian blur are flagged and named; a black
+    column 3 pixels wide is enough (black_lines), although it darkens under 5% of the tile."""
+    from scipy import ndimage
+
+    ref, clean = em_tiles[:192], em_tiles[192:224]
+    mon = QCMonitor(toy_encoder, ref, window=32, artefact_fpr=0.05)
+    stripe = clean.copy()
+    stripe[:, :, :3] = 0
+    sat = clean.astype(np.float32)
+    sat[:, :, 32:] = np.minimum(255, 1.8 * sat[:, :, 32:] + 77)
+    blur = np.stack([ndimage.gaussian_filter(t.astype(np.float32), 3.0) for t in clean])
+    for tiles, cause in ((stripe, "black_region"), (sat.astype(np.uint8), "saturation"),
+                         (np.clip(np.rint(blur), 0, 255).astype(np.uint8), "defocus")):
+        rep = mon.update(tiles)
+        assert rep.flags.mean() >= 0.9, (cause, rep.flags.mean())
+        named = [k for k, f in zip(rep.kinds, rep.flags) if f]
+        assert named.count(cause) >= 0.9 * len(named), (cause, named)

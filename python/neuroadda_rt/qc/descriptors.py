@@ -18,11 +18,13 @@ __all__ = ["image_stats"]
 
 #: Intensity descriptors computed per tile (all on the [0, 1] normalised image), their
 #: artefact tail (-1 low, +1 high, 0 both) and the likely cause they name.
-IMAGE_STATS = ("mean", "std", "sharpness", "line_ridge", "flat", "block_max", "dark_fraction", "saturated_fraction")
+IMAGE_STATS = ("mean", "std", "sharpness", "line_ridge", "flat", "block_max", "dark_fraction", "saturated_fraction",
+               "black_lines")
 IMAGE_TAILS = {"mean": 0, "std": 0, "sharpness": -1, "line_ridge": 1, "flat": -1, "block_max": 1,
-               "dark_fraction": 1, "saturated_fraction": 1}
+               "dark_fraction": 1, "saturated_fraction": 1, "black_lines": 1}
 KIND_OF = {"mean": "brightness", "std": "contrast", "sharpness": "defocus", "line_ridge": "fold", "flat": "stain",
            "block_max": "bright_region", "dark_fraction": "black_region", "saturated_fraction": "saturation",
+           "black_lines": "black_region",
            "similarity": "feature_outlier", "uncertainty": "uncertainty"}
 #: Intensities at or below this (of 1) are "black" (padding bands, lost sections, black stripes) and at or
 #: above ``SATURATED`` saturated: 5 and 250 of 255.
@@ -32,7 +34,8 @@ BLACK, SATURATED = 5 / 255, 250 / 255
 #: a change a microscopist would not call an artefact: 2% of the intensity range in brightness or block
 #: intensity, 1% in contrast, 5% of the tile's pixels black or saturated, ...
 SCALE_FLOOR = {"mean": 0.02, "std": 0.01, "sharpness": 0.05, "line_ridge": 0.01, "flat": 0.005, "block_max": 0.02,
-               "dark_fraction": 0.05, "saturated_fraction": 0.05, "similarity": 1e-3, "uncertainty": 1e-3}
+               "dark_fraction": 0.05, "saturated_fraction": 0.05, "black_lines": 0.01, "similarity": 1e-3,
+               "uncertainty": 1e-3}
 #: Column of :func:`image_stats` holding the median 4×4-block standard deviation.
 TEXTURE = len(IMAGE_STATS)
 
@@ -87,6 +90,8 @@ def image_stats(tiles: np.ndarray, *, chunk: int = 32) -> np.ndarray:
     * ``block_max``: brightest 4×4 block mean (debris, bright deposits, beam damage);
     * ``dark_fraction``: fraction of pixels at most 5/255 (black padding bands, lost sections, stripes);
     * ``saturated_fraction``: fraction of pixels at least 250/255 (detector saturation, charging);
+    * ``black_lines``: fraction of whole rows or whole columns that are black (the larger): padding
+      stripes a few pixels wide at a section's edge, which tissue never has;
     * a last column, ``texture`` (median 4×4-block standard deviation), is not a detector: it
       tells a global blur (every block smooth) from a local deposit when naming the cause.
 
@@ -99,6 +104,8 @@ def image_stats(tiles: np.ndarray, *, chunk: int = 32) -> np.ndarray:
     # black / saturated pixels at full resolution (averaging would blur a band's edge into the tissue)
     dark = (t <= np.float32(BLACK)).mean(axis=(1, 2), dtype=np.float64)
     sat = (t >= np.float32(SATURATED)).mean(axis=(1, 2), dtype=np.float64)
+    black = t <= np.float32(BLACK)
+    lines = np.maximum(black.all(axis=2).mean(axis=1), black.all(axis=1).mean(axis=1)).astype(np.float64)
     if min(h, w) >= 256:
         h, w = h // 2 * 2, w // 2 * 2
         t = (t[:, 0:h:2, 0:w:2] + t[:, 1:h:2, 0:w:2] + t[:, 0:h:2, 1:w:2] + t[:, 1:h:2, 1:w:2]) * np.float32(0.25)
@@ -120,7 +127,7 @@ def image_stats(tiles: np.ndarray, *, chunk: int = 32) -> np.ndarray:
     flat = bstd.min(axis=1).astype(np.float64)
     texture = np.median(bstd, axis=1).astype(np.float64)
     bmax = s1.max(axis=(1, 2)).astype(np.float64)
-    return np.stack([mean, std, sharp, _line_contrast(t), flat, bmax, dark, sat, texture], axis=1)
+    return np.stack([mean, std, sharp, _line_contrast(t), flat, bmax, dark, sat, lines, texture], axis=1)
 
 
 def _line_contrast(t: np.ndarray, n_angles: int = 32, offsets=(2, 4, 8)) -> np.ndarray:

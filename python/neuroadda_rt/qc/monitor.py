@@ -802,7 +802,7 @@ class QCMonitor:
         (sharpness beyond its cut with the median block texture below half the reference's), else the
         detector furthest beyond its cut (fold, stain, brightness, contrast, ...)."""
         over = {name: r for name, r in zip(self._det_names, rel) if r > 1.0}
-        for name in ("dark_fraction", "saturated_fraction"):
+        for name in ("dark_fraction", "black_lines", "saturated_fraction"):
             if name in over:
                 return KIND_OF[name]
         if ("sharpness" in over and stats is not None and self._ref_texture > 0

@@ -320,3 +320,22 @@ def test_ignore_labels_of_the_wrong_type(bad):
                  lambda: nr.variation_of_information(a, a, ignore_seg=bad)):
         with pytest.raises(DTypeError, match=r"expected ignore_(gt|seg) as an int or a sequence of ints .* got"):
             call()
+
+
+@pytest.mark.parametrize("kwargs", [{"base": "e"}, {"base": 1}, {"base": None}])
+def test_bad_vi_base_is_a_typed_error(kwargs):
+    # Issue 19 audit: these were plain ValueError / float() errors, not the package's typed errors
+    from neuroadda_rt.errors import InputValueError
+
+    seg = np.array([[1, 2], [2, 1]])
+    with pytest.raises(InputValueError, match="base"):
+        nr.variation_of_information(seg, seg, **kwargs)
+
+
+@pytest.mark.parametrize("alpha", ["a", -0.1, float("nan")])
+def test_bad_rand_alpha_is_a_typed_error(alpha):
+    from neuroadda_rt.errors import InputValueError
+
+    seg = np.array([[1, 2], [2, 1]])
+    with pytest.raises(InputValueError, match="alpha"):
+        nr.adapted_rand_error(seg, seg, alpha=alpha)

@@ -246,3 +246,14 @@ def test_mc_samples_must_be_a_bool(bad):
                        .replace("]", r"\]")):
         nr.tile_uncertainty(p, mc_samples=bad)
     assert nr.tile_uncertainty(p, mc_samples=np.bool_(True)).shape == (2,)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"measure": "nope"}, "measure must be one of"),
+                                           ({"measure": "variance"}, "needs Monte-Carlo samples"),
+                                           ({"device": "gpu"}, "device must be one of")])
+def test_bad_measure_or_device_is_a_typed_error(kwargs, match):
+    # Issue 19 audit: plain ValueError before; the package's InputValueError (still a ValueError) now
+    from neuroadda_rt.errors import InputValueError
+
+    with pytest.raises(InputValueError, match=match):
+        nr.tile_uncertainty(np.full((2, 1, 4, 4), 0.5, np.float32), **kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from . import _core
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, InputValueError
 
 log = logging.getLogger("neuroadda_rt")
 
@@ -64,7 +64,7 @@ def resolve_device(device: str) -> str:
         (a ``RuntimeError``) when ``"cuda"`` is requested but unavailable; the message says why.
     """
     if not isinstance(device, str) or device.lower() not in _VALID:
-        raise ValueError(f"device must be one of {_VALID}, got {device!r}")
+        raise InputValueError(f"device must be one of {_VALID}, got {device!r}")
     device = device.lower()
     if device == "cpu":
         return "cpu"

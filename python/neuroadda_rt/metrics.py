@@ -169,9 +169,9 @@ class ContingencyTable:
         InputValueError
             When no voxel is left after the ignore labels.
         """
-        base = float(base)
+        base = _real(base, "base")
         if not (base > 0 and base != 1 and math.isfinite(base)):
-            raise ValueError(f"expected a log base > 0 and != 1, got {base}")
+            raise InputValueError(f"expected a log base > 0 and != 1, got {base}")
         split, merge, n = self._table.variation_of_information(_keys(ignore_seg, "ignore_seg"),
                                                                _keys(ignore_gt, "ignore_gt"))
         if n == 0:
@@ -181,9 +181,9 @@ class ContingencyTable:
 
     def adapted_rand_error(self, *, ignore_gt=(0,), alpha: float = 0.5) -> tuple[float, float, float]:
         """``(error, precision, recall)`` with skimage's conventions; see the module notes."""
-        alpha = float(alpha)
+        alpha = _real(alpha, "alpha")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"expected alpha in [0, 1], got {alpha}")
+            raise InputValueError(f"expected alpha in [0, 1], got {alpha}")
         error, precision, recall, n = self._table.adapted_rand_error(_keys(ignore_gt, "ignore_gt"), alpha)
         if n == 0:
             raise InputValueError("expected at least one voxel outside the ignore labels, got none")
@@ -203,6 +203,13 @@ class ContingencyTable:
 
     def __repr__(self) -> str:
         return f"ContingencyTable(pairs={self.n_pairs}, voxels={self.total})"
+
+
+def _real(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputValueError(f"expected {name} as a real number, got {value!r}") from None
 
 
 def _table(seg, gt) -> ContingencyTable:

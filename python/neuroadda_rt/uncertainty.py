@@ -134,9 +134,9 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
                          f"got {mc_samples!r}")
     mc_samples = bool(mc_samples)
     if not isinstance(measure, str) or measure not in MEASURES:
-        raise ValueError(f"measure must be one of {tuple(MEASURES)}, got {measure!r}")
+        raise InputValueError(f"measure must be one of {tuple(MEASURES)}, got {measure!r}")
     if measure in _MC_ONLY and not mc_samples:
-        raise ValueError(f"measure={measure!r} needs Monte-Carlo samples: pass probs as (T, N, C, ...) "
+        raise InputValueError(f"measure={measure!r} needs Monte-Carlo samples: pass probs as (T, N, C, ...) "
                          f"with mc_samples=True")
     cai = None if isinstance(probs, np.ndarray) else getattr(probs, "__cuda_array_interface__", None)
     if cai is not None:
@@ -167,7 +167,7 @@ def tile_uncertainty(probs, *, measure: str = "entropy", mask=None, mc_samples: 
 def _gpu_resident(probs, cai: dict, measure: str, mask, mc_samples: bool, device: str) -> np.ndarray:
     """tile_uncertainty for an array in GPU memory, described by __cuda_array_interface__."""
     if isinstance(device, str) and device.lower() == "cpu":
-        raise ValueError("device='cpu' but probs lives in GPU memory; move it first (e.g. probs.cpu().numpy()) "
+        raise InputValueError("device='cpu' but probs lives in GPU memory; move it first (e.g. probs.cpu().numpy()) "
                          "or use device='auto'/'cuda'")
     resolve_device("cuda")  # raises BackendUnavailableError (a RuntimeError) with the reason
     if cai.get("typestr") != "<f4":

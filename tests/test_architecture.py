@@ -190,6 +190,33 @@ def test_the_core_never_imports_the_research_harness():
             assert not any(t == f"{PKG}.study" or t.startswith(f"{PKG}.study.") for t in targets), src
 
 
+GUI = ("napari", "npe2", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "vispy", "superqt")
+
+
+def test_only_the_napari_plugin_imports_napari_or_qt():
+    # The napari plugin (neuroadda_rt.napari, an optional extra) is the one place napari and Qt may be imported:
+    # its own layer keeps the package's modules from importing the plugin, and this keeps them from importing
+    # napari or a Qt binding directly (imports inside functions included).
+    plugin = f"{PKG}.napari"
+    bad, seen = [], 0
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            for r in roots:
+                if r in GUI:
+                    if name == plugin or name.startswith(plugin + "."):
+                        seen += 1
+                    else:
+                        bad.append(f"{name} imports {r}")
+    assert not bad, "napari/Qt imported outside the plugin: " + "; ".join(bad)
+    assert seen > 0, "the walk found no GUI import in the plugin itself (it could not fail)"
+
+
 GUESSING = [
     # a name in an error message is fine; deciding by a type's name is not
     (re.compile(r"(type\([^()]*\)|__class__)\.__name__\s*(==|!=|\bin\b|\bnot in\b)"),

@@ -287,3 +287,20 @@ def test_finetune_device(zoo, data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--device", "tpu"])
     assert exc.value.code == 2
+
+
+def test_no_command_is_a_usage_error(capsys):
+    # Issue 19 audit: a bare `neuroadda-rt` printed help to stdout and exited 1, unlike every other misuse (2)
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert "usage: neuroadda-rt" in captured.err and captured.out == ""
+
+
+def test_select_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # Issue 19/14: `select --out FILE` failed only when writing, with "[Errno 20] Not a directory: .../images"
+    import neuroadda_rt._cli.select as cli_select
+
+    monkeypatch.setattr(cli_select, "open_target", lambda *a: pytest.fail("the volume was opened"))
+    (tmp_path / "f").write_text("x")
+    err = error_of(capsys, ["select", str(tmp_path / "t.npy"), "--model", "m", "-n", "2", "--out", str(tmp_path / "f")])
+    assert "expected --out to be a folder" in err and str(tmp_path / "f") in err

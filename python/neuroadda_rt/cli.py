@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="neuroadda-rt: %(message)s")
     if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 1
+        parser.print_help(sys.stderr)
+        return 2  # a usage error, like argparse's own
     try:
         result = args.func(args)
     except KeyboardInterrupt:

@@ -74,6 +74,11 @@ def run(args) -> int:
     from ..selection import TileSelection, select_tiles
     from ..workflow import write_annotation
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        # checked before minutes of scoring, not when the first tile is written
+        raise NotADirectoryError(f"expected --out to be a folder (or a path that does not exist yet), got a "
+                                 f"file: {out}")
     volume = open_target(args.target, args.key)
     model = None if args.coords and not Path(args.model).exists() else resolve_model(args.model)
     # --tile-size, else the ranking's (a ranking.json as --model), else the model's reference tile size

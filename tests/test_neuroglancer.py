@@ -4,6 +4,7 @@ CORS file server it points at (loopback only)."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import urllib.parse
 import urllib.request
@@ -98,3 +99,20 @@ def test_the_served_sources_resolve_with_cors(run_dir):
         server.shutdown()
         server.server_close()
         t.join(timeout=5)
+
+
+def test_report_prints_the_run_view(run_dir):
+    from neuroadda_rt._cli.report import _neuroglancer
+
+    (run_dir / "run.json").write_text(json.dumps({"settings": {"target": {"path": str(run_dir / "raw.zarr")}}}))
+    for name in ("probabilities", "segmentation"):
+        (run_dir / "out" / f"{name}.zarr").rename(run_dir / f"{name}.zarr")
+    ng = _neuroglancer(run_dir)
+    assert ng["root"] == str(run_dir) and ng["notes"] == []
+    assert [ly["name"] for ly in ng["state"]["layers"]] == ["raw", "probabilities", "segmentation"]
+    assert ng["url"].startswith("https://neuroglancer-demo.appspot.com/#!") and "python -m neuroadda_rt.neuroglancer" \
+        in ng["text"]
+    (run_dir / "run.json").write_text(json.dumps({"settings": {"target": {"path": "/nonexistent/raw.h5"}}}))
+    for name in ("probabilities", "segmentation"):
+        shutil.rmtree(run_dir / f"{name}.zarr")
+    assert _neuroglancer(run_dir) is None  # nothing viewable: no line at all

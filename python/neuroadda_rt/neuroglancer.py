@@ -155,6 +155,8 @@ def neuroglancer_state(raw=None, probabilities=None, segmentation=None, *, root=
             raise FormatError(f"{k}: {p}: no such file or folder")
     if root is None:
         root = Path(os.path.commonpath([str(p.resolve().parent) for p in files.values()]))
+        if root.parent == root:  # no common folder but "/": never serve the whole file system
+            root = next(iter(files.values())).resolve().parent
     root = Path(root)
     layers, notes = [], []
     for role, path in given.items():

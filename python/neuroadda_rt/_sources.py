@@ -90,7 +90,7 @@ def sample_target_tiles(volume, n: int, size: int, seed: int) -> Tiles:
     shape = volume_shape(volume)
     if min(shape[-2:]) < size:
         raise ShapeError(f"expected a target of at least {size}x{size} pixels per slice for tile_size={size}, "
-                         f"got shape {shape}")
+                         f"got shape {shape} (leave the tile size unset to use the model's, fitted to the target)")
     return sample_tiles(volume, int(n), int(size), seed=int(seed))
 
 

@@ -349,8 +349,8 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
     tile_size : int, optional
         Tile edge in pixels. Default: each source's reference tile size (the tiles its reference
         features come from), so each is compared on its own terms; sources of one size share one
-        tile sample. A target slice smaller than the tile gets the largest multiple of 16 that
-        fits, with a logged warning (and one in the ranking's warnings).
+        tile sample. A target slice smaller than that default tile gets the largest multiple of 16
+        that fits, with a warning in the ranking's warnings (a size given explicitly is used as given).
     seed : int
         Seeds the tile sample and the permutations; the result is deterministic for a seed.
     n_permutations : int
@@ -404,8 +404,10 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
     notes: list[str] = []
     sizes: dict[str, int] = {}
     for src in sources:
-        want = tile_size if tile_size is not None else (src.reference_tile_size or 256)
-        size, note = fit_tile_size(volume, want)
+        if tile_size is not None:  # asked for: used as given (a target too small for it is an error)
+            sizes[src.name] = tile_size
+            continue
+        size, note = fit_tile_size(volume, src.reference_tile_size or 256)
         if note and note not in notes:
             notes.append(note)
         sizes[src.name] = size
@@ -461,11 +463,7 @@ def _rank_one(src: RankableSource, tiles: np.ndarray, *, seed: int, n_permutatio
               content: str, tile_size: int, backend: str, device: str, batch_size: int) -> RankedSource:
     """One source's MMD² (and p-value) between its reference features and the target tiles' features."""
     ref = src.reference_features
-    ref_size = src.reference_tile_size
-    if ref_size is not None and ref_size != tile_size:
-        log.warning("model %r: its reference features come from %s px tiles but the target is embedded in "
-                    "%d px tiles; mean-pooled features depend on the tile size, so rank with tile_size=%s",
-                    src.name, ref_size, tile_size, ref_size)
+    # a tile size other than the reference's is one of the entry's warnings (source_warnings)
     key = _cache_key(content, src, tile_size)
     feats, was_cached = _cached_features(
         cache, key, len(tiles),

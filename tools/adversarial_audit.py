@@ -488,58 +488,61 @@ class _CliRefused(OSError):
 # watcher kills
 # ---------------------------------------------------------------------------------------------------------
 def watcher_cases(tmp: Path):
+    def recorded(db: Path) -> list[str]:
+        import sqlite3
+
+        if not db.exists():
+            return []
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            try:
+                return [Path(r[0]).name for r in con.execute("select path from files where status = 'ok'")]
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return []
+
     def run(n_kills: int):
         def go():
-            from neuroadda_rt.qc.state import QCState  # noqa: F401 - fails loudly if the layout moved
+            import tifffile
 
             folder = tmp / f"watch{n_kills}"
             folder.mkdir()
+            db = tmp / f"watch{n_kills}.qc.sqlite"
             ref = tmp / f"ref{n_kills}.npy"
             rng = np.random.default_rng(n_kills)
-            np.save(ref, rng.integers(90, 160, (64, 32, 32), dtype=np.uint8))
-            import tifffile
-
+            np.save(ref, rng.integers(90, 160, (256, 32, 32), dtype=np.uint8))
             n_files = 12
             cmd = [sys.executable, "-m", "neuroadda_rt", "qc", "watch", str(folder), "--model", str(TINY_MODEL),
-                   "--reference", str(ref), "--tile-size", "32", "--poll", "0.2"]
+                   "--reference", str(ref), "--tile-size", "32", "--settle", "0.3", "--window", "8", "--db", str(db)]
             written = 0
             for k in range(n_kills + 1):
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                before = len(recorded(db))
                 for _ in range(n_files // (n_kills + 1)):
-                    tifffile.imwrite(folder / f"s{written:03d}.tif",
-                                     rng.integers(90, 160, (64, 64), dtype=np.uint8))
+                    tifffile.imwrite(folder / f"s{written:03d}.tif", rng.integers(90, 160, (64, 64), dtype=np.uint8))
                     written += 1
-                    time.sleep(0.3)
-                time.sleep(1.5)
-                if k < n_kills:
+                    time.sleep(0.2)
+                deadline = time.time() + 120
+                if k < n_kills:  # kill while it works: once it has recorded something of this batch
+                    while len(recorded(db)) <= before and time.time() < deadline and proc.poll() is None:
+                        time.sleep(0.05)
                     proc.send_signal(signal.SIGKILL)
-                else:
-                    time.sleep(3)
+                else:  # the last run: let it finish, then stop it as a user would
+                    while len(set(recorded(db))) < written and time.time() < deadline and proc.poll() is None:
+                        time.sleep(0.2)
                     proc.send_signal(signal.SIGINT)
                 try:
-                    _, err = proc.communicate(timeout=30)
+                    _, err = proc.communicate(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-                    raise RuntimeError("the watcher did not stop on SIGINT")
-                if proc.returncode not in (0, -signal.SIGKILL, -signal.SIGINT, 130) and k == n_kills:
+                    raise RuntimeError("the watcher did not stop on SIGINT") from None
+                if k == n_kills and proc.returncode not in (0, -signal.SIGINT, 130):
                     raise RuntimeError(f"watcher exited {proc.returncode}: {err.strip()[-300:]}")
-            import sqlite3
-
-            dbs = sorted(tmp.glob(f"watch{n_kills}*.sqlite")) + sorted(folder.glob("*.sqlite"))
-            if not dbs:
-                raise RuntimeError("no QC database written")
-            con = sqlite3.connect(dbs[0])
-            tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
-            files_table = next((t for t in tables if "file" in t), None)
-            if files_table is None:
-                raise RuntimeError(f"no files table in {tables}")
-            cols = [r[1] for r in con.execute(f"pragma table_info({files_table})")]
-            name_col = next(c for c in cols if c in ("path", "name", "file"))
-            names = [r[0] for r in con.execute(f"select {name_col} from {files_table}")]
-            base = [Path(n).name for n in names]
-            if sorted(set(base)) != sorted(f"s{i:03d}.tif" for i in range(written)):
-                raise Wrong(f"{len(set(base))} of {written} files recorded after {n_kills} kills")
-            if len(base) != len(set(base)):
+            names = recorded(db)
+            if sorted(set(names)) != sorted(f"s{i:03d}.tif" for i in range(written)):
+                raise Wrong(f"{len(set(names))} of {written} files recorded after {n_kills} kills")
+            if len(names) != len(set(names)):
                 raise Wrong("a file was recorded twice")
         return go
 

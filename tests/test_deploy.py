@@ -101,6 +101,12 @@ def test_resume_after_failure_computes_every_block_once(tmp_path, net2, vol):
     assert np.array_equal(_read(tmp_path / "p.zarr"), _read(tmp_path / "full.zarr"))
     again = predict_volume(net2, vol, tmp_path / "p.zarr", **args)
     assert again.blocks_computed == 0 and again.windows == 0
+    # max_blocks: a prefix of the grid now, the rest later, same output
+    part = predict_volume(net2, vol, tmp_path / "m.zarr", max_blocks=4, **args)
+    assert part.blocks_computed == 4
+    rest = predict_volume(net2, vol, tmp_path / "m.zarr", **args)
+    assert rest.blocks_computed == full.n_blocks - 4
+    assert np.array_equal(_read(tmp_path / "m.zarr"), _read(tmp_path / "full.zarr"))
 
 
 def test_percentile_rule_frozen_on_the_whole_volume(tmp_path, net2, vol):

@@ -484,7 +484,7 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
                    backend: str = "auto", device: str = "auto", precision: str = "fp32", dtype: str = "float16",
                    scheduler=None, workers: int | None = None, threads: int | None = None, batch_size: int = 4,
                    blend: str = "cosine", key: str | None = None, calibration_tiles: int = 32,
-                   overwrite: bool = False, progress: bool = True, fp16: bool = False,
+                   overwrite: bool = False, progress: bool = True, fp16: bool = False, max_blocks: int | None = None,
                    _fail_at_block: int | None = None) -> PredictResult:
     """Predict a whole volume block by block into an OME-Zarr image (resumable, bounded memory).
 
@@ -527,6 +527,10 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
         Replace an existing ``out`` that is not an unfinished run with the same arguments.
     progress : bool
         A progress bar over blocks (stderr).
+    max_blocks : int, optional
+        Compute only the first ``max_blocks`` blocks of the grid (C order; such a prefix holds
+        every block its halo depends on) and stop: the output stays unfinished and a later call
+        continues it (e.g. to spread one volume over several time-limited jobs).
 
     Returns
     -------
@@ -673,9 +677,10 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
         return [s for s in (tuple(i - x for i, x in zip(idx, d)) for d in offsets) if plan.exists(s)]
 
     done_before = sum(_done_path(plan, idx).exists() for idx in grid)
+    todo = grid if max_blocks is None else grid[:max(0, int(max_blocks))]
     t0 = time.perf_counter()
     try:
-        counts = _run_graph(_predict_block, (plan,), grid, deps, scheduler=sched, workers=workers,
+        counts = _run_graph(_predict_block, (plan,), todo, deps, scheduler=sched, workers=workers,
                             progress=progress, desc="predict")
     except InputValueError:
         # bad input (NaN): no run with these arguments can finish, so nothing is left to resume
@@ -683,19 +688,19 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
         raise
     seconds = time.perf_counter() - t0
     computed = sum(1 for c in counts if c > 0)
-    vox = sum(int(np.prod([h - l for l, h in zip(*plan.box(i))])) for i, c in zip(grid, counts) if c > 0)
-    # finished: the metadata says so, the spill files go
-    zarr = require("zarr", "io")
-    g = zarr.open_group(str(out), mode="r+")
-    meta = dict(g.attrs["neuroadda_rt"])
-    meta["complete"] = True
-    g.attrs["neuroadda_rt"] = meta
-    shutil.rmtree(state / "spill", ignore_errors=True)
-    (state / "spill").mkdir(exist_ok=True)
+    vox = sum(int(np.prod([h - l for l, h in zip(*plan.box(i))])) for i, c in zip(todo, counts) if c > 0)
+    if len(todo) == len(grid):  # finished: the metadata says so, the spill files go
+        zarr = require("zarr", "io")
+        g = zarr.open_group(str(out), mode="r+")
+        meta = dict(g.attrs["neuroadda_rt"])
+        meta["complete"] = True
+        g.attrs["neuroadda_rt"] = meta
+        shutil.rmtree(state / "spill", ignore_errors=True)
+        (state / "spill").mkdir(exist_ok=True)
     log.info("predict_volume: %d blocks (%d computed, %d done before) in %.1f s", len(grid), computed,
              done_before, time.perf_counter() - t_start)
     return PredictResult(out=out, shape=(C, *spatial), n_blocks=len(grid), blocks_computed=computed,
-                         blocks_skipped=len(grid) - computed, windows=int(sum(counts)), seconds=seconds,
+                         blocks_skipped=len(todo) - computed, windows=int(sum(counts)), seconds=seconds,
                          voxels_per_s=vox / seconds if seconds > 0 else 0.0, backend=info.backend,
                          device=info.device, precision=precision, dtype=dtype, block_shape=block,
                          halo=tuple(w - 1 for w in win), tile=win, scheduler=sched)

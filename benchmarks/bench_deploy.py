@@ -1,0 +1,212 @@
+"""Whole-volume deployment benchmarks (issue 18), each beside its baseline in one run, results checked.
+
+* Throughput: :func:`predict_volume` (ONNX Runtime fp32 and int8, in process; fp32 on a local Dask
+  cluster of 1 and of 2 workers) against a PyTorch eager sliding-window baseline written here
+  (same network, same windows, overlap and cosine blending; channels-last, inference mode).
+  Every output is compared with the baseline's.
+* Memory: peak RSS (``resource.getrusage``) of ``predict_volume`` in a fresh subprocess on a 1 GB
+  and an 8 GB zarr volume created lazily (metadata only; unwritten chunks read as the fill
+  value), computing the same first blocks of each (``max_blocks``): what could grow with the
+  volume (the plan, the weight sums, the output metadata) is all there is between the two.
+* TIFF tiles: a 256² box from a tiled TIFF page through ``open_volume`` against decoding the page.
+
+Sizes: small by default (CI runs ``--benchmark-disable``); with ``NEUROADDA_BENCH_FULL=1`` a
+(4, 1024, 1024) synthetic EM volume, the default UNet (16-32-64-128), 256² windows with 25%
+overlap, 2 threads, and an 8192² TIFF page.
+
+    NEUROADDA_BENCH_FULL=1 python -m pytest benchmarks/bench_deploy.py -s --benchmark-columns=min,median,rounds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("zarr")
+
+import neuroadda_rt  # noqa: E402
+from neuroadda_rt.deploy import predict_volume  # noqa: E402
+from neuroadda_rt.models import UNet  # noqa: E402
+from neuroadda_rt.tiles import blend_weights, window_starts  # noqa: E402
+
+FULL = os.environ.get("NEUROADDA_BENCH_FULL") == "1"
+THREADS = int(os.environ.get("NEUROADDA_BENCH_THREADS", "2"))
+SHAPE = (4, 1024, 1024) if FULL else (2, 192, 192)
+TILE = 256 if FULL else 64
+OVERLAP = 0.25
+BLOCK = (1, 1024, 1024) if FULL else (1, 96, 192)
+ROUNDS = 2 if FULL else 1
+RESULTS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    from neuroadda_rt.study.synthetic import make_domain
+
+    vol = np.stack([make_domain(None, SHAPE[1:], seed=10 + z)[0] for z in range(SHAPE[0])]).astype(np.uint8)
+    net = UNet() if FULL else UNet(widths=(8, 16, 32))
+    for m in net.modules():  # untrained weights, BatchNorm statistics from the data (outputs vary)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(vol[:1, None, :TILE * 2, :TILE * 2].astype(np.float32) / 255))
+    net.eval()
+    d = tmp_path_factory.mktemp("deploy")
+    onnx = neuroadda_rt.export_onnx(net, d / "model.onnx", part="full")
+    yield {"net": net, "vol": vol, "onnx": onnx, "dir": d}
+    torch.set_num_threads(old)
+
+
+def torch_sliding_window(net, vol: np.ndarray, tile: int, overlap: float) -> np.ndarray:
+    """The baseline: PyTorch eager over the same windows as the Predictor grid, cosine-blended."""
+    step = max(1, int(round(tile * (1 - overlap))))
+    w = torch.from_numpy(blend_weights((tile, tile), "cosine"))
+    out = np.empty((1, *vol.shape), np.float32)
+    ys, xs = window_starts(vol.shape[1], tile, step), window_starts(vol.shape[2], tile, step)
+    with torch.inference_mode():
+        for z in range(vol.shape[0]):
+            img = torch.from_numpy(vol[z].astype(np.float32) / 255)
+            acc = torch.zeros(vol.shape[1:])
+            wsum = torch.zeros(vol.shape[1:])
+            for y in ys:
+                for x in xs:
+                    t = img[y:y + tile, x:x + tile][None, None].contiguous(memory_format=torch.channels_last)
+                    p = net(t)[0, 0]
+                    acc[y:y + tile, x:x + tile] += p * w
+                    wsum[y:y + tile, x:x + tile] += w
+            out[0, z] = (acc / wsum).clamp_(0, 1).numpy()
+    return out
+
+
+def _voxels_per_s(benchmark) -> float | None:
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else float(np.prod(SHAPE)) / float(stats.stats.min)
+
+
+def test_baseline_torch_eager(benchmark, setup):
+    net = neuroadda_rt.models.fold_batchnorm(setup["net"]).to(memory_format=torch.channels_last)
+    out = benchmark.pedantic(lambda: torch_sliding_window(net, setup["vol"], TILE, OVERLAP), rounds=ROUNDS,
+                             iterations=1)
+    setup["ref"] = out
+    RESULTS["torch_eager"] = _voxels_per_s(benchmark)
+    ours = neuroadda_rt.Predictor(setup["net"], backend="torch", tile=TILE, overlap=OVERLAP).predict(setup["vol"])
+    assert np.abs(out - ours).max() < 1e-4  # the baseline computes what the Predictor does
+
+
+def _run(setup, name, **kw):
+    out = setup["dir"] / f"{name}-{time.monotonic_ns()}.zarr"
+    r = predict_volume(setup["onnx"], setup["vol"], out, block_shape=BLOCK, halo=TILE, overlap=OVERLAP,
+                       dtype="float32", progress=False, **kw)
+    return r, out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_predict_volume_in_process(benchmark, setup, precision):
+    """End to end (the benchmark's time) includes int8 calibration and quantisation; the throughput
+    compared with the baseline is over the block phase (reading, inference, blending, writing)."""
+    res = benchmark.pedantic(lambda: _run(setup, precision, precision=precision, scheduler="synchronous",
+                                          threads=THREADS), rounds=ROUNDS, iterations=1)
+    r, out = res
+    got = neuroadda_rt.open_volume(out)[...]
+    err = np.abs(got - setup["ref"])
+    if precision == "fp32":
+        assert err.max() < 1e-3, err.max()
+    else:
+        assert err.mean() < 0.05, err.mean()
+        RESULTS["int8_mean_abs_err"] = float(err.mean())
+    assert r.blocks_computed == r.n_blocks
+    RESULTS[f"ort_{precision}"] = r.voxels_per_s
+    RESULTS[f"ort_{precision}_end_to_end"] = _voxels_per_s(benchmark)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_predict_volume_dask_workers(benchmark, setup, workers):
+    """Blocks on a Dask cluster of 1 or 2 single-threaded worker processes (started and warmed up
+    outside the timing: a first run loads the model on every worker), ONNX Runtime with
+    ``THREADS // workers`` threads per worker, passed by address as ``scheduler=``."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  silence_logs=40) as cluster:
+        kw = dict(scheduler=cluster.scheduler_address, threads=max(1, THREADS // workers))
+        _run(setup, f"warm{workers}", **kw)
+        res = benchmark.pedantic(lambda: _run(setup, f"w{workers}", **kw), rounds=ROUNDS, iterations=1)
+    r, out = res
+    assert np.abs(neuroadda_rt.open_volume(out)[...] - setup["ref"]).max() < 1e-3
+    RESULTS[f"dask_{workers}w"] = r.voxels_per_s
+
+
+_MEM_SCRIPT = r"""
+import json, resource, sys, warnings
+import numpy as np, zarr
+from neuroadda_rt import open_volume
+from neuroadda_rt.deploy import predict_volume
+path, shape, model, out, block, tile, n = sys.argv[1:8]
+shape, block = tuple(json.loads(shape)), tuple(json.loads(block))
+zarr.create_array(path, shape=shape, dtype="uint8", chunks=(1, 512, 512), fill_value=128, zarr_format=2)
+vol = open_volume(path, allow_missing_chunks=True)
+r = predict_volume(model, vol, out, block_shape=block, halo=int(tile), scheduler="synchronous", threads=1,
+                   progress=False, max_blocks=int(n))
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "blocks": r.blocks_computed, "n_blocks": r.n_blocks}))
+"""
+
+
+def test_memory_independent_of_volume_size(setup, tmp_path):
+    shapes = {"1GB": (16, 8192, 8192), "8GB": (128, 8192, 8192)}  # uint8: 1.07 and 8.6 GB
+    block = BLOCK if FULL else (1, 512, 512)
+    n = 4 if FULL else 2
+    res = {}
+    for name, shape in shapes.items():
+        p = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(tmp_path / f"{name}.zarr"), json.dumps(shape),
+                            str(setup["onnx"]), str(tmp_path / f"{name}-out.zarr"), json.dumps(block), str(TILE),
+                            str(n)], capture_output=True, text=True, check=True)
+        res[name] = json.loads(p.stdout.strip().splitlines()[-1])
+        assert res[name]["blocks"] == n
+    a, b = res["1GB"]["peak_rss_mb"], res["8GB"]["peak_rss_mb"]
+    RESULTS["rss_1GB_mb"], RESULTS["rss_8GB_mb"] = a, b
+    RESULTS["rss_blocks"] = {k: v["n_blocks"] for k, v in res.items()}
+    assert abs(b - a) / a < 0.2, res
+
+
+def test_tiff_tile_read(benchmark, tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    n = 8192 if FULL else 2048
+    a = (np.random.default_rng(0).random((n, n)) * 255).astype(np.uint8)
+    path = tmp_path / "page.tif"
+    tifffile.imwrite(path, a, tile=(256, 256), compression="zlib")
+    v = neuroadda_rt.open_volume(path)
+    y, x = n // 2 + 17, n // 3 + 5
+    t0 = time.perf_counter()
+    base = tifffile.imread(path)[y:y + 256, x:x + 256]  # the baseline: decode the page, then slice
+    RESULTS["tiff_page_decode_ms"] = (time.perf_counter() - t0) * 1e3
+    got = benchmark.pedantic(lambda: v[y:y + 256, x:x + 256], rounds=5, iterations=1)
+    assert np.array_equal(got, base)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        RESULTS["tiff_tile_ms"] = float(stats.stats.min) * 1e3
+
+
+def test_summary():
+    r = RESULTS
+    if r.get("torch_eager") and r.get("ort_fp32"):
+        r["fp32_vs_torch"] = r["ort_fp32"] / r["torch_eager"]
+    if r.get("ort_int8") and r.get("ort_fp32"):
+        r["int8_vs_fp32"] = r["ort_int8"] / r["ort_fp32"]
+    if r.get("dask_1w") and r.get("dask_2w"):
+        r["dask_2w_vs_1w"] = r["dask_2w"] / r["dask_1w"]
+    r["config"] = f"volume {SHAPE}, windows {TILE} overlap {OVERLAP}, block {BLOCK}, threads {THREADS}, full={FULL}"
+    print("\nbench_deploy:", json.dumps(r, indent=1, default=str))

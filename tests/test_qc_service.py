@@ -391,3 +391,22 @@ def test_cli_full_network_onnx_says_what_is_wrong(tmp_path, rng, capsys):
     assert code == 2
     assert "full network" in err and "1 channels" in err and "--part encoder" in err
     assert "no backend can run" not in err
+
+
+def test_read_sections_labels_tiles_by_file_and_page(tmp_path, rng):
+    tifffile = pytest.importorskip("tifffile")
+    from neuroadda_rt.qc.reading import read_sections
+
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    for i in (2, 10, 1):  # natural order: 1, 2, 10
+        np.save(folder / f"s{i}.npy", np.full((1, 64, 64), i, np.uint8))
+    t, g = read_sections(folder, tile_size=32)
+    assert t.shape == (12, 32, 32)
+    np.testing.assert_array_equal(g, np.repeat([0, 1, 2], 4))
+    np.testing.assert_array_equal(t[:, 0, 0], np.repeat([1, 2, 10], 4))
+    stack = tiles(rng, 3, size=64)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    t, g = read_sections(tmp_path / "s.tif", tile_size=32)
+    np.testing.assert_array_equal(t, split_tiles(stack, 32))
+    np.testing.assert_array_equal(g, np.repeat([0, 1, 2], 4))

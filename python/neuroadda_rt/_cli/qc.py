@@ -20,14 +20,18 @@ def register(subparsers) -> None:
     w.add_argument("folder", type=Path, help="folder to watch (not recursive)")
     w.add_argument("--model", required=True, help="model package directory or encoder ONNX file (int8 or fp32)")
     w.add_argument("--reference", required=True, type=Path,
-                   help="reference tiles: an image, a multi-page TIFF, a folder of images, or a .npy of tiles "
-                        "(N, H, W) or of encoder features (N, d)")
+                   help="reference tiles, the first sections of the acquisition in order: a folder of images "
+                        "(one section per file), a multi-page TIFF (one section per page), an image, or a .npy of "
+                        "tiles (N, H, W) or of encoder features (N, d)")
     w.add_argument("--db", type=Path, default=None,
                    help="SQLite database (default: <folder>.qc.sqlite beside the folder)")
     w.add_argument("--once", action="store_true", help="process the files present now, then exit")
     w.add_argument("--tile-size", type=int, default=None, help="cut images into tiles of this size")
     w.add_argument("--window", type=int, default=256, help="tiles per drift test (default 256)")
-    w.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate per window (default 0.01)")
+    w.add_argument("--alpha", type=float, default=0.01,
+                   help="false-alarm rate per window the drift threshold is calibrated for (default 0.01)")
+    w.add_argument("--statistic", default="novelty", choices=["novelty", "mmd2", "both"],
+                   help="window statistic of the drift alarm (default novelty; see docs/method.md)")
     w.add_argument("--artefact-fpr", type=float, default=0.01, help="false-positive rate of artefact flags")
     w.add_argument("--uncertainty", action="store_true",
                    help="also flag tiles on the model's prediction uncertainty (runs the full network from a "
@@ -49,7 +53,8 @@ def register(subparsers) -> None:
 
 
 def run_watch(args) -> int:
-    from ..qc import QCMonitor, QCService, read_tiles, split_tiles
+    from ..qc import QCMonitor, QCService, split_tiles
+    from ..qc.reading import read_sections
     from ..qc.reading import load_array
     from ..runtime import FeatureExtractor, Predictor
 
@@ -69,10 +74,12 @@ def run_watch(args) -> int:
             reference = load_array(ref_path)
             if reference.ndim == 3 and args.tile_size:
                 reference = split_tiles(reference, args.tile_size)
-        else:
-            reference = read_tiles(ref_path, tile_size=args.tile_size)
+        groups = None
+        if ref_path.suffix != ".npy":
+            reference, groups = read_sections(ref_path, tile_size=args.tile_size)
         return QCMonitor(model, reference, window=args.window, alpha=args.alpha, uncertainty=uncertainty,
-                         artefact_fpr=args.artefact_fpr, seed=args.seed)
+                         reference_groups=groups, artefact_fpr=args.artefact_fpr, seed=args.seed,
+                         statistic=args.statistic)
 
     svc = QCService(args.folder, factory, model, db=args.db, tile_size=args.tile_size, settle=args.settle,
                     give_up=args.give_up, uncertainty=uncertainty, echo=lambda s: print(s, flush=True))

@@ -72,6 +72,35 @@ def read_tiles(path: str | os.PathLike, *, tile_size: int | None = None) -> np.n
     return split_tiles(arr, tile_size) if tile_size else arr
 
 
+def read_sections(path: str | os.PathLike, *, tile_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles of a file or folder with the section each comes from: a folder's files (natural order) or a
+    stack's pages are the sections, in acquisition order (what :class:`QCMonitor` calibrates its drift
+    threshold on).
+
+    Returns
+    -------
+    tiles : numpy.ndarray
+        ``(N, H, W)``, as :func:`read_tiles`.
+    sections : numpy.ndarray
+        ``(N,)`` int, 0-based section number of each tile.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if matches(p.name, DEFAULT_PATTERNS)),
+                       key=lambda p: natural_sort_key(p.name))
+        if not files:
+            raise FormatError(f"{path}: no image files ({', '.join(DEFAULT_PATTERNS)})")
+        parts = [read_tiles(p, tile_size=tile_size) for p in files]
+        return np.concatenate(parts), np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    arr = load_npy(path) if path.suffix.lower() == ".npy" else read_image_stack(path)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.dtype.kind not in "uif":
+        raise FormatError(f"{path}: expected a 2-D image or a stack of them, got shape {arr.shape} {arr.dtype}")
+    tiles = split_tiles(arr, tile_size) if tile_size else arr
+    return tiles, np.repeat(np.arange(arr.shape[0]), len(tiles) // arr.shape[0])
+
+
 def split_tiles(stack: np.ndarray, tile_size: int) -> np.ndarray:
     """(N, H, W) -> (N * (H // t) * (W // t), t, t): non-overlapping tiles, row-major per image."""
     t = int(tile_size)

@@ -626,3 +626,31 @@ def test_tiff_tiles_are_decoded_on_demand(tmp_path):
     tifffile.imwrite(tmp_path / "stack.tif", st, tile=(32, 32), photometric="minisblack")
     s = open_volume(tmp_path / "stack.tif")
     assert s.shape == st.shape and np.array_equal(s[1:4, 10:70, 33:79], st[1:4, 10:70, 33:79])
+
+
+def test_ome_zarr_writer(tmp_path):
+    """OME-NGFF 0.4 metadata (axes, units, scale per level) that open_volume reads back, a stride
+    pyramid, and zarr files with the old `voxel_size_nm` attribute still read."""
+    pytest.importorskip("zarr")
+    from neuroadda_rt.io.writers import create_ome_zarr, write_ome_zarr
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**40, (3, 16, 20), dtype=np.uint64)
+    write_ome_zarr(tmp_path / "l.zarr", a, voxel_size_nm=(30, 4, 5), levels=2, chunks=(2, 8, 8))
+    meta = json.loads((tmp_path / "l.zarr" / ".zattrs").read_text())["multiscales"][0]
+    assert meta["version"] == "0.4" and [ax["name"] for ax in meta["axes"]] == ["z", "y", "x"]
+    assert all(ax == {"name": n, "type": "space", "unit": "nanometer"} for ax, n in zip(meta["axes"], "zyx"))
+    assert [d["coordinateTransformations"][0]["scale"] for d in meta["datasets"]] == [[30, 4, 5], [30, 8, 10]]
+    v0, v1 = open_volume(tmp_path / "l.zarr"), open_volume(tmp_path / "l.zarr", key="1")
+    assert v0.voxel_size_nm == (30, 4, 5) and np.array_equal(v0[...], a)
+    assert v1.voxel_size_nm == (30, 8, 10) and np.array_equal(v1[...], a[:, ::2, ::2])
+    z = create_ome_zarr(tmp_path / "p.zarr", (2, 3, 16, 16), "float16", axes="czyx", voxel_size_nm=(40, 8, 8),
+                        chunks=(2, 1, 8, 8))
+    z[:, 1, 8:, :8] = 0.5
+    v = open_volume(tmp_path / "p.zarr", allow_missing_chunks=True)  # the rest is unwritten, on purpose
+    assert v.shape == (2, 3, 16, 16) and v.voxel_size_nm == (1.0, 40, 8, 8) and v[0, 1, 9, 1] == np.float16(0.5)
+    with pytest.raises(FormatError, match="already exists"):
+        create_ome_zarr(tmp_path / "p.zarr", (2, 2), "uint8", axes="yx")
+    with pytest.raises(ShapeError, match="axis names"):
+        create_ome_zarr(tmp_path / "q.zarr", (2, 2, 2), "uint8", axes="cyy")
+    write_volume(tmp_path / "old.zarr", a, voxel_size_nm=(30, 4, 5))  # the old attribute, no OME metadata
+    assert open_volume(tmp_path / "old.zarr").voxel_size_nm == (30, 4, 5)

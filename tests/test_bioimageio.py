@@ -113,6 +113,33 @@ def test_export_zip_validates_and_carries_the_model_card(tmp_path, rng):
     assert (w, h) == (128, 64)
 
 
+def test_cover_of_a_trained_model(tmp_path):
+    """The cover a lab sees in the zoo: a bundled (trained) package on a synthetic EM render; saved to
+    docs/figures/ when NEUROADDA_WRITE_FIGURES=1 (the README's figure)."""
+    import os
+
+    from PIL import Image
+
+    from neuroadda_rt.package import synthetic_zoo
+    from neuroadda_rt.study.synthetic import make_domain
+
+    zoo = synthetic_zoo(allow_empty=True)
+    if not len(zoo):
+        pytest.skip("no bundled synthetic zoo")
+    image = make_domain(None, (256, 256), seed=11)[0]
+    out = _export(tmp_path, zoo.paths[0], "syn", sample=image, tile_size=256, weights=("pytorch_state_dict",),
+                  validate=False)
+    cover = np.asarray(Image.open(out / "cover.png"))
+    assert cover.shape == (256, 512, 3)
+    np.testing.assert_array_equal(cover[..., 0][:, :256] == cover[..., 1][:, :256], True)  # grey input half
+    probs = np.load(out / "test_output.npy")[0, 0]
+    # the prediction half is the boundary probability in magenta
+    np.testing.assert_allclose(cover[:, 256:, 0], (probs * 255).astype(np.uint8), atol=1)
+    if os.environ.get("NEUROADDA_WRITE_FIGURES") == "1":
+        dest = Path(__file__).resolve().parent.parent / "docs" / "figures" / "bioimageio_cover.png"
+        Image.fromarray(cover).save(dest)
+
+
 def test_bioimageio_core_reproduces_the_predictor(tmp_path, percentile_model):
     pytest.importorskip("bioimageio.core", reason="bioimageio.core is not installed (bioimageio extra)")
     import neuroadda_rt as nr

@@ -211,7 +211,7 @@ def test_handoff_round_trip_paint_save_finetune(handoff, tmp_path):
     # reopened: the painted labels, not a new prediction
     (_, _, _), (lab2, lkw2, _), _ = read_annotation_layers(ann)
     assert lkw2["name"].endswith("(painted)") and np.array_equal(lab2[:, m:m + 64, m:m + 64], labels)
-    rc = main(["finetune", str(ann), "--out", str(tmp_path / "tuned"), "--steps", "2", "--batch-size", "2",
+    rc = main(["finetune", str(ann), "--model", str(TINY), "--out", str(tmp_path / "tuned"), "--steps", "2", "--batch-size", "2",
                "--no-progress", "--json"])
     assert rc == 0 and (tmp_path / "tuned" / "model.json").is_file()
 

@@ -269,3 +269,17 @@ def test_dask_scheduler_address_and_fallback(tmp_path, net2, vol, monkeypatch):
     assert r.scheduler == "synchronous" and np.array_equal(_read(tmp_path / "n.zarr"), _read(tmp_path / "ref.zarr"))
     with pytest.raises(InputValueError, match="scheduler"):
         predict_volume(net2, vol[:2], tmp_path / "x.zarr", scheduler="bogus", **args)
+
+
+def test_failed_setup_leaves_nothing(tmp_path, net2, vol, monkeypatch):
+    """A failure between creating the output and recording the run (here: int8 quantisation)
+    removes the output, so no later run finds a half-made one."""
+    from neuroadda_rt import export
+
+    def boom(*a, **k):
+        raise RuntimeError("quantisation failed")
+
+    monkeypatch.setattr(export, "quantize_int8", boom)
+    with pytest.raises(RuntimeError, match="quantisation failed"):
+        predict_volume(net2, vol, tmp_path / "q.zarr", halo=32, precision="int8", **KW)
+    assert not (tmp_path / "q.zarr").exists()

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _atomic
-from ._digest import file_sha256, json_sha256
+from ._digest import file_sha256
 from .errors import BackendUnavailableError, FormatError, InputValueError, ShapeError, require
 from .io import Volume, open_volume
 from .io.intensity import intensity_rule
@@ -553,6 +553,9 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
         raise InputValueError(f"expected backend in {BACKENDS}, got {backend!r}")
     if precision == "int8" and backend not in ("auto", "onnxruntime"):
         raise InputValueError(f"precision='int8' runs on ONNX Runtime (static QDQ), got backend={backend!r}")
+    if precision == "int8" and device == "cuda":
+        raise InputValueError("precision='int8' is the CPU path (QDQ on ONNX Runtime's CPU provider); on a GPU use "
+                              "backend='tensorrt' with fp16=True")
     if not 0.0 <= float(overlap) < 1.0:
         raise InputValueError(f"expected 0 <= overlap < 1, got {overlap}")
     if int(batch_size) < 1:
@@ -569,6 +572,8 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
     if channels_first and (len(shp) != 4 or shp[0] != c_in):
         raise ShapeError(f"expected a (C={c_in}, Z, Y, X) volume for a model with {c_in} input channels, "
                          f"got shape {shp}")
+    if channels_first and precision == "int8":
+        raise InputValueError(f"expected a single-channel volume for precision='int8', got {c_in} channels")
     if not channels_first and len(shp) == 4:
         raise ShapeError(f"expected a 3-D (Z, Y, X) volume for a model with 1 input channel, got shape {shp} "
                          f"(a channel axis?)")
@@ -637,28 +642,12 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
     vs = tuple(vs[-3:]) if vs is not None and len(vs) >= 3 else ((1.0, *vs) if vs is not None and len(vs) == 2
                                                                   else None)
     if not resume:
-        chunks = (C, *[_chunk_for(b) for b in block])
-        create_ome_zarr(out, (C, *spatial), np.dtype(dtype), axes="czyx", voxel_size_nm=vs, chunks=chunks,
-                        name=f"{source.config.get('head', 'boundary')} probabilities",
-                        attributes={"neuroadda_rt": {"complete": False, "representation":
-                                                     source.config.get("head", "boundary"), "dtype": dtype}})
-        (state / "done").mkdir(parents=True)
-        (state / "spill").mkdir()
-        if backend != "torch":
-            if precision == "int8":
-                from .export import quantize_int8  # noqa: PLC0415
-                from .tiles import sample_tiles  # noqa: PLC0415
-                size = tuple(win[1:]) if dim == 2 else win
-                cal_vol = vol if not channels_first else None
-                if cal_vol is None:
-                    raise InputValueError("precision='int8' supports single-channel volumes only")
-                cal = sample_tiles(cal_vol if isinstance(cal_vol, Volume) else open_volume(cal_vol),
-                                   int(calibration_tiles), size, seed=0).tiles
-                quantize_int8(source.onnx_path("full"), cal, state / "model.onnx", normalization=frozen)
-            else:
-                shutil.copyfile(source.onnx_path("full"), state / "model.onnx")
-        _atomic.write_json(state / "run.json", {"signature": signature, "frozen_rule": frozen,
-                                                "n_blocks": len(grid)})
+        try:  # a failure while setting up leaves nothing behind
+            _create_run(out, state, source, vol, signature, frozen, grid, C, spatial, vs, block, win, dim, dtype,
+                        backend, precision, int(calibration_tiles))
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
     if backend != "torch":
         run_source = ModelSource.from_onnx(state / "model.onnx")
         run_backend = "onnxruntime" if precision == "int8" else backend
@@ -704,6 +693,30 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
                          voxels_per_s=vox / seconds if seconds > 0 else 0.0, backend=info.backend,
                          device=info.device, precision=precision, dtype=dtype, block_shape=block,
                          halo=tuple(w - 1 for w in win), tile=win, scheduler=sched)
+
+
+def _create_run(out, state, source, vol, signature, frozen, grid, C, spatial, vs, block, win, dim, dtype, backend,
+                precision, calibration_tiles):
+    """The output image and the run state: empty array, model file (int8: quantised here), run.json last."""
+    chunks = (C, *[_chunk_for(b) for b in block])
+    head = source.config.get("head", "boundary")
+    create_ome_zarr(out, (C, *spatial), np.dtype(dtype), axes="czyx", voxel_size_nm=vs, chunks=chunks,
+                    name=f"{head} probabilities",
+                    attributes={"neuroadda_rt": {"complete": False, "representation": head, "dtype": dtype}})
+    (state / "done").mkdir(parents=True)
+    (state / "spill").mkdir()
+    if backend != "torch":
+        if precision == "int8":
+            from .export import quantize_int8  # noqa: PLC0415
+            from .tiles import sample_tiles  # noqa: PLC0415
+            base = vol.vol if isinstance(vol, _Slice2D) else vol
+            size = tuple(win[1:]) if dim == 2 else win
+            base = base if isinstance(base, Volume) else open_volume(base)
+            cal = sample_tiles(base, calibration_tiles, size, seed=0).tiles
+            quantize_int8(source.onnx_path("full"), cal, state / "model.onnx", normalization=frozen)
+        else:
+            shutil.copyfile(source.onnx_path("full"), state / "model.onnx")
+    _atomic.write_json(state / "run.json", {"signature": signature, "frozen_rule": frozen, "n_blocks": len(grid)})
 
 
 class _Slice2D:
@@ -1021,7 +1034,7 @@ def evaluate_volume(seg, gt, *, block_shape=None, ignore_gt=(0,), seg_key: str |
         ``vi_split``, ``vi_merge``, ``vi`` (bits), ``adapted_rand_error``, ``are_precision``,
         ``are_recall``, ``voxels`` and ``blocks``.
     """
-    from .metrics import block_boxes  # noqa: PLC0415
+    from .metrics import block_boxes
 
     s = seg if isinstance(seg, (Volume, np.ndarray)) else open_volume(seg, key=seg_key) if seg_key else open_volume(seg)
     g = gt if isinstance(gt, (Volume, np.ndarray)) else open_volume(gt, key=gt_key) if gt_key else open_volume(gt)

@@ -283,3 +283,26 @@ def test_failed_setup_leaves_nothing(tmp_path, net2, vol, monkeypatch):
     with pytest.raises(RuntimeError, match="quantisation failed"):
         predict_volume(net2, vol, tmp_path / "q.zarr", halo=32, precision="int8", **KW)
     assert not (tmp_path / "q.zarr").exists()
+
+
+@pytest.mark.realdata
+def test_real_fibsem_volume(em_data, tmp_path):
+    """Real FIB-SEM (the gala example, 50 x 100 x 200, dense neuron labels) through the tiny test
+    package: blockwise prediction equals the one-shot Predictor, blockwise segmentation is within
+    VI 0.05 of the one-shot one, and blockwise scores against the labels equal one-shot scores."""
+    from neuroadda_rt import segment, variation_of_information
+    from neuroadda_rt.deploy import evaluate_volume, segment_volume
+    src = em_data / "drosophila_fibsem_gala_example" / "tests" / "example-data"
+    image, gt = f"{src / 'test-image.h5'}:stack", open_volume(f"{src / 'test-gt.lzf.h5'}:stack")[...]
+    pkg = neuroadda_rt.load_model(TINY)
+    ref = Predictor(pkg, backend="onnxruntime", tile=64).predict(open_volume(image))
+    predict_volume(pkg, image, tmp_path / "p.zarr", block_shape=(16, 64, 64), halo=64, dtype="float32", **KW)
+    probs = open_volume(tmp_path / "p.zarr")[...]
+    assert np.abs(probs - ref).max() <= 1e-4
+    one = segment(ref[0], "boundary", threshold=0.5)
+    segment_volume(tmp_path / "p.zarr", tmp_path / "s.zarr", block_shape=(16, 64, 64), **KW)
+    seg = open_volume(tmp_path / "s.zarr")[...]
+    split, merge = variation_of_information(seg, one, ignore_gt=())
+    assert split + merge <= 0.05
+    e = evaluate_volume(tmp_path / "s.zarr", gt, block_shape=(7, 40, 64))
+    assert (e["vi_split"], e["vi_merge"]) == variation_of_information(seg, gt)

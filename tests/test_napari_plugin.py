@@ -316,7 +316,8 @@ def test_annotation_opens_for_proofreading_and_saves_back(make_napari_viewer, ha
     assert kinds == ["Image", "Labels", "Shapes"]
     lab = next(ly for ly in layers if type(ly).__name__ == "Labels")
     m = lab.metadata["neuroadda_rt_annotation"]["margin"]
-    viewer.dims.current_step = (1, 0, 0)
+    # show the tile whose pre-filled labels have the most segments
+    viewer.dims.current_step = (int(np.argmax([len(np.unique(p)) for p in np.asarray(lab.data)])), 0, 0)
     _screenshot(viewer, _figure_path(tmp_path, "napari_annotation.png"))
     # proofread: paint one segment, as a brush stroke would
     lab.data[1, m + 10:m + 20, m + 10:m + 20] = 999

@@ -5,7 +5,7 @@ bundled zoo), the tile size, the number of ranking tiles, the pool and the numbe
 sources* runs :func:`neuroadda_rt.rank_sources` and fills the table (MMD², p-value; most transferable first);
 *Select tiles* runs :func:`neuroadda_rt.select_tiles` with the chosen source (the table's selected row, else the
 best) and outlines the chosen tiles on the image (yellow, numbered, with their uncertainty) over the scored pool
-(grey); *Write hand-off* writes the annotation folder that the plugin's reader opens for proofreading.
+(blue); *Write hand-off* writes the annotation folder that the plugin's reader opens for proofreading.
 Work runs in the GUI thread (the widget is busy meanwhile); each step also exists as a method for scripts.
 """
 
@@ -175,8 +175,8 @@ class RankSelectWidget(QWidget):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
         scale = layer.scale[-np.asarray(sel.coords).shape[1]:]
-        self.viewer.add_shapes(boxes(sel.pool_coords), shape_type="rectangle", edge_color="#9a9a9a", edge_width=1,
-                               face_color="transparent", name="candidate pool", scale=scale, opacity=0.6)
+        self.viewer.add_shapes(boxes(sel.pool_coords), shape_type="rectangle", edge_color="#35b6ff", edge_width=2,
+                               face_color="transparent", name="candidate pool", scale=scale, opacity=0.55)
         labels = [f"tile {i}" for i in range(len(sel))]
         self.viewer.add_shapes(boxes(sel.coords), shape_type="rectangle", edge_color="yellow", edge_width=4,
                                face_color="transparent", name="selected tiles", scale=scale,

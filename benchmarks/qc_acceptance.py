@@ -1,4 +1,8 @@
-"""Acceptance numbers for acquisition-time QC (issue 7), printed as a Markdown table.
+"""Acceptance numbers for acquisition-time QC on synthetic tiles (issue 7), printed as a Markdown table.
+
+The real-acquisition acceptance (issue 17: stacks in acquisition order, where the windows are not
+exchangeable with the reference) is ``benchmarks/qc_real_acceptance.py``; this one draws windows at random
+from the reference's pool, so it cannot show false alarms caused by consecutive sections.
 
     python benchmarks/qc_acceptance.py [--cache DIR] [--parts fa,drift,artefacts,throughput]
                                        [--quick] [--json out.json]
@@ -144,7 +148,7 @@ def no_drift(enc, ref, pool, n_windows, window, alpha, n_perm, seed=0):
     from neuroadda_rt import QCMonitor
 
     rng = np.random.default_rng(seed)
-    mon = QCMonitor(enc, ref, window=window, alpha=alpha, n_permutations=n_perm, seed=seed)
+    mon = QCMonitor(enc, ref, window=window, alpha=alpha, seed=seed)
     flags = 0
     t = time.perf_counter()
     for _ in range(n_windows):
@@ -163,7 +167,7 @@ def run_drift(enc, ref, pool, drifted_windows, window, alpha, n_perm, seed):
     from neuroadda_rt import QCMonitor
 
     rng = np.random.default_rng(seed)
-    mon = QCMonitor(enc, ref, window=window, alpha=alpha, n_permutations=n_perm, seed=seed)
+    mon = QCMonitor(enc, ref, window=window, alpha=alpha, seed=seed)
     pre = 0
     for _ in range(4):
         pre += mon.update(pool[rng.choice(len(pool), window, replace=False)]).drift
@@ -273,7 +277,7 @@ def main(argv=None) -> int:
 
     if "artefacts" in parts:
         log("artefacts ...")
-        mon = QCMonitor(enc, ref, window=window, alpha=alpha, n_permutations=n_perm, artefact_fpr=args.artefact_fpr)
+        mon = QCMonitor(enc, ref, window=window, alpha=alpha, artefact_fpr=args.artefact_fpr)
         r = np.random.default_rng(7)
         clean_idx = r.choice(len(pool), 1024 if not q else 256, replace=False)
         clean = pool[clean_idx]
@@ -310,7 +314,7 @@ def main(argv=None) -> int:
         # alternate int8 / fp32 so that both see the same machine load (the machine is shared)
         for name, path in (("int8", int8_path), ("fp32", fp32_path), ("int8 (again)", int8_path)):
             fx = FeatureExtractor(path, backend="onnxruntime", threads=2)
-            mon = QCMonitor(fx, ref[:1024] if q else ref, window=window, alpha=alpha, n_permutations=n_perm)
+            mon = QCMonitor(fx, ref[:1024] if q else ref, window=window, alpha=alpha)
             # warm-up
             mon.update(np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs[:batch]]))
             lat = []

@@ -359,3 +359,314 @@ def artefact_recall(enc, data):
         r["cause_accuracy"] = r["cause_right"] / max(r["flagged"], 1)
         log(k, r)
     return res
+
+
+# ----------------------------------------------------------------------------------------------
+# alternatives and alibi-detect on the same streams
+
+
+def features_of(enc, tiles):
+    return enc(tiles.astype(np.float32) / 255)
+
+
+def _stream_windows(feats):
+    return [feats[i:i + WINDOW] for i in range(0, len(feats) - WINDOW + 1, WINDOW)]
+
+
+def monitor_detector(statistic):
+    def run(acq, stream_tiles, enc):
+        mon, _ = monitor_for(enc, acq, statistic=statistic)
+        if mon.drift_note:
+            return None
+        return [w.drift for w in mon.update(stream_tiles, timestamp=0.0).windows]
+    return run
+
+
+def iid_permutation_detector(acq, stream_tiles, enc, n_perm=200):
+    """The old test: each window against the whole reference, exact permutation p-value of the pooled
+    sample (windows treated as exchangeable with the reference), alarm at p <= alpha."""
+    from neuroadda_rt import mmd2_test
+    from neuroadda_rt.mmd import median_sigma
+
+    ref = features_of(enc, acq["tiles"][acq["ref"]])
+    rng = np.random.default_rng(0)
+    p = rng.permutation(len(ref))
+    sigma = float(median_sigma(ref[p[:len(ref) // 2]], ref[p[len(ref) // 2:]]))
+    return [mmd2_test(w, ref, n_permutations=n_perm, sigma=sigma, seed=i).p_value <= ALPHA
+            for i, w in enumerate(_stream_windows(features_of(enc, stream_tiles)))]
+
+
+def alibi_detector(kind, max_windows=None):
+    def run(acq, stream_tiles, enc):
+        import warnings
+
+        from neuroadda_rt.mmd import median_sigma
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from alibi_detect.cd import LSDDDrift, MMDDrift
+
+            ref = features_of(enc, acq["tiles"][acq["ref"]]).astype(np.float32)
+            rng = np.random.default_rng(0)
+            p = rng.permutation(len(ref))
+            sigma = float(median_sigma(ref[p[:len(ref) // 2]], ref[p[len(ref) // 2:]]))
+            if kind == "MMDDrift":
+                cd = MMDDrift(ref, backend="pytorch", p_val=ALPHA, sigma=np.array([sigma], np.float32),
+                              configure_kernel_from_x_ref=False, n_permutations=100, device="cpu")
+            else:
+                cd = LSDDDrift(ref, backend="pytorch", p_val=ALPHA, n_permutations=100, device="cpu")
+            wins = _stream_windows(features_of(enc, stream_tiles).astype(np.float32))
+            if max_windows is not None:
+                wins = wins[:max_windows]
+            return [bool(cd.predict(w)["data"]["is_drift"]) for w in wins]
+    return run
+
+
+def compare(enc, data, detectors: dict, pair_windows: int | None = None):
+    """False alarms on the clean windows of every acquisition and the delay of every ordered pair, for
+    each detector (a function (acq, stream tiles, enc) -> alarms per window, or None when it refuses)."""
+    out = {}
+    for label, det in detectors.items():
+        t0 = time.perf_counter()
+        fa_n = fa_k = 0
+        per = {}
+        for name, a in data.items():
+            st = ~a["ref"]
+            alarms = det(a, a["tiles"][st], enc)
+            if alarms is None:
+                per[name] = None
+                continue
+            clean = a["clean"][st]
+            wc = [clean[i * WINDOW:(i + 1) * WINDOW].all() for i in range(len(alarms))]
+            n, k = sum(wc), sum(x for x, c in zip(alarms, wc) if c)
+            per[name] = (k, n)
+            fa_n, fa_k = fa_n + n, fa_k + k
+        pairs = {}
+        for sa in SETS:
+            for sb in SETS:
+                if sa == sb:
+                    continue
+                stream, n_pre = pair_stream(data, FIRST[sa], FIRST[sb])
+                if pair_windows is not None:
+                    stream = stream[:n_pre + pair_windows * WINDOW]
+                alarms = det(data[FIRST[sa]], stream, enc)
+                if alarms is None:
+                    pairs[f"{sa}->{sb}"] = None
+                    continue
+                k0 = n_pre // WINDOW
+                pairs[f"{sa}->{sb}"] = next((i + 1 for i, x in enumerate(alarms[k0:]) if x), None)
+        out[label] = {"fa": (fa_k, fa_n), "per_stream": per, "pairs": pairs, "seconds": time.perf_counter() - t0}
+        log(label, out[label])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# throughput and latency
+
+
+def throughput(int8: Path, n_tiles=512, batch=64):
+    """QCMonitor.update end to end on PNG-encoded 256x256 tiles (decode, normalise, int8 features,
+    descriptors, scores, window tests), ONNX Runtime on 2 threads."""
+    from PIL import Image
+
+    from neuroadda_rt import FeatureExtractor, QCMonitor
+
+    ref = synthetic_tiles(1024, 256, 1000)
+    src = synthetic_tiles(n_tiles, 256, 5000)
+    pngs = []
+    for t in src:
+        buf = io.BytesIO()
+        Image.fromarray(t).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    fx = FeatureExtractor(int8, backend="onnxruntime", threads=2)
+    mon = QCMonitor(fx, ref, window=256)
+    mon.update(np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs[:batch]]))  # warm-up
+    lat = []
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for s in range(0, n_tiles, batch):
+        t1 = time.perf_counter()
+        mon.update(np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs[s:s + batch]]))
+        lat.append(time.perf_counter() - t1)
+    dt = time.perf_counter() - t0
+    return {"tiles_per_s": n_tiles / dt, "ms_per_update_of_64": 1e3 * float(np.median(lat)),
+            "ms_max": 1e3 * float(np.max(lat)), "cpu_ms_per_tile": 1e3 * (time.process_time() - c0) / n_tiles,
+            "load_avg": os.getloadavg()[0]}
+
+
+def watcher_latency(int8: Path, n_files=8, tiles_per_file=16, settle=0.5):
+    """Seconds from a file's write (atomic rename into the folder) to its summary line, live watcher."""
+    import tempfile
+    import threading
+
+    from PIL import Image
+
+    from neuroadda_rt import FeatureExtractor, QCMonitor
+    from neuroadda_rt.qc import QCService
+
+    fx = FeatureExtractor(int8, backend="onnxruntime", threads=2)
+    ref = synthetic_tiles(512, 256, 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "acq"
+        folder.mkdir()
+        seen = {}
+
+        def echo(line):
+            name = line.split()[1].rstrip(":") if len(line.split()) > 1 else ""
+            seen.setdefault(name, time.time())
+
+        svc = QCService(folder, lambda: QCMonitor(fx, ref, window=64), fx, settle=settle, echo=echo, tile_size=256)
+        th = threading.Thread(target=svc.run, kwargs={"poll": 0.05, "timeout": 60 + 5 * n_files})
+        th.start()
+        written = {}
+        try:
+            time.sleep(1.0)
+            for i in range(n_files):
+                img = np.concatenate(list(synthetic_tiles(tiles_per_file, 256, 7000 + 16 * i)), axis=1)
+                part = folder / f".f{i:03d}.png.part"
+                Image.fromarray(img).save(part, format="PNG")
+                os.replace(part, folder / f"f{i:03d}.png")
+                written[f"f{i:03d}.png"] = time.time()
+                time.sleep(2.0)
+            deadline = time.time() + 30
+            while len([k for k in written if k in seen]) < n_files and time.time() < deadline:
+                time.sleep(0.1)
+        finally:
+            svc.stop()
+            th.join()
+            svc.close()
+    lat = [seen[k] - t for k, t in written.items() if k in seen]
+    return {"files": n_files, "tiles_per_file": tiles_per_file, "settle_s": settle,
+            "latency_s_median": float(np.median(lat)) if lat else None,
+            "latency_s_max": float(np.max(lat)) if lat else None, "reported": len(lat)}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("NEUROADDA_DATA", "../shared/em_data")))
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("NEUROADDA_QC_CACHE", "/tmp/neuroadda_qc_real")))
+    ap.add_argument("--parts", default="fa,pairs,artefacts,alternatives,alibi,throughput")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    from neuroadda_rt import FeatureExtractor
+
+    parts = set(args.parts.split(","))
+    args.cache.mkdir(parents=True, exist_ok=True)
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
+           platform.machine(), "cpus": os.cpu_count(), "load_start": os.getloadavg()[0]}
+    data = prepare(args.data)
+    _fp32, int8 = build_encoder(args.cache)
+    enc = FeatureCache(FeatureExtractor(int8, backend="onnxruntime", threads=2), args.cache / "features.npz")
+    try:
+        if "fa" in parts:
+            res["fa"] = false_alarms(enc, data)
+        if "pairs" in parts:
+            res["pairs"] = {f"{a}->{b}": v for (a, b), v in switch_pairs(enc, data).items()}
+        if "artefacts" in parts:
+            res["artefacts"] = artefact_recall(enc, data)
+        if "alternatives" in parts:
+            res["alternatives"] = compare(enc, data, {
+                "novelty (default)": lambda a, s, e: monitor_detector("novelty")(a, s, e),
+                "mmd2, calibrated": lambda a, s, e: monitor_detector("mmd2")(a, s, e),
+                "both (alpha/2 each)": lambda a, s, e: monitor_detector("both")(a, s, e),
+                "mmd2, iid permutation null (old)": iid_permutation_detector})
+        if "alibi" in parts:
+            try:
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    import alibi_detect  # noqa: F401
+                dets = {"alibi MMDDrift": alibi_detector("MMDDrift"), "alibi LSDDDrift": alibi_detector("LSDDDrift")}
+                res["alibi"] = compare(enc, data, dets, pair_windows=6)
+            except ImportError as exc:
+                res["alibi"] = {"error": f"alibi-detect not importable: {exc}"}
+    finally:
+        enc.save()
+    if "throughput" in parts:
+        res["throughput"] = throughput(int8)
+        log(res["throughput"])
+        res["latency"] = watcher_latency(int8)
+        log(res["latency"])
+    res["load_end"] = os.getloadavg()[0]
+    print(render(res))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+def _rate(k, n):
+    return f"{k}/{n} ({k / n:.3f})" if n else "-"
+
+
+def render(r) -> str:
+    out = [f"QC real-acquisition acceptance ({r['date']}, {r['machine']}, {r['cpus']} cpus, load "
+           f"{r['load_start']:.1f} -> {r['load_end']:.1f}); 64x64 tiles, window {WINDOW}, alpha {ALPHA}, "
+           f"artefact_fpr {ARTEFACT_FPR}", ""]
+    if "fa" in r:
+        out += ["| acquisition | drift calibrated | clean windows: alarms | band windows: alarms | clean tiles: flagged "
+                "(causes) | band tiles: flagged (causes) |", "|---|---|---|---|---|---|"]
+        tk = tn = fk = fn = bk = bn = 0
+        for name, v in r["fa"].items():
+            tested = "yes" if v["tested"] else f"no ({v['calibration_windows']} calibration windows)"
+            wa = _rate(v["alarms_clean"], v["windows_clean"]) if v["tested"] else "not tested"
+            band = _rate(v["band_flagged"], v["band_tiles"]) + f" {v['band_kinds']}" if "band_tiles" in v else "-"
+            out.append(f"| {name} | {tested} | {wa} | {_rate(v['alarms_band'], v['windows_band']) if v['tested'] else '-'}"
+                       f" | {_rate(v['clean_flagged'], v['clean_tiles'])} {v['flag_kinds_clean']} | {band} |")
+            if v["tested"]:
+                tk, tn = tk + v["alarms_clean"], tn + v["windows_clean"]
+            fk, fn = fk + v["clean_flagged"], fn + v["clean_tiles"]
+            bk, bn = bk + v.get("band_flagged", 0), bn + v.get("band_tiles", 0)
+        out += ["", f"- false drift alarms per clean window, pooled over the tested streams: {_rate(tk, tn)} "
+                f"(target <= {2 * ALPHA})",
+                f"- artefact flags on clean real tiles: {_rate(fk, fn)} (target <= 0.02)",
+                f"- DVID black-band tiles flagged: {_rate(bk, bn)} (target >= 0.9)", ""]
+    if "pairs" in r:
+        out += ["| reference set -> switched to | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
+        for sa in SETS:
+            cells = []
+            for sb in SETS:
+                if sa == sb:
+                    cells.append("")
+                    continue
+                v = r["pairs"][f"{sa}->{sb}"]
+                cells.append(v.get("note", "") if v["delay"] is None and v.get("note") else
+                             ("not within %d" % v["windows_after"] if v["delay"] is None else str(v["delay"])))
+            out.append(f"| {sa} | " + " | ".join(cells) + " |")
+        ok = sum(1 for v in r["pairs"].values() if v["delay"] is not None and v["delay"] <= 3)
+        out += ["", f"- ordered pairs detected within 3 windows: {ok} of {len(r['pairs'])}", ""]
+    if "artefacts" in r:
+        out += ["| injected kind | tiles | recall | likely cause right | causes named |", "|---|---|---|---|---|"]
+        for k, v in r["artefacts"].items():
+            out.append(f"| {k} | {v['n']} | {v['recall']:.3f} | {v['cause_accuracy']:.3f} | {v['causes']} |")
+        out.append("")
+    for key in ("alternatives", "alibi"):
+        if key not in r or "error" in r.get(key, {}):
+            if key in r:
+                out.append(f"- {key}: {r[key]['error']}")
+            continue
+        out += [f"| {key}: detector | false alarms per clean window | pairs within 3 windows | delays (A->B) | "
+                f"seconds |", "|---|---|---|---|---|"]
+        for label, v in r[key].items():
+            d = v["pairs"]
+            ok = sum(1 for x in d.values() if x is not None and x <= 3)
+            delays = ", ".join(f"{p}:{'-' if x is None else x}" for p, x in d.items())
+            out.append(f"| {label} | {_rate(*v['fa'])} | {ok} of {len(d)} | {delays} | {v['seconds']:.0f} |")
+        out.append("")
+    if "throughput" in r:
+        t, lt = r["throughput"], r["latency"]
+        out.append(f"- throughput, int8 on 2 threads, 256x256 PNG tiles end to end, updates of 64: "
+                   f"{t['tiles_per_s']:.1f} tiles/s ({t['ms_per_update_of_64']:.0f} ms per update, max {t['ms_max']:.0f};"
+                   f" {t['cpu_ms_per_tile']:.1f} CPU-ms per tile; load {t['load_avg']:.1f}) (target >= 100)")
+        out.append(f"- latency file written -> summary line (live watcher, settle {lt['settle_s']} s, "
+                   f"{lt['tiles_per_file']} tiles per file): median {lt['latency_s_median']} s, max "
+                   f"{lt['latency_s_max']} s ({lt['reported']} of {lt['files']} files)")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

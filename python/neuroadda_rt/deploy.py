@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _atomic
-from ._digest import file_sha256
+from ._digest import arrays_sha256, file_sha256
 from .errors import BackendUnavailableError, FormatError, InputValueError, ShapeError, require
 from .io import Volume, open_volume
 from .io.intensity import intensity_rule
@@ -620,12 +620,14 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
             raise BackendUnavailableError("no full-model ONNX file and no network to export one from")
         sig_model = file_sha256(onnx)
     elif source.has_weights:
-        from ._digest import arrays_sha256  # noqa: PLC0415
         net = source.torch_net()
         sig_model = arrays_sha256(*(v.detach().cpu().numpy() for v in net.state_dict().values()),
                                   header=[source.config])
+    vpath = getattr(vol, "path", None)
+    # an in-memory array has no path to tell it by: its content does (it fits in memory)
+    content = arrays_sha256(np.asarray((vol.vol if isinstance(vol, _Slice2D) else vol)[...])) if vpath is None else None
     signature = {"format": _FORMAT, "model": sig_model, "precision": precision, "dtype": dtype,
-                 "volume": {"path": getattr(vol, "path", None), "key": getattr(vol, "key", None),
+                 "volume": {"path": vpath, "key": getattr(vol, "key", None), "content": content,
                             "shape": list(shp), "dtype": str(vol.dtype)},
                  "win": list(win), "overlap": float(overlap), "block": list(block), "blend": blend,
                  "rule": rule, "config": source.config}

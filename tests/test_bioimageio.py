@@ -207,3 +207,36 @@ def test_cli_export_bioimageio(tmp_path, capsys):
     assert res["format"] == "bioimageio" and Path(res["out"]).is_file()
     with zipfile.ZipFile(res["out"]) as zf:
         assert "rdf.yaml" in zf.namelist()
+
+
+def test_model_card_of_a_real_data_package(tmp_path, rng):
+    """A package whose model card (model.json 'training', as zoo build --from-datasets writes it) names a
+    free-text data licence and a citation: the weights carry the data's SPDX licence, or a LICENSE.md quoting
+    non-SPDX terms; a citation with a DOI is cited, one without stays in the training data description."""
+    pytest.importorskip("bioimageio.spec", reason="validation needs the bioimageio extra")
+    import neuroadda_rt as nr
+    from neuroadda_rt.bioimageio import spdx_license, validate_bioimageio
+
+    assert spdx_license("CC BY-NC-SA 3.0") == "CC-BY-NC-SA-3.0"
+    assert spdx_license("BSD-3-Clause (gala); see LICENSE.txt beside the data") == "BSD-3-Clause"
+    assert spdx_license("ISBI 2012 challenge terms (research use); see SOURCE_LICENSE_* beside the data") is None
+    base = nr.load_model(TINY)
+    cases = {
+        "gerhard": ({"data": "gerhard: split 'train'", "license": "CC BY-NC-SA 3.0", "dataset": {"name": "gerhard"},
+                     "citation": "Gerhard et al. figshare 2013, doi:10.6084/m9.figshare.856713"}, "CC-BY-NC-SA-3.0"),
+        "isbi": ({"data": "isbi: split 'train'", "license": "ISBI 2012 challenge terms (research use)",
+                  "citation": "Arganda-Carreras et al., Front. Neuroanat. 2015"}, None),
+    }
+    for name, (training, want) in cases.items():
+        pkg = nr.save_model(base, tmp_path / name, training=training, name=f"{name}-model")
+        out = _export(tmp_path, pkg, f"{name}_bio", tile_size=32, weights=("pytorch_state_dict",))
+        s = validate_bioimageio(out / "rdf.yaml")
+        assert s["status"] == "valid-format", s["errors"]
+        d = s["description"]
+        texts = [c.text for c in d.cite]
+        if want:
+            assert str(d.license) == want and str(d.training_data.license) == want
+            assert any("figshare" in t for t in texts)
+        else:
+            assert "research use" in (out / "LICENSE.md").read_text() and d.training_data.license is None
+            assert not any("Arganda" in t for t in texts) and "Arganda" in d.training_data.description

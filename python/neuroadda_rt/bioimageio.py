@@ -45,7 +45,7 @@ from .labels import affinity_offsets
 from .package import ModelPackage
 from .runtime import Predictor
 
-__all__ = ["export_bioimageio", "preprocessing_for_rule", "FORMAT_VERSION"]
+__all__ = ["export_bioimageio", "preprocessing_for_rule", "spdx_license", "validate_bioimageio", "FORMAT_VERSION"]
 
 #: The bioimage.io model description format written.
 FORMAT_VERSION = "0.5.4"
@@ -59,12 +59,41 @@ _SPACE = ("z", "y", "x")
 
 
 def _card(meta: dict[str, Any]) -> dict[str, Any]:
-    """The model card: ``model.json``'s ``model_card`` (or ``card``, or ``extra.model_card``), else {}."""
+    """The model card: ``model.json``'s ``model_card`` (or ``card``, or ``extra.model_card``) over its ``training``
+    record (where ``zoo build --from-datasets`` writes the card: data, dataset, licence and citation of the
+    training data, recipe), else {}."""
+    card: dict[str, Any] = {}
     for holder in (meta, meta.get("extra") or {}):
         for key in ("model_card", "card"):
             if isinstance(holder.get(key), dict):
-                return holder[key]
-    return {}
+                card = dict(holder[key])
+                break
+        if card:
+            break
+    return card
+
+
+_SPDX = re.compile(r"^(CC-BY(-NC)?(-ND|-SA)?-[1-4]\.[05]|CC0-1\.0|CC-PDDC|MIT|MIT-0|BSD-[1234]-Clause|Apache-2\.0|"
+                   r"ISC|Unlicense|MPL-2\.0|(A|L)?GPL-[23]\.0-(only|or-later)|LGPL-2\.1-(only|or-later)|ODbL-1\.0|"
+                   r"ODC-By-1\.0|PDDL-1\.0)$")
+
+
+def spdx_license(text) -> str | None:
+    """The SPDX id a free-text licence names (``"CC BY-NC-SA 3.0"`` -> ``"CC-BY-NC-SA-3.0"``, ``"BSD-3-Clause
+    (gala); see ..."`` -> ``"BSD-3-Clause"``), or None when it names none (e.g. "research use; see ...").
+
+    Examples
+    --------
+    >>> spdx_license("CC BY-NC-SA 3.0"), spdx_license("research use only")
+    ('CC-BY-NC-SA-3.0', None)
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    head = re.split(r"[;(,]| see ", text.strip(), maxsplit=1)[0].strip()
+    cand = re.sub(r"[\s_]+", "-", head)
+    cand = re.sub(r"(?i)^cc-?by", "CC-BY", cand)
+    cand = re.sub(r"(?i)-(nc|nd|sa)(?=-)", lambda m: "-" + m.group(1).upper(), cand)
+    return cand if _SPDX.match(cand) else None
 
 
 def _first(*values, default=None):
@@ -194,9 +223,14 @@ def _cite(card: dict, training: dict) -> list[dict]:
                   else None):
         for c in entry if isinstance(entry, list) else [entry]:
             if isinstance(c, str) and c.strip():
-                doi = re.search(r"10\.\d{4,9}/\S+", c)
-                out.append({"text": c.strip(), **({"doi": doi.group(0).rstrip(".")} if doi else
-                                                  {"url": "https://arxiv.org/abs/2503.06196"})})
+                # the spec needs a DOI or URL per entry; a citation without one stays in the training data's
+                # description (never given someone else's link)
+                doi = re.search(r"10\.\d{4,9}/[^\s;,]+", c)
+                url = re.search(r"https?://\S+", c)
+                if doi:
+                    out.append({"text": c.strip(), "doi": doi.group(0).rstrip(".")})
+                elif url:
+                    out.append({"text": c.strip(), "url": url.group(0).rstrip(".,;")})
             elif isinstance(c, dict) and c.get("text") and (c.get("doi") or c.get("url")):
                 out.append({k: str(v) for k, v in c.items() if k in ("text", "doi", "url")})
     seen, uniq = set(), []
@@ -211,15 +245,23 @@ def _training_data(pkg: ModelPackage, card: dict, authors: list[dict], cite: lis
     """An inline bioimage.io dataset description of the training data (name, description, licence)."""
     tr = pkg.training
     td = card.get("training_data") if isinstance(card.get("training_data"), dict) else {}
+    ds = tr.get("dataset") if isinstance(tr.get("dataset"), dict) else {}
     text = _first(td.get("description"), tr.get("data"), default="not recorded in the model package")
-    extra = {k: v for k, v in tr.items() if k != "data" and isinstance(v, (str, int, float))}
-    desc = f"{text}" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(extra.items()))})" if extra else "")
-    return {"type": "dataset", "format_version": "0.3.0",
-            "name": str(_first(td.get("name"), f"training data of {pkg.name}"))[:128],
-            "description": desc[:1024],
-            "authors": authors, "cite": cite,
-            "license": str(_first(td.get("license"), tr.get("license"), license_)),
-            "tags": [t for t in (pkg.modality, pkg.organism, pkg.tissue) if t]}
+    extra = {k: v for k, v in tr.items() if k not in ("data", "license", "citation") and isinstance(v, (str, int, float))}
+    terms = _first(td.get("license"), tr.get("license"))
+    desc = " ".join(x for x in (
+        f"{text}.", str(ds.get("description") or ""),
+        f"Licence/terms of the data: {terms}." if terms else "",
+        f"Cite: {tr['citation']}." if isinstance(tr.get("citation"), str) and tr["citation"].strip() else "",
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(extra.items()))})" if extra else "") if x)
+    out = {"type": "dataset", "format_version": "0.3.0",
+           "name": str(_first(td.get("name"), ds.get("name"), f"training data of {pkg.name}"))[:128],
+           "description": desc[:1024], "authors": authors, "cite": cite,
+           "tags": [t for t in (pkg.modality, pkg.organism, pkg.tissue) if t]}
+    lic = spdx_license(terms) if terms else license_
+    if lic:  # free-text terms (e.g. "research use; see ...") are no SPDX id: they stay in the description
+        out["license"] = lic
+    return out
 
 
 def _dump_yaml(obj) -> str:
@@ -328,8 +370,18 @@ def export_bioimageio(model, out, *, sample=None, tile_size: int | None = None, 
         raise FormatError(f"{pkg.path}: expected {len(channels)} output channels for a {pkg.representation} head, "
                           f"got {test_out.shape[1]}")
     authors_ = _authors({"authors": authors} if authors else card, meta)
-    license_ = str(_first(license, card.get("license"), (meta.get("extra") or {}).get("license"),
-                          default=DEFAULT_LICENSE))
+    # the weights' licence: given, else the card's, else the training data's when it is an SPDX id (weights
+    # derived from data keep its terms), else a LICENSE.md quoting non-SPDX data terms, else DEFAULT_LICENSE
+    data_terms = pkg.training.get("license")
+    license_: Any = _first(license, card.get("license"), (meta.get("extra") or {}).get("license"),
+                           spdx_license(data_terms))
+    license_file = None
+    if license_ is None and isinstance(data_terms, str) and data_terms.strip():
+        license_file = (f"# Licence of these weights\n\nThe weights were trained on data under these terms, which "
+                        f"therefore apply to them too:\n\n> {data_terms.strip()}\n")
+        license_ = {"source": "LICENSE.md"}
+    if license_ is None:
+        license_ = DEFAULT_LICENSE
     cite = _cite(card, pkg.training)
     name_ = str(_first(name, card.get("name"), pkg.name))[:128]
     if len(name_) < 5:  # the spec asks for 5 to 128 characters
@@ -434,6 +486,9 @@ def export_bioimageio(model, out, *, sample=None, tile_size: int | None = None, 
                 t[k]["sha256"] = _sha(work / t[k]["source"])
         rdf["covers"] = ["cover.png"]
         (work / "README.md").write_text(_readme(pkg, rdf, where), encoding="utf-8")
+        if license_file is not None:
+            (work / "LICENSE.md").write_text(license_file, encoding="utf-8")
+            rdf["license"]["sha256"] = _sha(work / "LICENSE.md")
         (work / "rdf.yaml").write_text(_dump_yaml(rdf), encoding="utf-8")
         if validate == "auto":
             try:

@@ -218,7 +218,11 @@ def test_report_html(setup, rng, tmp_path):
     assert len(imgs) >= 3  # drift plot, counts plot, gallery thumbnails
     for b64 in imgs:
         assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Drift windows" in page and "zz.npy" in page
+    assert "zz.npy" in page
+    assert "Reference examples" in page and "most severe first" in page
+    # the gallery is ordered by severity
+    sev = [float(x) for x in re.findall(r"severity ([0-9.]+)</figcaption>", page)]
+    assert sev == sorted(sev, reverse=True) and len(sev) >= 4
     con = sqlite3.connect(svc.db_path)
     for kind, n in con.execute("SELECT kind, COUNT(*) FROM tiles WHERE flagged=1 GROUP BY kind"):
         assert f"<td>{kind}</td><td>{n}</td>" in page
@@ -410,3 +414,27 @@ def test_read_sections_labels_tiles_by_file_and_page(tmp_path, rng):
     t, g = read_sections(tmp_path / "s.tif", tile_size=32)
     np.testing.assert_array_equal(t, split_tiles(stack, 32))
     np.testing.assert_array_equal(g, np.repeat([0, 1, 2], 4))
+
+
+def test_report_outlines_flagged_tiles_in_their_section(setup, rng, tmp_path):
+    """With --tile-size the report shows each section holding flags, its flagged tiles outlined in red
+    at the tile's place (split_tiles order)."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    folder, _ = setup
+    ref = tiles(rng, 256)
+    svc = QCService(folder, lambda: QCMonitor(enc, ref, window=16), enc, settle=0.0, tile_size=32)
+    sec = np.concatenate([np.concatenate(list(tiles(rng, 3)), axis=1) for _ in range(2)], axis=0)  # 64 x 96
+    sec[32:, 64:] = 0  # tile 5 (row 1, column 2) is black
+    np.save(folder / "s.npy", sec[None])
+    svc.run(once=True)
+    con = sqlite3.connect(svc.db_path)
+    (png,) = con.execute("SELECT png FROM overviews WHERE file = 's.npy' AND page = 0").fetchone()
+    im = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    red = (im[..., 0] > 200) & (im[..., 1] < 60) & (im[..., 2] < 60)
+    ys, xs = np.nonzero(red)
+    assert ys.min() >= 31 and xs.min() >= 63 and ys.max() <= 64 and xs.max() <= 96
+    svc.close()
+    page = write_report(svc.db_path, tmp_path / "r.html").read_text()
+    assert "outlined in red" in page

@@ -48,6 +48,8 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
             wins = con.execute("SELECT idx, mmd2, p_value, drift, rule, first_id, last_id, t_start, t_end, n_flagged, "
                                "threshold, novelty, novelty_threshold FROM windows ORDER BY idx").fetchall()
             examples = [r[0] for r in con.execute("SELECT thumb FROM examples ORDER BY idx")]
+            overviews = con.execute("SELECT file, page, max_severity, png FROM overviews ORDER BY max_severity DESC "
+                                    "LIMIT 24").fetchall()
             files = con.execute("SELECT status, COUNT(*), SUM(n_tiles), SUM(n_flagged) FROM files GROUP BY status"
                                 ).fetchall()
             errors = con.execute("SELECT path, error, processed_at FROM files WHERE status = 'error' ORDER BY seq"
@@ -97,6 +99,13 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
             parts.append("<h2>Reference examples (clean tiles the flags are calibrated on)</h2><div class='gallery'>")
             parts.extend(f"<figure>{_html.png_img(t, 'reference', cls=None)}<figcaption>reference</figcaption>"
                          f"</figure>" for t in examples)
+            parts.append("</div>")
+        if overviews:
+            parts.append("<h2>Sections with flagged tiles (outlined in red; most severe first)</h2>"
+                         "<div class='gallery'>")
+            for f, page, sev, png in overviews:
+                parts.append(f"<figure>{_html.png_img(png, f, cls=None)}<figcaption>{_esc(f)} page {page}<br>"
+                             f"severity {sev:.2f}</figcaption></figure>")
             parts.append("</div>")
         parts.append(f"<h2>Flagged tiles ({len(gallery)} most severe first)</h2><div class='gallery'>")
         for tid, kind, _p, sev, thumb in gallery:

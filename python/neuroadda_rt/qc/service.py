@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS tiles (
     file TEXT, idx INTEGER, tile_id TEXT, score REAL, similarity REAL, uncertainty REAL,
     artefact_p REAL, flagged INTEGER, kind TEXT, thumb BLOB, severity REAL, PRIMARY KEY (file, idx));
 CREATE TABLE IF NOT EXISTS examples (idx INTEGER PRIMARY KEY, thumb BLOB);
+CREATE TABLE IF NOT EXISTS overviews (file TEXT, page INTEGER, max_severity REAL, png BLOB, PRIMARY KEY (file, page));
 CREATE TABLE IF NOT EXISTS windows (
     idx INTEGER PRIMARY KEY, n_tiles INTEGER, mmd2 REAL, p_value REAL, drift INTEGER, rule TEXT,
     first_id TEXT, last_id TEXT, t_start REAL, t_end REAL, n_flagged INTEGER, file TEXT, threshold REAL,
@@ -85,6 +86,30 @@ def _thumbnail_png(tile: np.ndarray, size: int = 128) -> bytes:
         t = np.clip((t - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
     im = image.fromarray(t)
     im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _section_overview_png(section: np.ndarray, boxes: list[tuple[int, int, int]], size: int = 384) -> bytes:
+    """A section scaled to at most ``size`` pixels with its flagged tiles outlined in red:
+    ``boxes`` = (row, col, tile size) in section pixels."""
+    image = require("PIL.Image", "io")
+    from PIL import ImageDraw
+
+    t = np.asarray(section)
+    if t.dtype != np.uint8:
+        t = t.astype(np.float64)
+        lo, hi = float(t.min()), float(t.max())
+        t = np.clip((t - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
+    scale = min(1.0, size / max(t.shape))
+    im = image.fromarray(t).convert("RGB")
+    if scale < 1.0:
+        im = im.resize((max(1, round(t.shape[1] * scale)), max(1, round(t.shape[0] * scale))))
+    draw = ImageDraw.Draw(im)
+    for r, c, ts in boxes:
+        draw.rectangle([c * scale, r * scale, (c + ts) * scale - 1, (r + ts) * scale - 1], outline=(255, 0, 0),
+                       width=2)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
@@ -346,7 +371,9 @@ class QCService:
         if start:  # the flags of the tiles monitored before the file grew
             n_flagged += self.db.execute("SELECT COUNT(*) FROM tiles WHERE file = ? AND flagged = 1 AND idx < ?",
                                          (key, start)).fetchone()[0]
+        overviews = self._overviews(path, rep, start, sev) if (rep.n_flagged and self.thumbnails) else []
         with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO overviews VALUES (?,?,?,?)", [(key, *o) for o in overviews])
             if start == 0:
                 self.db.execute("DELETE FROM tiles WHERE file = ?", (key,))
             self.db.executemany("INSERT OR REPLACE INTO tiles VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
@@ -359,6 +386,29 @@ class QCService:
                              self.monitor.n_tiles, None, sha, _tiles_sha(tiles)))
         self.echo(self._summary_line(key, rep, len(ids), start, prev))
         return True
+
+    def _overviews(self, path: Path, rep, start: int, sev) -> list[tuple]:
+        """(page, largest severity, PNG) of every page of the file holding a flagged tile, the flagged
+        tiles outlined (tile grid of :func:`split_tiles`: row-major per page)."""
+        if not self.tile_size:
+            return []  # every page is one tile: its thumbnail already shows the whole page
+        try:
+            stack = read_tiles(path)  # the pages, uncut
+        except (FormatError, ShapeError, OSError):
+            return []
+        out = []
+        t = self.tile_size
+        n, h, w = stack.shape
+        gh, gw = h // t, w // t
+        by_page: dict[int, list] = {}
+        for j in np.flatnonzero(rep.flags):
+            i = start + int(j)
+            page, rest = divmod(i, gh * gw)
+            by_page.setdefault(page, []).append((rest // gw * t, rest % gw * t, float(sev[j])))
+        for page, items in by_page.items():
+            png = _section_overview_png(stack[page], [(r, c, t) for r, c, _ in items])
+            out.append((page, max(v for _, _, v in items), png))
+        return out
 
     def _summary_line(self, key, rep, n, start, prev) -> str:
         """One console line per file: tiles, flags by likely cause, windows completed and drift."""

@@ -12,7 +12,6 @@ temporary folder.
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import json
 import os
@@ -37,19 +36,22 @@ HAVE_NAPARI = all(importlib.util.find_spec(m) is not None for m in ("napari", "n
 
 
 def _start_xvfb() -> str | None:
-    """A display for the OpenGL canvas: the current one, or a fresh Xvfb (stopped at exit); None if neither."""
+    """A display for the OpenGL canvas: the current one, or a fresh Xvfb; None when there is one, else why not.
+
+    The Xvfb is stopped by a watchdog shell that waits for this process to exit: killing it from this process
+    (atexit) would break Qt's X connection during interpreter shutdown ('X connection broken', exit status 1).
+    """
     if os.environ.get("DISPLAY"):
         return None
-    xvfb = shutil.which("Xvfb")
-    if xvfb is None:
+    if shutil.which("Xvfb") is None:
         return "no X display and no Xvfb for napari's OpenGL canvas (apt-get install xvfb)"
     for n in range(90, 130):
         if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
             break
-    proc = subprocess.Popen([xvfb, f":{n}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    atexit.register(proc.terminate)
-    for _ in range(100):
+    watchdog = (f"Xvfb :{n} -screen 0 1600x1000x24 -nolisten tcp & x=$!; "
+                f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 0.5; done; kill $x")
+    subprocess.run(["sh", "-c", f"( {watchdog} ) >/dev/null 2>&1 &"], check=True)  # returns at once
+    for _ in range(200):
         if Path(f"/tmp/.X11-unix/X{n}").exists():
             os.environ["DISPLAY"] = f":{n}"
             return None
@@ -151,6 +153,16 @@ def test_volume_reader_opens_every_format_open_volume_reads(tmp_path, rng):
     ids = rng.integers(0, 9, (2, 8, 8)).astype(np.uint64)
     (data, kwargs, layer_type), = get_volume_reader(str(write_volume(tmp_path / "ids.h5", ids)))(str(tmp_path / "ids.h5"))
     assert layer_type == "labels" and np.array_equal(np.asarray(data), ids)
+    # OME-Zarr probabilities as predict writes them: channels first, two levels -> multiscale, channel axis
+    from neuroadda_rt.io.writers import write_ome_zarr
+
+    probs = rng.random((2, 4, 32, 48)).astype(np.float16)
+    write_ome_zarr(tmp_path / "probs.zarr", probs, axes="czyx", voxel_size_nm=vs, levels=2)
+    (data, kwargs, layer_type), = get_volume_reader(str(tmp_path / "probs.zarr"))(str(tmp_path / "probs.zarr"))
+    assert layer_type == "image" and kwargs["multiscale"] and kwargs["channel_axis"] == 0
+    assert kwargs["scale"] == list(vs) and len(data) == 2
+    np.testing.assert_array_equal(np.asarray(data[0]), probs)
+    np.testing.assert_array_equal(np.asarray(data[1]), probs[..., ::2, ::2])
     (tmp_path / "notes.txt").write_text("not a volume")
     assert get_volume_reader(str(tmp_path / "notes.txt")) is None
     assert get_volume_reader([str(paths[".h5"]), str(paths[".zarr"])]) is None  # one volume per call
@@ -369,6 +381,14 @@ def test_dock_widget_ranks_selects_and_outlines_tiles(make_napari_viewer, target
     np.testing.assert_allclose(chosen.scale, viewer.layers["vol.h5"].scale)
     shot = _screenshot(viewer, _figure_path(tmp_path, "napari_rank_select.png"))
     assert shot.shape[0] > 300 and shot.std() > 10
+    # an OME-Zarr of probabilities (channels first, two levels) opens as one multiscale layer per channel
+    from neuroadda_rt.io.writers import write_ome_zarr
+
+    probs = np.random.default_rng(0).random((2, 3, 192, 192)).astype(np.float16)
+    write_ome_zarr(tmp_path / "probs.zarr", probs, axes="czyx", voxel_size_nm=(40, 4, 4), levels=2)
+    players = viewer.open(str(tmp_path / "probs.zarr"), plugin="neuroadda-rt")
+    assert len(players) == 2 and all(ly.multiscale for ly in players)
+    np.testing.assert_array_equal(np.asarray(players[1].data[0]), probs[1])
     widget.out_edit.setText(str(tmp_path / "handoff"))
     widget.write_button.click()
     assert (tmp_path / "handoff" / "tiles.json").is_file(), widget.status.text()

@@ -55,7 +55,7 @@ def get_volume_reader(path) -> Callable[[Any], list[LayerData]] | None:
             vol = open_volume(p)
     except (NeuroaddaError, OSError, ValueError, ImportError):
         return None
-    if vol.ndim not in (2, 3):
+    if vol.ndim not in (2, 3, 4):  # 4-D: channels first (OME-Zarr probabilities, c z y x)
         vol.close()
         return None
     vol.close()
@@ -71,30 +71,68 @@ def _contrast_limits(vol) -> list[float]:
     return [lo, hi if hi > lo else lo + 1.0]
 
 
-def volume_layer(source, *, name: str | None = None) -> LayerData:
-    """One napari layer-data tuple for a volume: lazy (a dask array read slice by slice when dask is
-    installed, as napari's own dependency is), the voxel size in nm as ``scale``, a labels layer for 32/64-bit
-    integer ids and an image layer otherwise."""
-    vol = open_volume(source)
-    data: Any = vol
+def _lazy(vol):
+    """A dask array over a Volume, read plane by plane (napari itself depends on dask; without it, the
+    volume is read whole)."""
     try:
         import dask.array as da
+    except ImportError:
+        return np.asarray(vol)
+    chunks = (*([1] * (vol.ndim - 2)), *vol.shape[-2:]) if vol.ndim >= 3 else vol.shape
+    return da.from_array(vol, chunks=chunks, asarray=True, fancy=False, lock=True)
 
-        chunks = (1, *vol.shape[1:]) if vol.ndim == 3 else vol.shape
-        data = da.from_array(vol, chunks=chunks, asarray=True, fancy=False, lock=True)
-    except ImportError:  # napari itself depends on dask; without it the volume is read whole
-        data = np.asarray(vol)
+
+def _ome_levels(source) -> list[str] | None:
+    """The dataset paths of an OME-Zarr multiscale group with more than one level, else None."""
+    p = Path(str(source))
+    f = p / ".zattrs" if (p / ".zattrs").is_file() else p / "zarr.json"
+    if not p.is_dir() or not f.is_file():
+        return None
+    try:
+        attrs = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    attrs = attrs.get("attributes", attrs)
+    ms = (attrs.get("ome") or attrs).get("multiscales")
+    paths = [d.get("path") for d in ms[0].get("datasets", [])] if ms else []
+    return [str(x) for x in paths] if len(paths) > 1 and all(paths) else None
+
+
+def volume_layer(source, *, name: str | None = None) -> LayerData:
+    """One napari layer-data tuple for a volume: lazy (dask arrays read plane by plane), the voxel size in nm
+    as ``scale``, every level of an OME-Zarr multiscale image as napari's multiscale data, a leading fourth
+    axis as channels (``channel_axis=0``: OME-Zarr probabilities are c, z, y, x), a labels layer for 32/64-bit
+    integer ids and an image layer otherwise."""
+    vol = open_volume(source)
+    levels = _ome_levels(source) if not isinstance(source, np.ndarray) else None
+    data: Any = [_lazy(open_volume(str(source), key=k)) for k in levels] if levels else _lazy(vol)
     label = str(source) if not isinstance(source, np.ndarray) else "array"
     meta = {"path": vol.path, "key": vol.key, "voxel_size_nm": vol.voxel_size_nm, "dtype": str(vol.dtype)}
     kwargs: dict[str, Any] = {"name": name or Path(label.split(":")[0]).name or label, "metadata": meta}
-    if vol.voxel_size_nm:
-        kwargs["scale"] = list(vol.voxel_size_nm)
-        kwargs["units"] = "nm"
-    if np.dtype(vol.dtype).name in LABEL_DTYPES:
+    if levels:
+        kwargs["multiscale"] = True
+    spatial = vol.voxel_size_nm[-3:] if vol.voxel_size_nm and vol.ndim == 4 else vol.voxel_size_nm
+    if spatial:
+        kwargs["scale"] = list(spatial)
+    if np.dtype(vol.dtype).name in LABEL_DTYPES and vol.ndim <= 3:
         return data, kwargs, "labels"
-    kwargs["contrast_limits"] = _contrast_limits(vol)
-    kwargs["colormap"] = "gray"
+    if vol.ndim == 4:
+        kwargs["channel_axis"] = 0
+        kwargs["contrast_limits"] = _contrast_limits(_Plane(vol))
+    else:
+        kwargs["contrast_limits"] = _contrast_limits(vol)
+        kwargs["colormap"] = "gray"
     return data, kwargs, "image"
+
+
+class _Plane:
+    """Channel 0 of a 4-D volume, for the contrast limits."""
+
+    def __init__(self, vol):
+        self.vol, self.ndim, self.dtype, self.shape = vol, 3, vol.dtype, vol.shape[1:]
+
+    def __getitem__(self, i):
+        return self.vol[0, i]
 
 
 def read_volume(path) -> list[LayerData]:

@@ -5,11 +5,19 @@ each file is completely written (its size and modification time unchanged for ``
 seconds, then it must open and decode), feeds its tiles to a :class:`~neuroadda_rt.QCMonitor`,
 prints alerts, and records every result in an SQLite database:
 
-* ``files``: one row per file (``ok`` or ``error`` with the reason), with the file sequence
-  number and the monitor's tile count after it;
+* ``files``: one row per file (``ok``, ``duplicate`` or ``error`` with the reason), with the file
+  sequence number, the monitor's tile count after it and the SHA-256 of its bytes and tiles;
 * ``tiles``: one row per tile (witness score, reference similarity, uncertainty, artefact
   p-value, flag, likely cause) and a small PNG thumbnail of every flagged tile;
-* ``windows``: one row per drift test (MMD², p-value, decision).
+* ``windows``: one row per drift test (novelty, MMD², thresholds, p-value, decision);
+* ``overviews``: each section holding flagged tiles, scaled down, the tiles outlined; ``examples``:
+  reference tiles shown beside them in the report.
+
+Files are keyed by content: a file that grows (a multi-page TIFF written page by page) is read again
+and only its new pages are fed; an overwritten file is processed again; the same bytes under a new
+name (a rename) are recorded as a duplicate, not fed twice. One watcher per database (a lock file with
+the watcher's pid; a stale lock is taken over); links leading out of the folder are ignored; the
+console gets one summary line per file.
 
 The monitor state is saved (atomically) before each file's rows are committed, keeping the
 previous state beside it, so a restart always finds the state that matches the database:

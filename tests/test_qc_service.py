@@ -377,6 +377,7 @@ def test_console_prints_one_line_per_file(setup, rng):
     per_file = [s for s in lines if s.split()[0] in ("ok", "grown", "rewritten")]
     assert len(per_file) == 2
     assert "4 flagged (black_region 4)" in per_file[0]
+    assert "next window 8/16 tiles" in per_file[0] and "window #0" in per_file[1]
     svc.close()
 
 

@@ -693,7 +693,8 @@ class QCMonitor:
     def summary(self) -> dict[str, Any]:
         """Aggregate counters over the whole stream."""
         with self._lock:
-            return {"n_tiles": self.n_tiles, "n_windows": self.n_windows, "n_drift_windows": self.n_drift_windows,
+            return {"n_tiles": self.n_tiles, "n_windows": self.n_windows, "window_fill": self._since_test,
+                    "n_drift_windows": self.n_drift_windows,
                     "n_flagged": self.n_flagged, "flag_counts": dict(self.flag_counts),
                     "sigma": self.sigma, "reference_size": len(self.ref), "detectors": self.detectors,
                     "statistic": self.statistic, "threshold": _or_none(self.threshold),

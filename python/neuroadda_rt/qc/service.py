@@ -429,6 +429,8 @@ class QCService:
         line += f", {rep.n_flagged} flagged" + (" (" + ", ".join(f"{k} {c}" for k, c in
                                                                  sorted(causes.items(), key=lambda kv: -kv[1]))
                                                 + ")" if causes else "")
+        if not rep.windows:  # say how far the next window is, so a window that never completes is visible
+            line += f"; next window {self.monitor.summary()['window_fill']}/{self.monitor.window} tiles"
         for w in rep.windows:
             if w.rule == "uncalibrated":
                 line += f"; window #{w.index} not tested"

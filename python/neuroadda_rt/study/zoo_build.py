@@ -1,7 +1,8 @@
 """Build a zoo of source models on a synthetic domain family (``neuroadda-rt zoo build``).
 
-The bundled default zoo (``neuroadda_rt/zoo/``) is the output of :func:`build_zoo` with its
-defaults (:data:`DEFAULT_ZOO`). The recipe, step by step:
+The bundled synthetic zoo (``neuroadda_rt/zoo_synthetic/``, :func:`neuroadda_rt.synthetic_zoo`) is the output
+of :func:`build_zoo` with its defaults (:data:`DEFAULT_ZOO`); the real-EM zoo (:func:`neuroadda_rt.default_zoo`)
+comes from :func:`neuroadda_rt.zoo_builder.build_zoo_from_datasets`. The recipe, step by step:
 
 1. :func:`neuroadda_rt.study.synthetic.domain_family` draws ``n_domains`` styles along a random tree
    (family seed ``seed``) and returns the tree in Newick.
@@ -724,5 +725,5 @@ def _checkpoint_step(ckpt_dir: Path) -> int | None:
 
 
 def zoo_size_bytes(root) -> int:
-    """Total size of the files under ``root`` (the bundled zoo must stay under 20 MB)."""
+    """Total size of the files under ``root`` (both bundled zoos together must stay under 40 MB)."""
     return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())

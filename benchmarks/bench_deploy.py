@@ -4,7 +4,8 @@
   cluster of 1 and of 2 workers) against a PyTorch eager sliding-window baseline written here
   (same network, same windows, overlap and cosine blending; channels-last, inference mode).
   Every output is compared with the baseline's.
-* Memory: peak RSS (``resource.getrusage``) of ``predict_volume`` in a fresh subprocess on a 1 GB
+* Memory: peak RSS (``VmHWM``; ``resource.getrusage`` is printed too, but Linux carries its
+  ``ru_maxrss`` over ``execve`` from the parent) of ``predict_volume`` in a fresh subprocess on a 1 GB
   and an 8 GB zarr volume created lazily (metadata only; unwritten chunks read as the fill
   value), computing the same first blocks of each (``max_blocks``): what could grow with the
   volume (the plan, the weight sums, the output metadata) is all there is between the two.
@@ -159,7 +160,9 @@ zarr.create_array(path, shape=shape, dtype="uint8", chunks=(1, 512, 512), fill_v
 vol = open_volume(path, allow_missing_chunks=True)
 r = predict_volume(model, vol, out, block_shape=block, halo=int(tile), scheduler="synchronous", threads=1,
                    progress=False, max_blocks=int(n))
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+print(json.dumps({"peak_rss_mb": hwm[0] / 1024 if hwm else None,
+                  "getrusage_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "blocks": r.blocks_computed, "n_blocks": r.n_blocks}))
 """
 
@@ -175,8 +178,12 @@ def test_memory_independent_of_volume_size(setup, tmp_path):
                             str(n)], capture_output=True, text=True, check=True)
         res[name] = json.loads(p.stdout.strip().splitlines()[-1])
         assert res[name]["blocks"] == n
-    a, b = res["1GB"]["peak_rss_mb"], res["8GB"]["peak_rss_mb"]
+    # VmHWM, the peak of this process image: Linux carries getrusage's ru_maxrss over execve, so in a
+    # child of a large process (pytest holding the volumes) it reports the parent's peak (both equal)
+    a, b = res["1GB"]["peak_rss_mb"] or res["1GB"]["getrusage_maxrss_mb"], \
+        res["8GB"]["peak_rss_mb"] or res["8GB"]["getrusage_maxrss_mb"]
     RESULTS["rss_1GB_mb"], RESULTS["rss_8GB_mb"] = a, b
+    RESULTS["getrusage_maxrss_mb"] = [v["getrusage_maxrss_mb"] for v in res.values()]
     RESULTS["rss_blocks"] = {k: v["n_blocks"] for k, v in res.items()}
     assert abs(b - a) / a < 0.2, res
 

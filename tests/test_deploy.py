@@ -306,3 +306,16 @@ def test_real_fibsem_volume(em_data, tmp_path):
     assert split + merge <= 0.05
     e = evaluate_volume(tmp_path / "s.zarr", gt, block_shape=(7, 40, 64))
     assert (e["vi_split"], e["vi_merge"]) == variation_of_information(seg, gt)
+
+
+def test_outputs_validate_as_ome_ngff(tmp_path, net2, vol):
+    """The probability and label images pass an independent OME-NGFF 0.4 validator (ome-zarr-models)."""
+    pytest.importorskip("ome_zarr_models", reason="ome-zarr-models (the [test] extra) validates OME-NGFF metadata")
+    import zarr
+    from ome_zarr_models.v04.image import Image
+    from neuroadda_rt.deploy import segment_volume
+    predict_volume(net2, vol[:2], tmp_path / "p.zarr", block_shape=(2, 100, 130), halo=32, **KW)
+    segment_volume(tmp_path / "p.zarr", tmp_path / "s.zarr", **KW)
+    for name, axes in (("p.zarr", ["c", "z", "y", "x"]), ("s.zarr", ["z", "y", "x"])):
+        img = Image.from_zarr(zarr.open_group(str(tmp_path / name), mode="r"))
+        assert [a.name for a in img.attributes.multiscales[0].axes] == axes

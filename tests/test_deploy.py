@@ -207,6 +207,8 @@ def test_segment_volume_from_predict_output(tmp_path, net2, vol):
     r = segment_volume(tmp_path / "p.zarr", tmp_path / "s.zarr", block_shape=(5, 50, 65), **KW)
     v = open_volume(tmp_path / "s.zarr")
     assert v.shape == vol.shape and v.dtype == np.uint64 and r.segments >= 1
+    again = segment_volume(tmp_path / "p.zarr", tmp_path / "s.zarr", block_shape=(5, 50, 65), **KW)
+    assert again.seconds == 0.0 and again.segments == r.segments  # finished: not redone
     with pytest.raises(InputValueError, match="--overwrite"):
         segment_volume(tmp_path / "p.zarr", tmp_path / "s.zarr", threshold=0.3, **KW)
 

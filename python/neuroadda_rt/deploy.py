@@ -945,8 +945,16 @@ def segment_volume(probs, out, *, threshold: float = 0.5, representation: str | 
     signature = {"format": _FORMAT + "/segment", "probs": {"path": getattr(vol, "path", None), "shape": list(shp)},
                  "threshold": float(threshold), "rep": rep, "block": list(block), "per_slice": bool(per_slice),
                  "method": method, "halo": None if halo is None else list(_tuple3(halo, "halo"))}
-    if _check_output(out, signature, overwrite):  # an unfinished segmentation: redo it (cheap next to predict)
-        shutil.rmtree(out)
+    if _check_output(out, signature, overwrite):
+        try:
+            done = json.loads((out / ".zattrs").read_text()).get("neuroadda_rt", {})
+        except (OSError, ValueError):
+            done = {}
+        if done.get("complete"):  # the same segmentation, finished: nothing to do
+            return SegmentResult(out=out, shape=spatial, n_blocks=len(grid), fragments=int(done["fragments"]),
+                                 segments=int(done["segments"]), face_merges=int(done["face_merges"]), seconds=0.0,
+                                 block_shape=block, threshold=float(threshold))
+        shutil.rmtree(out)  # an unfinished one: redo it (cheap next to the prediction)
     vs = getattr(vol, "voxel_size_nm", None)
     vs = tuple(vs[-3:]) if vs is not None else None
     chunks = tuple(_chunk_for(b) for b in block)

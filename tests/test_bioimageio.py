@@ -163,14 +163,12 @@ def test_bioimageio_core_reproduces_the_predictor(tmp_path, percentile_model):
         assert np.abs(arr - ref).max() < 1e-4, (fmt, np.abs(arr - ref).max())
 
 
-def test_3d_affinity_model_folder_validates(tmp_path, rng):
+def test_3d_affinity_model_folder_validates(tmp_path):
     pytest.importorskip("bioimageio.spec", reason="validation needs the bioimageio extra")
     import neuroadda_rt as nr
     from neuroadda_rt.bioimageio import validate_bioimageio
-    from neuroadda_rt.models import UNet
 
-    pkg = nr.save_model(UNet(dim=3, widths=(4, 8), head="affinities"), tmp_path / "aff3d",
-                        reference_features=rng.random((4, 8)).astype(np.float32), voxel_size_nm=(40, 4, 4))
+    pkg = nr.load_model(TINY.parent / "tiny_affinities_3d")  # tools/make_test_assets.py: a 3-D export takes a minute
     out = _export(tmp_path, pkg, "aff3d_bioimageio", tile_size=16, weights=("pytorch_state_dict", "onnx"))
     assert (out / "rdf.yaml").is_file() and not (out / "weights.torchscript.pt").exists()
     summary = validate_bioimageio(out / "rdf.yaml")

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Regenerate ``tests/assets/tiny_model/``: a tiny, deterministic model package (2-D boundary UNet,
-widths 4-8-16) so that tests and other engineers can load a model without training.
+widths 4-8-16) so that tests and other engineers can load a model without training; and
+``tests/assets/tiny_affinities_3d/`` (3-D affinity UNet, widths 4-8, random weights): exporting a 3-D network
+to ONNX takes 40-80 s on the 2-core VM, too long to redo in every test run that needs a 3-D package.
 
 The weights are a fixed random initialisation (not trained: the package exercises formats and
 runtimes, not segmentation quality) with BatchNorm statistics estimated on the reference tiles. Reference features are the
@@ -70,23 +72,50 @@ def build(dest: Path) -> None:
         extra={"generator": "tools/make_test_assets.py"}, overwrite=True)
 
 
+OUT_3D = ROOT / "tests" / "assets" / "tiny_affinities_3d"
+
+
+def build_affinities_3d(dest: Path) -> None:
+    import torch
+
+    import neuroadda_rt
+    from neuroadda_rt.models import UNet
+
+    torch.manual_seed(20261202)
+    net = UNet(dim=3, widths=(4, 8), head="affinities").eval()
+    ref = np.random.default_rng(1).random((4, 8)).astype(np.float32)
+    neuroadda_rt.save_model(
+        net, dest, name="tiny-affinities-3d", organism="synthetic", tissue="neuropil", modality="synthetic-FIB-SEM",
+        voxel_size_nm=(40.0, 4.0, 4.0), normalization={"rule": "dtype"},
+        training={"data": "untrained test asset (random weights and BatchNorm statistics)", "n_samples": 0},
+        metrics={}, reference_features=ref, pooling="mean", reference_info={"source": "uniform random features"},
+        extra={"generator": "tools/make_test_assets.py"}, overwrite=True)
+
+
+ASSETS = {OUT: build, OUT_3D: build_affinities_3d}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare with the committed asset instead of writing")
     args = ap.parse_args(argv)
     if not args.check:
-        build(OUT)
-        size = sum(f.stat().st_size for f in OUT.iterdir())
-        print(f"wrote {OUT} ({size / 1024:.0f} KiB)")
+        for out, make in ASSETS.items():
+            make(out)
+            size = sum(f.stat().st_size for f in out.iterdir())
+            print(f"wrote {out} ({size / 1024:.0f} KiB)")
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp) / "tiny_model")
-        new = json.loads((Path(tmp) / "tiny_model" / "model.json").read_text())["files"]
-        old = json.loads((OUT / "model.json").read_text())["files"]
-        same = new == old and filecmp.cmp(Path(tmp) / "tiny_model" / "model.json", OUT / "model.json", shallow=False)
-        diff = sorted(k for k in new if new[k] != old.get(k))
-        print("asset up to date" if same else f"asset differs: {diff or ['model.json']}")
-        return 0 if same else 1
+    status = 0
+    for out, make in ASSETS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            make(Path(tmp) / out.name)
+            new = json.loads((Path(tmp) / out.name / "model.json").read_text())["files"]
+            old = json.loads((out / "model.json").read_text())["files"]
+            same = new == old and filecmp.cmp(Path(tmp) / out.name / "model.json", out / "model.json", shallow=False)
+            diff = sorted(k for k in new if new[k] != old.get(k))
+            print(f"{out.name}: " + ("asset up to date" if same else f"asset differs: {diff or ['model.json']}"))
+            status |= 0 if same else 1
+    return status
 
 
 if __name__ == "__main__":

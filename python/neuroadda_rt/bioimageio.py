@@ -428,7 +428,9 @@ def export_bioimageio(model, out, *, sample=None, tile_size: int | None = None, 
             "preprocessing": preprocessing_for_rule(rule, axes_sp, in_dtype),
         }],
         "outputs": [{
-            "id": "probabilities", "description": out_desc[:128],
+            "id": "probabilities", "description": (out_desc if pkg.representation == "boundary" else
+                                                    "sigmoid affinity of each voxel to its previous neighbour along "
+                                                    + "/".join(axes_sp) + " (one channel per axis)")[:128],
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": channels}, *space_axes("out")],
             "test_tensor": {"source": "test_output.npy"}, "sample_tensor": {"source": "sample_output.tif"},
             "data": {"type": "float32", "range": [0.0, 1.0]},

@@ -520,7 +520,9 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
         Output dtype (uint8: probability * 255, rounded; float32 for exact comparisons).
     scheduler : None, "synchronous", "threads", "processes" or "tcp://host:port"
         ``None``: a local Dask cluster of ``workers`` processes (default: one per core), or this
-        process when ``distributed`` is not installed; an address uses an existing cluster.
+        process when ``distributed`` is not installed; an address uses an existing cluster. The
+        local cluster spawns its workers, so a script that starts it needs the usual
+        ``if __name__ == "__main__":`` guard.
     workers : int, optional
         Workers of the local cluster (each gets ``cores // workers`` inference threads).
     overwrite : bool

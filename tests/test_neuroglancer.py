@@ -116,3 +116,27 @@ def test_report_prints_the_run_view(run_dir):
     for name in ("probabilities", "segmentation"):
         shutil.rmtree(run_dir / f"{name}.zarr")
     assert _neuroglancer(run_dir) is None  # nothing viewable: no line at all
+
+
+def test_predict_prints_the_view_of_input_and_probabilities(tmp_path, rng, capsys):
+    from pathlib import Path
+
+    from neuroadda_rt.cli import main
+    from neuroadda_rt.io import write_volume
+
+    tiny = Path(__file__).resolve().parent / "assets" / "tiny_model"
+    vol = rng.integers(0, 255, (2, 48, 40)).astype(np.uint8)
+    write_volume(tmp_path / "in.zarr", vol, voxel_size_nm=(30, 4, 4))
+    common = ["--scheduler", "synchronous", "--no-progress"]
+    assert main(["predict", str(tiny), str(tmp_path / "in.zarr"), "--out", str(tmp_path / "p.zarr"), "--json",
+                 *common]) == 0
+    ng = json.loads(capsys.readouterr().out)["neuroglancer"]
+    assert ng["root"] == str(tmp_path.resolve()) and ng["notes"] == []
+    state = json.loads(urllib.parse.unquote(ng["url"].partition("#!")[2]))
+    assert [(ly["name"], ly["type"]) for ly in state["layers"]] == [("raw", "image"), ("probabilities", "image")]
+    assert state["layers"][1]["source"] == "zarr://http://127.0.0.1:8000/p.zarr"  # OME-Zarr: axes from its metadata
+    write_volume(f"{tmp_path / 'in.h5'}:raw", vol)
+    assert main(["predict", str(tiny), str(tmp_path / "in.h5"), "--key", "raw", "--out", str(tmp_path / "q.zarr"),
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "python -m neuroadda_rt.neuroglancer" in out and "left out: raw" in out and "#!" in out

@@ -60,10 +60,26 @@ def run(args) -> int:
                        overlap=args.overlap, backend=args.backend, device=args.device, precision=args.precision,
                        dtype=args.dtype, scheduler=args.scheduler, workers=args.workers, overwrite=args.overwrite,
                        progress=not args.no_progress)
+    ng = _neuroglancer(args, r.out)
     if args.json:
-        print_json(r.to_dict())
+        print_json(r.to_dict() | {"neuroglancer": ng})
         return 0
     print(f"{r.out}: {r.shape} {r.dtype} probabilities; {r.blocks_computed} of {r.n_blocks} blocks computed "
           f"({r.blocks_skipped} done before), {r.windows} windows in {r.seconds:.1f} s "
           f"({r.voxels_per_s / 1e6:.2f} Mvoxel/s, {r.backend} {r.precision} on {r.device})")
+    if ng is not None:
+        print(ng["text"])
     return 0
+
+
+def _neuroglancer(args, out) -> dict | None:
+    """The neuroglancer view of the input volume and the probabilities (issue 20), served from their common
+    folder; an input neuroglancer cannot read (HDF5, TIFF) is named as left out. None if nothing is viewable."""
+    from ..neuroglancer import neuroglancer_link, neuroglancer_state, neuroglancer_url
+
+    raw = f"{args.volume}:{args.key}" if args.key else args.volume
+    state = neuroglancer_state(raw, out)
+    if not state["layers"]:
+        return None
+    return {"url": neuroglancer_url(state), "root": state["_root"], "notes": state["_notes"],
+            "text": neuroglancer_link(raw, out)}

@@ -24,9 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 import neuroadda_rt as nr
+import numpy as np
 from neuroadda_rt import _atomic
 from neuroadda_rt._digest import json_sha256
 from neuroadda_rt.datasets import Dataset, resolve_data_root
@@ -99,12 +98,13 @@ def sources_for(target: str) -> dict[str, object]:
 # --------------------------------------------------------------------------------------------
 # ranking and runs
 # --------------------------------------------------------------------------------------------
-def ranking(tgt: dict, out: Path, device: str) -> list[dict]:
-    """``rank_sources`` of the other zoo packages on the annotation pool (cached per target)."""
-    path = out / "rankings" / f"{tgt['name']}.json"
+def ranking(tgt: dict, out: Path, device: str, only=None) -> list[dict]:
+    """``rank_sources`` of the other zoo packages (``only`` these, for reduced runs) on the annotation pool
+    (cached per target and source set)."""
+    srcs = {k: v for k, v in sources_for(tgt["name"]).items() if only is None or k in only}
+    path = out / "rankings" / f"{tgt['name']}__{json_sha256(sorted(srcs))[:8]}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))["entries"]
-    srcs = sources_for(tgt["name"])
     r = nr.rank_sources(tgt["pool_img"], list(srcs.values()), tile_size=tgt["tile"], seed=0, cache_dir=False,
                         device=device, target_voxel_size_nm=tgt["voxel_size_nm"])
     entries = [{"source": e.name, "rank": i + 1, "mmd2": float(e.mmd2), "p_value": float(e.p_value)}
@@ -124,7 +124,7 @@ def _score(model, tgt: dict, device: str) -> dict:
 def _train_scratch(tgt, selector, tiles, labels, chosen, *, seed, args, work: Path) -> tuple[object, list[dict]]:
     """Scratch to convergence (§5.1): chunks of training, VI on validation tiles after each, early stopping."""
     vimg, vlab, _ = validation_tiles(tgt, chosen)
-    kw = dict(lr=3e-4, batch_size=8, patch_size=tgt["tile"], device=args.device, overwrite=True)
+    kw = {"lr": 3e-4, "batch_size": 8, "patch_size": tgt["tile"], "device": args.device, "overwrite": True}
     curve, best, best_vi, since, prev = [], None, math.inf, 0, None
     for k in range(max(1, args.scratch_max // args.scratch_chunk)):
         dest = work / f"chunk{k}"
@@ -224,7 +224,7 @@ def friedman(g) -> dict:
     if len(vals) < 3:
         return {"statistic": None, "p_value": None, "reason": f"{len(vals)} sources: the test needs >= 3"}
     res = friedmanchisquare(*vals.values())
-    return {"statistic": float(res.statistic), "p_value": float(res.pvalue), "n_blocks": int(len(next(iter(vals.values())))),
+    return {"statistic": float(res.statistic), "p_value": float(res.pvalue), "n_blocks": len(next(iter(vals.values()))),
             "sources_differ": bool(res.pvalue < ALPHA)}
 
 
@@ -237,7 +237,7 @@ def per_target(g) -> dict:
     seed_sd = float(np.sqrt(var.mean())) if var.notna().all() and len(var) else float("nan")
     top = mean["rank"].idxmin()
     regret = float(mean.vi[top] - mean.vi.min())
-    return {"n_sources": int(len(mean)), "n_seeds": int(src.seed.nunique()), "spearman_rho": _spearman(mean["rank"], mean.vi),
+    return {"n_sources": len(mean), "n_seeds": int(src.seed.nunique()), "spearman_rho": _spearman(mean["rank"], mean.vi),
             "spearman_rho_per_seed": per_seed,
             "spearman_rho_seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan"),
             "top_ranked": str(top), "best": str(mean.vi.idxmin()),
@@ -339,9 +339,7 @@ def main(argv=None) -> int:
             runs = [r for r in runs if r["init"] in args.sources or r["init"] == "scratch"]
         for t in args.targets:
             tgt = load_target(t, root, n_test=args.n_test)
-            ranks = ranking(tgt, args.out, args.device)
-            if args.sources is not None:  # rank among the kept sources only
-                ranks = [dict(e, rank=i + 1) for i, e in enumerate(e for e in ranks if e["source"] in args.sources)]
+            ranks = ranking(tgt, args.out, args.device, args.sources)
             mine = [r for r in runs if r["target"] == t]
             for i, r in enumerate(mine):
                 print(f"[{time.strftime('%H:%M:%S')}] {t} {i + 1}/{len(mine)}: {r['init']} n={r['n']} seed={r['seed']}",

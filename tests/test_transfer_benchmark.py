@@ -80,6 +80,7 @@ def test_test_tiles_are_far_from_every_annotatable_tile(em_data):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow  # two trainings, each exporting its package to ONNX: ~40 s unloaded on 2 cores
 def test_ci_size_run_on_a_real_target(tmp_path, em_data, monkeypatch):
     monkeypatch.setenv("NEUROADDA_DATA", str(em_data))
     out = tmp_path / "bench"

@@ -28,7 +28,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import uuid
@@ -39,6 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _atomic
+from ._dask import dask_client, local_workers
 from ._digest import arrays_sha256, file_sha256
 from .errors import BackendUnavailableError, FormatError, InputValueError, ShapeError, require
 from .io import Volume, open_volume
@@ -368,19 +368,7 @@ def _run_graph(fn: Callable, args: tuple, items: Sequence, deps: Callable, *, sc
                 bar.update(len(items))
             return list(res)
         distributed = require("distributed", "dask")
-        quiet = {n: logging.getLogger(n).level for n in list(logging.root.manager.loggerDict)
-                 if n == "distributed" or n.startswith("distributed.")}
-        for n in quiet:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        cluster = client = None
-        try:
-            if scheduler == "local":
-                n = workers or _cores()
-                cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                                   dashboard_address=":0", silence_logs=logging.ERROR)
-                client = distributed.Client(cluster)
-            else:
-                client = distributed.Client(scheduler)
+        with dask_client(scheduler, workers) as client:
             [a_future] = client.scatter([args], broadcast=True)
             futs: dict = {}
             for it in items:
@@ -393,13 +381,6 @@ def _run_graph(fn: Callable, args: tuple, items: Sequence, deps: Callable, *, sc
                 if bar is not None:
                     bar.update(1)
             return [futs[it].result() for it in items]
-        finally:
-            if client is not None:
-                client.close()
-            if cluster is not None:
-                cluster.close()
-            for n, lvl in quiet.items():
-                logging.getLogger(n).setLevel(lvl)
     finally:
         if bar is not None:
             bar.close()
@@ -410,10 +391,7 @@ def _call_packed(fn, args, item, *deps):
 
 
 def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return local_workers(None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 import traceback
@@ -45,6 +44,7 @@ import numpy as np
 from ... import _atomic
 from ..._digest import json_sha256
 from ...atlas import Atlas, compare_to_phylogeny
+from ..._dask import dask_client
 from ...errors import InputValueError, require
 from ...evaluation import METRICS, evaluate
 from ...models import UNet
@@ -344,21 +344,7 @@ def _run_tasks(fn: Callable, items: Sequence, *, scheduler, workers: int | None,
         return results, failures
 
     distributed = require("distributed", "dask")
-    # Dask's cluster chatter (workers starting, nannies closing) is not the user's business.
-    quiet = {name: logging.getLogger(name).level for name in list(logging.root.manager.loggerDict)
-             if name == "distributed" or name.startswith("distributed.")}
-    for name in quiet:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    own_cluster = None
-    client = None
-    try:
-        if scheduler in (None, "local", "distributed"):
-            n = workers or max(1, (os.cpu_count() or 2))
-            own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                                   dashboard_address=":0", silence_logs=logging.ERROR)
-            client = distributed.Client(own_cluster)
-        else:
-            client = distributed.Client(str(scheduler))
+    with dask_client(scheduler, workers) as client:
         futures = client.map(guarded, list(items), pure=False)
         bar = None
         if progress:
@@ -375,13 +361,6 @@ def _run_tasks(fn: Callable, items: Sequence, *, scheduler, workers: int | None,
                 bar.update(1)
         if bar is not None:
             bar.close()
-    finally:
-        if client is not None:
-            client.close()
-        if own_cluster is not None:
-            own_cluster.close()
-        for name, level in quiet.items():
-            logging.getLogger(name).setLevel(level)
     return results, failures
 
 

@@ -262,7 +262,8 @@ def report(out: Path, *, reduced: bool) -> dict:
         base = summarize(gn)  # the study runner's ρ (per target, pooled) and VI reduction vs scratch
         summary["by_n"][int(n)] = {"pooled_spearman_rho": base.get("spearman", {}).get("pooled"),
                                    "vi_reduction_vs_scratch": base.get("vi_reduction_vs_scratch", {}),
-                                   "per_target": {t: per_target(g) for t, g in gn.groupby("target")}}
+                                   "per_target": {t: per_target(g) for t, g in gn.groupby("target")
+                                                  if (g.init_kind == "source").any()}}
     summary["as_is"] = {t: {r.init: float(r.vi_total) for r in g.itertuples()}
                         for t, g in table[table.n == 0].groupby("target")}
     summary["scratch_curves"] = {r.run_id: r.scratch_curve for r in table[table.init_kind == "scratch"].itertuples()}

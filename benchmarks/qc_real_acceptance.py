@@ -117,6 +117,18 @@ def band_tiles(sections: np.ndarray) -> np.ndarray:
     return np.repeat(frac >= BAND_TILE_FRACTION, gw, axis=1).reshape(-1)
 
 
+def padding_column_tiles(sections: np.ndarray) -> np.ndarray:
+    """Per 64x64 tile: True when a whole column of the tile lies in a black padding column of its
+    section (column mean < 2). Not part of the fixed protocol: the DVID stack also has black padding
+    columns 1-10 px wide at the left edge of 47 sections the row rule calls clean (seen in the
+    flagged tiles after the run), reported separately."""
+    cols = sections.astype(np.float64).mean(axis=1) < BAND_ROW_MEAN  # (n, W)
+    n, h, w = sections.shape
+    gh, gw = h // TILE, w // TILE
+    per = cols[:, :gw * TILE].reshape(n, gw, TILE).any(axis=2)  # (n, gw)
+    return np.repeat(per[:, None, :], gh, axis=1).reshape(-1)
+
+
 def prepare(root: Path) -> dict[str, dict]:
     """Acquisitions cut into reference and stream tiles, with section ids and clean masks."""
     out = {}
@@ -128,7 +140,7 @@ def prepare(root: Path) -> dict[str, dict]:
         band = band_tiles(secs) if name == "dvid" else np.zeros(len(tiles), bool)
         ref = sec < k
         out[name] = {"set": a["set"], "tiles": tiles, "section": sec, "ref": ref, "k": k, "n_sections": len(secs),
-                     "clean": clean_sec[sec], "band": band}
+                     "clean": clean_sec[sec], "band": band, "padcol": padding_column_tiles(secs)}
         log(f"{name}: {len(secs)} sections {secs.shape[1:]}, K={k}, {ref.sum()} reference / {(~ref).sum()} "
             f"stream tiles, {band.sum()} band tiles")
     return out
@@ -285,6 +297,9 @@ def false_alarms(enc, data):
                       "threshold": mon.threshold, "calibration_windows": int(len(mon._cal)),
                       "clean_tiles": int(clean.sum()), "clean_flagged": int(rep.flags[clean].sum()),
                       "flag_kinds_clean": _count([k for k, c in zip(rep.kinds, clean) if c and k])}
+        nopad = clean & ~a["padcol"][st]
+        rows[name]["clean_nopad_tiles"] = int(nopad.sum())
+        rows[name]["clean_nopad_flagged"] = int(rep.flags[nopad].sum())
         if band.any():
             kinds = [k for k, b in zip(rep.kinds, band) if b and k]
             rows[name]["band_tiles"] = int(band.sum())
@@ -375,7 +390,16 @@ def _stream_windows(feats):
 
 def monitor_detector(statistic):
     def run(acq, stream_tiles, enc):
-        mon, _ = monitor_for(enc, acq, statistic=statistic)
+        import warnings
+
+        from neuroadda_rt import QCMonitor
+        from neuroadda_rt.qc import QCCalibrationWarning
+
+        # the reference as features: the same drift calibration without the artefact descriptors (faster)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", QCCalibrationWarning)
+            mon = QCMonitor(enc, features_of(enc, acq["tiles"][acq["ref"]]), window=WINDOW, alpha=ALPHA,
+                            reference_groups=acq["section"][acq["ref"]], statistic=statistic)
         if mon.drift_note:
             return None
         return [w.drift for w in mon.update(stream_tiles, timestamp=0.0).windows]
@@ -441,6 +465,7 @@ def compare(enc, data, detectors: dict, pair_windows: int | None = None):
             n, k = sum(wc), sum(x for x, c in zip(alarms, wc) if c)
             per[name] = (k, n)
             fa_n, fa_k = fa_n + n, fa_k + k
+            log(f"  {label} {name}: {k}/{n} clean windows alarmed ({time.perf_counter() - t0:.0f} s)")
         pairs = {}
         for sa in SETS:
             for sb in SETS:
@@ -610,7 +635,7 @@ def render(r) -> str:
     if "fa" in r:
         out += ["| acquisition | drift calibrated | clean windows: alarms | band windows: alarms | clean tiles: flagged "
                 "(causes) | band tiles: flagged (causes) |", "|---|---|---|---|---|---|"]
-        tk = tn = fk = fn = bk = bn = 0
+        tk = tn = fk = fn = bk = bn = pk = pn = 0
         for name, v in r["fa"].items():
             tested = "yes" if v["tested"] else f"no ({v['calibration_windows']} calibration windows)"
             wa = _rate(v["alarms_clean"], v["windows_clean"]) if v["tested"] else "not tested"
@@ -620,10 +645,13 @@ def render(r) -> str:
             if v["tested"]:
                 tk, tn = tk + v["alarms_clean"], tn + v["windows_clean"]
             fk, fn = fk + v["clean_flagged"], fn + v["clean_tiles"]
+            pk, pn = pk + v.get("clean_nopad_flagged", 0), pn + v.get("clean_nopad_tiles", 0)
             bk, bn = bk + v.get("band_flagged", 0), bn + v.get("band_tiles", 0)
         out += ["", f"- false drift alarms per clean window, pooled over the tested streams: {_rate(tk, tn)} "
                 f"(target <= {2 * ALPHA})",
                 f"- artefact flags on clean real tiles: {_rate(fk, fn)} (target <= 0.02)",
+                f"- (post hoc, not the protocol's number) the same without the DVID tiles that hold black padding "
+                f"columns: {_rate(pk, pn)}",
                 f"- DVID black-band tiles flagged: {_rate(bk, bn)} (target >= 0.9)", ""]
     if "pairs" in r:
         out += ["| reference set -> switched to | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]

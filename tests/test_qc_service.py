@@ -439,3 +439,38 @@ def test_report_outlines_flagged_tiles_in_their_section(setup, rng, tmp_path):
     svc.close()
     page = write_report(svc.db_path, tmp_path / "r.html").read_text()
     assert "outlined in red" in page
+
+
+def test_cli_watch_defaults_to_the_model_reference_tile_size(tmp_path, rng, monkeypatch, capsys):
+    # Issue 15: qc needed --tile-size by hand; it now takes a package's reference tile size (64 for the tiny
+    # asset), fitted to smaller sections with a note. A .npy reference of cut tiles keeps its tiles.
+    import tifffile
+
+    from neuroadda_rt.cli import main
+
+    seen = {}
+
+    class FakeService:
+        def __init__(self, folder, factory, model, **kw):
+            seen["tile_size"] = kw["tile_size"]
+            raise SystemExit(0)
+
+    monkeypatch.setattr("neuroadda_rt.qc.QCService", FakeService)
+    (tmp_path / "acq").mkdir()
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(2):
+        tifffile.imwrite(ref / f"s{i}.tif", rng.integers(0, 255, (130, 140), dtype=np.uint8))
+    with pytest.raises(SystemExit):
+        main(["qc", "watch", str(tmp_path / "acq"), "--model", str(ASSETS), "--reference", str(ref)])
+    assert seen["tile_size"] == 64
+    small = tmp_path / "small"
+    small.mkdir()
+    tifffile.imwrite(small / "s0.tif", rng.integers(0, 255, (40, 50), dtype=np.uint8))
+    with pytest.raises(SystemExit):
+        main(["qc", "watch", str(tmp_path / "acq"), "--model", str(ASSETS), "--reference", str(small)])
+    assert seen["tile_size"] == 32 and "using 32 px tiles" in capsys.readouterr().err
+    np.save(tmp_path / "ref.npy", rng.integers(0, 255, (8, 32, 32), dtype=np.uint8))
+    with pytest.raises(SystemExit):
+        main(["qc", "watch", str(tmp_path / "acq"), "--model", str(ASSETS), "--reference", str(tmp_path / "ref.npy")])
+    assert seen["tile_size"] is None

@@ -8,6 +8,7 @@ that survives restarts. ``neuroadda-rt qc report --db DB --out report.html`` ren
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -26,7 +27,9 @@ def register(subparsers) -> None:
     w.add_argument("--db", type=Path, default=None,
                    help="SQLite database (default: <folder>.qc.sqlite beside the folder)")
     w.add_argument("--once", action="store_true", help="process the files present now, then exit")
-    w.add_argument("--tile-size", type=int, default=None, help="cut images into tiles of this size")
+    w.add_argument("--tile-size", type=int, default=None,
+                   help="cut images into tiles of this size (default: a model package's reference tile size, "
+                        "unless the reference is a .npy of tiles)")
     w.add_argument("--window", type=int, default=256, help="tiles per drift test (default 256)")
     w.add_argument("--alpha", type=float, default=0.01,
                    help="false-alarm rate per window the drift threshold is calibrated for (default 0.01)")
@@ -63,6 +66,15 @@ def run_watch(args) -> int:
     from ..qc.monitor import _refuse_full_network
 
     _refuse_full_network(Path(args.model))  # before the runtime's less specific "no backend can run this model"
+    if args.tile_size is None and Path(args.model).is_dir() and args.reference.suffix != ".npy":
+        # like rank/select/evaluate: the tile the package's reference features were computed on, fitted to
+        # sections smaller than it (a .npy reference holds tiles already cut, and keeps them as they are)
+        from .._sources import fit_tile_size, reference_tile_size
+
+        sections, _ = read_sections(args.reference)
+        args.tile_size, note = fit_tile_size(sections, reference_tile_size(Path(args.model)))
+        print(f"qc: tiles of {args.tile_size} px (the model's reference tile size; --tile-size to change)"
+              + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
     model = FeatureExtractor(args.model, backend=args.backend)
     uncertainty = None
     if args.uncertainty:

@@ -294,6 +294,8 @@ def test_no_command_is_a_usage_error(capsys):
     assert main([]) == 2
     captured = capsys.readouterr()
     assert "usage: neuroadda-rt" in captured.err and captured.out == ""
+    assert [ln for ln in captured.err.splitlines() if "error:" in ln] == [
+        "neuroadda-rt: error: expected a COMMAND (try `neuroadda-rt demo`, or --help for the list)"]
 
 
 def test_select_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):

@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="neuroadda-rt: %(message)s")
     if getattr(args, "func", None) is None:
-        parser.print_help(sys.stderr)
-        return 2  # a usage error, like argparse's own
+        # a usage error, like argparse's own: the usage, then one error line
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: expected a COMMAND (try `{parser.prog} demo`, or --help for the list)",
+              file=sys.stderr)
+        return 2
     try:
         result = args.func(args)
     except KeyboardInterrupt:

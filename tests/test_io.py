@@ -48,8 +48,11 @@ def test_roundtrip_formats(tmp_path, vol, name):
         assert v.voxel_size_nm == pytest.approx((40, 4, 4))
     if name == "v3.zarr":
         assert json.loads((tmp_path / name / "zarr.json").read_text())["zarr_format"] == 3
-    if name == "v2.zarr":
-        assert (tmp_path / name / ".zarray").exists()
+    if name == "v2.zarr":  # issue 20: an unkeyed .zarr is an OME-Zarr image (NGFF 0.4), level 0 a zarr v2 array
+        ms = json.loads((tmp_path / name / ".zattrs").read_text())["multiscales"][0]
+        assert [ax["name"] for ax in ms["axes"]] == ["z", "y", "x"]
+        assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [40, 4, 4]
+        assert (tmp_path / name / "0" / ".zarray").exists()
 
 
 def test_lazy_reads_only_the_box(tmp_path, vol):
@@ -597,7 +600,7 @@ def test_written_zarr_volumes_keep_their_all_fill_chunks(tmp_path):
     a = np.zeros((4, 16, 16), np.uint8)
     a[0, :8, :8] = 7
     write_volume(tmp_path / "w.zarr", a, chunks=(2, 8, 8))
-    n_chunks = sum(1 for p in (tmp_path / "w.zarr").rglob("*") if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs"))
+    n_chunks = sum(1 for p in (tmp_path / "w.zarr").rglob("*") if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs", ".zgroup"))
     assert n_chunks == 2 * 2 * 2
     np.testing.assert_array_equal(open_volume(tmp_path / "w.zarr")[:], a)
 
@@ -652,5 +655,10 @@ def test_ome_zarr_writer(tmp_path):
         create_ome_zarr(tmp_path / "p.zarr", (2, 2), "uint8", axes="yx")
     with pytest.raises(ShapeError, match="axis names"):
         create_ome_zarr(tmp_path / "q.zarr", (2, 2, 2), "uint8", axes="cyy")
-    write_volume(tmp_path / "old.zarr", a, voxel_size_nm=(30, 4, 5))  # the old attribute, no OME metadata
+    import zarr  # a file as write_volume wrote it before issue 20: the old attribute, no OME metadata
+
+    old = zarr.create_array(str(tmp_path / "old.zarr"), shape=a.shape, dtype=a.dtype, zarr_format=2)
+    old[...] = a
+    old.attrs["voxel_size_nm"] = [30, 4, 5]
     assert open_volume(tmp_path / "old.zarr").voxel_size_nm == (30, 4, 5)
+    assert np.array_equal(open_volume(tmp_path / "old.zarr")[...], a)

@@ -22,8 +22,14 @@ def run_dir(tmp_path, rng):
     from neuroadda_rt.io import write_volume
     from neuroadda_rt.io.writers import write_ome_zarr
 
+    import zarr
+
     raw = rng.integers(0, 255, (4, 32, 48)).astype(np.uint8)
-    write_volume(tmp_path / "raw.zarr", raw, voxel_size_nm=(40, 4, 4))
+    # a plain zarr array with the old voxel_size_nm attribute (write_volume now writes OME-Zarr)
+    plain = zarr.create_array(str(tmp_path / "raw.zarr"), shape=raw.shape, dtype=raw.dtype, zarr_format=2)
+    plain[...] = raw
+    plain.attrs["voxel_size_nm"] = [40, 4, 4]
+    write_volume(tmp_path / "ome_raw.zarr", raw, voxel_size_nm=(40, 4, 4))
     write_ome_zarr(tmp_path / "out" / "probabilities.zarr", rng.random((1, 4, 32, 48)).astype(np.float16), axes="czyx",
                    voxel_size_nm=(40, 4, 4))
     write_ome_zarr(tmp_path / "out" / "segmentation.zarr", rng.integers(0, 5, (4, 32, 48)).astype(np.uint64),
@@ -47,6 +53,9 @@ def test_state_has_the_three_layers_with_sources_under_the_served_root(run_dir):
     # OME-Zarr carries its own axes and scales: the bare source
     assert by["probabilities"]["source"] == "zarr://http://127.0.0.1:8123/out/probabilities.zarr"
     assert by["segmentation"]["source"] == "zarr://http://127.0.0.1:8123/out/segmentation.zarr"
+    # issue 20: what write_volume writes is OME-Zarr, so neuroglancer reads its axes and scale itself
+    s2 = neuroglancer_state(run_dir / "ome_raw.zarr", base_url="http://127.0.0.1:8123")
+    assert s2["layers"][0]["source"] == "zarr://http://127.0.0.1:8123/ome_raw.zarr"
     url = neuroglancer_url(s)
     viewer, _, frag = url.partition("#!")
     assert viewer == "https://neuroglancer-demo.appspot.com/"

@@ -108,8 +108,9 @@ def write_volume(path, array, *, key: str | None = None, voxel_size_nm=None, chu
     key : str, optional
         Dataset name in a container (default ``"data"``).
     voxel_size_nm : sequence of float, optional
-        Stored as ``voxel_size_nm`` attribute (HDF5/zarr), ``resolution`` (N5) or ImageJ
-        metadata (TIFF), so that :func:`open_volume` reports it.
+        Stored as ``voxel_size_nm`` attribute (HDF5, a keyed zarr array), OME-NGFF scale (a ``.zarr``
+        without a key is written as an OME-Zarr image, :func:`write_ome_zarr`), ``resolution`` (N5) or
+        ImageJ metadata (TIFF), so that :func:`open_volume` reports it.
     chunks : tuple of int, optional
         Chunk shape for HDF5/zarr/N5.
     zarr_format : {2, 3}
@@ -138,6 +139,10 @@ def write_volume(path, array, *, key: str | None = None, voxel_size_nm=None, chu
             ds = f.create_dataset(key or "data", data=a, chunks=chunks if chunks else (True if a.size > 1 else None))
             if vs is not None:
                 ds.attrs["voxel_size_nm"] = vs
+    elif suf == ".zarr" and key is None and zarr_format == 2 and 2 <= a.ndim <= 5:
+        # OME-NGFF, so that napari and neuroglancer read the voxel size and axes (a custom attribute they
+        # ignore was written before; open_volume still reads those files)
+        write_ome_zarr(path, a, voxel_size_nm=vs, chunks=chunks)
     elif suf == ".zarr":
         zarr = require("zarr", "io")
         tmp = _atomic.temp_dir_beside(path)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError, InputValueError
+from .io.volumes import ome_multiscales
 
 __all__ = ["neuroglancer_state", "neuroglancer_url", "neuroglancer_link", "serve", "DEFAULT_VIEWER",
            "DEFAULT_BASE_URL"]
@@ -58,19 +59,8 @@ def _kind(path: Path) -> str | None:
 
 def _ome_axes(path: Path, key: str | None) -> list[dict] | None:
     """The OME-NGFF axes of a zarr group (v2 ``.zattrs`` or v3 ``zarr.json`` attributes), if it is one."""
-    group = path
-    for name in (".zattrs", "zarr.json"):
-        f = group / name
-        if f.is_file():
-            try:
-                attrs = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return None
-            attrs = attrs.get("attributes", attrs)
-            ms = (attrs.get("ome") or attrs).get("multiscales")
-            if ms and key is None:
-                return ms[0].get("axes")
-    return None
+    ms = ome_multiscales(path) if key is None else None
+    return ms[0].get("axes") if ms else None
 
 
 def _layer(path, role: str, root: Path, base_url: str, voxel_size_nm) -> tuple[dict | None, str | None]:

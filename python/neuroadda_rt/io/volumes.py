@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import FormatError, InputValueError, MissingChunksWarning, ShapeError, require
 from .images import IMAGE_SUFFIXES, TIFF_SUFFIXES, image_dtype, read_image_2d, read_image_stack
 
-__all__ = ["Volume", "open_volume", "natural_sort_key", "load_npy", "read_npy_header"]
+__all__ = ["Volume", "open_volume", "natural_sort_key", "load_npy", "read_npy_header", "ome_multiscales"]
 
 log = logging.getLogger("neuroadda_rt")
 
@@ -558,6 +558,24 @@ def _open_h5(path: Path, key):
         f.close()
         raise FormatError(f"{path}: dataset {key!r} is unreadable (truncated file?): {exc}") from exc
     return Volume(_H5Backend(f, ds), path=path, key=key)
+
+
+def ome_multiscales(path) -> list | None:
+    """The OME-NGFF ``multiscales`` list of a zarr group folder (v2 ``.zattrs`` or v3 ``zarr.json``
+    attributes, NGFF 0.4 or 0.5 layout), read from its metadata file alone; None when it is not one."""
+    p = Path(path)
+    for name in (".zattrs", "zarr.json"):
+        f = p / name
+        if f.is_file():
+            try:
+                attrs = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            attrs = attrs.get("attributes", attrs)
+            ms = (attrs.get("ome") or attrs).get("multiscales")
+            if ms:
+                return ms
+    return None
 
 
 def _ome_level(group, key, path):

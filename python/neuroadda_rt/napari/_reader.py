@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import FormatError, NeuroaddaError
 from ..io import open_volume
+from ..io.volumes import ome_multiscales
 from ..workflow import ANNOTATION_FORMAT
 
 log = logging.getLogger("neuroadda_rt")
@@ -84,16 +85,7 @@ def _lazy(vol):
 
 def _ome_levels(source) -> list[str] | None:
     """The dataset paths of an OME-Zarr multiscale group with more than one level, else None."""
-    p = Path(str(source))
-    f = p / ".zattrs" if (p / ".zattrs").is_file() else p / "zarr.json"
-    if not p.is_dir() or not f.is_file():
-        return None
-    try:
-        attrs = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    attrs = attrs.get("attributes", attrs)
-    ms = (attrs.get("ome") or attrs).get("multiscales")
+    ms = ome_multiscales(Path(str(source)))
     paths = [d.get("path") for d in ms[0].get("datasets", [])] if ms else []
     return [str(x) for x in paths] if len(paths) > 1 and all(paths) else None
 

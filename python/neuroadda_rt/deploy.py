@@ -390,10 +390,6 @@ def _call_packed(fn, args, item, *deps):
     return fn(*args, item, *deps)
 
 
-def _cores() -> int:
-    return local_workers(None)
-
-
 # --------------------------------------------------------------------------------------------
 # predict_volume
 # --------------------------------------------------------------------------------------------
@@ -588,8 +584,8 @@ def predict_volume(model, volume, out, *, block_shape=None, halo=None, overlap: 
     edges = [_edges(n, b, w if s else 1) for n, b, w, s in zip(spatial, block, win, spill_axes)]
     grid = _grid(edges)
     if sched == "local":
-        workers = workers or _cores()
-    threads = threads or (max(1, _cores() // workers) if workers and sched != "synchronous" else None)
+        workers = workers or local_workers(None)
+    threads = threads or (max(1, local_workers(None) // workers) if workers and sched != "synchronous" else None)
 
     # the model file: copied into the run state, quantised for int8 (reused by a resumed run)
     rule = source.normalization or DEFAULT_NORMALIZATION

@@ -54,22 +54,7 @@ def read_tiles(path: str | os.PathLike, *, tile_size: int | None = None) -> np.n
     >>> read_tiles(p, tile_size=32).shape
     (8, 32, 32)
     """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted((p for p in path.iterdir() if matches(p.name, DEFAULT_PATTERNS)),
-                       key=lambda p: natural_sort_key(p.name))
-        if not files:
-            raise FormatError(f"{path}: no image files ({', '.join(DEFAULT_PATTERNS)})")
-        return np.concatenate([read_tiles(p, tile_size=tile_size) for p in files])
-    if path.suffix.lower() == ".npy":
-        arr = load_npy(path)
-    else:
-        arr = read_image_stack(path)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.dtype.kind not in "uif":
-        raise FormatError(f"{path}: expected a 2-D image or a stack of them, got shape {arr.shape} {arr.dtype}")
-    return split_tiles(arr, tile_size) if tile_size else arr
+    return read_sections(path, tile_size=tile_size)[0]
 
 
 def read_sections(path: str | os.PathLike, *, tile_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +75,7 @@ def read_sections(path: str | os.PathLike, *, tile_size: int | None = None) -> t
                        key=lambda p: natural_sort_key(p.name))
         if not files:
             raise FormatError(f"{path}: no image files ({', '.join(DEFAULT_PATTERNS)})")
-        parts = [read_tiles(p, tile_size=tile_size) for p in files]
+        parts = [read_sections(p, tile_size=tile_size)[0] for p in files]
         return np.concatenate(parts), np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     arr = load_npy(path) if path.suffix.lower() == ".npy" else read_image_stack(path)
     if arr.ndim == 2:

@@ -234,10 +234,11 @@ def read_annotation(annotation_dir, labels_dir=None) -> tuple[np.ndarray, np.nda
         else:
             for e, page, im in zip(entries, arr, images):
                 where = f"{stack}: page for {e['name']}"
+                why = _unpainted(page)
                 if im is not None and page.shape != im.shape:
                     problems.append((ShapeError, f"{where} has shape {page.shape}, expected {im.shape}"))
-                elif _unpainted(page) is not None:
-                    problems.append((FormatError, f"{where} {_unpainted(page)}"))
+                elif why is not None:
+                    problems.append((FormatError, f"{where} {why}"))
                 labels.append(page)
     else:
         missing = [e["name"] for e in entries if e["name"] not in found]
@@ -255,11 +256,12 @@ def read_annotation(annotation_dir, labels_dir=None) -> tuple[np.ndarray, np.nda
             except FormatError as exc:
                 problems.append((FormatError, str(exc)))
                 continue
+            why = _unpainted(lab)
             if im is not None and lab.shape != im.shape:
                 problems.append((ShapeError, f"{p}: label has shape {lab.shape}, expected {im.shape} like its tile "
                                              f"at {tuple(e['coords'])}"))
-            elif _unpainted(lab) is not None:
-                problems.append((FormatError, f"{p}: {_unpainted(lab)}"))
+            elif why is not None:
+                problems.append((FormatError, f"{p}: {why}"))
             labels.append(lab)
     if problems:
         kinds = {k for k, _ in problems}

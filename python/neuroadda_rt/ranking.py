@@ -32,12 +32,19 @@ from ._sources import (PackageSource, RankableSource, as_source, as_volume, desc
                        iter_zoo, load_package, sample_target_tiles, source_facts, target_facts, volume_shape)
 from .errors import FormatError, InputValueError, ShapeError, require
 from .io import load_npy
-from .mmd import mmd2, mmd2_test
+from .mmd import gaussian_kernel_matrix, median_sigma, mmd2, mmd2_test
+from .tiles import resize_tiles
 
 log = logging.getLogger("neuroadda_rt")
 
 __all__ = ["rank_sources", "SourceRanking", "RankedSource", "default_cache_dir", "standardize", "ranking_warnings",
-           "tile_size_of"]
+           "tile_size_of", "CALIBRATIONS", "calibrated_score", "voxel_matched_size"]
+
+#: How a source's MMD² becomes the score the ranking sorts by (:func:`calibrated_score`).
+CALIBRATIONS = ("none", "null_z", "relative")
+
+#: The pooled statistics a ranking may compare, as columns of the package's ``mean+std`` features.
+_POOLING_PARTS = ("mean", "std")
 
 #: Version of the cache-key recipe; bump when what goes into a feature changes.
 #: 2: the key holds the intensity rule, feature level and precision (v1 entries were shared by
@@ -124,6 +131,12 @@ class RankedSource:
     warnings : list of str
         What to keep in mind about this source's score (synthetic source, other modality, other
         pixel size, other tile size).
+    score : float or None
+        What the ranking sorts by: ``mmd2`` itself (``calibration="none"``) or its calibrated value
+        (:func:`calibrated_score`). None in rankings written before calibrations (``mmd2`` is used).
+    cut_size : int or None
+        Edge in *target* pixels of the tiles cut for this source; differs from ``tile_size`` when the
+        tiles were resampled to the source's pixel size (``match_voxel_size``).
     """
 
     name: str
@@ -141,7 +154,14 @@ class RankedSource:
     modality: str | None = None
     voxel_size_nm: list | None = None
     warnings: list = field(default_factory=list)
+    score: float | None = None
+    cut_size: int | None = None
     model: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def sort_key(self) -> tuple:
+        """``(score, name)``, or ``(mmd2, name)`` for entries without a score."""
+        return (self.mmd2 if self.score is None else self.score, self.name)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -155,7 +175,7 @@ class SourceRanking(_atomic.JsonRecord):
     Attributes
     ----------
     entries : list of RankedSource
-        Sorted ascending by MMD²; ties broken by name.
+        Sorted ascending by score (MMD², or its calibration); ties broken by name.
     settings : dict
         Every setting used (n_tiles, tile_size, seed, n_permutations, pooling, target description).
     target_coords : ndarray
@@ -170,7 +190,7 @@ class SourceRanking(_atomic.JsonRecord):
 
     def __init__(self, entries: Sequence[RankedSource], settings: dict | None = None,
                  target_coords: np.ndarray | None = None):
-        self.entries = sorted(entries, key=lambda e: (e.mmd2, e.name))
+        self.entries = sorted(entries, key=lambda e: e.sort_key)
         self.settings = dict(settings or {})
         self.target_coords = None if target_coords is None else np.asarray(target_coords, dtype=np.int64)
 
@@ -291,10 +311,12 @@ def _norm_modality(m) -> str:
     return "".join(ch for ch in str(m or "").lower() if ch.isalnum())
 
 
-def source_warnings(facts: dict, target: dict, *, tile_size: int | None, ref_tile_size: int | None) -> list[str]:
+def source_warnings(facts: dict, target: dict, *, tile_size: int | None, ref_tile_size: int | None,
+                    resampled: bool = False) -> list[str]:
     """What to keep in mind about one source's score: synthetic training data, another modality than
     the target's (when known), an in-plane pixel size more than :data:`VOXEL_RATIO_WARN` times
-    different, target tiles of another size than the reference's."""
+    different (not when ``resampled``: the tiles were resampled to the source's pixel size), target tiles of
+    another size than the reference's."""
     out = []
     if facts.get("synthetic"):
         out.append("trained on synthetic images, not real EM: its rank says how close the target is to a "
@@ -303,7 +325,7 @@ def source_warnings(facts: dict, target: dict, *, tile_size: int | None, ref_til
     if tm and sm and _norm_modality(tm) != _norm_modality(sm) and not facts.get("synthetic"):
         out.append(f"modality {sm} differs from the target's {tm}")
     a, b = _in_plane(facts.get("voxel_size_nm")), _in_plane(target.get("voxel_size_nm"))
-    if a and b and max(a / b, b / a) > VOXEL_RATIO_WARN:
+    if a and b and max(a / b, b / a) > VOXEL_RATIO_WARN and not resampled:
         out.append(f"in-plane pixel size {a:g} nm differs from the target's {b:g} nm by {max(a / b, b / a):.1f}x "
                    f"(> {VOXEL_RATIO_WARN}x): features see structures at another scale")
     if ref_tile_size is not None and tile_size is not None and ref_tile_size != tile_size:
@@ -329,11 +351,77 @@ def floor_warning(entries: Sequence[RankedSource], n_permutations: int) -> str |
 # --------------------------------------------------------------------------------------------
 # the ranking
 # --------------------------------------------------------------------------------------------
+def voxel_matched_size(tile_size: int, source_nm: float, target_nm: float) -> int:
+    """The edge in target pixels that covers the same field of view as ``tile_size`` source pixels:
+    ``round(tile_size * source_nm / target_nm)`` (at least 1)."""
+    if not (np.isfinite(source_nm) and np.isfinite(target_nm) and source_nm > 0 and target_nm > 0):
+        raise InputValueError(f"expected positive finite pixel sizes in nm, got source {source_nm!r} and target "
+                              f"{target_nm!r}")
+    return max(1, int(round(int(tile_size) * float(source_nm) / float(target_nm))))
+
+
+def calibrated_score(stat: float, calibration: str, *, null: np.ndarray | None = None, ref: np.ndarray | None = None,
+                     feats: np.ndarray | None = None, sigma=None) -> float:
+    """A source's MMD² as the score a ranking sorts by, so that scores of different encoders compare.
+
+    Parameters
+    ----------
+    stat : float
+        The unbiased MMD² of the source's reference features and the target's features.
+    calibration : {"none", "null_z", "relative"}
+        ``"none"``: ``stat`` itself. ``"null_z"``: ``(stat - mean(null)) / sd(null)`` over the
+        permutation null of :func:`~neuroadda_rt.mmd2_test` (MMD² in units of its own sampling noise
+        under this encoder's kernel; needs ``null`` with >= 2 values). ``"relative"``: ``stat`` divided
+        by the within-sample kernel similarity ``mean_{i!=j} k(x_i, x_j) + mean_{i!=j} k(y_i, y_j)`` of
+        the two (standardised) feature sets with the test's bandwidth (needs ``ref``, ``feats`` and
+        ``sigma``): the share of the samples' own similarity that is lost between them, 0 for one
+        distribution and 1 when no reference tile resembles any target tile.
+
+    Returns
+    -------
+    float
+    """
+    if calibration == "none":
+        return float(stat)
+    if calibration == "null_z":
+        null = None if null is None else np.asarray(null, dtype=np.float64)
+        if null is None or null.size < 2:
+            raise InputValueError("calibration 'null_z' needs the permutation null: expected n_permutations >= 2, "
+                                  f"got {0 if null is None else null.size} permutations")
+        sd = float(null.std(ddof=1))
+        return float((stat - null.mean()) / max(sd, 1e-300))
+    if calibration == "relative":
+        if ref is None or feats is None or sigma is None:
+            raise InputValueError("calibration 'relative' needs both feature sets and the kernel bandwidth")
+        within = 0.0
+        for a in (ref, feats):
+            k = np.asarray(gaussian_kernel_matrix(a, a, sigma=sigma), dtype=np.float64)
+            n = len(a)
+            within += (k.sum() - np.trace(k)) / (n * (n - 1))
+        return float(stat / within) if within > 0 else float("inf")
+    raise InputValueError(f"expected calibration in {CALIBRATIONS}, got {calibration!r}")
+
+
+def _target_pixel_nm(tfacts: dict, given) -> float | None:
+    """The target's mean in-plane pixel size; a voxel size given explicitly must be valid."""
+    if given is not None:
+        try:
+            v = [float(x) for x in given]
+        except (TypeError, ValueError):
+            raise InputValueError(f"expected target_voxel_size_nm as 2 or 3 numbers in nm ((z,) y, x), got {given!r}") \
+                from None
+        if len(v) not in (2, 3) or not all(np.isfinite(x) and x > 0 for x in v):
+            raise InputValueError(f"expected target_voxel_size_nm as 2 or 3 positive finite numbers in nm "
+                                  f"((z,) y, x), got {given!r}")
+    return _in_plane(tfacts.get("voxel_size_nm") or ())
+
+
 def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = None, seed: int = 0,
                  n_permutations: int = 200, cache_dir: str | os.PathLike | None | bool = None,
                  progress: bool = False, backend: str = "auto", device: str = "auto",
                  batch_size: int = 16, target_modality: str | None = None,
-                 target_voxel_size_nm=None) -> SourceRanking:
+                 target_voxel_size_nm=None, match_voxel_size: bool = False, calibration: str = "none",
+                 pooling: str | None = None) -> SourceRanking:
     """Rank source models by MMD² between their reference features and the target's features.
 
     Parameters
@@ -351,6 +439,7 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
         features come from), so each is compared on its own terms; sources of one size share one
         tile sample. A target slice smaller than that default tile gets the largest multiple of 16
         that fits, with a warning in the ranking's warnings (a size given explicitly is used as given).
+        With ``match_voxel_size`` it is the edge the *encoder* sees, in the source's pixels.
     seed : int
         Seeds the tile sample and the permutations; the result is deterministic for a seed.
     n_permutations : int
@@ -365,16 +454,34 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
         rule to the raw tiles (once).
     target_modality, target_voxel_size_nm : optional
         The target's imaging modality and voxel size (nm, ``(z, y, x)`` or ``(y, x)``), for the
-        warnings; default: what the target says (a Dataset's manifest, a Volume's voxel size).
+        warnings and ``match_voxel_size``; default: what the target says (a Dataset's manifest, a
+        Volume's voxel size). A voxel size that is not 2 or 3 positive numbers is an
+        :class:`~neuroadda_rt.InputValueError`.
+    match_voxel_size : bool
+        Resample the target tiles to each source's in-plane pixel size before embedding: a tile of
+        ``tile_size * source_nm / target_nm`` target pixels is cut (the same field of view as the
+        source's tiles) and resized to the tile size (anti-aliased Gaussian pre-filter when shrinking,
+        bilinear; :func:`~neuroadda_rt.tiles.resize_tiles`). Needs the target's voxel size
+        (:class:`~neuroadda_rt.InputValueError` when unknown); a source whose package records none
+        is embedded unresampled, with a warning. A cut larger than the target's slices is shrunk to
+        fit (and its resized edge with it), with a warning.
+    calibration : {"none", "null_z", "relative"}
+        What the ranking sorts by (:func:`calibrated_score`): MMD² itself, its z-score against the
+        permutation null, or MMD² relative to the samples' own kernel similarity. ``mmd2`` is
+        always reported; ``score`` holds the sorted value.
+    pooling : {None, "mean", "std"}
+        Which pooled statistics enter the MMD²: None, all of the package's; ``"mean"`` or ``"std"``,
+        only the per-channel means or standard deviations of a package pooled by ``"mean+std"``
+        (the columns of its reference features, so nothing is re-embedded).
 
     Returns
     -------
     SourceRanking
-        Sorted ascending by MMD²; ``.best`` is the most transferable source. Each entry carries
+        Sorted ascending by score; ``.best`` is the most transferable source. Each entry carries
         its ``warnings`` (synthetic source; modality other than the target's; in-plane pixel size
-        more than 1.5x different) and ``self_mmd2``, the MMD² between two halves of its own
-        reference features (a distance scale); ``settings["warnings"]`` says when every p-value
-        sits at the permutation floor. :attr:`SourceRanking.warnings` lists them all.
+        more than 1.5x different, unless resampled) and ``self_mmd2``, the MMD² between two halves
+        of its own reference features (a distance scale); ``settings["warnings"]`` says when every
+        p-value sits at the permutation floor. :attr:`SourceRanking.warnings` lists them all.
 
     Examples
     --------
@@ -391,8 +498,20 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
         raise InputValueError(f"expected n_tiles >= 2 (MMD² needs two samples), got {n_tiles}")
     if n_permutations < 0:
         raise InputValueError(f"expected n_permutations >= 0, got {n_permutations}")
+    if calibration not in CALIBRATIONS:
+        raise InputValueError(f"expected calibration in {CALIBRATIONS}, got {calibration!r}")
+    if calibration == "null_z" and n_permutations < 2:
+        raise InputValueError(f"calibration 'null_z' is a z-score against the permutation null: expected "
+                              f"n_permutations >= 2, got {n_permutations}")
+    if pooling is not None and pooling not in _POOLING_PARTS:
+        raise InputValueError(f"expected pooling None (the package's) or one of {_POOLING_PARTS}, got {pooling!r}")
     volume = as_volume(target)
     sources = [as_source(m) for m in iter_zoo(zoo)]
+    if pooling is not None:
+        bad = [s.name for s in sources if s.pooling != "mean+std"]
+        if bad:
+            raise InputValueError(f"pooling={pooling!r} takes columns of 'mean+std' reference features; expected "
+                                  f"every source pooled by 'mean+std', got other poolings for {bad}")
     if cache_dir is None:
         cache: Path | None = default_cache_dir()
     elif cache_dir is False:
@@ -401,22 +520,51 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
         cache = Path(cache_dir)
 
     tfacts = target_facts(target, volume, modality=target_modality, voxel_size_nm=target_voxel_size_nm)
+    target_nm = _target_pixel_nm(tfacts, target_voxel_size_nm)
+    if match_voxel_size and target_nm is None:
+        raise InputValueError("match_voxel_size=True resamples the target to each source's pixel size: expected the "
+                              "target's voxel size (target_voxel_size_nm=, `rank --voxel-size`, a Dataset manifest or "
+                              f"a file that records it), got {tfacts.get('voxel_size_nm')!r}")
     notes: list[str] = []
     sizes: dict[str, int] = {}
+    cuts: dict[str, int] = {}
+    own_notes: dict[str, list[str]] = {}
+    resampled: set[str] = set()
+    side = min(volume_shape(volume)[-2:])
     for src in sources:
+        own_notes[src.name] = []
         if tile_size is not None:  # asked for: used as given (a target too small for it is an error)
-            sizes[src.name] = tile_size
-            continue
-        size, note = fit_tile_size(volume, src.reference_tile_size or 256)
-        if note and note not in notes:
-            notes.append(note)
-        sizes[src.name] = size
-    samples: dict[int, tuple] = {}
-    for size in sorted(set(sizes.values())):
-        tiles, coords = sample_target_tiles(volume, n_tiles, size, seed)
-        # the key hashes the sampled tiles' content, so a changed target is never served stale features
-        content = arrays_sha256(coords, tiles, header=[list(volume_shape(volume)), str(tiles.dtype), size])
-        samples[size] = (tiles, coords, content)
+            size = tile_size
+        else:
+            size, note = fit_tile_size(volume, src.reference_tile_size or 256)
+            if note and note not in notes:
+                notes.append(note)
+        cut = size
+        src_nm = _in_plane(source_facts(src).get("voxel_size_nm") or ()) if match_voxel_size else None
+        if match_voxel_size and src_nm is None:
+            own_notes[src.name].append("no voxel size in its package: the target tiles were not resampled to it")
+        elif src_nm is not None:
+            resampled.add(src.name)
+            cut = voxel_matched_size(size, src_nm, target_nm)
+            if cut > side:  # the field of view does not fit: the largest that does, at the source's pixel size
+                cut, size = side, voxel_matched_size(side, target_nm, src_nm)
+                own_notes[src.name].append(
+                    f"its field of view at {src_nm:g} nm needs more than the target's {side} px: {cut} px target "
+                    f"tiles resampled to {size} px")
+            if cut < 4 or size < 4:
+                raise ShapeError(f"model {src.name!r}: resampling {cut} px target tiles to {size} px at its pixel "
+                                 f"size {src_nm:g} nm (target {target_nm:g} nm) leaves too few pixels")
+        sizes[src.name], cuts[src.name] = size, cut
+    samples: dict[tuple[int, int], tuple] = {}
+    for cut, size in sorted({(cuts[k], sizes[k]) for k in sizes}):
+        tiles, coords = sample_target_tiles(volume, n_tiles, cut, seed)
+        if cut != size:
+            tiles = resize_tiles(tiles, size)
+        # the key hashes the sampled (resampled) tiles' content, so a changed target is never served stale
+        # features; the cut size tells apart two resamplings of the same tiles
+        header = [list(volume_shape(volume)), str(tiles.dtype), size] + ([cut, "resize_tiles/1"] if cut != size else [])
+        content = arrays_sha256(coords, tiles, header=header)
+        samples[(cut, size)] = (tiles, coords, content)
 
     entries = []
     it: Iterable[RankableSource] = sources
@@ -427,14 +575,16 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
     for src in it:
         if bar is not None:
             bar.set_postfix_str(src.name)
-        size = sizes[src.name]
-        tiles, _, content = samples[size]
+        size, cut = sizes[src.name], cuts[src.name]
+        tiles, _, content = samples[(cut, size)]
         entry = _rank_one(src, tiles, seed=seed, n_permutations=n_permutations, cache=cache, content=content,
-                          tile_size=size, backend=backend, device=device, batch_size=batch_size)
+                          tile_size=size, backend=backend, device=device, batch_size=batch_size,
+                          calibration=calibration, pooling=pooling)
         facts = source_facts(src)
-        entry.tile_size, entry.synthetic = size, bool(facts.get("synthetic"))
+        entry.tile_size, entry.cut_size, entry.synthetic = size, cut, bool(facts.get("synthetic"))
         entry.modality, entry.voxel_size_nm = facts.get("modality"), facts.get("voxel_size_nm")
-        entry.warnings = source_warnings(facts, tfacts, tile_size=size, ref_tile_size=src.reference_tile_size)
+        entry.warnings = source_warnings(facts, tfacts, tile_size=size, ref_tile_size=src.reference_tile_size,
+                                         resampled=src.name in resampled) + own_notes[src.name]
         entries.append(entry)
     floor = floor_warning(entries, n_permutations)
     # in the result (SourceRanking.warnings, to_frame, ranking.json, the report), logged once in brief
@@ -443,8 +593,8 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
     if n_warn:
         log.info("the ranking carries %d warning(s): see SourceRanking.warnings", n_warn)
     distinct = sorted(set(sizes.values()))
-    best_size = sizes[min(entries, key=lambda e: (e.mmd2, e.name)).name] if entries else None
-    coords = samples[best_size][1] if best_size is not None else None
+    best = min(entries, key=lambda e: e.sort_key).name if entries else None
+    coords = samples[(cuts[best], sizes[best])][1] if best is not None else None
     settings = {"n_tiles": n_tiles, "tile_size": distinct[0] if len(distinct) == 1 else None,
                 "tile_sizes": sizes, "seed": seed, "n_permutations": n_permutations,
                 "p_value_floor": (1.0 / (n_permutations + 1)) if n_permutations > 0 else None,
@@ -452,16 +602,28 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
                 "target_voxel_size_nm": tfacts.get("voxel_size_nm"),
                 "kernel": "gaussian on features standardised by the source's reference mean/sd, median-heuristic "
                           "bandwidth on the pooled sample (mmd2_test default)",
-                "pooling": sorted({s.pooling for s in sources}),
+                "pooling": sorted({s.pooling for s in sources}) if pooling is None else [pooling],
                 "feature_level": sorted({s.feature_level for s in sources}),
+                "match_voxel_size": bool(match_voxel_size), "cut_sizes": cuts, "calibration": calibration,
                 "target": describe_target(target, volume),
                 "cache_dir": None if cache is None else str(cache)}
     return SourceRanking(entries, settings, coords)
 
 
+def _pooling_columns(src: RankableSource, pooling: str | None, n_columns: int) -> slice:
+    """The columns of ``mean+std`` features that ``pooling`` keeps (the per-channel means come first)."""
+    if pooling is None:
+        return slice(None)
+    if n_columns % 2:
+        raise ShapeError(f"model {src.name!r}: expected an even number of 'mean+std' feature columns, got {n_columns}")
+    half = n_columns // 2
+    return slice(0, half) if pooling == "mean" else slice(half, n_columns)
+
+
 def _rank_one(src: RankableSource, tiles: np.ndarray, *, seed: int, n_permutations: int, cache: Path | None,
-              content: str, tile_size: int, backend: str, device: str, batch_size: int) -> RankedSource:
-    """One source's MMD² (and p-value) between its reference features and the target tiles' features."""
+              content: str, tile_size: int, backend: str, device: str, batch_size: int, calibration: str = "none",
+              pooling: str | None = None) -> RankedSource:
+    """One source's MMD² (and p-value, and score) between its reference features and the target tiles' features."""
     ref = src.reference_features
     # a tile size other than the reference's is one of the entry's warnings (source_warnings)
     key = _cache_key(content, src, tile_size)
@@ -471,16 +633,21 @@ def _rank_one(src: RankableSource, tiles: np.ndarray, *, seed: int, n_permutatio
     if feats.shape[1] != ref.shape[1]:
         raise ShapeError(f"model {src.name!r}: expected target features with {ref.shape[1]} columns like its "
                          f"reference_features, got {feats.shape[1]}")
-    ref, feats = standardize(ref, feats)
+    cols = _pooling_columns(src, pooling, ref.shape[1])
+    ref, feats = standardize(ref[:, cols], feats[:, cols])
+    null = None
     if n_permutations > 0:
         res = mmd2_test(ref, feats, n_permutations=n_permutations, seed=seed)
-        stat, p, sigma = float(res.mmd2), float(res.p_value), _as_sigma(res.sigma)
+        stat, p, sigma, null = float(res.mmd2), float(res.p_value), _as_sigma(res.sigma), res.null
     else:  # no test asked for (e.g. the atlas): the statistic alone
         stat, p, sigma = float(mmd2(ref, feats)), float("nan"), None
+    score = calibrated_score(stat, calibration, null=null, ref=ref, feats=feats,
+                             sigma=sigma if sigma is not None or calibration != "relative" else
+                             median_sigma(ref, feats))
     model = src.package if isinstance(src, PackageSource) else None
     return RankedSource(name=src.name, path=src.path, mmd2=stat, p_value=p, sigma=sigma, n_reference=len(ref),
                         n_target=len(feats), sha256=src.sha256, cached=was_cached, model=model,
-                        self_mmd2=_self_mmd2(ref, seed, sigma))
+                        self_mmd2=_self_mmd2(ref, seed, sigma), score=score)
 
 
 def _self_mmd2(ref: np.ndarray, seed: int, sigma) -> float | None:

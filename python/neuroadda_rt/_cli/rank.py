@@ -21,7 +21,16 @@ def register(subparsers) -> None:
                    help="the target's imaging modality (e.g. ssTEM, FIB-SEM), to warn about sources of another")
     p.add_argument("--voxel-size", default=None,
                    help="the target's voxel size in nm, z,y,x or y,x (default: the file's, when it records one), "
-                        "to warn about sources whose pixel size differs by more than 1.5x")
+                        "to warn about sources whose pixel size differs by more than 1.5x (and for --match-voxel-size)")
+    p.add_argument("--match-voxel-size", action="store_true",
+                   help="resample the target tiles to each source's pixel size before embedding (needs the "
+                        "target's voxel size: --voxel-size or the file's)")
+    p.add_argument("--calibration", default="none", choices=["none", "null_z", "relative"],
+                   help="what the ranking sorts by: MMD² (none, default), its z-score against the permutation "
+                        "null (null_z), or MMD² relative to the samples' own kernel similarity (relative)")
+    p.add_argument("--pooling", default=None, choices=["mean", "std"],
+                   help="compare only the per-channel means or standard deviations of 'mean+std' features "
+                        "(default: all of the package's)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -42,18 +51,24 @@ def run(args) -> int:
                            seed=args.seed, n_permutations=args.permutations,
                            cache_dir=False if args.no_cache else args.cache_dir, progress=not args.no_progress,
                            backend=args.backend, device=args.device, target_modality=args.modality,
-                           target_voxel_size_nm=voxel)
+                           target_voxel_size_nm=voxel, match_voxel_size=args.match_voxel_size,
+                           calibration=args.calibration, pooling=args.pooling)
     ranking.settings["target"]["path"] = args.target
     if args.out:
         ranking.to_json(args.out)
     if args.json:
         print_json(ranking.to_dict() | {"out": args.out})
         return 0
-    print(f"{'rank':>4}  {'source':<28} {'MMD²':>10} {'own scale':>10} {'p-value':>8} {'tile':>5}  note")
+    calibrated = args.calibration != "none"
+    print(f"{'rank':>4}  {'source':<28} {'MMD²':>10} {'own scale':>10} {'p-value':>8} {'tile':>5}"
+          + (f" {args.calibration:>9}" if calibrated else "") + "  note")
     for i, e in enumerate(ranking, 1):
         own = f"{e.self_mmd2:>10.5f}" if e.self_mmd2 is not None else f"{'-':>10}"
         note = "synthetic" if e.synthetic else (e.modality or "")
-        print(f"{i:>4}  {e.name:<28} {e.mmd2:>10.5f} {own} {e.p_value:>8.3f} {e.tile_size or '-':>5}  {note}")
+        if e.cut_size is not None and e.cut_size != e.tile_size:
+            note += f" (resampled from {e.cut_size} px)"
+        score = f" {e.score:>9.4g}" if calibrated else ""
+        print(f"{i:>4}  {e.name:<28} {e.mmd2:>10.5f} {own} {e.p_value:>8.3f} {e.tile_size or '-':>5}{score}  {note}")
     print(f"best: {ranking[0].name} ({ranking[0].path})")
     print("(own scale: MMD² between two halves of the source's own reference features)")
     for w in ranking.warnings:

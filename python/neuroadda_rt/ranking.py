@@ -402,8 +402,8 @@ def calibrated_score(stat: float, calibration: str, *, null: np.ndarray | None =
     raise InputValueError(f"expected calibration in {CALIBRATIONS}, got {calibration!r}")
 
 
-def _target_pixel_nm(tfacts: dict, given) -> float | None:
-    """The target's mean in-plane pixel size; a voxel size given explicitly must be valid."""
+def _check_voxel_size(given) -> None:
+    """A target voxel size given explicitly must be 2 or 3 positive finite numbers (nm)."""
     if given is not None:
         try:
             v = [float(x) for x in given]
@@ -413,7 +413,6 @@ def _target_pixel_nm(tfacts: dict, given) -> float | None:
         if len(v) not in (2, 3) or not all(np.isfinite(x) and x > 0 for x in v):
             raise InputValueError(f"expected target_voxel_size_nm as 2 or 3 positive finite numbers in nm "
                                   f"((z,) y, x), got {given!r}")
-    return _in_plane(tfacts.get("voxel_size_nm") or ())
 
 
 def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = None, seed: int = 0,
@@ -519,8 +518,9 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
     else:
         cache = Path(cache_dir)
 
+    _check_voxel_size(target_voxel_size_nm)
     tfacts = target_facts(target, volume, modality=target_modality, voxel_size_nm=target_voxel_size_nm)
-    target_nm = _target_pixel_nm(tfacts, target_voxel_size_nm)
+    target_nm = _in_plane(tfacts.get("voxel_size_nm") or ())
     if match_voxel_size and target_nm is None:
         raise InputValueError("match_voxel_size=True resamples the target to each source's pixel size: expected the "
                               "target's voxel size (target_voxel_size_nm=, `rank --voxel-size`, a Dataset manifest or "

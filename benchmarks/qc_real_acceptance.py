@@ -420,7 +420,7 @@ def iid_permutation_detector(acq, stream_tiles, enc, n_perm=200):
             for i, w in enumerate(_stream_windows(features_of(enc, stream_tiles)))]
 
 
-def alibi_detector(kind, max_windows=None):
+def alibi_detector(kind, max_windows=None, n_permutations=100):
     def run(acq, stream_tiles, enc):
         import warnings
 
@@ -436,9 +436,9 @@ def alibi_detector(kind, max_windows=None):
             sigma = float(median_sigma(ref[p[:len(ref) // 2]], ref[p[len(ref) // 2:]]))
             if kind == "MMDDrift":
                 cd = MMDDrift(ref, backend="pytorch", p_val=ALPHA, sigma=np.array([sigma], np.float32),
-                              configure_kernel_from_x_ref=False, n_permutations=100, device="cpu")
+                              configure_kernel_from_x_ref=False, n_permutations=n_permutations, device="cpu")
             else:
-                cd = LSDDDrift(ref, backend="pytorch", p_val=ALPHA, n_permutations=100, device="cpu")
+                cd = LSDDDrift(ref, backend="pytorch", p_val=ALPHA, n_permutations=n_permutations, device="cpu")
             wins = _stream_windows(features_of(enc, stream_tiles).astype(np.float32))
             if max_windows is not None:
                 wins = wins[:max_windows]
@@ -446,16 +446,28 @@ def alibi_detector(kind, max_windows=None):
     return run
 
 
-def compare(enc, data, detectors: dict, pair_windows: int | None = None):
+def compare(enc, data, detectors: dict, pair_windows: int | None = None, fa_windows: int | None = None,
+            stateless: bool = False):
     """False alarms on the clean windows of every acquisition and the delay of every ordered pair, for
-    each detector (a function (acq, stream tiles, enc) -> alarms per window, or None when it refuses)."""
+    each detector (a function (acq, stream tiles, enc) -> alarms per window, or None when it refuses).
+
+    ``fa_windows`` keeps that many windows of each stream, evenly spread, and ``pair_windows`` the first
+    windows after a switch (a reduced run, for slow detectors); ``stateless`` (a detector that tests
+    every window on its own against a fixed reference) skips the pre-switch windows of a pair, whose
+    alarms do not enter the delay."""
     out = {}
     for label, det in detectors.items():
         t0 = time.perf_counter()
         fa_n = fa_k = 0
         per = {}
         for name, a in data.items():
-            st = ~a["ref"]
+            st = np.flatnonzero(~a["ref"])
+            if fa_windows is not None:
+                # windows spread evenly over the stream (each one whole and aligned), so that a long
+                # stream's late sections count as much as its first ones
+                n_win = len(st) // WINDOW
+                keep = np.unique(np.linspace(0, n_win - 1, min(fa_windows, n_win)).round().astype(int))
+                st = st[(keep[:, None] * WINDOW + np.arange(WINDOW)).reshape(-1)]
             alarms = det(a, a["tiles"][st], enc)
             if alarms is None:
                 per[name] = None
@@ -474,6 +486,8 @@ def compare(enc, data, detectors: dict, pair_windows: int | None = None):
                 stream, n_pre = pair_stream(data, FIRST[sa], FIRST[sb])
                 if pair_windows is not None:
                     stream = stream[:n_pre + pair_windows * WINDOW]
+                if stateless:
+                    stream, n_pre = stream[n_pre:], 0
                 alarms = det(data[FIRST[sa]], stream, enc)
                 if alarms is None:
                     pairs[f"{sa}->{sb}"] = None
@@ -575,6 +589,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("NEUROADDA_QC_CACHE", "/tmp/neuroadda_qc_real")))
     ap.add_argument("--parts", default="fa,pairs,artefacts,alternatives,alibi,throughput")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--alibi-permutations", type=int, default=100, help="alibi-detect permutations (protocol: 100)")
+    ap.add_argument("--alibi-fa-windows", type=int, default=None,
+                    help="alibi-detect: N windows of each stream, evenly spread (a reduced run; default all)")
+    ap.add_argument("--alibi-pair-windows", type=int, default=6, help="alibi-detect: windows after a switch")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     from neuroadda_rt import FeatureExtractor
@@ -606,8 +624,16 @@ def main(argv=None) -> int:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     import alibi_detect  # noqa: F401
-                dets = {"alibi MMDDrift": alibi_detector("MMDDrift"), "alibi LSDDDrift": alibi_detector("LSDDDrift")}
-                res["alibi"] = compare(enc, data, dets, pair_windows=6)
+                perm = args.alibi_permutations
+                # the monitor's own statistics on the very same (possibly reduced) windows, for the side by side
+                dets = {"monitor novelty (default)": monitor_detector("novelty"),
+                        "monitor mmd2, calibrated": monitor_detector("mmd2"),
+                        "alibi MMDDrift": alibi_detector("MMDDrift", n_permutations=perm),
+                        "alibi LSDDDrift": alibi_detector("LSDDDrift", n_permutations=perm)}
+                res["alibi_settings"] = {"permutations": perm, "fa_windows": args.alibi_fa_windows,
+                                         "pair_windows": args.alibi_pair_windows}
+                res["alibi"] = compare(enc, data, dets, pair_windows=args.alibi_pair_windows,
+                                       fa_windows=args.alibi_fa_windows, stateless=True)
             except ImportError as exc:
                 res["alibi"] = {"error": f"alibi-detect not importable: {exc}"}
     finally:
@@ -677,6 +703,12 @@ def render(r) -> str:
             if key in r:
                 out.append(f"- {key}: {r[key]['error']}")
             continue
+        if key == "alibi" and "alibi_settings" in r:
+            st = r["alibi_settings"]
+            out += [f"alibi-detect side by side: {st['permutations']} permutations, "
+                    f"{st['fa_windows'] or 'all'} windows of each stream (evenly spread), {st['pair_windows']} windows after "
+                    f"each switch" + (" (REDUCED run, not the protocol's full size)" if st["fa_windows"] or
+                                      st["permutations"] != 100 else ""), ""]
         out += [f"| {key}: detector | false alarms per clean window | pairs within 3 windows | delays (A->B) | "
                 f"seconds |", "|---|---|---|---|---|"]
         for label, v in r[key].items():

@@ -691,7 +691,8 @@ def _create_run(out, state, source, vol, signature, frozen, grid, C, spatial, vs
             size = tuple(win[1:]) if dim == 2 else win
             base = base if isinstance(base, Volume) else open_volume(base)
             cal = sample_tiles(base, calibration_tiles, size, seed=0).tiles
-            quantize_int8(source.onnx_path("full"), cal, state / "model.onnx", normalization=frozen)
+            quantize_int8(source.onnx_path("full"), cal, state / "model.onnx", normalization=frozen,
+                          fp32_first_conv=True)
         else:
             shutil.copyfile(source.onnx_path("full"), state / "model.onnx")
     _atomic.write_json(state / "run.json", {"signature": signature, "frozen_rule": frozen, "n_blocks": len(grid)})

@@ -197,9 +197,135 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # static int8 quantisation
 # --------------------------------------------------------------------------------------------
+def _is_pixel_shuffle_deconv(node, weight: np.ndarray) -> bool:
+    """A ConvTranspose whose kernel equals its stride (no padding, dilation, groups or output
+    padding): every input voxel writes its own disjoint kernel-sized output patch."""
+    from onnx import helper  # noqa: PLC0415
+
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    dim = weight.ndim - 2
+    ks = list(weight.shape[2:])
+    auto_pad = at.get("auto_pad", b"NOTSET")
+    return (list(at.get("kernel_shape", ks)) == ks and list(at.get("strides", [1] * dim)) == ks
+            and int(at.get("group", 1)) == 1 and not any(at.get("pads", [0] * 2 * dim))
+            and list(at.get("dilations", [1] * dim)) == [1] * dim and not any(at.get("output_padding", [0] * dim))
+            and "output_shape" not in at and auto_pad in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
+
+
+def _deconv_as_conv(node, weight: np.ndarray, bias: np.ndarray | None, p: str):
+    """The nodes and initializers (names prefixed ``p``) of a 1×1 Conv plus channels-last
+    depth-to-space computing the kernel == stride ConvTranspose ``node``."""
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+
+    cin, cout, *ks = weight.shape
+    dim, s = len(ks), int(np.prod(ks))
+    bias = np.zeros(cout, weight.dtype) if bias is None else bias
+    # conv channel k * cout + o holds W[:, o, k] (k = the flat kernel offset)
+    w1 = np.moveaxis(weight, 1, -1).reshape(cin, s * cout).T.reshape(s * cout, cin, *[1] * dim)
+    nodes, inits = [], []
+
+    def const(name, value, dtype=np.int64):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(np.asarray(value, dtype)), p + name))
+        return p + name
+
+    def op(op_type, inputs, name, **attrs):
+        out = node.output[0] if name is None else p + name
+        nodes.append(helper.make_node(op_type, inputs, [out], name=p + (name or "_out"), **attrs))
+        return out
+
+    y = op("Conv", [node.input[0], const("_W", w1, weight.dtype), const("_B", np.tile(bias, s), weight.dtype)],
+           "_conv", kernel_shape=[1] * dim, strides=[1] * dim, pads=[0] * (2 * dim))
+    # the sizes come from the conv's input (a 1x1 conv keeps N and S), so no float tensor is
+    # dequantised only to read its shape
+    shape = op("Shape", [node.input[0]], "_shape")
+    n_ = op("Slice", [shape, const("_i0", [0]), const("_i1", [1])], "_n")
+    sp = op("Slice", [shape, const("_i2", [2]), const("_iend", [2 + dim])], "_sp")
+    up = op("Mul", [sp, const("_k", ks)], "_upsp")
+    out_shape = op("Concat", [n_, up, const("_cout", [cout])], "_outshape", axis=0)
+    last = op("Transpose", [y], "_last", perm=[0, *range(2, 2 + dim), 1])                  # (N, *S, s*C)
+    split = op("Reshape", [last, const("_split_shape", [0] * (1 + dim) + ks + [cout])], "_split")
+    inter = op("Transpose", [split], "_inter",                                            # (N, S1, k1, .., C)
+               perm=[0, *[a for i in range(dim) for a in (1 + i, 1 + dim + i)], 1 + 2 * dim])
+    merged = op("Reshape", [inter, out_shape], "_merged")                                 # (N, S1*k1, .., C)
+    op("Transpose", [merged], None, perm=[0, 1 + dim, *range(1, 1 + dim)])
+    return nodes, inits
+
+
+def rewrite_conv_transpose(model):
+    """Replace every ConvTranspose whose kernel equals its stride by a 1×1(×1) Conv and a
+    depth-to-space rearrangement, which compute the same function.
+
+    ``y[n, o, s·i + k] = b[o] + Σ_c x[n, c, i] · W[c, o, k]`` (stride ``s`` = kernel, ``k`` the
+    kernel offset) is a 1×1 convolution to ``C_out · prod(s)`` channels, channel ``k · C_out + o``
+    holding ``W[:, o, k]``, whose channels are then moved into space. ONNX Runtime has no int8
+    kernel for ConvTranspose, so in a quantised UNet the decoder's up-convolutions ran fp32
+    between dequantise / quantise nodes; the 1×1 Conv becomes a QLinearConv. The rearrangement is
+    written channels-last (``Transpose`` to ``(N, *S, C)``, ``Reshape`` to ``(N, *S, *k, C_out)``,
+    ``Transpose`` interleaving ``S`` and ``k``, ``Reshape``, ``Transpose`` back), so ONNX Runtime
+    cancels the first transpose against the NHWC layout of its int8 convolutions and moves
+    contiguous runs of ``C_out`` bytes; an NCHW ``DepthToSpace`` (2-D only) was slower (see
+    ``docs/method.md``). Other ConvTranspose nodes are left as they are.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Modified in place; weights and biases must be initializers (as :func:`export_onnx` writes).
+
+    Returns
+    -------
+    int
+        How many nodes were rewritten.
+    """
+    onnx = require("onnx", "runtime")
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    nodes, added, count = [], [], 0
+    taken = {o for n in g.node for o in n.output} | set(inits) | {i.name for i in g.input}
+    for node in g.node:
+        w_init = inits.get(node.input[1]) if node.op_type == "ConvTranspose" and len(node.input) > 1 else None
+        weight = numpy_helper.to_array(w_init) if w_init is not None else None
+        if weight is None or not _is_pixel_shuffle_deconv(node, weight):
+            nodes.append(node)
+            continue
+        has_bias = len(node.input) > 2 and node.input[2]
+        if has_bias and node.input[2] not in inits:
+            nodes.append(node)
+            continue
+        bias = numpy_helper.to_array(inits[node.input[2]]) if has_bias else None
+        prefix = f"{node.name or 'ConvTranspose'}_as_conv{count}"
+        while any(t.startswith(prefix) for t in taken):
+            prefix += "_"
+        count += 1
+        more_nodes, more_inits = _deconv_as_conv(node, weight, bias, prefix)
+        nodes += more_nodes
+        added += more_inits
+    if count:
+        del g.node[:]
+        g.node.extend(nodes)
+        used = {i for n in g.node for i in n.input}
+        keep = [i for i in g.initializer if i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep + added)
+        onnx.checker.check_model(model)
+    return count
+
+
+def _first_conv_and_inputs(model) -> list[str]:
+    """Names of the first Conv node and every node before it (the input padding): kept fp32 by
+    :func:`quantize_int8` when asked."""
+    names = []
+    for node in model.graph.node:  # ONNX graphs are topologically sorted
+        names.append(node.name)
+        if node.op_type == "Conv":
+            return names
+    return []
+
+
 def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str | os.PathLike, *,
                   per_channel: bool = True, batch_size: int = 8, reduce_range: bool = True,
-                  normalization: str | dict = "dtype") -> Path:
+                  normalization: str | dict = "dtype", fp32_first_conv: bool = False) -> Path:
     """Static int8 quantisation (QDQ format) of an exported ONNX file for ONNX Runtime on CPU.
 
     Weights become int8 (per output channel), activations uint8 with ranges calibrated
@@ -229,6 +355,20 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
         full 8-bit weights: on such a CPU the default UNet encoder's features came out 45% off
         (relative L2 error) instead of about 2%. The 7-bit weights run correctly everywhere, so
         a quantised file can move between machines; pass False only for VNNI-only deployments.
+    fp32_first_conv : bool
+        Keep the network's first convolution and the input padding before it in fp32. With one
+        input channel its reduction is only 9 (27 in 3-D) long, too short for the int8 kernels to
+        pay off: on the AVX2 VM it took 45 ms int8 against 19 ms fp32 per 4 × 256² windows of the
+        default UNet, and it is the layer whose input rounding costs the most accuracy.
+        :func:`~neuroadda_rt.predict_volume` sets it; the default (False) keeps the encoder files
+        of earlier releases unchanged.
+
+    Notes
+    -----
+    Before quantisation every ConvTranspose whose kernel equals its stride (the UNet's
+    up-convolutions) is rewritten as a 1×1 Conv plus a depth-to-space rearrangement
+    (:func:`rewrite_conv_transpose`), so it runs as an int8 convolution too; the fp32 file is
+    not changed.
 
     Returns
     -------
@@ -267,16 +407,21 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         q = Path(tmp) / "q.onnx"
+        onnx = require("onnx", "runtime")
+        src = onnx.load(str(onnx_path))
+        rewritten = Path(tmp) / "rewritten.onnx"
+        rewrite_conv_transpose(src)  # int8 up-convolutions (ORT has no int8 ConvTranspose)
+        onnx.save(src, str(rewritten))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # shape inference + graph cleanup first, as ONNX Runtime recommends for static QDQ
-            oq.quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+            oq.quant_pre_process(str(rewritten), str(pre), skip_symbolic_shape=True)
+            exclude = _first_conv_and_inputs(onnx.load(str(pre))) if fp32_first_conv else []
             oq.quantize_static(str(pre), str(q), _Reader(), quant_format=oq.QuantFormat.QDQ,
                                activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
                                per_channel=per_channel, reduce_range=reduce_range,
-                               calibrate_method=oq.CalibrationMethod.MinMax,
+                               calibrate_method=oq.CalibrationMethod.MinMax, nodes_to_exclude=exclude,
                                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-        onnx = require("onnx", "runtime")
         proto = onnx.load(str(q))
         old = {p.key: p.value for p in proto.metadata_props}
         old.update(meta)

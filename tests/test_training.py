@@ -123,12 +123,28 @@ def test_resume_after_interruption_equals_uninterrupted(toy, tmp_path):
     assert h2.steps_run == 0 and _same_weights(again, ref)
 
 
+def test_more_steps_extend_a_finished_run_to_the_weights_of_one_longer_run(toy, tmp_path):
+    img, lab = toy
+    short, longer = (TrainRecipe(steps=s, batch_size=1, patch_size=16) for s in (3, 7))
+    ref = _net()
+    href = train_network(ref, img, lab, recipe=longer, target_fn=_fast_boundary_targets)
+    train_network(_net(), img, lab, recipe=short, target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
+    extended = _net()
+    h = train_network(extended, img, lab, recipe=longer, target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
+    assert h.resumed_from == 3 and h.steps_run == 4
+    assert h.loss == href.loss
+    assert _same_weights(extended, ref)
+    # the checkpoint is now at step 7: a 3-step run cannot be served from it
+    with pytest.raises(InputValueError, match="past this run's steps=3"):
+        train_network(_net(), img, lab, recipe=short, target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
+
+
 def test_checkpoint_of_another_run_is_refused(toy, tmp_path):
     img, lab = toy
     train_network(_net(), img, lab, recipe=TrainRecipe(steps=2, batch_size=1, patch_size=16),
                   target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
     with pytest.raises(InputValueError, match="different run"):
-        train_network(_net(), img, lab, recipe=TrainRecipe(steps=3, batch_size=1, patch_size=16),
+        train_network(_net(), img, lab, recipe=TrainRecipe(steps=2, lr=5e-4, batch_size=1, patch_size=16),
                       target_fn=_fast_boundary_targets, checkpoint_dir=tmp_path)
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(FormatError, match=CHECKPOINT_NAME):

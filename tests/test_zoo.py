@@ -436,6 +436,27 @@ def test_interrupted_zoo_build_resumes_to_the_weights_of_an_uninterrupted_one(tm
     assert a.metrics["held_out"]["vi_total"] == b.metrics["held_out"]["vi_total"]
 
 
+@pytest.mark.realdata
+def test_a_larger_max_steps_extends_a_finished_build_to_the_weights_of_one_longer_build(tmp_path, em_data):
+    from neuroadda_rt.zoo_builder import DatasetZooRecipe, build_zoo_from_datasets
+
+    small = dict(eval_every=1, patience=5, reference_tiles=4, batch_size=2, patch_size=32, tile_size=32)
+    manifest = [MANIFESTS / "gala_fibsem.json"]
+    direct = build_zoo_from_datasets(tmp_path / "a", manifest, data_root=em_data, threads=1,
+                                     recipe=DatasetZooRecipe(max_steps=4, **small))
+    build_zoo_from_datasets(tmp_path / "b", manifest, data_root=em_data, threads=1,
+                            recipe=DatasetZooRecipe(max_steps=2, **small))
+    lines = []
+    res = build_zoo_from_datasets(tmp_path / "b", manifest, data_root=em_data, threads=1, log_fn=lines.append,
+                                  recipe=DatasetZooRecipe(max_steps=4, **small))
+    assert any("extending the training that stopped at step 2" in m for m in lines), lines
+    assert not res["models"]["gala_fibsem"]["skipped"]
+    a = neuroadda_rt.load_model(direct["models"]["gala_fibsem"]["path"])
+    b = neuroadda_rt.load_model(res["models"]["gala_fibsem"]["path"])
+    assert (a.path / "weights.safetensors").read_bytes() == (b.path / "weights.safetensors").read_bytes()
+    assert [p["vi"] for p in a.metrics["validation_curve"]] == [p["vi"] for p in b.metrics["validation_curve"]]
+
+
 def _manifest(tmp_path, name, image, labels, label_kind="instances"):
     from neuroadda_rt.io import write_volume
 

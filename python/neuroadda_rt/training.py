@@ -17,6 +17,8 @@ checkpoint file (weights, BatchNorm statistics, optimizer state, step, loss hist
 state of both generators) as safetensors, with the small scalar parts as JSON in its
 metadata: nothing is pickled. A later call with the same arguments and the same
 ``checkpoint_dir`` resumes from it and ends with the weights an uninterrupted run gives.
+A call that differs only in a larger ``steps`` extends a finished run: with a constant learning
+rate it ends with the weights of one uninterrupted run of the larger ``steps``.
 """
 
 from __future__ import annotations
@@ -567,7 +569,8 @@ def train_network(net, images, labels, *, recipe: TrainRecipe | None = None, rep
     representation : {"boundary", "affinities"}, optional
         The network's head (default: from ``net.config``).
     checkpoint_dir : path, optional
-        Where to keep the resumable checkpoint; a matching checkpoint there is resumed.
+        Where to keep the resumable checkpoint; a matching checkpoint there is resumed (a checkpoint of
+        the same run with fewer ``steps`` is extended; one past ``recipe.steps`` is refused).
     checkpoint_every : int
         Steps between checkpoints (the last step is always saved).
     progress : bool
@@ -613,8 +616,11 @@ def _train(net, ims: list[np.ndarray], lbs: list[np.ndarray], *, recipe: TrainRe
     dev = _torch_device(device)
     net.to(dev)
 
+    # ``steps`` only bounds the loop: the learning rate is constant and batches are drawn in order, so the
+    # state after step k is the same for every bound >= k, and a longer run may extend a shorter one's checkpoint
     fingerprint = json_sha256({
-        "recipe": recipe.to_dict(), "representation": representation, "config": net.config,
+        "recipe": {k: v for k, v in recipe.to_dict().items() if k != "steps"}, "representation": representation,
+        "config": net.config,
         "data": arrays_sha256(*(a for pair in zip(ims, lbs) for a in pair)), "init": _state_digest(net),
     })
 
@@ -625,6 +631,10 @@ def _train(net, ims: list[np.ndarray], lbs: list[np.ndarray], *, recipe: TrainRe
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         start, losses = _load_checkpoint(ckpt, net, opt, rng, torch_gen, fingerprint)
+        if start > recipe.steps:
+            raise InputValueError(
+                f"checkpoint {ckpt} is at step {start}, past this run's steps={recipe.steps}; ask for at least "
+                f"{start} steps, or use another checkpoint_dir")
         log.info("resuming %s from step %d of %d (%s)", desc, start, recipe.steps, ckpt)
     history = TrainHistory(loss=list(losses), resumed_from=start)
 

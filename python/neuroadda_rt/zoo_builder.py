@@ -105,7 +105,7 @@ class DatasetZooRecipe:
     representation: str = "boundary"
     feature_level: int = 2
     pooling: str = "mean+std"
-    max_steps: int = 1200
+    max_steps: int = 4000
     eval_every: int = 100
     patience: int = 4
     min_delta: float = 0.005
@@ -152,8 +152,9 @@ class DatasetZooRecipe:
         return cls(**d)
 
 
-#: The recipe fields that change training (the others only change packaging: no retraining).
-_TRAIN_FIELDS = ("widths", "representation", "max_steps", "eval_every", "patience", "min_delta", "lr", "batch_size",
+#: The recipe fields that change training (the others only change packaging: no retraining). ``max_steps``
+#: is not one: it only bounds a run (constant learning rate), so a larger bound extends a finished build.
+_TRAIN_FIELDS = ("widths", "representation", "eval_every", "patience", "min_delta", "lr", "batch_size",
                  "patch_size", "seed", "intensity", "blur", "scale", "normalization", "thresholds", "max_eval_slices")
 
 #: The bundled real-EM zoo's recipe (``neuroadda-rt zoo build OUT --from-datasets ...`` with no options).
@@ -335,7 +336,7 @@ def _train_one(data: _Data, recipe: DatasetZooRecipe, ckpt: Path, *, device: str
     tr = TrainRecipe(steps=recipe.max_steps, lr=recipe.lr, batch_size=recipe.batch_size, patch_size=patch,
                      augment=True, seed=recipe.seed, intensity=recipe.intensity, blur=recipe.blur, scale=recipe.scale)
     key = json_sha256({"recipe": {k: v for k, v in recipe.to_dict().items() if k in _TRAIN_FIELDS},
-                       "train": tr.to_dict(),
+                       "train": {k: v for k, v in tr.to_dict().items() if k != "steps"},
                        "data": arrays_sha256(*data.train_raw, *data.train_labels),
                        "val": arrays_sha256(*val_f, *val_l)})
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -350,6 +351,13 @@ def _train_one(data: _Data, recipe: DatasetZooRecipe, ckpt: Path, *, device: str
         curve = {"format": _BUILD_FORMAT, "key": key, "points": [], "best_step": None, "best_vi": None,
                  "best_threshold": None, "finished": False, "stop_reason": None, "seconds": 0.0,
                  "validation_slices": val_idx, "patch_size": patch, "train_recipe": tr.to_dict()}
+    if curve["finished"] and _bound_lifted(curve, recipe.max_steps, time_budget_s):
+        last = curve["points"][-1]["step"]
+        report(f"{data.dataset.name}: extending the training that stopped at step {last} "
+               f"({curve['stop_reason']}) up to max_steps {recipe.max_steps}")
+        curve.setdefault("extended", []).append({"from_step": last, "stop_reason": curve["stop_reason"],
+                                                 "max_steps": recipe.max_steps})
+        curve.update(finished=False, stop_reason=None, train_recipe=tr.to_dict())
     if curve["finished"]:
         report(f"{data.dataset.name}: training finished earlier (best step {curve['best_step']}); not retrained")
         return curve
@@ -409,6 +417,19 @@ def _train_one(data: _Data, recipe: DatasetZooRecipe, ckpt: Path, *, device: str
     return curve
 
 
+def _bound_lifted(curve: dict, max_steps: int, time_budget_s: float | None) -> bool:
+    """Whether a finished training stopped only at a bound (steps or time) that this build raises."""
+    if not curve.get("points"):
+        return False
+    last = curve["points"][-1]["step"]
+    reason = curve.get("stop_reason") or ""
+    if reason.startswith("max_steps"):
+        return max_steps > last
+    if reason.startswith("compute budget"):
+        return max_steps > last and (time_budget_s is None or time_budget_s > float(curve.get("seconds") or 0.0))
+    return False  # early stopping (or an unknown reason) is final
+
+
 def _package_one(data: _Data, recipe: DatasetZooRecipe, curve: dict, ckpt: Path, out: Path, *, build_key: str,
                  report: Callable[[str], None]) -> ModelPackage:
     """Write the package of a finished training: best weights, threshold, held-out scores, model card."""
@@ -461,7 +482,8 @@ def _package_one(data: _Data, recipe: DatasetZooRecipe, curve: dict, ckpt: Path,
                            "eval_every": recipe.eval_every, "patience": recipe.patience,
                            "min_delta": recipe.min_delta, "best_step": curve["best_step"],
                            "stopped_at": curve["points"][-1]["step"] if curve["points"] else None,
-                           "stop_reason": curve["stop_reason"]},
+                           "stop_reason": curve["stop_reason"],
+                           "extended_from": curve.get("extended", [])},
         "train_seconds": curve.get("seconds"),
         "command": _command(data.manifest_path, recipe),
         "built_by": "neuroadda_rt.zoo_builder.build_zoo_from_datasets",

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     b.add_argument("--data-root", default=None,
                    help="root of the manifests' relative paths (default $NEUROADDA_DATA)")
     b.add_argument("--max-steps", type=int, default=None,
-                   help="--from-datasets: most training steps per package (default 1200; early stopping "
+                   help="--from-datasets: most training steps per package (default 4000; early stopping "
                         "usually ends sooner)")
     b.add_argument("--eval-every", type=int, default=None,
                    help="--from-datasets: steps between held-out validation evaluations (default 100)")

@@ -184,7 +184,8 @@ def test_calibrations_match_float64_numpy():
     for src in srcs:
         e_raw, e_z, e_rel = (next(e for e in r if e.name == src.name) for r in (raw, z, rel))
         assert e_raw.score == e_raw.mmd2 and e_z.mmd2 == e_raw.mmd2 and e_rel.mmd2 == e_raw.mmd2
-        ref, feats = standardize(src.reference_features, _describe(tiles))
+        # the default pooling compares the per-channel means: the first half of mean+std columns
+        ref, feats = standardize(src.reference_features[:, :2], _describe(tiles)[:, :2])
         x, y = ref.astype(np.float64), feats.astype(np.float64)
         s = e_raw.sigma
         kxx, kyy, kxy = _k(x, x, s), _k(y, y, s), _k(x, y, s)
@@ -218,15 +219,23 @@ def test_calibrated_score_errors():
 def test_pooling_subset_equals_a_source_with_only_those_columns():
     target = _stripes(10.0)
     full = FakeSource("full", [8.0, 8.0], _reference(12.0))
-    for part, cols in (("mean", slice(0, 2)), ("std", slice(2, 4))):
+    for part, cols in (("mean", slice(0, 2)), ("std", slice(2, 4)), ("auto", slice(0, 2)), ("all", slice(0, 4))):
         sub = FakeSource("full", [8.0, 8.0], full.reference_features[:, cols], pooling=part if part == "mean" else "max")
         sub.embed = lambda tiles, c=cols, **kw: _describe(tiles)[:, c].astype(np.float32)
         a = rank_sources(target, [full], n_tiles=20, seed=1, n_permutations=20, cache_dir=False, pooling=part)[0]
         b = rank_sources(target, [sub], n_tiles=20, seed=1, n_permutations=20, cache_dir=False)[0]
         assert a.mmd2 == pytest.approx(b.mmd2, rel=1e-6, abs=1e-9) and a.p_value == b.p_value
+    # a package pooled otherwise: "auto" and "mean" (for a mean-pooled one) use all of its columns
+    only_mean = FakeSource("m", [8.0, 8.0], _reference(12.0)[:, :2], pooling="mean")
+    only_mean.embed = lambda tiles, **kw: _describe(tiles)[:, :2].astype(np.float32)
+    a = rank_sources(target, [only_mean], n_tiles=20, seed=1, n_permutations=0, cache_dir=False)
+    assert a[0].mmd2 == rank_sources(target, [only_mean], n_tiles=20, seed=1, n_permutations=0, cache_dir=False,
+                                     pooling="mean")[0].mmd2
+    assert a.settings["compared"] == {"m": "mean"}
+    assert rank_sources(target, [full], n_tiles=4, n_permutations=0, cache_dir=False).settings["compared"] == \
+        {"full": "mean of mean+std"}
     with pytest.raises(InputValueError, match="mean\\+std"):
-        rank_sources(target, [FakeSource("m", [8.0, 8.0], _reference(12.0)[:, :2], pooling="mean")], n_tiles=4,
-                     cache_dir=False, pooling="mean")
+        rank_sources(target, [only_mean], n_tiles=4, cache_dir=False, pooling="std")
     with pytest.raises(InputValueError, match="pooling"):
         rank_sources(target, [full], n_tiles=4, cache_dir=False, pooling="max")
 

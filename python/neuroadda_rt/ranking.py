@@ -38,13 +38,15 @@ from .tiles import resize_tiles
 log = logging.getLogger("neuroadda_rt")
 
 __all__ = ["rank_sources", "SourceRanking", "RankedSource", "default_cache_dir", "standardize", "ranking_warnings",
-           "tile_size_of", "CALIBRATIONS", "calibrated_score", "voxel_matched_size"]
+           "tile_size_of", "CALIBRATIONS", "POOLING_PARTS", "calibrated_score", "voxel_matched_size"]
 
 #: How a source's MMD² becomes the score the ranking sorts by (:func:`calibrated_score`).
 CALIBRATIONS = ("none", "null_z", "relative")
 
-#: The pooled statistics a ranking may compare, as columns of the package's ``mean+std`` features.
-_POOLING_PARTS = ("mean", "std")
+#: The pooled statistics a ranking may compare (``rank_sources(pooling=)``): ``"auto"`` (the default: the
+#: per-channel means of ``mean+std`` features, a package's own features otherwise), ``"all"`` (every column
+#: of the package's features), ``"mean"`` or ``"std"`` (those columns of ``mean+std`` features).
+POOLING_PARTS = ("auto", "all", "mean", "std")
 
 #: Version of the cache-key recipe; bump when what goes into a feature changes.
 #: 2: the key holds the intensity rule, feature level and precision (v1 entries were shared by
@@ -420,7 +422,7 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
                  progress: bool = False, backend: str = "auto", device: str = "auto",
                  batch_size: int = 16, target_modality: str | None = None,
                  target_voxel_size_nm=None, match_voxel_size: bool = False, calibration: str = "none",
-                 pooling: str | None = None) -> SourceRanking:
+                 pooling: str = "auto") -> SourceRanking:
     """Rank source models by MMD² between their reference features and the target's features.
 
     Parameters
@@ -468,10 +470,13 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
         What the ranking sorts by (:func:`calibrated_score`): MMD² itself, its z-score against the
         permutation null, or MMD² relative to the samples' own kernel similarity. ``mmd2`` is
         always reported; ``score`` holds the sorted value.
-    pooling : {None, "mean", "std"}
-        Which pooled statistics enter the MMD²: None, all of the package's; ``"mean"`` or ``"std"``,
-        only the per-channel means or standard deviations of a package pooled by ``"mean+std"``
-        (the columns of its reference features, so nothing is re-embedded).
+    pooling : {"auto", "all", "mean", "std"}
+        Which pooled statistics enter the MMD² (columns of the package's reference features and of the
+        target's, so nothing is re-embedded): ``"all"``, every column; ``"mean"`` or ``"std"``, only
+        the per-channel means or standard deviations of a package pooled by ``"mean+std"`` (``"mean"``
+        also accepts a ``"mean"``-pooled package). ``"auto"`` (default): ``"mean"`` for ``mean+std``
+        packages, ``"all"`` otherwise -- the choice measured on real EM in ``docs/results.md`` §5.3
+        (the within-tile spread statistics follow contrast, noise and texture more than content).
 
     Returns
     -------
@@ -502,15 +507,17 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
     if calibration == "null_z" and n_permutations < 2:
         raise InputValueError(f"calibration 'null_z' is a z-score against the permutation null: expected "
                               f"n_permutations >= 2, got {n_permutations}")
-    if pooling is not None and pooling not in _POOLING_PARTS:
-        raise InputValueError(f"expected pooling None (the package's) or one of {_POOLING_PARTS}, got {pooling!r}")
+    if pooling not in POOLING_PARTS:
+        raise InputValueError(f"expected pooling in {POOLING_PARTS}, got {pooling!r}")
     volume = as_volume(target)
     sources = [as_source(m) for m in iter_zoo(zoo)]
-    if pooling is not None:
-        bad = [s.name for s in sources if s.pooling != "mean+std"]
+    if pooling in ("mean", "std"):
+        ok = ("mean+std", "mean") if pooling == "mean" else ("mean+std",)
+        bad = [s.name for s in sources if s.pooling not in ok]
         if bad:
             raise InputValueError(f"pooling={pooling!r} takes columns of 'mean+std' reference features; expected "
-                                  f"every source pooled by 'mean+std', got other poolings for {bad}")
+                                  f"every source pooled by {' or '.join(repr(o) for o in ok)}, got other poolings "
+                                  f"for {bad}")
     if cache_dir is None:
         cache: Path | None = default_cache_dir()
     elif cache_dir is False:
@@ -602,7 +609,8 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
                 "target_voxel_size_nm": tfacts.get("voxel_size_nm"),
                 "kernel": "gaussian on features standardised by the source's reference mean/sd, median-heuristic "
                           "bandwidth on the pooled sample (mmd2_test default)",
-                "pooling": sorted({s.pooling for s in sources}) if pooling is None else [pooling],
+                "pooling": pooling,
+                "compared": {s.name: _compared(s.pooling, pooling) for s in sources},
                 "feature_level": sorted({s.feature_level for s in sources}),
                 "match_voxel_size": bool(match_voxel_size), "cut_sizes": cuts, "calibration": calibration,
                 "target": describe_target(target, volume),
@@ -610,19 +618,26 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
     return SourceRanking(entries, settings, coords)
 
 
-def _pooling_columns(src: RankableSource, pooling: str | None, n_columns: int) -> slice:
-    """The columns of ``mean+std`` features that ``pooling`` keeps (the per-channel means come first)."""
-    if pooling is None:
+def _compared(package_pooling: str, pooling: str) -> str:
+    """What a source's MMD² compares: its package pooling, or which part of its ``mean+std`` features."""
+    if pooling == "all" or package_pooling != "mean+std":
+        return package_pooling
+    return ("mean" if pooling == "auto" else pooling) + " of mean+std"
+
+
+def _pooling_columns(src: RankableSource, pooling: str, n_columns: int) -> slice:
+    """The columns ``pooling`` keeps (of ``mean+std`` features the per-channel means come first)."""
+    if pooling == "all" or src.pooling != "mean+std":
         return slice(None)
     if n_columns % 2:
         raise ShapeError(f"model {src.name!r}: expected an even number of 'mean+std' feature columns, got {n_columns}")
     half = n_columns // 2
-    return slice(0, half) if pooling == "mean" else slice(half, n_columns)
+    return slice(half, n_columns) if pooling == "std" else slice(0, half)
 
 
 def _rank_one(src: RankableSource, tiles: np.ndarray, *, seed: int, n_permutations: int, cache: Path | None,
               content: str, tile_size: int, backend: str, device: str, batch_size: int, calibration: str = "none",
-              pooling: str | None = None) -> RankedSource:
+              pooling: str = "all") -> RankedSource:
     """One source's MMD² (and p-value, and score) between its reference features and the target tiles' features."""
     ref = src.reference_features
     # a tile size other than the reference's is one of the entry's warnings (source_warnings)

@@ -28,9 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--calibration", default="none", choices=["none", "null_z", "relative"],
                    help="what the ranking sorts by: MMD² (none, default), its z-score against the permutation "
                         "null (null_z), or MMD² relative to the samples' own kernel similarity (relative)")
-    p.add_argument("--pooling", default=None, choices=["mean", "std"],
-                   help="compare only the per-channel means or standard deviations of 'mean+std' features "
-                        "(default: all of the package's)")
+    p.add_argument("--pooling", default="auto", choices=["auto", "all", "mean", "std"],
+                   help="which pooled features enter the MMD²: auto (default: the per-channel means of 'mean+std' "
+                        "features, the package's own otherwise), all, or only the means / standard deviations")
     add_common(p)
     p.set_defaults(func=run)
 

@@ -45,7 +45,8 @@ TILE = 256 if FULL else 64
 OVERLAP = 0.25
 BLOCK = (1, 1024, 1024) if FULL else (1, 96, 192)
 ROUNDS = 2 if FULL else 1
-RESULTS: dict[str, float] = {}
+PAIRS = int(os.environ.get("NEUROADDA_BENCH_PAIRS", "5" if FULL else "1"))
+RESULTS: dict = {"_load0": os.getloadavg()[0]}
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,41 @@ def test_predict_volume_in_process(benchmark, setup, precision):
     assert r.blocks_computed == r.n_blocks
     RESULTS[f"ort_{precision}"] = r.voxels_per_s
     RESULTS[f"ort_{precision}_end_to_end"] = _voxels_per_s(benchmark)
+
+
+def test_int8_vs_fp32_interleaved(setup):
+    """int8 against fp32, run alternately (the machine is shared: a load change then hits both),
+    ``PAIRS`` pairs; block-phase throughput (quantisation, done once per run, is outside it), median
+    and range of the per-pair ratios. The int8 output is checked against fp32's: probabilities, and
+    the VI between the segmentations of the two (``segment``, boundary map, threshold 0.5)."""
+    from neuroadda_rt.metrics import variation_of_information
+    from neuroadda_rt.segmentation import segment
+
+    vps: dict[str, list[float]] = {"fp32": [], "int8": []}
+    outs = {}
+    for i in range(PAIRS):
+        for precision in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):
+            r, out = _run(setup, f"pair{i}-{precision}", precision=precision, scheduler="synchronous",
+                          threads=THREADS)
+            assert r.blocks_computed == r.n_blocks
+            vps[precision].append(r.voxels_per_s)
+            outs[precision] = out
+    ratios = np.array(vps["int8"]) / np.array(vps["fp32"])
+    p32 = neuroadda_rt.open_volume(outs["fp32"])[...][0]
+    p8 = neuroadda_rt.open_volume(outs["int8"])[...][0]
+    err = np.abs(p8 - p32)
+    s32, s8 = segment(p32, "boundary"), segment(p8, "boundary")
+    split, merge = variation_of_information(s8, s32, ignore_gt=())
+    assert err.mean() < 0.05, err.mean()
+    RESULTS["interleaved"] = {
+        "pairs": PAIRS, "fp32_mvox_s": [round(v / 1e6, 4) for v in vps["fp32"]],
+        "int8_mvox_s": [round(v / 1e6, 4) for v in vps["int8"]],
+        "fp32_median": float(np.median(vps["fp32"])), "int8_median": float(np.median(vps["int8"])),
+        "ratio_median": float(np.median(ratios)), "ratio_min": float(ratios.min()), "ratio_max": float(ratios.max()),
+        "int8_mean_abs_err": float(err.mean()), "int8_max_abs_err": float(err.max()),
+        "boundary_voxels_flipped_at_0.5": float(((p8 > 0.5) != (p32 > 0.5)).mean()),
+        "vi_int8_vs_fp32_segmentation": float(split + merge), "segments_fp32": int(len(np.unique(s32))),
+        "loadavg_before_after": [RESULTS.get("_load0"), os.getloadavg()[0]]}
 
 
 @pytest.mark.parametrize("workers", [1, 2])

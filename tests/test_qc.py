@@ -207,7 +207,9 @@ def test_artefact_flags_recall_and_fpr(em_tiles):
     tiles). Folds and brightness jumps are asserted at a lower recall here: on a 64-pixel tile
     a fold is a dark line no longer than a membrane segment, and the tile means of 64-pixel
     tiles already spread over +-30 % (brightness gradient, cell contrast), so a x0.75 gain can
-    stay inside the reference range. Recall at 256x256 (>= 0.9 for every kind) is measured by
+    stay inside the reference range; the cut's exponential-tail term (which extends the 192-tile
+    reference's tail to artefact_fpr / D instead of stopping at its maximum) took this recall from
+    >= 0.75 to 0.72. Recall at 256x256 (>= 0.9 for every kind) is measured by
     benchmarks/qc_acceptance.py."""
     from neuroadda_rt.study.synthetic import apply_artefact
 
@@ -220,7 +222,7 @@ def test_artefact_flags_recall_and_fpr(em_tiles):
                          ("brightness_jump", "brightness")]:
         bad = np.stack([apply_artefact(t, kind, seed=i)[0] for i, t in enumerate(clean[:32])])
         r = mon.update(bad)
-        floor = {"fold": 0.4, "brightness_jump": 0.75}.get(kind, 0.9)
+        floor = {"fold": 0.4, "brightness_jump": 0.7}.get(kind, 0.9)
         assert r.flags.mean() >= floor, (kind, r.flags.mean())
         if expect is not None:
             kinds = [k for k, f in zip(r.kinds, r.flags) if f]
@@ -229,8 +231,9 @@ def test_artefact_flags_recall_and_fpr(em_tiles):
 
 def test_artefact_flags_match_robust_cuts(rng):
     """Flags and severities against a NumPy reimplementation of the rule: robust z = (v - median) /
-    max(1.4826 MAD, floor) in the detector's tail, cut = max(Phi^-1(1 - fpr / D), largest reference z);
-    on exchangeable clean tiles the flag rate stays near artefact_fpr."""
+    max(1.4826 MAD, floor) in the detector's tail, cut = max(Phi^-1(1 - fpr / D), largest reference z,
+    exponential tail of the top 10 % (>= 10) reference z's extrapolated to fpr / D); on exchangeable
+    clean tiles the flag rate stays near artefact_fpr."""
     from statistics import NormalDist
 
     from neuroadda_rt.qc.descriptors import IMAGE_STATS, IMAGE_TAILS, SCALE_FLOOR, image_stats
@@ -250,7 +253,11 @@ def test_artefact_flags_match_robust_cuts(rng):
         t = IMAGE_TAILS[name]
         def zf(x, med=med, sc=sc, t=t):
             return (x - med) / sc if t > 0 else (med - x) / sc if t < 0 else np.abs(x - med) / sc
-        rel.append(zf(v) / max(gauss, zf(r).max()))
+        zr = np.sort(zf(r))
+        k = max(10, round(0.1 * len(zr)))
+        u = zr[-k - 1]
+        tail = u + np.mean(zr[-k:] - u) * np.log(k / len(zr) / (0.02 / d))
+        rel.append(zf(v) / max(gauss, zr[-1], tail))
     rel = np.max(rel, axis=0)
     desc = mon.detectors.index("mean")
     np.testing.assert_array_less(rel - 1e-9, rep.severity + 1e-9)  # similarity can only add
@@ -427,3 +434,45 @@ def test_black_stripes_saturation_and_blur_are_named(em_tiles):
         assert rep.flags.mean() >= 0.9, (cause, rep.flags.mean())
         named = [k for k, f in zip(rep.kinds, rep.flags) if f]
         assert named.count(cause) >= 0.9 * len(named), (cause, named)
+
+
+def test_flat_area_matches_brute_force(rng):
+    """flat_area against a loop over 4x4 blocks in float64: blocks without a black (<= 5/255) or
+    saturated (>= 250/255) pixel whose std is below 0.3 x the median std of those blocks; a smooth
+    film over a quarter of a noisy tile counts as a quarter, a clipped black band not at all."""
+    from neuroadda_rt.qc.descriptors import BLACK, FLAT_RATIO, IMAGE_STATS, SATURATED, image_stats
+
+    tiles = rng.uniform(0.2, 0.8, size=(4, 32, 32)).astype(np.float32)
+    tiles[1, :16, :16] = 0.5 + rng.normal(0, 0.002, size=(16, 16))  # a smooth film: 16 of 64 blocks
+    tiles[2, :, :8] = 0.0  # a black band: clipped, not flat area
+    tiles[3] = 0.0  # all clipped
+    got = image_stats(tiles)[:, IMAGE_STATS.index("flat_area")]
+
+    def brute(t):
+        stds, open_ = [], []
+        for by in range(0, 32, 4):
+            for bx in range(0, 32, 4):
+                b = t[by:by + 4, bx:bx + 4].astype(np.float64)
+                stds.append(b.std())
+                open_.append(not ((b <= np.float32(BLACK)) | (b >= np.float32(SATURATED))).any())
+        stds, open_ = np.array(stds), np.array(open_)
+        if not open_.any():
+            return 0.0
+        return float(np.mean((stds < FLAT_RATIO * np.median(stds[open_])) & open_))
+
+    want = [brute(t) for t in tiles]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert want[1] == pytest.approx(0.25) and want[2] == 0.0 and want[3] == 0.0
+
+
+def test_tail_cut_extrapolates_exponential_quantile():
+    """The artefact cut's tail term on a reference of M exponential z-scores: the value exceeded with
+    probability p (analytic -log p) is recovered beyond the reference's maximum, where the maximum itself
+    is exceeded with probability 1/(M+1) whatever p is."""
+    from neuroadda_rt.qc.monitor import _tail_cut
+
+    z = np.random.default_rng(3).exponential(1.0, size=4000)
+    for p in (1e-3, 2e-4):
+        assert _tail_cut(z, p) == pytest.approx(-np.log(p), abs=0.6)
+    assert _tail_cut(z, 2e-4) > z.max()
+    assert _tail_cut(z[:50], 0.5) == -np.inf  # p not beyond the fitted share: the other cuts apply

@@ -9,6 +9,7 @@ cause of a flag but is not itself a detector.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -19,12 +20,12 @@ __all__ = ["image_stats"]
 #: Intensity descriptors computed per tile (all on the [0, 1] normalised image), their
 #: artefact tail (-1 low, +1 high, 0 both) and the likely cause they name.
 IMAGE_STATS = ("mean", "std", "sharpness", "line_ridge", "flat", "block_max", "dark_fraction", "saturated_fraction",
-               "black_lines")
+               "black_lines", "flat_area")
 IMAGE_TAILS = {"mean": 0, "std": 0, "sharpness": -1, "line_ridge": 1, "flat": -1, "block_max": 1,
-               "dark_fraction": 1, "saturated_fraction": 1, "black_lines": 1}
+               "dark_fraction": 1, "saturated_fraction": 1, "black_lines": 1, "flat_area": 1}
 KIND_OF = {"mean": "brightness", "std": "contrast", "sharpness": "defocus", "line_ridge": "fold", "flat": "stain",
            "block_max": "bright_region", "dark_fraction": "black_region", "saturated_fraction": "saturation",
-           "black_lines": "black_region",
+           "black_lines": "black_region", "flat_area": "stain",
            "similarity": "feature_outlier", "uncertainty": "uncertainty"}
 #: Intensities at or below this (of 1) are "black" (padding bands, lost sections, black stripes) and at or
 #: above ``SATURATED`` saturated: 5 and 250 of 255.
@@ -34,10 +35,15 @@ BLACK, SATURATED = 5 / 255, 250 / 255
 #: a change a microscopist would not call an artefact: 2% of the intensity range in brightness or block
 #: intensity, 1% in contrast, 5% of the tile's pixels black or saturated, ...
 SCALE_FLOOR = {"mean": 0.02, "std": 0.01, "sharpness": 0.05, "line_ridge": 0.01, "flat": 0.005, "block_max": 0.02,
-               "dark_fraction": 0.05, "saturated_fraction": 0.05, "black_lines": 0.01, "similarity": 1e-3,
+               "dark_fraction": 0.05, "saturated_fraction": 0.05, "black_lines": 0.01, "flat_area": 0.02,
+               "similarity": 1e-3,
                "uncertainty": 1e-3}
 #: Column of :func:`image_stats` holding the median 4×4-block standard deviation.
 TEXTURE = len(IMAGE_STATS)
+#: A 4×4 block counts towards ``flat_area`` when its standard deviation is below this fraction of the
+#: tile's median block standard deviation: a deposit lying on the section replaces the tissue's texture
+#: *and its shot noise* by a smooth film, whatever the tile's contrast.
+FLAT_RATIO = 0.3
 
 
 def as_tiles(tiles, name: str = "tiles") -> np.ndarray:
@@ -92,6 +98,12 @@ def image_stats(tiles: np.ndarray, *, chunk: int = 32) -> np.ndarray:
     * ``saturated_fraction``: fraction of pixels at least 250/255 (detector saturation, charging);
     * ``black_lines``: fraction of whole rows or whole columns that are black (the larger): padding
       stripes a few pixels wide at a section's edge, which tissue never has;
+    * ``flat_area``: fraction of the tile's 4×4 blocks that are smooth relative to the tile's own
+      texture (standard deviation below ``FLAT_RATIO`` times the median block standard deviation),
+      counting only blocks without a black or saturated pixel: a stain covers an *area* with a smooth
+      film (``flat`` sees only its smoothest block), and the ratio does not move with the section's
+      brightness or contrast; clipped blocks are flat because the detector's range ends, which
+      ``dark_fraction`` / ``saturated_fraction`` measure;
     * a last column, ``texture`` (median 4×4-block standard deviation), is not a detector: it
       tells a global blur (every block smooth) from a local deposit when naming the cause.
 
@@ -127,7 +139,17 @@ def image_stats(tiles: np.ndarray, *, chunk: int = 32) -> np.ndarray:
     flat = bstd.min(axis=1).astype(np.float64)
     texture = np.median(bstd, axis=1).astype(np.float64)
     bmax = s1.max(axis=(1, 2)).astype(np.float64)
-    return np.stack([mean, std, sharp, _line_contrast(t), flat, bmax, dark, sat, lines, texture], axis=1)
+    # blocks holding a black or saturated pixel (at the resolution the blocks are taken at)
+    clipped = (c <= np.float32(BLACK)) | (c >= np.float32(SATURATED))
+    clipped = clipped.reshape(n, h4 * 4, w4, 4).any(-1).reshape(n, h4, 4, w4).any(2).reshape(n, -1)
+    open_std = np.where(clipped, np.nan, bstd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a tile with every block clipped: all-NaN row
+        ref_std = np.nanmedian(open_std, axis=1) if clipped.any() else np.median(bstd, axis=1)
+    ref_std = np.nan_to_num(ref_std, nan=0.0)  # every block clipped: no open block is flat
+    area = ((bstd < np.float32(FLAT_RATIO) * ref_std[:, None].astype(np.float32)) & ~clipped).mean(axis=1)
+    return np.stack([mean, std, sharp, _line_contrast(t), flat, bmax, dark, sat, lines, area.astype(np.float64),
+                     texture], axis=1)
 
 
 def _line_contrast(t: np.ndarray, n_angles: int = 32, offsets=(2, 4, 8)) -> np.ndarray:

@@ -21,8 +21,9 @@ in the feature space of a trained encoder, with the kernel of the MMD² test use
   detector's value (reference similarity, model uncertainty when a full network is given, and cheap
   intensity descriptors when the reference was given as tiles) becomes a robust z-score
   ``(value - median) / max(1.4826 MAD, floor)`` in its artefact tail, and a tile is flagged when some
-  z-score exceeds both the Bonferroni Gaussian cut ``Phi^-1(1 - artefact_fpr / D)`` and the largest
-  z-score of that detector over the reference (so no clean reference tile would be flagged). The
+  z-score exceeds the Bonferroni Gaussian cut ``Phi^-1(1 - artefact_fpr / D)``, the largest
+  z-score of that detector over the reference (so no clean reference tile would be flagged) and the
+  reference's exponential tail extrapolated to ``artefact_fpr / D``. The
   *severity* (largest z-score over its cut) orders flags, and a likely cause is named from the
   detectors that exceed their cut.
 
@@ -352,6 +353,28 @@ def _mmd2_from_sums(a_ww: float, a_rr: float, a_wr: float, n: int, m: int) -> fl
     return a_ww / (n * (n - 1)) + a_rr / (m * (m - 1)) - 2 * a_wr / (n * m)
 
 
+#: Share of the reference's largest z-scores (at least ``TAIL_MIN`` of them) the exponential tail of an
+#: artefact detector is fitted to.
+TAIL_SHARE, TAIL_MIN = 0.1, 10
+
+
+def _tail_cut(z: np.ndarray, p: float) -> float:
+    """The value a clean tile exceeds with probability ``p``, from an exponential tail fitted to the
+    reference's largest z-scores (peaks over a threshold: u = the value below the top ``TAIL_SHARE``,
+    scale = the mean excess over u, the exponential's maximum-likelihood estimate). The reference's
+    maximum alone is exceeded by an exchangeable clean tile with probability 1/(M+1) per detector,
+    whatever ``p`` is asked for (2% of tiles over 10 detectors at M = 480); the tail extends the
+    reference's own tail to ``p``. -inf when ``p`` is not beyond the fitted share (the other cuts apply)."""
+    zs = np.sort(np.asarray(z, dtype=np.float64))
+    m = len(zs)
+    k = min(max(TAIL_MIN, int(round(TAIL_SHARE * m))), m - 1)
+    if k < 1 or p >= k / m:
+        return -math.inf
+    u = zs[m - k - 1]
+    scale = float(np.mean(zs[m - k:] - u))
+    return float(u + scale * math.log(k / m / p))
+
+
 def _order_groups(groups, m: int) -> np.ndarray:
     """Section labels -> 0, 1, 2, ... in order of first appearance (the acquisition order)."""
     g = np.asarray(groups).reshape(-1)
@@ -619,8 +642,8 @@ class QCMonitor:
                 f"reference sections or a smaller window")
 
     def _calibrate_artefacts(self) -> None:
-        """Robust centre and scale per detector, its cut (the larger of the Bonferroni Gaussian cut
-        and the reference's own largest z-score)."""
+        """Robust centre and scale per detector, its cut (the largest of the Bonferroni Gaussian cut,
+        the reference's own largest z-score and the reference's tail extrapolated to artefact_fpr / D)."""
         d = len(self._det_names)
         self._gauss_cut = NormalDist().inv_cdf(1 - self.artefact_fpr / d)
         centre, scale = [], []
@@ -631,7 +654,8 @@ class QCMonitor:
             scale.append(max(mad, SCALE_FLOOR.get(name, 1e-6)))
         self._centre, self._scale = np.array(centre), np.array(scale)
         z_ref = self._zscores(dict(zip(self._det_names, self._det_ref)))
-        self._cut = np.maximum(self._gauss_cut, z_ref.max(axis=1))
+        tail = np.array([_tail_cut(z, self.artefact_fpr / d) for z in z_ref])
+        self._cut = np.maximum(np.maximum(self._gauss_cut, z_ref.max(axis=1)), tail)
 
     def _warn_calibration(self) -> None:
         m = len(self.ref)
@@ -801,7 +825,8 @@ class QCMonitor:
         """Likely cause of one flagged tile from the detectors beyond their cut (``rel`` > 1): black
         pixels first (padding bands, stripes, lost sections), then saturation, then a global blur
         (sharpness beyond its cut with the median block texture below half the reference's), else the
-        detector furthest beyond its cut (fold, stain, brightness, contrast, ...)."""
+        detector furthest beyond its cut (fold, stain, brightness, contrast, ...); the smoothest block
+        (``flat``) does not name a stain when brightness or contrast moved and ``flat_area`` did not."""
         over = {name: r for name, r in zip(self._det_names, rel) if r > 1.0}
         for name in ("dark_fraction", "black_lines", "saturated_fraction"):
             if name in over:
@@ -811,6 +836,11 @@ class QCMonitor:
             return KIND_OF["sharpness"]
         if len(over) > 1:
             over.pop("sharpness", None)  # a local artefact also lowers the sharpness ratio
+        if ("flat" in over and "flat_area" in self._det_names and "flat_area" not in over
+                and ("mean" in over or "std" in over)):
+            # a global gain / offset lowers every block's standard deviation (``flat`` is absolute); a
+            # stain leaves a smooth area relative to the tile's texture, which ``flat_area`` did not see
+            over.pop("flat")
         return KIND_OF[max(over, key=over.get)]
 
     def _test_window(self) -> WindowResult:

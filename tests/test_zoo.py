@@ -409,6 +409,50 @@ def test_zoo_from_two_shared_manifests_via_cli_loads_ranks_and_verifies(capsys, 
     assert before == {p.name: (p / "model.json").stat().st_mtime_ns for p in neuroadda_rt.Zoo(out).paths}
 
 
+def test_zoo_from_two_labelled_manifests_via_cli_loads_ranks_and_verifies_without_shared_data(capsys, tmp_path):
+    """The CI-size check of issue 15 where ../shared is absent (a CI machine): two labelled manifests of the
+    user's own volumes (here rendered, with exact labels) -> zoo build -> Zoo(OUT) -> rank a third volume ->
+    zoo verify; a rerun skips both packages."""
+    from neuroadda_rt.io import write_volume
+    from neuroadda_rt.study.synthetic import make_domain
+
+    manifests = []
+    for i, (name, organism, modality, voxel) in enumerate([("lab_a", "Mus musculus", "ssTEM", [40, 4, 4]),
+                                                            ("lab_b", "Danio rerio", "SBEM", [30, 8, 8])]):
+        img, lab = make_domain(None, (4, 96, 96), seed=40 + i)
+        write_volume(tmp_path / f"{name}.h5:raw", img)
+        write_volume(tmp_path / f"{name}_seg.h5:seg", lab)
+        m = {"name": name, "organism": organism, "tissue": "cortex", "modality": modality, "voxel_size_nm": voxel,
+             "image": str(tmp_path / f"{name}.h5:raw"), "labels": str(tmp_path / f"{name}_seg.h5:seg"),
+             "label_kind": "instances", "license": "CC-BY-4.0", "citation": "a lab's own volume",
+             "splits": {"train": {"z": [0, 2]}, "test": {"z": [2, 4]}}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(m))
+        manifests.append(tmp_path / f"{name}.json")
+    out = tmp_path / "zoo"
+    argv = ["zoo", "build", str(out), "--from-datasets", *map(str, manifests), *TINY_RECIPE, "--json"]
+    rc, res = _cli(capsys, *argv)
+    assert rc == 0, res.err
+    zoo = neuroadda_rt.Zoo(out)
+    assert sorted(zoo.names) == ["lab_a", "lab_b"]
+    for pkg, voxel, modality in zip(sorted(zoo, key=lambda p: p.name), ([40, 4, 4], [30, 8, 8]), ("ssTEM", "SBEM")):
+        assert pkg.voxel_size_nm == [float(v) for v in voxel] and pkg.metadata["modality"] == modality
+        assert pkg.training["license"] == "CC-BY-4.0" and "--from-datasets" in pkg.training["command"]
+        assert np.isfinite(pkg.metrics["held_out"]["vi_total"])
+        assert pkg.metrics["held_out"]["slices"] and pkg.metrics["validation_curve"]
+    third, _ = make_domain(None, (2, 96, 96), seed=99)
+    np.save(tmp_path / "third.npy", third)
+    rc, res = _cli(capsys, "rank", str(tmp_path / "third.npy"), "--zoo", str(out), "--n-tiles", "8",
+                   "--permutations", "10", "--no-cache", "--no-progress", "--json")
+    assert rc == 0, res.err
+    ranking = json.loads(res.out)["ranking"]
+    assert sorted(r["name"] for r in ranking) == ["lab_a", "lab_b"]
+    assert not any("synthetic" in w for r in ranking for w in r["warnings"])  # the manifests say real
+    rc, res = _cli(capsys, "zoo", "verify", "--zoo", str(out), "--json")
+    assert rc == 0 and json.loads(res.out)["ok"] is True
+    rc, res = _cli(capsys, *argv)
+    assert rc == 0 and all(m["skipped"] for m in json.loads(res.out)["models"].values())
+
+
 @pytest.mark.realdata
 def test_interrupted_zoo_build_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, em_data):
     from neuroadda_rt.zoo_builder import DatasetZooRecipe, build_zoo_from_datasets

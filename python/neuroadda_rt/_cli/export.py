@@ -63,7 +63,9 @@ def run(args) -> int:
 
         vol = open_target(args.calibration, None)
         tiles = sample_tiles(vol, args.n_calibration, tile_size_for(args.tile_size, pkg, vol), seed=args.seed).tiles
-        quantize_int8(onnx_path, tiles, out, normalization=pkg.normalization or "dtype")
+        # the full network's first conv stays fp32, as predict_volume quantises it (docs/method.md)
+        quantize_int8(onnx_path, tiles, out, normalization=pkg.normalization or "dtype",
+                      fp32_first_conv=args.part == "full")
     else:
         from ..export import build_tensorrt_engine
         from ._common import tile_size_for

@@ -251,3 +251,30 @@ def test_scores_survive_json_and_old_rankings_sort_by_mmd2(tmp_path):
         row.pop("cut_size")
     old = SourceRanking.from_json(json.dumps(d))
     assert [e.mmd2 for e in old] == sorted(e.mmd2 for e in old)
+
+
+# --------------------------------------------------------------------------------------------
+# the rank command
+# --------------------------------------------------------------------------------------------
+def test_rank_cli_options(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from neuroadda_rt.cli import main
+
+    pkg = nr.synthetic_zoo().root / "syn01"
+    src_nm = float(np.mean(nr.load_model(pkg).metadata["voxel_size_nm"][-2:]))
+    np.save(tmp_path / "t.npy", _stripes(10.0, shape=(2, 272, 272)))
+    base = ["rank", str(tmp_path / "t.npy"), "--zoo", str(pkg), "--no-cache", "--no-progress", "--n-tiles", "4",
+            "--permutations", "5"]
+    capsys.readouterr()
+    assert main(base + ["--match-voxel-size"]) == 2  # a .npy records no voxel size
+    err = capsys.readouterr().err.strip()
+    assert "voxel size" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    capsys.readouterr()
+    assert main(base + ["--match-voxel-size", "--voxel-size", f"{src_nm / 2:g},{src_nm / 2:g}", "--calibration",
+                        "null_z", "--pooling", "all", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    row = out["ranking"][0]
+    size = nr.load_model(pkg).metadata["reference_features"]["tile_size"]
+    assert (row["cut_size"], row["tile_size"]) == (2 * size, size)  # half the target pixel: twice the tile
+    assert out["settings"]["calibration"] == "null_z" and out["settings"]["pooling"] == "all"
+    assert row["score"] != row["mmd2"]

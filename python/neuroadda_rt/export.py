@@ -235,8 +235,8 @@ def _deconv_as_conv(node, weight: np.ndarray, bias: np.ndarray | None, p: str):
 
     y = op("Conv", [node.input[0], const("_W", w1, weight.dtype), const("_B", np.tile(bias, s), weight.dtype)],
            "_conv", kernel_shape=[1] * dim, strides=[1] * dim, pads=[0] * (2 * dim))
-    # the sizes come from the conv's input (a 1x1 conv keeps N and S), so no float tensor is
-    # dequantised only to read its shape
+    # the sizes come from the conv's input (a 1x1 conv keeps N and S): ONNX Runtime dequantises
+    # whatever Shape reads, and the input is the smaller tensor
     shape = op("Shape", [node.input[0]], "_shape")
     n_ = op("Slice", [shape, const("_i0", [0]), const("_i1", [1])], "_n")
     sp = op("Slice", [shape, const("_i2", [2]), const("_iend", [2 + dim])], "_sp")
@@ -359,7 +359,7 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
         Keep the network's first convolution and the input padding before it in fp32. With one
         input channel its reduction is only 9 (27 in 3-D) long, too short for the int8 kernels to
         pay off: on the AVX2 VM it took 45 ms int8 against 19 ms fp32 per 4 × 256² windows of the
-        default UNet, and it is the layer whose input rounding costs the most accuracy.
+        default UNet, and keeping it fp32 lowered the mean probability error from 0.0065 to 0.0045.
         :func:`~neuroadda_rt.predict_volume` sets it; the default (False) keeps the encoder files
         of earlier releases unchanged.
 

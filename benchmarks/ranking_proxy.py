@@ -53,8 +53,27 @@ VARIANTS = {
 NOT_CANDIDATES = ("std", "default@T")
 SEEDS = (0, 1, 2)
 N_BOOT = 2000
-#: §5.2: the reduced fine-tuned gala run (seed 0, 100 steps, n = 4), mean VI over the 32 test tiles
+#: §5.2: the reduced fine-tuned gala run (seed 0, 100 steps, n = 4), mean VI over the 32 test tiles (its run files
+#: are outside the repository); ``--finetuned DIR`` adds or replaces targets from transfer_real.py run folders
 GALA_FINETUNED = {"epfl_hippocampus": 0.755, "isbi2012": 0.872, "gerhard_l3_vnc": 0.945}
+
+
+def finetuned_vi(dirs, n: int = 4) -> dict:
+    """``{target: {source: mean fine-tuned VI over the seeds}}`` from ``transfer_real.py`` run folders (their
+    ``runs/*.json`` rows of sources fine-tuned on ``n`` tiles), on top of §5.2's gala result. A target is kept only
+    when every one of its sources has the same seeds."""
+    out = {"gala_fibsem": dict(GALA_FINETUNED)}
+    for d in dirs or ():
+        rows = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(Path(d, "runs").glob("*.json"))]
+        by: dict = {}
+        for r in rows:
+            if r.get("init_kind") == "source" and int(r.get("n", -1)) == n:
+                by.setdefault(r["target"], {}).setdefault(r["init"], {})[int(r["seed"])] = float(r["vi_total"])
+        for t, srcs in by.items():
+            seeds = {frozenset(v) for v in srcs.values()}
+            if len(srcs) >= 2 and len(seeds) == 1:
+                out[t] = {k: float(np.mean(list(v.values()))) for k, v in srcs.items()}
+    return out
 
 
 def zoo_commit() -> str:
@@ -118,17 +137,20 @@ def pooled_rho(ranked: dict, vi_by_target: dict) -> float:
     return _spearman(xs, ys)
 
 
-def summarize(rank: dict, tile_vi: dict, seeds) -> dict:
+def summarize(rank: dict, tile_vi: dict, seeds, finetuned: dict | None = None) -> dict:
     targets = sorted(tile_vi)
+    finetuned = {t: v for t, v in (finetuned if finetuned is not None else finetuned_vi(())).items() if t in targets}
     mean_vi = {t: {s: float(np.mean(v)) for s, v in tile_vi[t].items()} for t in targets}
-    out: dict = {"as_is_vi": mean_vi, "variants": {}}
+    out: dict = {"as_is_vi": mean_vi, "finetuned_vi": finetuned, "variants": {}}
     for v in VARIANTS:
         per_seed = []
         for seed in seeds:
             orders = {t: rank[v][t][str(seed)]["order"] for t in targets}
             per = {t: rho_regret(orders[t], mean_vi[t]) for t in targets}
-            gala = rho_regret(orders["gala_fibsem"], GALA_FINETUNED) if "gala_fibsem" in orders else None
-            per_seed.append({"pooled_rho": pooled_rho(orders, mean_vi), "per_target": per, "gala_finetuned": gala,
+            ft = {t: rho_regret([s for s in orders[t] if s in vi], vi) for t, vi in finetuned.items()}
+            per_seed.append({"pooled_rho": pooled_rho(orders, mean_vi), "per_target": per, "finetuned": ft,
+                             "finetuned_pooled_rho": pooled_rho({t: orders[t] for t in finetuned}, finetuned)
+                             if len(finetuned) > 1 else None,
                              "top1_hits": sum(p[2] for p in per.values())})
         out["variants"][v] = {
             "pooled_rho": float(np.mean([p["pooled_rho"] for p in per_seed])),
@@ -139,9 +161,10 @@ def summarize(rank: dict, tile_vi: dict, seeds) -> dict:
                                "regret": float(np.mean([p["per_target"][t][1] for p in per_seed])),
                                "top_ranked_per_seed": [rank[v][t][str(s)]["order"][0] for s in seeds]}
                            for t in targets},
-            "gala_finetuned": None if per_seed[0]["gala_finetuned"] is None else {
-                "rho": float(np.mean([p["gala_finetuned"][0] for p in per_seed])),
-                "regret": float(np.mean([p["gala_finetuned"][1] for p in per_seed]))}}
+            "finetuned": {t: {"rho": float(np.mean([p["finetuned"][t][0] for p in per_seed])),
+                              "regret": float(np.mean([p["finetuned"][t][1] for p in per_seed]))} for t in finetuned},
+            "finetuned_pooled_rho": None if len(finetuned) < 2 else
+            float(np.mean([p["finetuned_pooled_rho"] for p in per_seed]))}
     # bootstrap over test tiles (paired across sources and variants), Δρ vs default
     rng = np.random.default_rng(0)
     arrays = {t: {s: np.asarray(v, dtype=np.float64) for s, v in tile_vi[t].items()} for t in targets}
@@ -178,22 +201,28 @@ def summarize(rank: dict, tile_vi: dict, seeds) -> dict:
 
 def render(summary: dict) -> str:
     lines = [f"# Ranking alternatives vs as-is VI (proxy, §5.3); zoo {summary['zoo_commit']}", "",
+             "Fine-tuned VI (n = 4; reduced runs): " + "; ".join(
+                 f"{t}: " + ", ".join(f"{s} {v:.3f}" for s, v in sorted(d.items(), key=lambda x: x[1]))
+                 for t, d in sorted(summary["finetuned_vi"].items())), "",
              "As-is VI (n = 0, 32 test tiles): " + "; ".join(
                  f"{t}: " + ", ".join(f"{s} {v:.3f}" for s, v in sorted(d.items(), key=lambda x: x[1]))
                  for t, d in summary["as_is_vi"].items()), "",
              "| variant | pooled ρ (seeds) | bootstrap 5-95% | Δρ vs default 5-95% | top-1 hits/4 (seeds) | mean regret | "
-             + " | ".join(f"{t} ρ / regret" for t in sorted(summary["as_is_vi"])) + " | gala fine-tuned ρ / regret |",
-             "|---|---|---|---|---|---|" + "---|" * len(summary["as_is_vi"]) + "---|"]
+             + " | ".join(f"{t} ρ / regret" for t in sorted(summary["as_is_vi"]))
+             + "".join(f" | {t} fine-tuned ρ / regret" for t in sorted(summary["finetuned_vi"]))
+             + (" | fine-tuned pooled ρ" if len(summary["finetuned_vi"]) > 1 else "") + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(summary["as_is_vi"]) + "---|" * len(summary["finetuned_vi"])
+             + ("---|" if len(summary["finetuned_vi"]) > 1 else "")]
     for v, s in summary["variants"].items():
         b = s["bootstrap"]
-        g = s["gala_finetuned"]
         lines.append(
             f"| {v} | {s['pooled_rho']:.2f} ({', '.join(f'{x:.2f}' for x in s['pooled_rho_per_seed'])}) | "
             f"{b['pooled_rho_p5_p95'][0]:.2f} to {b['pooled_rho_p5_p95'][1]:.2f} | "
             f"{b['delta_vs_default_p5_p95'][0]:+.2f} to {b['delta_vs_default_p5_p95'][1]:+.2f} | "
             f"{', '.join(str(x) for x in s['top1_hits_per_seed'])} | {s['mean_regret']:.3f} | "
             + " | ".join(f"{p['rho']:+.2f} / {p['regret']:.3f}" for _, p in sorted(s["per_target"].items()))
-            + (f" | {g['rho']:+.2f} / {g['regret']:.3f} |" if g else " | n/a |"))
+            + "".join(f" | {p['rho']:+.2f} / {p['regret']:.3f}" for _, p in sorted(s["finetuned"].items()))
+            + (f" | {s['finetuned_pooled_rho']:+.2f}" if s["finetuned_pooled_rho"] is not None else "") + " |")
     lines += ["", f"Qualify for the default (§5.3 rule): {summary['qualifies'] or 'none'}; "
               f"new default: {summary['new_default'] or 'none (the default stays)'}"]
     return "\n".join(lines) + "\n"
@@ -206,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--finetuned", nargs="*", default=(), type=Path,
+                    help="transfer_real.py output folders whose fine-tuned n = 4 rows are also scored (reported only)")
     args = ap.parse_args(argv)
     root = resolve_data_root(args.data_root)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +246,7 @@ def main(argv=None) -> int:
     tile_vi = {t: tile_vi[t] for t in args.targets}
     rank = rankings(targets, args.out, args.device, args.seeds)
     _atomic.write_json(args.out / "rankings.json", rank)
-    summary = summarize(rank, tile_vi, args.seeds)
+    summary = summarize(rank, tile_vi, args.seeds, finetuned_vi(args.finetuned))
     summary.update(zoo_commit=zoo_commit(), seeds=list(args.seeds), targets=list(args.targets),
                    reduced=sorted(args.targets) != sorted(TARGETS) or sorted(args.seeds) != sorted(SEEDS),
                    wall_seconds=round(time.time() - t0, 1))

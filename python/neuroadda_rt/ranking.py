@@ -6,6 +6,10 @@ training tiles) by the squared maximum mean discrepancy (MMD², Gaussian kernel)
 p-value. Sources are sorted by ascending MMD²: the source whose feature distribution is closest to the
 target's is the most transferable (Sawmya et al., arXiv 2503.06196). No source images are needed.
 
+Options measured on real EM (``docs/results.md`` §5.3, ``docs/method.md``): which pooled statistics enter
+the MMD² (``pooling``; by default the per-channel means of ``mean+std`` features), target tiles resampled
+to each source's pixel size (``match_voxel_size``), and a calibration of the score (``calibration``).
+
 Target features are the expensive part, so they are cached on disk under a key of everything that
 changes a feature: the content hash of the sampled target tiles and the volume's shape/dtype, tile
 coordinates and size, the model's sha256 (its files and network config), its intensity rule

@@ -235,17 +235,23 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-score OUT's stored as-is VI and rankings (e.g. with new --finetuned folders); no ranking")
     ap.add_argument("--finetuned", nargs="*", default=(), type=Path,
                     help="transfer_real.py output folders whose fine-tuned n = 4 rows are also scored (reported only)")
     args = ap.parse_args(argv)
-    root = resolve_data_root(args.data_root)
+    root = None if args.report_only else resolve_data_root(args.data_root)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    targets = {t: load_target(t, root) for t in args.targets}
-    tile_vi = as_is_vi(targets, args.out, args.device)
+    if args.report_only:
+        tile_vi = json.loads((args.out / "as_is.json").read_text(encoding="utf-8"))["tile_vi"]
+        rank = json.loads((args.out / "rankings.json").read_text(encoding="utf-8"))
+    else:
+        targets = {t: load_target(t, root) for t in args.targets}
+        tile_vi = as_is_vi(targets, args.out, args.device)
+        rank = rankings(targets, args.out, args.device, args.seeds)
+        _atomic.write_json(args.out / "rankings.json", rank)
     tile_vi = {t: tile_vi[t] for t in args.targets}
-    rank = rankings(targets, args.out, args.device, args.seeds)
-    _atomic.write_json(args.out / "rankings.json", rank)
     summary = summarize(rank, tile_vi, args.seeds, finetuned_vi(args.finetuned))
     summary.update(zoo_commit=zoo_commit(), seeds=list(args.seeds), targets=list(args.targets),
                    reduced=sorted(args.targets) != sorted(TARGETS) or sorted(args.seeds) != sorted(SEEDS),

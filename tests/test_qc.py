@@ -476,3 +476,28 @@ def test_tail_cut_extrapolates_exponential_quantile():
         assert _tail_cut(z, p) == pytest.approx(-np.log(p), abs=0.6)
     assert _tail_cut(z, 2e-4) > z.max()
     assert _tail_cut(z[:50], 0.5) == -np.inf  # p not beyond the fitted share: the other cuts apply
+
+
+def test_flat_area_names_a_film_stain_and_ignores_a_global_gain(rng):
+    """A smooth film over a third of a tile (its texture elsewhere intact) is flagged through flat_area and
+    named stain; a tile dimmed as a whole (gain 0.3) lowers every block's std, which the absolute smoothest
+    block sees but the ratio flat_area does not (its value is the gain-free one), and it is named brightness.
+    (That ``flat`` does not name a stain when the brightness moves is exercised by
+    test_artefact_flags_recall_and_fpr: 11 of 23 brightness jumps were named brightness without the rule.)"""
+    from neuroadda_rt.qc.descriptors import IMAGE_STATS, image_stats
+
+    ref = noise_tiles(rng, 400, sd=0.1)
+    mon = QCMonitor(toy_encoder, ref, window=32, artefact_fpr=0.01)
+    base = noise_tiles(rng, 1, sd=0.1)
+    dim = base * np.float32(0.3)
+    film = base.copy()
+    film[0, :, :11] = 0.5 + rng.normal(0, 0.002, size=(32, 11))
+    tiles = np.concatenate([dim, film])
+    rep = mon.update(tiles)
+    st = image_stats(np.concatenate([base, tiles]))
+    fa = IMAGE_STATS.index("flat_area")
+    assert st[1, fa] == st[0, fa] and st[2, fa] >= 0.25  # gain-invariant; the film's 2 of 8 block columns counted
+    rel = mon._zscores({"similarity": rep.similarity, **dict(zip(IMAGE_STATS, st[1:].T))}) / mon._cut[:, None]
+    r = dict(zip(mon.detectors, rel[:, 1]))
+    assert r["flat_area"] > 1 and max(r, key=r.get) == "flat_area"
+    assert rep.flags.all() and rep.kinds == ["brightness", "stain"]

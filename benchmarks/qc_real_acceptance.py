@@ -7,8 +7,9 @@ the five shared sets in acquisition order, reference = first min(30, ceil(n/4)) 
 rest; 64x64 tiles, window 32, alpha 0.01; a random-weight default UNet encoder quantised to int8.
 Parts: ``fa`` (false drift alarms on clean streams), ``pairs`` (dataset switch, every ordered pair),
 ``artefacts`` (clean FP rate, injected kinds, DVID bands), ``alibi`` (alibi-detect side by side),
-``alternatives`` (the drift nulls compared in docs/method.md), ``throughput`` (256x256 PNG tiles, int8, and
-file-written -> reported latency through the watcher).
+``alternatives`` (the drift nulls compared in docs/method.md), ``statistics`` (the monitor's three window
+statistics only, fast), ``throughput`` (256x256 PNG tiles, int8, and file-written -> reported latency through
+the watcher). ``--encoder PACKAGE`` replaces the protocol's encoder (a side experiment, labelled as such).
 """
 
 from __future__ import annotations
@@ -589,6 +590,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("NEUROADDA_QC_CACHE", "/tmp/neuroadda_qc_real")))
     ap.add_argument("--parts", default="fa,pairs,artefacts,alternatives,alibi,throughput")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--encoder", type=Path, default=None,
+                    help="a model package or encoder ONNX instead of the protocol's random int8 encoder (a side "
+                         "experiment, not the protocol)")
     ap.add_argument("--alibi-permutations", type=int, default=100, help="alibi-detect permutations (protocol: 100)")
     ap.add_argument("--alibi-fa-windows", type=int, default=None,
                     help="alibi-detect: N windows of each stream, evenly spread (a reduced run; default all)")
@@ -603,7 +607,12 @@ def main(argv=None) -> int:
            platform.machine(), "cpus": os.cpu_count(), "load_start": os.getloadavg()[0]}
     data = prepare(args.data)
     _fp32, int8 = build_encoder(args.cache)
-    enc = FeatureCache(FeatureExtractor(int8, backend="onnxruntime", threads=2), args.cache / "features.npz")
+    if args.encoder is None:
+        enc = FeatureCache(FeatureExtractor(int8, backend="onnxruntime", threads=2), args.cache / "features.npz")
+    else:  # not the protocol's encoder: a trained model package (its own intensity rule), for a side experiment
+        res["encoder"] = str(args.encoder)
+        enc = FeatureCache(FeatureExtractor(args.encoder, backend="onnxruntime", threads=2),
+                           args.cache / f"features_{args.encoder.name}.npz")
     try:
         if "fa" in parts:
             res["fa"] = false_alarms(enc, data)
@@ -611,6 +620,10 @@ def main(argv=None) -> int:
             res["pairs"] = {f"{a}->{b}": v for (a, b), v in switch_pairs(enc, data).items()}
         if "artefacts" in parts:
             res["artefacts"] = artefact_recall(enc, data)
+        if "statistics" in parts:
+            # the monitor's three window statistics on every window (each window on its own: fast)
+            res["statistics"] = compare(enc, data, {f"{st}, calibrated": monitor_detector(st)
+                                                    for st in ("novelty", "mmd2", "both")}, stateless=True)
         if "alternatives" in parts:
             res["alternatives"] = compare(enc, data, {
                 "novelty (default)": lambda a, s, e: monitor_detector("novelty")(a, s, e),
@@ -698,7 +711,9 @@ def render(r) -> str:
         for k, v in r["artefacts"].items():
             out.append(f"| {k} | {v['n']} | {v['recall']:.3f} | {v['cause_accuracy']:.3f} | {v['causes']} |")
         out.append("")
-    for key in ("alternatives", "alibi"):
+    if "encoder" in r:
+        out += [f"ENCODER {r['encoder']} (not the protocol's random int8 encoder)", ""]
+    for key in ("statistics", "alternatives", "alibi"):
         if key not in r or "error" in r.get(key, {}):
             if key in r:
                 out.append(f"- {key}: {r[key]['error']}")

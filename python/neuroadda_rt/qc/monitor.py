@@ -367,7 +367,7 @@ def _tail_cut(z: np.ndarray, p: float) -> float:
     reference's own tail to ``p``. -inf when ``p`` is not beyond the fitted share (the other cuts apply)."""
     zs = np.sort(np.asarray(z, dtype=np.float64))
     m = len(zs)
-    k = min(max(TAIL_MIN, int(round(TAIL_SHARE * m))), m - 1)
+    k = min(max(TAIL_MIN, round(TAIL_SHARE * m)), m - 1)
     if k < 1 or p >= k / m:
         return -math.inf
     u = zs[m - k - 1]

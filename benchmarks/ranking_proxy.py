@@ -251,9 +251,13 @@ def main(argv=None) -> int:
         tile_vi = as_is_vi(targets, args.out, args.device)
         rank = rankings(targets, args.out, args.device, args.seeds)
         _atomic.write_json(args.out / "rankings.json", rank)
+        _atomic.write_json(args.out / "meta.json", {"zoo_commit": zoo_commit(), "ranked_at": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     tile_vi = {t: tile_vi[t] for t in args.targets}
     summary = summarize(rank, tile_vi, args.seeds, finetuned_vi(args.finetuned))
-    summary.update(zoo_commit=zoo_commit(), seeds=list(args.seeds), targets=list(args.targets),
+    meta = args.out / "meta.json"  # the zoo the rankings were made with (a --report-only rerun may come later)
+    ranked_with = json.loads(meta.read_text(encoding="utf-8"))["zoo_commit"] if meta.exists() else "unknown"
+    summary.update(zoo_commit=ranked_with, seeds=list(args.seeds), targets=list(args.targets),
                    reduced=sorted(args.targets) != sorted(TARGETS) or sorted(args.seeds) != sorted(SEEDS),
                    wall_seconds=round(time.time() - t0, 1))
     _atomic.write_json(args.out / "summary.json", summary)

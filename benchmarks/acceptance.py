@@ -104,7 +104,7 @@ def _job(job: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", default="default", help="zoo folder with family.json (default: bundled zoo)")
+    ap.add_argument("--zoo", default="synthetic", help="zoo folder with family.json (default: the bundled synthetic zoo)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--targets", type=int, default=None, help="limit the number of targets")
     ap.add_argument("--only", default=None, help="comma-separated target names (default: every domain)")
@@ -120,10 +120,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from neuroadda_rt._cli._common import open_zoo
-    from neuroadda_rt._cli.demo import PRESETS, _zoo_root, held_out_name, load_family
+    from neuroadda_rt._cli.demo import PRESETS, held_out_name, load_family
 
     zoo = open_zoo(args.zoo)
-    root = Path(args.zoo) if args.zoo != "default" else _zoo_root(zoo)
+    root = Path(args.zoo) if args.zoo not in ("default", "synthetic") else zoo.root
     fam = load_family(root)
     paths = {json.loads((Path(p) / "model.json").read_text())["name"]: str(Path(p).resolve())
              for p in (zoo.paths if hasattr(zoo, "paths") else zoo)}

@@ -74,6 +74,8 @@ def test_mmd2_and_p_values_match_reference(zoo, targets, tmp_path):
             null.append(_mmd2_ref(z[a], z[~a], e.sigma))
         p = (1 + np.sum(np.asarray(null) >= e.mmd2 - 1e-9)) / 61
         assert e.p_value == pytest.approx(p, abs=1.5 / 61)
+        # the noise level reported beside MMD²: the null's 95th percentile (float32 kernels vs float64 here)
+        assert e.null_mmd2_95 == pytest.approx(np.quantile(null, 0.95), rel=1e-3, abs=1e-6)
         assert e.n_reference == len(ref) and e.n_target == N_TILES
 
 

@@ -557,7 +557,7 @@ def test_ranking_warnings_rules():
     assert source_warnings(real, {"modality": None, "voxel_size_nm": None}, tile_size=1, ref_tile_size=1) == []
     syn = source_warnings({"synthetic": True, "modality": "synthetic EM"}, {}, tile_size=None, ref_tile_size=None)
     assert len(syn) == 1 and "synthetic" in syn[0]
-    e = [RankedSource("a", None, 0.5, 1 / 51, self_mmd2=0.01), RankedSource("b", None, 0.7, 1 / 51, self_mmd2=0.02)]
+    e = [RankedSource("a", None, 0.5, 1 / 51, null_mmd2_95=0.01), RankedSource("b", None, 0.7, 1 / 51, null_mmd2_95=0.02)]
     msg = floor_warning(e, 50)
     assert "1/(50+1) = 0.0196" in msg and "a 0.5 vs 0.01" in msg and "b 0.7 vs 0.02" in msg
     assert floor_warning([*e, RankedSource("c", None, 0.1, 0.5)], 50) is None
@@ -613,7 +613,7 @@ def test_synthetic_sources_warn_in_rank_output_frame_and_report(tmp_path, capsys
     run.mkdir()
     r.to_json(run / "ranking.json")
     html = write_report(run).read_text()
-    assert "trained on synthetic images" in html and "own scale" in html
+    assert "trained on synthetic images" in html and "noise 95%" in html
 
 
 @pytest.mark.realdata

@@ -128,8 +128,13 @@ class RankedSource:
     tile_size : int or None
         Edge of the target tiles this source embedded (its reference tile size unless overridden).
     self_mmd2 : float or None
-        Distance scale: MMD² between two random halves of the source's own reference features (same
-        kernel). A target MMD² near it is as close as the source's own data is to itself.
+        MMD² between two random halves of the source's own reference features (same kernel). The
+        estimator is unbiased, so for a source's own data it is zero plus noise (either sign): a target
+        MMD² near it is as close as the source's data is to itself; its size is not a scale.
+    null_mmd2_95 : float or None
+        The noise level of this ranking's MMD²: the 95th percentile of its permutation null, i.e. the
+        MMD² that two samples of one distribution, of these sizes, exceed 1 time in 20 (None without
+        permutations). Sources whose MMD² differ by less than it are not told apart by this sample.
     synthetic : bool
         The source was trained on synthetic images.
     modality, voxel_size_nm
@@ -156,6 +161,7 @@ class RankedSource:
     cached: bool = False
     tile_size: int | None = None
     self_mmd2: float | None = None
+    null_mmd2_95: float | None = None
     synthetic: bool = False
     modality: str | None = None
     voxel_size_nm: list | None = None
@@ -347,11 +353,13 @@ def floor_warning(entries: Sequence[RankedSource], n_permutations: int) -> str |
     floor = 1.0 / (n_permutations + 1)
     if not all(np.isfinite(e.p_value) and e.p_value <= floor * (1 + 1e-9) for e in entries):
         return None
-    scale = ", ".join(f"{e.name} {e.mmd2:.3g} vs {e.self_mmd2:.3g}" for e in entries if e.self_mmd2 is not None)
+    scale = ", ".join(f"{e.name} {e.mmd2:.3g} vs {e.null_mmd2_95:.3g}" for e in entries
+                      if e.null_mmd2_95 is not None)
     return (f"every p-value is at the permutation floor 1/({n_permutations}+1) = {floor:.3g}: every source's "
             f"features differ detectably from the target's, so the p-values do not order the sources; compare "
-            f"MMD² with each source's own scale (MMD² between two halves of its reference features"
-            + (f": {scale}" if scale else "") + ")")
+            f"the MMD² values with each other and with each source's noise level (the 95th percentile of its "
+            f"permutation null: the MMD² two samples of one distribution reach 1 time in 20"
+            + (f"; {scale}" if scale else "") + ")")
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,7 +674,8 @@ def _rank_one(src: RankableSource, tiles: np.ndarray, *, seed: int, n_permutatio
     model = src.package if isinstance(src, PackageSource) else None
     return RankedSource(name=src.name, path=src.path, mmd2=stat, p_value=p, sigma=sigma, n_reference=len(ref),
                         n_target=len(feats), sha256=src.sha256, cached=was_cached, model=model,
-                        self_mmd2=_self_mmd2(ref, seed, sigma), score=score)
+                        self_mmd2=_self_mmd2(ref, seed, sigma), score=score,
+                        null_mmd2_95=None if null is None or not len(null) else float(np.quantile(null, 0.95)))
 
 
 def _self_mmd2(ref: np.ndarray, seed: int, sigma) -> float | None:

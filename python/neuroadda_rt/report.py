@@ -284,10 +284,10 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     parts.append(_html.figure_img(_ranking_figure(ranking), "source ranking bar chart", "fig-ranking"))
     parts.append(_table([[r.get("rank", i + 1), r["name"], f"{r['mmd2']:.5g}",
                           "n/a" if r.get("p_value") is None else f"{r['p_value']:.3g}",
-                          "n/a" if r.get("self_mmd2") is None else f"{r['self_mmd2']:.3g}",
+                          "n/a" if r.get("null_mmd2_95") is None else f"{r['null_mmd2_95']:.3g}",
                           _fmt_sigma(r.get("sigma")), r.get("n_reference"),
                           r.get("n_target")] for i, r in enumerate(ranking["ranking"])],
-                        ["rank", "source", "MMD²", "p-value", "own scale", "kernel σ", "n ref", "n target"]))
+                        ["rank", "source", "MMD²", "p-value", "noise 95%", "kernel σ", "n ref", "n target"]))
     parts.append('<p class="note">MMD² between each source\'s stored reference features and the target tiles '
                  "embedded by that source's encoder; p-values from a permutation test (small: the target "
                  "differs from the source's training data). Own scale: MMD² between two halves of the source's "

@@ -138,7 +138,7 @@ def run_real(args) -> int:
     wall = time.perf_counter() - t0
     r = res.ranking
     summary = {"report": str(res.report), "run_dir": str(res.run_dir), "target": target,
-               "ranking": [{"name": e.name, "mmd2": e.mmd2, "self_mmd2": e.self_mmd2, "p_value": e.p_value,
+               "ranking": [{"name": e.name, "mmd2": e.mmd2, "null_mmd2_95": e.null_mmd2_95, "p_value": e.p_value,
                             "tile_size": e.tile_size} for e in r],
                "best_source": r[0].name, "warnings": r.warnings,
                "selected_tiles": res.selection.coords.tolist(), "annotation_dir": str(res.annotation_dir),
@@ -147,7 +147,8 @@ def run_real(args) -> int:
         print_json(summary)
         return 0
     for i, e in enumerate(r, 1):
-        print(f"{i}. {e.name:<20} MMD² {e.mmd2:.4f} (own scale {e.self_mmd2:.4f}), p = {e.p_value:.3f}, "
+        noise = "n/a" if e.null_mmd2_95 is None else f"{e.null_mmd2_95:.4f}"
+        print(f"{i}. {e.name:<20} MMD² {e.mmd2:.4f} (noise level {noise}), p = {e.p_value:.3f}, "
               f"{e.modality}, {e.voxel_size_nm} nm")
     for w in r.warnings:
         print(f"warning: {w}")

@@ -60,17 +60,17 @@ def run(args) -> int:
         print_json(ranking.to_dict() | {"out": args.out})
         return 0
     calibrated = args.calibration != "none"
-    print(f"{'rank':>4}  {'source':<28} {'MMD²':>10} {'own scale':>10} {'p-value':>8} {'tile':>5}"
+    print(f"{'rank':>4}  {'source':<28} {'MMD²':>10} {'noise 95%':>10} {'p-value':>8} {'tile':>5}"
           + (f" {args.calibration:>9}" if calibrated else "") + "  note")
     for i, e in enumerate(ranking, 1):
-        own = f"{e.self_mmd2:>10.5f}" if e.self_mmd2 is not None else f"{'-':>10}"
+        own = f"{e.null_mmd2_95:>10.5f}" if e.null_mmd2_95 is not None else f"{'-':>10}"
         note = "synthetic" if e.synthetic else (e.modality or "")
         if e.cut_size is not None and e.cut_size != e.tile_size:
             note += f" (resampled from {e.cut_size} px)"
         score = f" {e.score:>9.4g}" if calibrated else ""
         print(f"{i:>4}  {e.name:<28} {e.mmd2:>10.5f} {own} {e.p_value:>8.3f} {e.tile_size or '-':>5}{score}  {note}")
     print(f"best: {ranking[0].name} ({ranking[0].path})")
-    print("(own scale: MMD² between two halves of the source's own reference features)")
+    print("(noise 95%: the MMD² two samples of one distribution reach 1 time in 20, from the permutation null)")
     for w in ranking.warnings:
         print(f"warning: {w}")
     if args.out:

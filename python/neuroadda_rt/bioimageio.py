@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -341,7 +340,7 @@ def export_bioimageio(model, out, *, sample=None, tile_size: int | None = None, 
         raise InputValueError(f"expected weight formats among pytorch_state_dict, torchscript, onnx, got {bad}")
     meta, cfg = pkg.metadata, pkg.config
     card = _card(meta)
-    dim, depth = int(cfg["dim"]), len(cfg.get("widths") or [])
+    dim = int(cfg["dim"])
     net = pkg.unet()
     m = int(net.multiple)
     edge = int(tile_size or (256 if dim == 2 else 64))

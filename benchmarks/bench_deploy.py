@@ -35,7 +35,7 @@ pytest.importorskip("zarr")
 
 import neuroadda_rt  # noqa: E402
 from neuroadda_rt.deploy import predict_volume  # noqa: E402
-from neuroadda_rt.models import UNet  # noqa: E402
+from neuroadda_rt.models import UNet, batchnorm_statistics_from  # noqa: E402
 from neuroadda_rt.tiles import blend_weights, window_starts  # noqa: E402
 
 FULL = os.environ.get("NEUROADDA_BENCH_FULL") == "1"
@@ -58,14 +58,8 @@ def setup(tmp_path_factory):
 
     vol = np.stack([make_domain(None, SHAPE[1:], seed=10 + z)[0] for z in range(SHAPE[0])]).astype(np.uint8)
     net = UNet() if FULL else UNet(widths=(8, 16, 32))
-    for m in net.modules():  # untrained weights, BatchNorm statistics from the data (outputs vary)
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(torch.from_numpy(vol[:1, None, :TILE * 2, :TILE * 2].astype(np.float32) / 255))
-    net.eval()
+    # untrained weights, BatchNorm statistics from the data (outputs vary)
+    batchnorm_statistics_from(net, vol[:1, None, :TILE * 2, :TILE * 2].astype(np.float32) / 255)
     d = tmp_path_factory.mktemp("deploy")
     onnx = neuroadda_rt.export_onnx(net, d / "model.onnx", part="full")
     yield {"net": net, "vol": vol, "onnx": onnx, "dir": d}

@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 import neuroadda_rt  # noqa: E402
-from neuroadda_rt.models import UNet  # noqa: E402
+from neuroadda_rt.models import UNet, batchnorm_statistics_from  # noqa: E402
 
 FULL = os.environ.get("NEUROADDA_BENCH_FULL") == "1"
 THREADS = int(os.environ.get("NEUROADDA_BENCH_THREADS", "2"))
@@ -59,14 +59,7 @@ def setup(tmp_path_factory):
     ys, xs = rng.integers(0, img.shape[0] - TILE, 2 * BATCH), rng.integers(0, img.shape[1] - TILE, 2 * BATCH)
     tiles = np.stack([img[y:y + TILE, x:x + TILE] for y, x in zip(ys, xs)]).astype(np.float32) / 255
     # untrained weights, BatchNorm statistics from data (so the features vary between tiles)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(torch.from_numpy(tiles[:, None]))
-    net.eval()
+    batchnorm_statistics_from(net, tiles[:, None])
     enc = neuroadda_rt.export_onnx(net, d / "encoder.onnx", part="encoder")
     full = neuroadda_rt.export_onnx(net, d / "model.onnx", part="full")
     q = neuroadda_rt.quantize_int8(enc, tiles[BATCH:], d / "encoder.int8.onnx")  # calibrate on other tiles

@@ -32,7 +32,7 @@ import torch
 from onnxruntime import quantization as oq
 
 import neuroadda_rt
-from neuroadda_rt.models import UNet
+from neuroadda_rt.models import UNet, batchnorm_statistics_from
 from neuroadda_rt.study.synthetic import make_domain
 
 
@@ -77,15 +77,7 @@ def main(argv=None):
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     vol = np.stack([make_domain(None, (512, 512), seed=10 + z)[0] for z in range(4)]).astype(np.uint8)
-    net = UNet()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(torch.from_numpy(vol[:2, None].astype(np.float32) / 255))
-    net.eval()
+    net = batchnorm_statistics_from(UNet(), vol[:2, None].astype(np.float32) / 255)
     tiles = np.concatenate([vol[:, i:i + 256, j:j + 256] for i in (0, 256) for j in (0, 256)])  # 16 tiles
     cal, x = tiles[:12], np.ascontiguousarray(tiles[12:, None].astype(np.float32) / 255)
     cal_f = np.ascontiguousarray(cal[:, None].astype(np.float32) / 255)

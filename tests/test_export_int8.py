@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import neuroadda_rt  # noqa: E402
 from neuroadda_rt.export import INPUT_NAME, rewrite_conv_transpose  # noqa: E402
-from neuroadda_rt.models import UNet  # noqa: E402
+from neuroadda_rt.models import UNet, batchnorm_statistics_from  # noqa: E402
 
 
 def _session(model_or_path, level=None, optimized=None):
@@ -102,28 +102,15 @@ def test_rewrite_leaves_other_deconvs_alone(attrs):
     assert model.SerializeToString() == before
 
 
-def _trained_like_unet(seed=0):
-    """A small UNet whose BatchNorm statistics come from data (outputs vary across the image)."""
-    torch.manual_seed(seed)
-    net = UNet(widths=(8, 16, 32))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    return net
-
-
 @pytest.fixture(scope="module")
 def unet_files(tmp_path_factory):
     from neuroadda_rt.study.synthetic import make_domain
 
     d = tmp_path_factory.mktemp("int8")
     imgs = np.stack([make_domain(None, (96, 96), seed=20 + i)[0] for i in range(10)]).astype(np.uint8)
-    net = _trained_like_unet()
-    net.train()
-    with torch.no_grad():
-        net(torch.from_numpy(imgs[:6, None].astype(np.float32) / 255))
-    net.eval()
+    torch.manual_seed(0)
+    # BatchNorm statistics from data: outputs vary across the image
+    net = batchnorm_statistics_from(UNet(widths=(8, 16, 32)), imgs[:6, None].astype(np.float32) / 255)
     fp32 = neuroadda_rt.export_onnx(net, d / "model.onnx", part="full")
     q = neuroadda_rt.quantize_int8(fp32, imgs[:6, :64, :64], d / "model.int8.onnx", fp32_first_conv=True)
     return {"net": net, "fp32": fp32, "int8": q, "imgs": imgs, "dir": d}

@@ -129,3 +129,23 @@ def test_feature_level_config_round_trip_and_default_form():
 def test_feature_level_out_of_range_or_not_an_integer_is_refused(bad):
     with pytest.raises(InputValueError, match="feature_level"):
         UNet(widths=(4, 8, 16), feature_level=bad)
+
+
+def test_batchnorm_statistics_from_sets_each_layers_batch_statistics_and_restores_momentum():
+    from neuroadda_rt.models import _Block, batchnorm_statistics_from
+
+    torch.manual_seed(0)
+    net = UNet(widths=(4, 8, 16))
+    first = next(m for m in net.modules() if isinstance(m, _Block))
+    seen = []
+    hook = first.conv1.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().double().numpy()))
+    x = np.random.default_rng(0).random((3, 1, 32, 32)).astype(np.float32)  # a multiple of 4: no padding
+    assert batchnorm_statistics_from(net, x) is net and not net.training
+    hook.remove()
+    act = seen[0]  # (N, C, H, W): conv1's output the BatchNorm normalised in that pass
+    np.testing.assert_allclose(first.bn1.running_mean.double().numpy(), act.mean(axis=(0, 2, 3)), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(first.bn1.running_var.double().numpy(),
+                               act.transpose(1, 0, 2, 3).reshape(act.shape[1], -1).var(axis=1, ddof=1), rtol=1e-4)
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(int(m.num_batches_tracked) == 1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))

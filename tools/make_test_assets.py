@@ -33,7 +33,7 @@ def build(dest: Path) -> None:
     import torch
 
     import neuroadda_rt
-    from neuroadda_rt.models import UNet
+    from neuroadda_rt.models import UNet, batchnorm_statistics_from
 
     torch.manual_seed(20260101)
     net = UNet(dim=2, widths=(4, 8, 16), head="boundary")
@@ -51,17 +51,7 @@ def build(dest: Path) -> None:
     # BatchNorm statistics estimated on the tiles (one cumulative pass in train mode): with
     # arbitrary statistics the pooled features are nearly constant across tiles, useless for
     # ranking tests; with data statistics they spread like a trained encoder's
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(torch.from_numpy(tiles.astype(np.float32) / 255)[:, None])
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = 0.1
-    net.eval()
+    batchnorm_statistics_from(net, tiles[:, None].astype(np.float32) / 255)
     neuroadda_rt.save_model(
         net, dest, name="tiny", organism="synthetic", tissue="neuropil", modality="synthetic-ssTEM",
         voxel_size_nm=(40.0, 4.0, 4.0), normalization={"rule": "dtype"},

@@ -258,6 +258,40 @@ def fold_batchnorm(net: UNet) -> UNet:
     return folded
 
 
+def batchnorm_statistics_from(net: UNet, x) -> UNet:
+    """Set every BatchNorm's running statistics to those of the batch ``x`` and put ``net`` in eval mode.
+
+    One forward pass in train mode with a cumulative average (``momentum=None``); each layer's
+    momentum is restored afterwards. For untrained networks in tests, benchmarks and test assets:
+    with the default statistics (mean 0, variance 1) their outputs and pooled features hardly vary
+    across tiles; with the data's statistics they spread like a trained network's.
+
+    Parameters
+    ----------
+    net : UNet
+        Modified in place (BatchNorm buffers and the train/eval flag) and returned.
+    x : numpy.ndarray or torch.Tensor
+        A float input batch ``(N, C, *spatial)`` in the network's input range.
+
+    Returns
+    -------
+    UNet
+        ``net``, in eval mode.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = None
+        m.reset_running_stats()
+    batch = x if torch.is_tensor(x) else torch.from_numpy(x)
+    net.train()
+    with torch.no_grad():
+        net(batch.float())
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return net.eval()
+
+
 def unet_from_config(config: dict[str, Any]) -> UNet:
     """Build a :class:`UNet` from a ``config`` dict (as stored in ``model.json``)."""
     if not isinstance(config, dict):

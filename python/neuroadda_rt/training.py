@@ -45,6 +45,7 @@ from .models import unet_from_config
 from .package import ModelPackage, load_model, save_model
 from .runtime import Predictor
 from .segmentation import tune_threshold
+from .tiles import resize_tiles
 
 log = logging.getLogger(__name__)
 
@@ -374,16 +375,12 @@ def augment_pair(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
 
 
 def _resize_pair(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A square crop and its labels resized to ``size`` (image bilinear, labels nearest, pixel centres
-    aligned), for the scale augmentation."""
-    from scipy import ndimage
-
+    """A square crop and its labels resized to ``size`` (image bilinear without a pre-filter, as
+    :func:`~neuroadda_rt.tiles.resize_tiles`; labels nearest; pixel centres aligned), for the scale
+    augmentation."""
     c = image.shape[0]
-    src = (np.arange(size, dtype=np.float64) + 0.5) * (c / size) - 0.5
-    yy, xx = np.meshgrid(src, src, indexing="ij")
-    img = ndimage.map_coordinates(image, np.stack([yy, xx]), order=1, mode="nearest").astype(np.float32)
     idx = np.clip(np.floor((np.arange(size) + 0.5) * (c / size)).astype(np.int64), 0, c - 1)
-    return img, labels[np.ix_(idx, idx)]
+    return resize_tiles(image, size, anti_alias=False), labels[np.ix_(idx, idx)]
 
 
 # --------------------------------------------------------------------------------------------

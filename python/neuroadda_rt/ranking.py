@@ -495,9 +495,9 @@ def rank_sources(target, zoo, *, n_tiles: int = 256, tile_size: int | None = Non
     SourceRanking
         Sorted ascending by score; ``.best`` is the most transferable source. Each entry carries
         its ``warnings`` (synthetic source; modality other than the target's; in-plane pixel size
-        more than 1.5x different, unless resampled) and ``self_mmd2``, the MMD² between two halves
-        of its own reference features (a distance scale); ``settings["warnings"]`` says when every
-        p-value sits at the permutation floor. :attr:`SourceRanking.warnings` lists them all.
+        more than 1.5x different, unless resampled) and ``null_mmd2_95``, the 95th percentile of its
+        permutation null (the noise level its MMD² is read against); ``settings["warnings"]`` says
+        when every p-value sits at the permutation floor. :attr:`SourceRanking.warnings` lists them all.
 
     Examples
     --------

@@ -158,10 +158,17 @@ def plan(targets, ns, seeds) -> list[dict]:
     return runs
 
 
+def run_settings(run: dict, args) -> dict:
+    """The settings a run's result depends on: a fine-tuned run does not change with the scratch bounds, so a
+    longer scratch bound reruns only the scratch runs."""
+    common = {"n_test": args.n_test, "pool": args.pool}
+    if run["init"] == "scratch":
+        return {**common, "chunk": args.scratch_chunk, "max": args.scratch_max, "patience": args.patience}
+    return {**common, "steps": args.steps}
+
+
 def run_id(run: dict, args) -> str:
-    settings = {"steps": args.steps, "chunk": args.scratch_chunk, "max": args.scratch_max,
-                "patience": args.patience, "n_test": args.n_test, "pool": args.pool}
-    return f"{run['target']}__{run['init']}__n{run['n']}__s{run['seed']}__{json_sha256(settings)[:8]}"
+    return f"{run['target']}__{run['init']}__n{run['n']}__s{run['seed']}__{json_sha256(run_settings(run, args))[:8]}"
 
 
 def execute(run: dict, tgt: dict, ranks: list[dict], args, out: Path) -> dict:
@@ -245,9 +252,11 @@ def per_target(g) -> dict:
             "friedman": friedman(g)}
 
 
-def report(out: Path, *, reduced: bool) -> dict:
+def report(out: Path, *, reduced: bool, args=None) -> dict:
     pd = require("pandas", "report")
     rows = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "runs").glob("*.json"))]
+    if args is not None:  # only the runs of these settings (a capped scratch run stays on disk, out of the table)
+        rows = [r for r in rows if r["run_id"] == run_id(r, args)]
     table = pd.DataFrame(rows)
     summary: dict = {"format": FORMAT, "reduced": reduced, "n_runs": len(rows), "by_n": {}}
     if not len(table):
@@ -343,12 +352,13 @@ def main(argv=None) -> int:
         for t in args.targets:
             tgt = load_target(t, root, n_test=args.n_test)
             ranks = ranking(tgt, args.out, args.device, args.sources)
-            mine = [r for r in runs if r["target"] == t]
+            # fine-tuned runs first: a scratch run costs several of them, and a stopped invocation resumes anyway
+            mine = sorted((r for r in runs if r["target"] == t), key=lambda r: r["init"] == "scratch")
             for i, r in enumerate(mine):
                 print(f"[{time.strftime('%H:%M:%S')}] {t} {i + 1}/{len(mine)}: {r['init']} n={r['n']} seed={r['seed']}",
                       file=sys.stderr, flush=True)
                 execute(r, tgt, ranks, args, args.out)
-    summary = report(args.out, reduced=reduced)
+    summary = report(args.out, reduced=reduced, args=args)
     print((args.out / "report.md").read_text(encoding="utf-8") if (args.out / "report.md").exists() else
           json.dumps(summary, indent=1))
     return 0

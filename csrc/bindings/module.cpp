@@ -10,6 +10,7 @@ namespace py = pybind11;
 void register_mmd(py::module_& m);
 void register_uncertainty(py::module_& m);
 void register_metrics(py::module_& m);
+void register_descriptors(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "neuroadda_rt compiled kernels (private; use the neuroadda_rt package)";
@@ -27,4 +28,5 @@ PYBIND11_MODULE(_core, m) {
   register_mmd(m);
   register_uncertainty(m);
   register_metrics(m);
+  register_descriptors(m);
 }

@@ -2,6 +2,7 @@
 
 * ``qc-update``: ``QCMonitor.update`` end to end (uint8 tiles -> normalise, features, witness,
   artefact scores, window tests) with the int8 encoder beside the fp32 encoder.
+* ``qc-fold-descriptor``: the fold ridge descriptor, C++ kernel beside the NumPy code it replaced.
 * ``qc-window-test``: one drift test of a full window against the reference, ours (reference
   sums and the calibrated threshold computed once; the window adds its own kernel block and its
   k-NN novelty) beside the package's general ``mmd2_test`` with permutations (the old, iid null).
@@ -110,3 +111,46 @@ def test_window_test(benchmark, data, impl):
             return float(nr.mmd2_test(win, ref, n_permutations=N_PERM, sigma=mon.sigma).mmd2)
     got = benchmark(run)
     assert got == pytest.approx(expect, rel=1e-3, abs=1e-6)
+
+
+def numpy_line_ridge(t: np.ndarray, n_angles: int = 32, offsets=(2, 4, 8)) -> np.ndarray:
+    """The fold descriptor as NumPy computed it before the C++ kernel (the baseline): the same shears, lengths
+    and float32 arithmetic, with the running sums one sheared row at a time over the whole batch."""
+    import math
+
+    n, h, w = t.shape
+    length = min(max(5, min(41, int(0.3 * min(h, w)) | 1)), min(h, w) - 1)
+    best = np.full(n, -np.inf, dtype=np.float32)
+    for img in (t, t.transpose(0, 2, 1)):
+        hh, ww = img.shape[1:]
+        pad = hh // 2 + 1
+        xp = np.pad(img, ((0, 0), (0, 0), (pad, pad)), mode="reflect" if pad < ww else "edge")
+        ys = np.arange(hh) - hh / 2
+        cs = np.empty((n, hh + 1, ww), dtype=np.float32)
+        cs[:, 0] = 0.0
+        for theta in np.linspace(-np.pi / 4, np.pi / 4, n_angles // 2, endpoint=False):
+            off = np.round(ys * math.tan(theta)).astype(int) + pad
+            for y in range(hh):
+                np.add(cs[:, y], xp[:, y, off[y]:off[y] + ww], out=cs[:, y + 1])
+            le = max(3, int(round(length * math.cos(theta))))
+            run = (cs[:, le:, :] - cs[:, :-le, :]) * np.float32(1 / le)
+            for k in offsets:
+                if 2 * k < ww:
+                    ridge = np.minimum(run[:, :, :-2 * k], run[:, :, 2 * k:]) - run[:, :, k:-k]
+                    best = np.maximum(best, ridge.max(axis=(1, 2)))
+    return best.astype(np.float64)
+
+
+@pytest.mark.benchmark(group="qc-fold-descriptor")
+@pytest.mark.parametrize("impl", ["cpp_line_ridge", "numpy_baseline"])
+def test_fold_descriptor(benchmark, data, impl):
+    """The fold ridge on 32 tiles at the resolution image_stats uses (256-px tiles are averaged 2x2 first)."""
+    from neuroadda_rt.qc.descriptors import _line_contrast
+
+    tiles = data[1][:32].astype(np.float32) / 255
+    if TILE >= 256:
+        tiles = 0.25 * (tiles[:, 0::2, 0::2] + tiles[:, 1::2, 0::2] + tiles[:, 0::2, 1::2] + tiles[:, 1::2, 1::2])
+    fn = _line_contrast if impl == "cpp_line_ridge" else numpy_line_ridge
+    got = benchmark(fn, tiles)
+    np.testing.assert_array_equal(got, numpy_line_ridge(tiles))
+    benchmark.extra_info["tiles"] = len(tiles)

@@ -235,6 +235,23 @@ def friedman(g) -> dict:
             "sources_differ": bool(res.pvalue < ALPHA)}
 
 
+def versus_scratch(g, source: str) -> dict:
+    """Is ``source`` better than scratch beyond the noise? Wilcoxon signed-rank test over the (test tile, seed)
+    pairs, two-sided, on VI(scratch) - VI(source); the seeds both runs have."""
+    from scipy.stats import wilcoxon
+    src, scr = g[g.init == source], g[g.init_kind == "scratch"]
+    seeds = sorted(set(src.seed) & set(scr.seed))
+    if not seeds:
+        return {"p_value": None, "reason": "no scratch run shares a seed with the source"}
+    diff = np.concatenate([np.asarray(scr[scr.seed == k].tile_vi.iloc[0]) - np.asarray(src[src.seed == k].tile_vi.iloc[0])
+                           for k in seeds])
+    if not np.any(diff):
+        return {"p_value": 1.0, "n_pairs": len(diff), "median_vi_gain": 0.0, "source_better": False}
+    res = wilcoxon(diff)
+    return {"p_value": float(res.pvalue), "n_pairs": len(diff), "median_vi_gain": float(np.median(diff)),
+            "source_better": bool(res.pvalue < ALPHA and np.median(diff) > 0)}
+
+
 def per_target(g) -> dict:
     """ρ (mean over seeds, and per seed), top-1 regret with the seed SD, Friedman, for one target at one n."""
     src = g[g.init_kind == "source"]
@@ -249,7 +266,8 @@ def per_target(g) -> dict:
             "spearman_rho_seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan"),
             "top_ranked": str(top), "best": str(mean.vi.idxmin()),
             "mean_vi": {k: float(v) for k, v in mean.vi.items()}, "top1_regret": regret, "seed_sd": seed_sd,
-            "friedman": friedman(g)}
+            "friedman": friedman(g),
+            "top_vs_scratch": versus_scratch(g, str(top)) if (g.init_kind == "scratch").any() else None}
 
 
 def report(out: Path, *, reduced: bool, args=None) -> dict:
@@ -298,12 +316,17 @@ def acceptance(summary: dict) -> dict:
                                                 bool(red_ok) and all(red_ok.values())}}
 
 
+def _p(test: dict | None) -> str:
+    return "n/a" if not test or test.get("p_value") is None else f"{test['p_value']:.3g} (n = {test['n_pairs']})"
+
+
 def render(summary: dict) -> str:
     lines = [f"# Real-data transfer benchmark{' (REDUCED: not the acceptance run)' if summary['reduced'] else ''}", ""]
     for n, s in sorted(summary["by_n"].items()):
         lines += [f"## n = {n} (pooled ρ {s['pooled_spearman_rho']})", "",
-                  "| target | ρ | ρ seed SD | top-ranked | best | regret | seed SD | Friedman p | VI red. vs scratch |",
-                  "|---|---:|---:|---|---|---:|---:|---:|---:|"]
+                  "| target | ρ | ρ seed SD | top-ranked | best | regret | seed SD | Friedman p | VI red. vs scratch "
+                  "| top vs scratch, Wilcoxon p |",
+                  "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
         for t, v in sorted(s["per_target"].items()):
             r = s["vi_reduction_vs_scratch"].get(t)
             fp = v["friedman"]["p_value"]
@@ -311,7 +334,7 @@ def render(summary: dict) -> str:
             lines.append(f"| {t}{' (96-px tiles)' if t == 'gala_fibsem' else ''} | {v['spearman_rho']:.2f} | "
                          f"{v['spearman_rho_seed_sd']:.2f} | {v['top_ranked']} | {v['best']} | {v['top1_regret']:.3f} | "
                          f"{v['seed_sd']:.3f} | {'n/a' if fp is None else f'{fp:.3g}'} | "
-                         f"{red} |")
+                         f"{red} | {_p(v.get('top_vs_scratch'))} |")
         lines.append("")
     acc = summary.get("acceptance", {})
     for key, v in acc.items():

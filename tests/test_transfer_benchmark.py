@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import friedmanchisquare, rankdata, spearmanr
+from scipy.stats import friedmanchisquare, rankdata, spearmanr, wilcoxon
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("transfer_real", REPO / "benchmarks" / "transfer_real.py")
@@ -56,6 +56,9 @@ def test_summary_matches_an_independent_recomputation(tmp_path, rng):
         red = [100 * (truth[(t, "scratch", k)].mean() - truth[(t, "s1", k)].mean()) / truth[(t, "scratch", k)].mean()
                for k in range(3)]
         assert s["vi_reduction_vs_scratch"][t]["mean_percent"] == pytest.approx(np.mean(red))
+        diff = np.concatenate([truth[(t, "scratch", k)] - truth[(t, "s1", k)] for k in range(3)])
+        assert got["top_vs_scratch"]["p_value"] == pytest.approx(wilcoxon(diff).pvalue)
+        assert got["top_vs_scratch"]["n_pairs"] == 96
         pooled_rank += [1, 2, 3]
         pooled_vi += list(rankdata([mean[x] for x in srcs]))
     rho = spearmanr(pooled_rank, pooled_vi).statistic

@@ -324,8 +324,8 @@ def render(summary: dict) -> str:
     lines = [f"# Real-data transfer benchmark{' (REDUCED: not the acceptance run)' if summary['reduced'] else ''}", ""]
     for n, s in sorted(summary["by_n"].items()):
         lines += [f"## n = {n} (pooled ρ {s['pooled_spearman_rho']})", "",
-                  "| target | ρ | ρ seed SD | top-ranked | best | regret | seed SD | Friedman p | VI red. vs scratch "
-                  "| top vs scratch, Wilcoxon p |",
+                  ("| target | ρ | ρ seed SD | top-ranked | best | regret | seed SD | Friedman p | VI red. vs scratch "
+                   "| top vs scratch, Wilcoxon p |"),
                   "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
         for t, v in sorted(s["per_target"].items()):
             r = s["vi_reduction_vs_scratch"].get(t)

@@ -290,8 +290,9 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
                         ["rank", "source", "MMD²", "p-value", "noise 95%", "kernel σ", "n ref", "n target"]))
     parts.append('<p class="note">MMD² between each source\'s stored reference features and the target tiles '
                  "embedded by that source's encoder; p-values from a permutation test (small: the target "
-                 "differs from the source's training data). Own scale: MMD² between two halves of the source's "
-                 "own reference features, what 'close' means for that source.</p>")
+                 "differs from the source's training data). Noise 95%: the 95th percentile of the permutation null, "
+                 "the MMD² two samples of one distribution reach 1 time in 20; sources whose MMD² differ by "
+                 "less are not told apart.</p>")
     warns = ranking_warnings(ranking)
     if warns:  # synthetic sources, other modality or pixel size, every p-value at the permutation floor
         parts.append('<div class="warnings"><b>Read the ranking with these in mind:</b><ul>'

@@ -372,15 +372,22 @@ def main(argv=None) -> int:
         runs = plan(args.targets, args.n, args.seeds)
         if args.sources is not None:
             runs = [r for r in runs if r["init"] in args.sources or r["init"] == "scratch"]
-        for t in args.targets:
-            tgt = load_target(t, root, n_test=args.n_test)
-            ranks = ranking(tgt, args.out, args.device, args.sources)
-            # fine-tuned runs first: a scratch run costs several of them, and a stopped invocation resumes anyway
-            mine = sorted((r for r in runs if r["target"] == t), key=lambda r: r["init"] == "scratch")
-            for i, r in enumerate(mine):
-                print(f"[{time.strftime('%H:%M:%S')}] {t} {i + 1}/{len(mine)}: {r['init']} n={r['n']} seed={r['seed']}",
-                      file=sys.stderr, flush=True)
-                execute(r, tgt, ranks, args, args.out)
+        # every target's fine-tuned runs before any scratch run: a scratch run costs several of them, so a
+        # stopped invocation leaves the most complete rankings behind (and resumes anyway)
+        loaded: dict = {}
+        for scratch_pass in (False, True):
+            for t in args.targets:
+                mine = [r for r in runs if r["target"] == t and (r["init"] == "scratch") == scratch_pass]
+                if not mine:
+                    continue
+                if t not in loaded:
+                    tgt = load_target(t, root, n_test=args.n_test)
+                    loaded[t] = (tgt, ranking(tgt, args.out, args.device, args.sources))
+                tgt, ranks = loaded[t]
+                for i, r in enumerate(mine):
+                    print(f"[{time.strftime('%H:%M:%S')}] {t} {'scratch' if scratch_pass else 'sources'} "
+                          f"{i + 1}/{len(mine)}: {r['init']} n={r['n']} seed={r['seed']}", file=sys.stderr, flush=True)
+                    execute(r, tgt, ranks, args, args.out)
     summary = report(args.out, reduced=reduced, args=args)
     print((args.out / "report.md").read_text(encoding="utf-8") if (args.out / "report.md").exists() else
           json.dumps(summary, indent=1))

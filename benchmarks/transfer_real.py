@@ -323,7 +323,8 @@ def _p(test: dict | None) -> str:
 def render(summary: dict) -> str:
     lines = [f"# Real-data transfer benchmark{' (REDUCED: not the acceptance run)' if summary['reduced'] else ''}", ""]
     for n, s in sorted(summary["by_n"].items()):
-        lines += [f"## n = {n} (pooled ρ {s['pooled_spearman_rho']})", "",
+        rho = s["pooled_spearman_rho"]
+        lines += [f"## n = {n} (pooled ρ {'n/a' if rho is None else f'{rho:.3f}'})", "",
                   ("| target | ρ | ρ seed SD | top-ranked | best | regret | seed SD | Friedman p | VI red. vs scratch "
                    "| top vs scratch, Wilcoxon p |"),
                   "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]

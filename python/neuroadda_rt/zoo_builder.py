@@ -243,6 +243,15 @@ def _fit_size(size: int, data: _Data) -> int:
     return int(fit)
 
 
+def _reference_tiles(data: _Data, recipe: DatasetZooRecipe) -> tuple[np.ndarray, int]:
+    """The training tiles a package's reference features are computed from, and their size: the same draw for
+    every build of a recipe (``benchmarks/ranking_levels.py`` redraws them to re-embed at another level)."""
+    tile = _fit_size(recipe.tile_size, data)
+    stack = np.stack([im[:min(a.shape[0] for a in data.train_raw), :min(a.shape[1] for a in data.train_raw)]
+                      for im in data.train_raw])
+    return sample_tiles(stack, recipe.reference_tiles, tile, seed=recipe.seed).tiles, tile
+
+
 # --------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------
@@ -451,10 +460,7 @@ def _package_one(data: _Data, recipe: DatasetZooRecipe, curve: dict, ckpt: Path,
     val = _scores(_predict(net, [normalize_intensity(data.held_raw[i], rule) for i in val_idx]),
                   [data.held_labels[i] for i in val_idx], recipe.representation, threshold)
     eval_s = time.perf_counter() - t0
-    tile = _fit_size(recipe.tile_size, data)
-    stack = np.stack([im[:min(a.shape[0] for a in data.train_raw), :min(a.shape[1] for a in data.train_raw)]
-                      for im in data.train_raw])
-    ref_tiles = sample_tiles(stack, recipe.reference_tiles, tile, seed=recipe.seed).tiles
+    ref_tiles, tile = _reference_tiles(data, recipe)
     tr = TrainRecipe(**curve["train_recipe"])
     m = ds.manifest
     label_kind = ds.label_kind("train")

@@ -31,8 +31,8 @@ from neuroadda_rt.errors import InputValueError
 from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ranking_proxy import pooled_rho, rho_regret  # noqa: E402
-from transfer_real import FT_STEPS, N_TEST, POOL, TARGETS, load_target, run_id, sources_for  # noqa: E402
+from ranking_proxy import pooled_rho, rho_regret
+from transfer_real import FT_STEPS, N_TEST, POOL, TARGETS, load_target, run_id, sources_for
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (0, 1, 2, 3)

@@ -38,7 +38,7 @@ def test_pooled_rho_and_regret_match_an_independent_recomputation(rng):
     s = rl.summarize(rank, tile_vi, rl.SEEDS)["by_n"][4]
     for v, order in (("L3/mean", list(SOURCES)), (rl.DEFAULT, list(SOURCES[::-1])), ("L0/all", ["b", "a", "c"])):
         xs, ys, regrets = [], [], []
-        for t, d in tile_vi[4].items():
+        for d in tile_vi[4].values():
             mean = {k: a.mean() for k, a in d.items()}
             xs += [order.index(k) + 1 for k in SOURCES]
             ys += list(rankdata([mean[k] for k in SOURCES]))

@@ -19,9 +19,11 @@ Writes ``OUT/packages/L<k>/<name>`` (the level copies), ``OUT/rankings.json``, `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,35 +52,42 @@ def variant(level: int, pooling: str) -> str:
 VARIANTS = [variant(k, p) for k in LEVELS for p in POOLINGS]
 
 
-def level_package(pkg, level: int, dest: Path, data_root):
-    """``pkg``'s weights with ranking features taken at encoder ``level``; reference features re-embedded from the
-    zoo build's own draw of training tiles. Reused when ``dest`` holds the copy of this very package."""
+def reference_tiles_of(pkg, data_root) -> np.ndarray:
+    """The training tiles the zoo build drew for ``pkg``'s reference features (its recipe, seed and tile size),
+    read again from the data set its card names."""
+    from neuroadda_rt.zoo_builder import DatasetZooRecipe, _load_data, _reference_tiles
+
+    recipe_dict = pkg.training.get("zoo_recipe")
+    if recipe_dict is None:
+        raise InputValueError(f"{pkg.name}: expected a zoo package built by zoo_builder (its card's zoo_recipe), "
+                              f"got none")
+    data = _load_data(REPO / "examples" / "datasets" / f"{pkg.name}.json", data_root)
+    tiles, tile = _reference_tiles(data, DatasetZooRecipe.from_dict(recipe_dict))
+    info = pkg.metadata["reference_features"]
+    if tile != info.get("tile_size") or len(tiles) != info.get("n_tiles"):
+        raise InputValueError(f"{pkg.name}: the redrawn reference tiles ({len(tiles)} of {tile} px) are not the "
+                              f"package's ({info.get('n_tiles')} of {info.get('tile_size')} px)")
+    return tiles
+
+
+def level_package(pkg, level: int, dest: Path, tiles: Callable[[], np.ndarray]):
+    """``pkg``'s weights with ranking features taken at encoder ``level``, reference features embedded from
+    ``tiles()`` (called only when the copy is made). Reused when ``dest`` holds the copy of this very package."""
     import torch
     from neuroadda_rt.models import UNet
-    from neuroadda_rt.zoo_builder import DatasetZooRecipe, _load_data, _reference_tiles
 
     if (dest / "model.json").is_file():
         done = load_model(dest)
         if done.metadata.get("reference_features", {}).get("copied_from") == pkg.sha256:
             return done
-    recipe_dict = pkg.training.get("zoo_recipe")
-    if recipe_dict is None:
-        raise InputValueError(f"{pkg.name}: expected a zoo package built by zoo_builder (its card's zoo_recipe), "
-                              f"got none")
-    recipe = DatasetZooRecipe.from_dict(recipe_dict)
-    data = _load_data(REPO / "examples" / "datasets" / f"{pkg.name}.json", data_root)
-    tiles, tile = _reference_tiles(data, recipe)
-    info = pkg.metadata["reference_features"]
-    if tile != info.get("tile_size") or len(tiles) != info.get("n_tiles"):
-        raise InputValueError(f"{pkg.name}: the redrawn reference tiles ({len(tiles)} of {tile} px) are not the "
-                              f"package's ({info.get('n_tiles')} of {info.get('tile_size')} px)")
     net = UNet(**{**pkg.config, "feature_level": level})
     with torch.no_grad():
         net.load_state_dict(pkg.unet().state_dict())
     net.eval()
+    info = pkg.metadata["reference_features"]
     return save_model(net, dest, name=pkg.name, organism=pkg.organism, tissue=pkg.tissue, modality=pkg.modality,
                       voxel_size_nm=pkg.voxel_size_nm, normalization=pkg.normalization, training=pkg.training,
-                      metrics=pkg.metrics, reference_tiles=tiles, pooling=pkg.pooling,
+                      metrics=pkg.metrics, reference_tiles=tiles(), pooling=pkg.pooling,
                       reference_info={k: v for k, v in info.items() if k not in ("file", "pooling", "n_tiles",
                                                                                   "n_features")}
                       | {"copied_from": pkg.sha256, "feature_level": level},
@@ -86,13 +95,14 @@ def level_package(pkg, level: int, dest: Path, data_root):
 
 
 def level_zoo(out: Path, data_root) -> dict[int, dict[str, object]]:
-    """``{level: {name: package}}`` for every bundled real-EM package; the shipped level is checked."""
-    shipped = sources_for("")
+    """``{level: {name: package}}`` for every bundled real-EM package; the shipped level is checked. Each
+    package's data set is read at most once, and not at all when every copy exists."""
     zoo: dict[int, dict[str, object]] = {}
-    for name, pkg in shipped.items():
+    for name, pkg in sources_for("").items():
+        tiles = functools.cache(functools.partial(reference_tiles_of, pkg, data_root))
         for k in LEVELS:
             print(f"[{time.strftime('%H:%M:%S')}] {name} at level {k}", file=sys.stderr, flush=True)
-            zoo.setdefault(k, {})[name] = copy = level_package(pkg, k, out / "packages" / f"L{k}" / name, data_root)
+            zoo.setdefault(k, {})[name] = copy = level_package(pkg, k, out / "packages" / f"L{k}" / name, tiles)
             if k == pkg.feature_level:
                 err = float(np.max(np.abs(copy.reference_features - pkg.reference_features)))
                 scale = float(np.max(np.abs(pkg.reference_features)))

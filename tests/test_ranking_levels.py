@@ -92,15 +92,20 @@ def test_level_copy_reproduces_the_shipped_reference_features(tmp_path, em_data)
     import neuroadda_rt as nr
 
     pkg = next(p for p in nr.default_zoo() if p.name == "gala_fibsem")
-    copy = rl.level_package(pkg, pkg.feature_level, tmp_path / "copy", em_data)
+    tiles = rl.reference_tiles_of(pkg, em_data)
+    copy = rl.level_package(pkg, pkg.feature_level, tmp_path / "copy", lambda: tiles)
     np.testing.assert_allclose(copy.reference_features, pkg.reference_features, rtol=1e-5, atol=1e-5)
     assert copy.metadata["reference_features"]["copied_from"] == pkg.sha256
-    deeper = rl.level_package(pkg, pkg.feature_level + 1, tmp_path / "deeper", em_data)
+    deeper = rl.level_package(pkg, pkg.feature_level + 1, tmp_path / "deeper", lambda: tiles)
     assert deeper.feature_level == pkg.feature_level + 1
     width = pkg.config["widths"][pkg.feature_level + 1]
     assert deeper.reference_features.shape == (pkg.reference_features.shape[0], 2 * width)
-    # a second call reuses the copy of the same package
-    assert rl.level_package(pkg, pkg.feature_level + 1, tmp_path / "deeper", em_data).sha256 == deeper.sha256
+
+    def no_tiles():
+        raise AssertionError("an existing copy of the same package was rebuilt")
+
+    # a second call reuses the copy of the same package without drawing tiles
+    assert rl.level_package(pkg, pkg.feature_level + 1, tmp_path / "deeper", no_tiles).sha256 == deeper.sha256
 
 
 def test_vectorised_bootstrap_equals_the_plain_loop(rng):

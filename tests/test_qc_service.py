@@ -474,3 +474,36 @@ def test_cli_watch_defaults_to_the_model_reference_tile_size(tmp_path, rng, monk
     with pytest.raises(SystemExit):
         main(["qc", "watch", str(tmp_path / "acq"), "--model", str(ASSETS), "--reference", str(tmp_path / "ref.npy")])
     assert seen["tile_size"] is None
+
+
+def test_cli_watch_int8_calibrates_the_encoder_on_the_reference(tmp_path, rng, capsys, monkeypatch):
+    """`--precision int8`: the package's encoder is quantised on the reference tiles (as the monitor sees them,
+    in [0, 1]) and the stream is scored with it; the scores follow those of an int8 extractor built by hand."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    if not (ASSETS / "encoder.onnx").is_file():
+        pytest.skip(f"tiny model asset missing at {ASSETS}")
+    from neuroadda_rt import FeatureExtractor
+    from neuroadda_rt.cli import main
+    from neuroadda_rt.qc.descriptors import as_tiles
+
+    monkeypatch.setenv("NEUROADDA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    ref = tiles(rng, 64, size=32)
+    np.save(tmp_path / "ref.npy", ref)
+    stream = tiles(rng, 8, size=32)
+    np.save(folder / "f0.npy", stream)
+    args = ["qc", "watch", str(folder), "--model", str(ASSETS), "--reference", str(tmp_path / "ref.npy"),
+            "--window", "8", "--once", "--settle", "0", "--give-up", "0", "--precision", "int8"]
+    assert main(args) == 0
+    assert "processed 1 files" in capsys.readouterr().out
+    quantised = list((tmp_path / "cache" / "int8").glob("*.onnx"))
+    assert len(quantised) == 1
+    fx = FeatureExtractor(ASSETS, precision="int8", calibration_tiles=as_tiles(ref))
+    assert list((tmp_path / "cache" / "int8").glob("*.onnx")) == quantised  # the same calibration: reused
+    mon = QCMonitor(fx, ref, window=8)
+    want = mon.update(stream).similarity
+    con = sqlite3.connect(tmp_path / "acq.qc.sqlite")
+    got = [r[0] for r in con.execute("SELECT similarity FROM tiles WHERE file = 'f0.npy' ORDER BY idx")]
+    np.testing.assert_allclose(got, want, rtol=1e-5)

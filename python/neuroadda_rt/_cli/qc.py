@@ -40,6 +40,10 @@ def register(subparsers) -> None:
                    help="also flag tiles on the model's prediction uncertainty (runs the full network from a "
                         "model package: slower)")
     w.add_argument("--backend", default="auto", help="inference backend (auto, onnxruntime, tensorrt, torch)")
+    w.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="encoder precision: int8 quantises the model's encoder on the reference tiles (static QDQ, "
+                        "ONNX Runtime on CPU; about 2x the tiles per second, features within a few per cent); "
+                        "default fp32")
     w.add_argument("--settle", type=float, default=1.0,
                    help="seconds a file must stay unchanged before it is read (default 1)")
     w.add_argument("--give-up", type=float, default=60.0,
@@ -75,20 +79,31 @@ def run_watch(args) -> int:
         args.tile_size, note = fit_tile_size(sections, reference_tile_size(Path(args.model)))
         print(f"qc: tiles of {args.tile_size} px (the model's reference tile size; --tile-size to change)"
               + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
-    model = FeatureExtractor(args.model, backend=args.backend)
-    uncertainty = None
-    if args.uncertainty:
-        uncertainty = Predictor(args.model, backend=args.backend)
 
-    def factory():
+    def read_reference():
         ref_path = args.reference
         if ref_path.suffix == ".npy":
             reference = load_array(ref_path)
             if reference.ndim == 3 and args.tile_size:
                 reference = split_tiles(reference, args.tile_size)
-        groups = None
-        if ref_path.suffix != ".npy":
-            reference, groups = read_sections(ref_path, tile_size=args.tile_size)
+            return reference, None
+        return read_sections(ref_path, tile_size=args.tile_size)
+
+    if args.precision == "int8":
+        # calibrated on the reference (the acquisition's own first sections), scaled to [0, 1] as the
+        # monitor feeds every tile to the encoder
+        from ..qc.descriptors import as_tiles
+
+        model = FeatureExtractor(args.model, backend=args.backend, precision="int8",
+                                 calibration_tiles=as_tiles(read_reference()[0], "reference"))
+    else:
+        model = FeatureExtractor(args.model, backend=args.backend)
+    uncertainty = None
+    if args.uncertainty:
+        uncertainty = Predictor(args.model, backend=args.backend)
+
+    def factory():
+        reference, groups = read_reference()
         return QCMonitor(model, reference, window=args.window, alpha=args.alpha, uncertainty=uncertainty,
                          reference_groups=groups, artefact_fpr=args.artefact_fpr, seed=args.seed,
                          statistic=args.statistic)

@@ -2,19 +2,58 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 
+from .. import __version__, _cache
+from .._digest import arrays_sha256, file_sha256
 from ..errors import InputValueError, ShapeError
+from ..export import onnx_metadata, quantize_int8
 from .backends import RunnerInfo, make_runner
-from .source import POOLINGS, as_model_source, first_len, network_batch, progress_bar
+from .source import DEFAULT_NORMALIZATION, POOLINGS, ModelSource, as_model_source, first_len, network_batch, \
+    progress_bar
 
-__all__ = ["POOLINGS", "FeatureExtractor", "config_feature_level"]
+__all__ = ["POOLINGS", "PRECISIONS", "FeatureExtractor", "config_feature_level"]
+
+PRECISIONS = ("fp32", "int8")
+# a few dozen tiles calibrate activation ranges (MinMax); more only costs time
+MAX_CALIBRATION_TILES = 64
 
 
 def config_feature_level(config: dict) -> int:
     """Encoder level whose map a network config's encoder outputs (``feature_level``, else the bottleneck)."""
     level = config.get("feature_level")
     return len(config["widths"]) - 1 if level is None else int(level)
+
+
+def _int8_encoder_source(source: ModelSource, calibration_tiles) -> ModelSource:
+    """``source`` with its encoder replaced by a static int8 copy calibrated on ``calibration_tiles``.
+
+    The quantised file is cached under ``$NEUROADDA_CACHE/int8``, keyed by the fp32 encoder's bytes,
+    the intensity rule and the calibration tiles, so a resumed run reuses it instead of quantising
+    again. The copy keeps the source's intensity rule, pooling and config (an int8 ONNX file alone
+    records none of the first two).
+    """
+    fp32 = source.onnx_path("encoder")
+    if fp32 is None:
+        raise InputValueError("precision='int8' needs an encoder ONNX file or weights to export one; the model has "
+                              "neither")
+    if onnx_metadata(fp32).get("neuroadda_rt.precision") == "int8":
+        raise InputValueError(f"{fp32}: the encoder is already int8; pass precision='fp32' to run it as it is")
+    tiles = np.asarray(calibration_tiles)
+    if tiles.ndim < 3 or tiles.shape[0] == 0:
+        raise InputValueError(f"expected calibration_tiles of shape (N >= 1, [C,] H, W), got {tiles.shape}")
+    if tiles.shape[0] > MAX_CALIBRATION_TILES:  # evenly spaced: the reference's sections in order
+        tiles = tiles[np.linspace(0, tiles.shape[0] - 1, MAX_CALIBRATION_TILES).round().astype(int)]
+    rule = source.normalization or DEFAULT_NORMALIZATION
+    key = arrays_sha256(tiles, header=[file_sha256(fp32), rule, "fp32_first_conv", __version__])[:24]
+    out = _cache.cache_dir("int8") / f"{key}-encoder.int8.onnx"
+    if not out.is_file():
+        quantize_int8(fp32, tiles, out, normalization=rule, fp32_first_conv=True)
+    # no weights: the int8 file is the only thing that runs (on ONNX Runtime)
+    return replace(source, onnx={"encoder": Path(out)}, network=None, weights=None)
 
 
 def _pool(fmap: np.ndarray, pooling: str) -> np.ndarray:
@@ -67,6 +106,17 @@ class FeatureExtractor(RunnerInfo):
     normalize : bool
         Apply the model's intensity rule (a package's ``normalization``; ``{"rule": "dtype"}``
         otherwise) to every raw tile, as in training. ``False`` feeds floats as given.
+    precision : {"fp32", "int8"}
+        ``"int8"`` quantises the encoder statically (QDQ, weights per channel, first convolution
+        kept fp32, as :func:`~neuroadda_rt.predict_volume` does) and runs it on ONNX Runtime's
+        CPU provider, keeping the model's intensity rule and pooling. About 2x faster on CPU;
+        features move by a few per cent, so int8 features are compared with int8 features
+        (a :class:`~neuroadda_rt.QCMonitor` embeds its reference and its stream with the same
+        extractor), not with a package's fp32 reference features.
+    calibration_tiles : array-like, optional
+        Raw tiles that calibrate the int8 activation ranges (required for ``"int8"``): tiles of
+        the data the extractor will see, e.g. a QC reference. At most
+        :data:`MAX_CALIBRATION_TILES`, evenly spaced, are used.
 
     Examples
     --------
@@ -80,11 +130,25 @@ class FeatureExtractor(RunnerInfo):
 
     def __init__(self, model_or_path, *, backend: str = "auto", device: str = "auto", pooling: str | None = None,
                  ort_providers: list[str] | None = None, trt_profile: dict | None = None, fp16: bool = False,
-                 cache_dir=None, threads: int | None = None, normalize: bool = True):
+                 cache_dir=None, threads: int | None = None, normalize: bool = True, precision: str = "fp32",
+                 calibration_tiles=None):
         if pooling is not None and pooling not in POOLINGS:
             raise InputValueError(f"expected pooling in {POOLINGS}, got {pooling!r}")
+        if precision not in PRECISIONS:
+            raise InputValueError(f"expected precision in {PRECISIONS}, got {precision!r}")
         self.normalize = bool(normalize)
+        self.precision = precision
         self._source = as_model_source(model_or_path)
+        if precision == "int8":
+            if backend not in ("auto", "onnxruntime") or str(device).lower() == "cuda" or ort_providers:
+                raise InputValueError(f"precision='int8' runs on ONNX Runtime's CPU provider (static QDQ), got "
+                                      f"backend={backend!r}, device={device!r}"
+                                      + (f", ort_providers={ort_providers!r}" if ort_providers else ""))
+            if calibration_tiles is None:
+                raise InputValueError("precision='int8' needs calibration_tiles: raw tiles of the data to embed "
+                                      "(e.g. the QC reference), got None")
+            self._source = _int8_encoder_source(self._source, calibration_tiles)
+            backend, device = "onnxruntime", "cpu"
         # a package's features are comparable with its reference features
         self.pooling = pooling or self._source.pooling or "mean"
         self._runner = make_runner(self._source, "encoder", backend=backend, device=device,

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from neuroadda_rt import FeatureExtractor  # noqa: E402
-from neuroadda_rt.errors import InputValueError  # noqa: E402
-from neuroadda_rt.models import UNet  # noqa: E402
+from neuroadda_rt import FeatureExtractor
+from neuroadda_rt.errors import InputValueError
+from neuroadda_rt.models import UNet
 
 
 @pytest.fixture

@@ -12,8 +12,15 @@ from .._digest import arrays_sha256, file_sha256
 from ..errors import InputValueError, ShapeError
 from ..export import onnx_metadata, quantize_int8
 from .backends import RunnerInfo, make_runner
-from .source import DEFAULT_NORMALIZATION, POOLINGS, ModelSource, as_model_source, first_len, network_batch, \
-    progress_bar
+from .source import (
+    DEFAULT_NORMALIZATION,
+    POOLINGS,
+    ModelSource,
+    as_model_source,
+    first_len,
+    network_batch,
+    progress_bar,
+)
 
 __all__ = ["POOLINGS", "PRECISIONS", "FeatureExtractor", "config_feature_level"]
 

@@ -216,6 +216,28 @@ class FeatureCache:
         self.dirty = False
 
 
+class PerReferenceEncoder:
+    """A package's encoder quantised to int8 on each acquisition's own reference tiles, as ``qc watch
+    --precision int8`` does (one extractor and one feature cache per reference)."""
+
+    def __init__(self, package: Path, cache: Path):
+        self.package, self.cache, self.encoders = package, cache, {}
+
+    def for_reference(self, ref_tiles: np.ndarray) -> FeatureCache:
+        from neuroadda_rt import FeatureExtractor
+        from neuroadda_rt.qc.descriptors import as_tiles
+
+        key = FeatureCache.key(ref_tiles).hex()[:12]
+        if key not in self.encoders:
+            fx = FeatureExtractor(self.package, precision="int8", calibration_tiles=as_tiles(ref_tiles), threads=2)
+            self.encoders[key] = FeatureCache(fx, self.cache / f"features_{self.package.name}_int8_{key}.npz")
+        return self.encoders[key]
+
+    def save(self):
+        for e in self.encoders.values():
+            e.save()
+
+
 # ----------------------------------------------------------------------------------------------
 # injected artefacts (generation fixed in docs/results.md 3.1)
 
@@ -274,6 +296,8 @@ def monitor_for(enc, acq, **kw):
     from neuroadda_rt import QCMonitor
     from neuroadda_rt.qc import QCCalibrationWarning
 
+    if isinstance(enc, PerReferenceEncoder):
+        enc = enc.for_reference(acq["tiles"][acq["ref"]])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", QCCalibrationWarning)
         mon = QCMonitor(enc, acq["tiles"][acq["ref"]], reference_groups=acq["section"][acq["ref"]], window=WINDOW,
@@ -504,13 +528,25 @@ def compare(enc, data, detectors: dict, pair_windows: int | None = None, fa_wind
 # throughput and latency
 
 
-def throughput(int8: Path, n_tiles=512, batch=64):
+def int8_extractor(encoder: Path, package_int8: bool = False):
+    """A factory ``reference tiles -> FeatureExtractor`` on ONNX Runtime with 2 threads: an int8 ONNX
+    file as it is, or (``package_int8``) a package's encoder quantised on the reference tiles."""
+    from neuroadda_rt import FeatureExtractor
+    from neuroadda_rt.qc.descriptors import as_tiles
+
+    if package_int8:
+        return lambda ref: FeatureExtractor(encoder, precision="int8", calibration_tiles=as_tiles(ref), threads=2)
+    return lambda ref: FeatureExtractor(encoder, backend="onnxruntime", threads=2)
+
+
+def throughput(int8: Path, n_tiles=512, batch=64, make_extractor=None):
     """QCMonitor.update end to end on PNG-encoded 256x256 tiles (decode, normalise, int8 features,
     descriptors, scores, window tests), ONNX Runtime on 2 threads."""
     from PIL import Image
 
-    from neuroadda_rt import FeatureExtractor, QCMonitor
+    from neuroadda_rt import QCMonitor
 
+    make_extractor = make_extractor or int8_extractor(int8)
     ref = synthetic_tiles(1024, 256, 1000)
     src = synthetic_tiles(n_tiles, 256, 5000)
     pngs = []
@@ -518,7 +554,7 @@ def throughput(int8: Path, n_tiles=512, batch=64):
         buf = io.BytesIO()
         Image.fromarray(t).save(buf, format="PNG")
         pngs.append(buf.getvalue())
-    fx = FeatureExtractor(int8, backend="onnxruntime", threads=2)
+    fx = make_extractor(ref)
     mon = QCMonitor(fx, ref, window=256)
     mon.update(np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs[:batch]]))  # warm-up
     lat = []
@@ -534,18 +570,18 @@ def throughput(int8: Path, n_tiles=512, batch=64):
             "load_avg": os.getloadavg()[0]}
 
 
-def watcher_latency(int8: Path, n_files=8, tiles_per_file=16, settle=0.5):
+def watcher_latency(int8: Path, n_files=8, tiles_per_file=16, settle=0.5, make_extractor=None):
     """Seconds from a file's write (atomic rename into the folder) to its summary line, live watcher."""
     import tempfile
     import threading
 
     from PIL import Image
 
-    from neuroadda_rt import FeatureExtractor, QCMonitor
+    from neuroadda_rt import QCMonitor
     from neuroadda_rt.qc import QCService
 
-    fx = FeatureExtractor(int8, backend="onnxruntime", threads=2)
     ref = synthetic_tiles(512, 256, 1000)
+    fx = (make_extractor or int8_extractor(int8))(ref)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "acq"
         folder.mkdir()
@@ -593,11 +629,16 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", type=Path, default=None,
                     help="a model package or encoder ONNX instead of the protocol's random int8 encoder (a side "
                          "experiment, not the protocol)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                    help="with --encoder PACKAGE: int8 quantises the package's encoder on each acquisition's "
+                         "reference tiles (as `qc watch --precision int8`), also for the throughput part")
     ap.add_argument("--alibi-permutations", type=int, default=100, help="alibi-detect permutations (protocol: 100)")
     ap.add_argument("--alibi-fa-windows", type=int, default=None,
                     help="alibi-detect: N windows of each stream, evenly spread (a reduced run; default all)")
     ap.add_argument("--alibi-pair-windows", type=int, default=6, help="alibi-detect: windows after a switch")
     args = ap.parse_args(argv)
+    if args.precision == "int8" and args.encoder is None:
+        ap.error("--precision int8 quantises a package's encoder: give --encoder PACKAGE")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     from neuroadda_rt import FeatureExtractor
 
@@ -609,6 +650,11 @@ def main(argv=None) -> int:
     _fp32, int8 = build_encoder(args.cache)
     if args.encoder is None:
         enc = FeatureCache(FeatureExtractor(int8, backend="onnxruntime", threads=2), args.cache / "features.npz")
+    elif args.precision == "int8":  # a package's encoder quantised on each reference (qc watch --precision int8)
+        res["encoder"] = f"{args.encoder} (int8, calibrated on each reference)"
+        if parts & {"statistics", "alternatives", "alibi"}:
+            ap.error("--precision int8 runs the parts fa, pairs, artefacts, throughput")
+        enc = PerReferenceEncoder(args.encoder, args.cache)
     else:  # not the protocol's encoder: a trained model package (its own intensity rule), for a side experiment
         res["encoder"] = str(args.encoder)
         enc = FeatureCache(FeatureExtractor(args.encoder, backend="onnxruntime", threads=2),
@@ -652,9 +698,10 @@ def main(argv=None) -> int:
     finally:
         enc.save()
     if "throughput" in parts:
-        res["throughput"] = throughput(int8)
+        make = int8_extractor(args.encoder, package_int8=True) if args.precision == "int8" else None
+        res["throughput"] = throughput(int8, make_extractor=make)
         log(res["throughput"])
-        res["latency"] = watcher_latency(int8)
+        res["latency"] = watcher_latency(int8, make_extractor=make)
         log(res["latency"])
     res["load_end"] = os.getloadavg()[0]
     print(render(res))

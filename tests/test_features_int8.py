@@ -111,3 +111,37 @@ def test_int8_errors_say_what_was_expected(net, cache, tmp_path):
     with pytest.raises(InputValueError, match="already int8"):
         FeatureExtractor(q, precision="int8", calibration_tiles=cal)
     assert FeatureExtractor(q).features(cal).shape == fx.features(cal).shape
+
+
+def test_exported_package_encoder_files_embed_as_the_package_does(tmp_path, cache, capsys):
+    """`export --format onnx|int8 --part encoder`: the file alone carries the package's intensity rule and
+    pooling, so `qc watch --model FILE` / `FeatureExtractor(FILE)` embed tiles as the package does (an int8 file
+    used to fall back to the dtype rule and mean pooling)."""
+    tifffile = pytest.importorskip("tifffile")
+    from neuroadda_rt import save_model
+    from neuroadda_rt.cli import main
+
+    torch.manual_seed(2)
+    net = UNet(widths=(4, 8, 16), feature_level=1).eval()
+    rng = np.random.default_rng(3)
+    cal = _textured(rng, 24)
+    norm = {"rule": "percentile", "low": 1.0, "high": 99.0}
+    ref = FeatureExtractor(net, pooling="mean+std", normalize=False).features(cal)
+    pkg = save_model(net, tmp_path / "pkg", reference_features=ref, normalization=norm, pooling="mean+std",
+                     modality="ssTEM")
+    vol = (_textured(rng, 6, size=64) * 200 + 20).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "vol.tif", vol)
+    for fmt in ("onnx", "int8"):
+        out = tmp_path / f"enc.{fmt}.onnx"
+        extra = ["--calibration", str(tmp_path / "vol.tif"), "--tile-size", "32"] if fmt == "int8" else []
+        assert main(["export", str(pkg.path), "--format", fmt, "--part", "encoder", "--out", str(out), *extra]) == 0
+        capsys.readouterr()
+        fx = FeatureExtractor(out)
+        assert fx.pooling == "mean+std" and fx._source.normalization == norm
+        test = vol[:, :32, :32]
+        got, want = fx.features(test), FeatureExtractor(pkg, backend="onnxruntime").features(test)
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < (1e-5 if fmt == "onnx" else 0.05), (fmt, rel)
+        # percentile rule: a linear change of the raw intensities leaves the features (nearly) unchanged
+        brighter = (test.astype(np.float32) * 0.5 + 60).astype(np.uint8)
+        assert np.linalg.norm(fx.features(brighter) - got) / np.linalg.norm(got) < 0.05

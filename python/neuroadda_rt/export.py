@@ -184,6 +184,25 @@ def export_onnx(model, path: str | os.PathLike, part: str = "encoder", *, opset:
     return path
 
 
+def set_onnx_metadata(path: str | os.PathLike, updates: dict[str, str]) -> Path:
+    """Add or replace ``neuroadda_rt.*`` metadata entries of an ONNX file (rewritten atomically).
+
+    A package's exported encoder records the package's intensity rule and pooling this way, so that
+    the file alone embeds tiles as the package does.
+    """
+    onnx = require("onnx", "runtime")
+    path = Path(path)
+    proto = onnx.load(str(path))
+    merged = {p.key: p.value for p in proto.metadata_props}
+    merged.update({str(k): str(v) for k, v in updates.items()})
+    del proto.metadata_props[:]
+    for k, v in merged.items():
+        e = proto.metadata_props.add()
+        e.key, e.value = k, v
+    _atomic.write_bytes(path, proto.SerializeToString())
+    return path
+
+
 def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``neuroadda_rt.*`` metadata of an ONNX file written by :func:`export_onnx`."""
     onnx = require("onnx", "runtime")
@@ -426,6 +445,8 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
         old = {p.key: p.value for p in proto.metadata_props}
         old.update(meta)
         old["neuroadda_rt.precision"] = "int8"
+        # the rule the ranges were calibrated under: a runtime that opens this file alone applies the same one
+        old["neuroadda_rt.normalization"] = json.dumps(rule, sort_keys=True)
         del proto.metadata_props[:]
         for k, v in old.items():
             e = proto.metadata_props.add()

@@ -66,6 +66,16 @@ def run(args) -> int:
         # the full network's first conv stays fp32, as predict_volume quantises it (docs/method.md)
         quantize_int8(onnx_path, tiles, out, normalization=pkg.normalization or "dtype",
                       fp32_first_conv=args.part == "full")
+    if args.format in ("onnx", "int8"):
+        import json
+
+        from ..export import set_onnx_metadata
+
+        # the file alone then embeds tiles as the package does (qc watch --model FILE, FeatureExtractor(FILE))
+        meta = {"neuroadda_rt.normalization": json.dumps(pkg.normalization or {"rule": "dtype"}, sort_keys=True)}
+        if args.part == "encoder":
+            meta["neuroadda_rt.pooling"] = pkg.pooling
+        set_onnx_metadata(out, meta)
     else:
         from ..export import build_tensorrt_engine
         from ._common import tile_size_for

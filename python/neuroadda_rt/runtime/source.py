@@ -339,7 +339,10 @@ class ModelSource:
         if part not in ("encoder", "full"):
             raise FormatError(f"{p}: expected an ONNX file written by neuroadda_rt.export_onnx "
                               f"(metadata neuroadda_rt.part), got metadata {meta}")
-        return cls(config=json.loads(meta["neuroadda_rt.config"]), onnx={part: p})
+        # a package's exported encoder (and any int8 file) records the intensity rule and pooling it was made for
+        norm = meta.get("neuroadda_rt.normalization")
+        return cls(config=json.loads(meta["neuroadda_rt.config"]), onnx={part: p},
+                   normalization=json.loads(norm) if norm else None, pooling=meta.get("neuroadda_rt.pooling"))
 
     @property
     def dim(self) -> int:

@@ -529,8 +529,8 @@ def compare(enc, data, detectors: dict, pair_windows: int | None = None, fa_wind
 
 
 def int8_extractor(encoder: Path, package_int8: bool = False):
-    """A factory ``reference tiles -> FeatureExtractor`` on ONNX Runtime with 2 threads: an int8 ONNX
-    file as it is, or (``package_int8``) a package's encoder quantised on the reference tiles."""
+    """A factory ``reference tiles -> FeatureExtractor`` on ONNX Runtime with 2 threads: an ONNX file or
+    a package as it is, or (``package_int8``) a package's encoder quantised on the reference tiles."""
     from neuroadda_rt import FeatureExtractor
     from neuroadda_rt.qc.descriptors import as_tiles
 
@@ -698,7 +698,8 @@ def main(argv=None) -> int:
     finally:
         enc.save()
     if "throughput" in parts:
-        make = int8_extractor(args.encoder, package_int8=True) if args.precision == "int8" else None
+        # --encoder: that encoder at --precision (a side experiment); else the protocol's int8 encoder
+        make = None if args.encoder is None else int8_extractor(args.encoder, package_int8=args.precision == "int8")
         res["throughput"] = throughput(int8, make_extractor=make)
         log(res["throughput"])
         res["latency"] = watcher_latency(int8, make_extractor=make)
@@ -781,7 +782,7 @@ def render(r) -> str:
         out.append("")
     if "throughput" in r:
         t, lt = r["throughput"], r["latency"]
-        out.append(f"- throughput, int8 on 2 threads, 256x256 PNG tiles end to end, updates of 64: "
+        out.append(f"- throughput, {r.get('encoder', 'protocol int8 encoder')} on 2 threads, 256x256 PNG tiles end to end, updates of 64: "
                    f"{t['tiles_per_s']:.1f} tiles/s ({t['ms_per_update_of_64']:.0f} ms per update, max {t['ms_max']:.0f};"
                    f" {t['cpu_ms_per_tile']:.1f} CPU-ms per tile; load {t['load_avg']:.1f}) (target >= 100)")
         out.append(f"- latency file written -> summary line (live watcher, settle {lt['settle_s']} s, "

@@ -145,3 +145,18 @@ def test_exported_package_encoder_files_embed_as_the_package_does(tmp_path, cach
         # percentile rule: a linear change of the raw intensities leaves the features (nearly) unchanged
         brighter = (test.astype(np.float32) * 0.5 + 60).astype(np.uint8)
         assert np.linalg.norm(fx.features(brighter) - got) / np.linalg.norm(got) < 0.05
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("neuroadda_rt.normalization", "{not json", "expected JSON"),
+    ("neuroadda_rt.normalization", "[1, 2]", "expected a dict"),
+    ("neuroadda_rt.pooling", "median", "expected the metadata neuroadda_rt.pooling"),
+])
+def test_bad_recorded_rule_or_pooling_is_a_format_error(net, tmp_path, key, value, match):
+    from neuroadda_rt.errors import FormatError
+    from neuroadda_rt.export import export_onnx, set_onnx_metadata
+
+    path = export_onnx(net, tmp_path / "enc.onnx", part="encoder")
+    set_onnx_metadata(path, {key: value})
+    with pytest.raises(FormatError, match=match):
+        FeatureExtractor(path)

@@ -42,8 +42,9 @@ def register(subparsers) -> None:
     w.add_argument("--backend", default="auto", help="inference backend (auto, onnxruntime, tensorrt, torch)")
     w.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
                    help="encoder precision: int8 quantises the model's encoder on the reference tiles (static QDQ, "
-                        "ONNX Runtime on CPU; about 2x the tiles per second, features within a few per cent); "
-                        "default fp32")
+                        "ONNX Runtime on CPU; features within a few per cent). Faster only where the CPU's int8 "
+                        "convolutions are (VNNI): on an AVX2 CPU a package's small encoder ran slower in int8. "
+                        "Default fp32")
     w.add_argument("--settle", type=float, default=1.0,
                    help="seconds a file must stay unchanged before it is read (default 1)")
     w.add_argument("--give-up", type=float, default=60.0,

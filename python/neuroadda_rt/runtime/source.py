@@ -340,9 +340,17 @@ class ModelSource:
             raise FormatError(f"{p}: expected an ONNX file written by neuroadda_rt.export_onnx "
                               f"(metadata neuroadda_rt.part), got metadata {meta}")
         # a package's exported encoder (and any int8 file) records the intensity rule and pooling it was made for
-        norm = meta.get("neuroadda_rt.normalization")
+        norm, pooling = meta.get("neuroadda_rt.normalization"), meta.get("neuroadda_rt.pooling")
+        try:
+            normalization = json.loads(norm) if norm else None
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{p}: expected JSON in the metadata neuroadda_rt.normalization, got {norm!r}") from exc
+        if normalization is not None and not isinstance(normalization, dict):
+            raise FormatError(f"{p}: expected a dict in the metadata neuroadda_rt.normalization, got {norm!r}")
+        if pooling is not None and pooling not in POOLINGS:
+            raise FormatError(f"{p}: expected the metadata neuroadda_rt.pooling in {POOLINGS}, got {pooling!r}")
         return cls(config=json.loads(meta["neuroadda_rt.config"]), onnx={part: p},
-                   normalization=json.loads(norm) if norm else None, pooling=meta.get("neuroadda_rt.pooling"))
+                   normalization=normalization, pooling=pooling)
 
     @property
     def dim(self) -> int:

@@ -528,7 +528,7 @@ def compare(enc, data, detectors: dict, pair_windows: int | None = None, fa_wind
 # throughput and latency
 
 
-def int8_extractor(encoder: Path, package_int8: bool = False):
+def extractor_factory(encoder: Path, package_int8: bool = False):
     """A factory ``reference tiles -> FeatureExtractor`` on ONNX Runtime with 2 threads: an ONNX file or
     a package as it is, or (``package_int8``) a package's encoder quantised on the reference tiles."""
     from neuroadda_rt import FeatureExtractor
@@ -546,7 +546,7 @@ def throughput(int8: Path, n_tiles=512, batch=64, make_extractor=None):
 
     from neuroadda_rt import QCMonitor
 
-    make_extractor = make_extractor or int8_extractor(int8)
+    make_extractor = make_extractor or extractor_factory(int8)
     ref = synthetic_tiles(1024, 256, 1000)
     src = synthetic_tiles(n_tiles, 256, 5000)
     pngs = []
@@ -581,7 +581,7 @@ def watcher_latency(int8: Path, n_files=8, tiles_per_file=16, settle=0.5, make_e
     from neuroadda_rt.qc import QCService
 
     ref = synthetic_tiles(512, 256, 1000)
-    fx = (make_extractor or int8_extractor(int8))(ref)
+    fx = (make_extractor or extractor_factory(int8))(ref)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "acq"
         folder.mkdir()
@@ -699,7 +699,7 @@ def main(argv=None) -> int:
         enc.save()
     if "throughput" in parts:
         # --encoder: that encoder at --precision (a side experiment); else the protocol's int8 encoder
-        make = None if args.encoder is None else int8_extractor(args.encoder, package_int8=args.precision == "int8")
+        make = None if args.encoder is None else extractor_factory(args.encoder, package_int8=args.precision == "int8")
         res["throughput"] = throughput(int8, make_extractor=make)
         log(res["throughput"])
         res["latency"] = watcher_latency(int8, make_extractor=make)

@@ -193,14 +193,19 @@ def set_onnx_metadata(path: str | os.PathLike, updates: dict[str, str]) -> Path:
     onnx = require("onnx", "runtime")
     path = Path(path)
     proto = onnx.load(str(path))
+    _merge_metadata(proto, updates)
+    _atomic.write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def _merge_metadata(proto, updates: dict[str, str]) -> None:
+    """Add or replace metadata entries of an ONNX ModelProto in place (other entries kept, in order)."""
     merged = {p.key: p.value for p in proto.metadata_props}
     merged.update({str(k): str(v) for k, v in updates.items()})
     del proto.metadata_props[:]
     for k, v in merged.items():
         e = proto.metadata_props.add()
         e.key, e.value = k, v
-    _atomic.write_bytes(path, proto.SerializeToString())
-    return path
 
 
 def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -442,15 +447,9 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_tiles, out_path: str
                                calibrate_method=oq.CalibrationMethod.MinMax, nodes_to_exclude=exclude,
                                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         proto = onnx.load(str(q))
-        old = {p.key: p.value for p in proto.metadata_props}
-        old.update(meta)
-        old["neuroadda_rt.precision"] = "int8"
         # the rule the ranges were calibrated under: a runtime that opens this file alone applies the same one
-        old["neuroadda_rt.normalization"] = json.dumps(rule, sort_keys=True)
-        del proto.metadata_props[:]
-        for k, v in old.items():
-            e = proto.metadata_props.add()
-            e.key, e.value = k, v
+        _merge_metadata(proto, {**meta, "neuroadda_rt.precision": "int8",
+                                "neuroadda_rt.normalization": json.dumps(rule, sort_keys=True)})
         _atomic.write_bytes(out_path, proto.SerializeToString())
     return out_path
 

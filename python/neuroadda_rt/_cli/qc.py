@@ -8,6 +8,7 @@ that survives restarts. ``neuroadda-rt qc report --db DB --out report.html`` ren
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def run_watch(args) -> int:
         print(f"qc: tiles of {args.tile_size} px (the model's reference tile size; --tile-size to change)"
               + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
 
+    @functools.cache  # int8 calibrates on the reference and the monitor is built on it: read the files once
     def read_reference():
         ref_path = args.reference
         if ref_path.suffix == ".npy":

@@ -786,9 +786,15 @@ def render(r) -> str:
                    f"{t['tiles_per_s']:.1f} tiles/s ({t['ms_per_update_of_64']:.0f} ms per update, max {t['ms_max']:.0f};"
                    f" {t['cpu_ms_per_tile']:.1f} CPU-ms per tile; load {t['load_avg']:.1f}) (target >= 100)")
         out.append(f"- latency file written -> summary line (live watcher, settle {lt['settle_s']} s, "
-                   f"{lt['tiles_per_file']} tiles per file): median {lt['latency_s_median']} s, max "
-                   f"{lt['latency_s_max']} s ({lt['reported']} of {lt['files']} files)")
+                   f"{lt['tiles_per_file']} tiles per file): median {_seconds(lt['latency_s_median'])}, max "
+                   f"{_seconds(lt['latency_s_max'])} ({lt['reported']} of {lt['files']} files)")
     return "\n".join(out)
+
+
+
+def _seconds(value) -> str:
+    """A latency in seconds to 2 decimals, or "none" when no file was reported."""
+    return "none" if value is None else f"{value:.2f} s"
 
 
 if __name__ == "__main__":

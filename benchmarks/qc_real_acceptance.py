@@ -791,7 +791,6 @@ def render(r) -> str:
     return "\n".join(out)
 
 
-
 def _seconds(value) -> str:
     """A latency in seconds to 2 decimals, or "none" when no file was reported."""
     return "none" if value is None else f"{value:.2f} s"

@@ -222,6 +222,39 @@ def render(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], s: dict, path: Path) -> None:
+    """Validation and test VI against fine-tuning steps, one panel per target (mean over seeds per source)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = sorted(s["targets"])
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], targets):
+        e = s["targets"][t]
+        for src, v in sorted(e["sources"].items(), key=lambda kv: kv[1]["rank"]):
+            rs = [r for r in rows if r["target"] == t and r["init"] == src]
+            steps = [c["steps"] for c in rs[0]["curve"]]
+            val = [np.mean([_at(r, st)["val_vi"] for r in rs]) for st in steps]
+            test = [np.mean([_at(r, st)["test_vi"] for r in rs]) for st in steps]
+            line, = ax.plot(steps, test, "o-", label=f"{src} (rank {v['rank']}) test")
+            ax.plot(steps, val, "--", color=line.get_color(), alpha=0.6, label=f"{src} validation")
+        if t in SCRATCH_VI:
+            ax.axhline(np.mean(SCRATCH_VI[t]), color="k", lw=1, ls=":", label="converged scratch (§5.5)")
+        if e["s_star_loto"]:
+            ax.axvline(e["s_star_loto"], color="grey", lw=1, label="S*(t), other targets")
+        ax.set_title(t)
+        ax.set_xlabel("fine-tuning steps (n = 4)")
+        ax.set_ylabel("VI (mean over seeds)")
+    axes[0][-1].legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -251,6 +284,7 @@ def main(argv=None) -> int:
     s = summarize(rows)
     _atomic.write_json(args.out / "summary.json", s)
     _atomic.write_bytes(args.out / "report.md", render(s).encode())
+    plot(rows, s, args.out / "curves.png")
     print(render(s))
     return 0
 

@@ -112,3 +112,4 @@ def test_report_renders_every_target(rng, tmp_path):
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert all(t in text for t in TARGETS)
     assert json.loads((tmp_path / "summary.json").read_text())["n_runs"] == len(rows)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

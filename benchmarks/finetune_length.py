@@ -238,16 +238,17 @@ def plot(rows: list[dict], s: dict, path: Path) -> None:
             steps = [c["steps"] for c in rs[0]["curve"]]
             val = [np.mean([_at(r, st)["val_vi"] for r in rs]) for st in steps]
             test = [np.mean([_at(r, st)["test_vi"] for r in rs]) for st in steps]
-            line, = ax.plot(steps, test, "o-", label=f"{src} (rank {v['rank']}) test")
-            ax.plot(steps, val, "--", color=line.get_color(), alpha=0.6, label=f"{src} validation")
+            colour = f"C{v['rank'] - 1}"  # colour = MMD² rank, the same in every panel
+            ax.plot(steps, test, "o-", color=colour, label=f"{src} (rank {v['rank']}) test")
+            ax.plot(steps, val, "--", color=colour, alpha=0.6, label=f"{src} validation")
         if t in SCRATCH_VI:
             ax.axhline(np.mean(SCRATCH_VI[t]), color="k", lw=1, ls=":", label="converged scratch (§5.5)")
         if e["s_star_loto"]:
             ax.axvline(e["s_star_loto"], color="grey", lw=1, label="S*(t), other targets")
-        ax.set_title(t)
+        ax.set_title(f"target {t}")
         ax.set_xlabel("fine-tuning steps (n = 4)")
         ax.set_ylabel("VI (mean over seeds)")
-    axes[0][-1].legend(fontsize=6, loc="upper right")
+        ax.legend(fontsize=5.5, loc="best")  # every panel has its own three sources
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -11,7 +11,8 @@ Determinism and resumption
 Every random choice of a run (batch composition, crop positions, augmentation) is drawn
 from one ``numpy.random.Generator`` seeded with ``seed``; weight initialisation from a
 ``torch`` generator seeded with ``seed``; PyTorch runs with deterministic algorithms.
-On the CPU, two runs with the same inputs and seed give bit-identical weights. With
+On the CPU, two runs with the same inputs and seed on one machine (and thread count) give
+bit-identical weights; across machines this is not promised (compare runs made on one). With
 ``checkpoint_dir`` the loop writes, every ``checkpoint_every`` steps, one atomic
 checkpoint file (weights, BatchNorm statistics, optimizer state, step, loss history, the
 state of both generators) as safetensors, with the small scalar parts as JSON in its
@@ -891,7 +892,7 @@ _TRAIN_DOC = """
     progress : bool
         tqdm progress bar (loss, steps/s, ETA).
     device : {"cpu", "cuda", "auto"}
-        Where to train (bit-for-bit determinism on the CPU).
+        Where to train (bit-for-bit determinism on one CPU machine).
     out : path, optional
         Where to write the new package (default: a new temporary folder; ``.save(path)`` it).
     name : str, optional

@@ -100,12 +100,13 @@ def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, che
 
 def _check_product_run(check: Path, run: dict, first: dict) -> None:
     """Chunk 1 is the product's 200-step run: its test VI must equal the transfer benchmark's row."""
-    rows = list((check / "runs").glob(f"{run['target']}__{run['init']}__n{N}__s{run['seed']}__*.json"))
-    if not rows:
+    settings = argparse.Namespace(n_test=tr.N_TEST, pool=tr.POOL, steps=PRODUCT_STEPS)  # §5.1's fine-tune
+    path = check / "runs" / f"{tr.run_id({**run, 'n': N}, settings)}.json"
+    if not path.exists():
         print(f"  (no transfer_real row to check {run['target']} {run['init']} seed {run['seed']} against)",
               file=sys.stderr)
         return
-    ref = json.loads(rows[0].read_text(encoding="utf-8"))["vi_total"]
+    ref = json.loads(path.read_text(encoding="utf-8"))["vi_total"]
     if abs(ref - first["test_vi"]) > 1e-9:
         raise SystemExit(f"chunk 1 of {run} gave test VI {first['test_vi']!r}, the product's run {ref!r}: "
                          "not the same run, stopping (§5.8)")
@@ -118,8 +119,7 @@ def _val_by_steps(rows, targets) -> dict[int, float]:
     for t in targets:
         rt = [r for r in rows if r["target"] == t]
         if rt:
-            per_t.append({c["steps"]: np.mean([[cc for cc in r["curve"] if cc["steps"] == c["steps"]][0]["val_vi"]
-                                               for r in rt]) for c in rt[0]["curve"]})
+            per_t.append({c["steps"]: np.mean([_at(r, c["steps"])["val_vi"] for r in rt]) for c in rt[0]["curve"]})
     return {s: float(np.mean([p[s] for p in per_t])) for s in per_t[0]} if per_t else {}
 
 

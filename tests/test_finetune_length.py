@@ -113,3 +113,13 @@ def test_report_renders_every_target(rng, tmp_path):
     assert all(t in text for t in TARGETS)
     assert json.loads((tmp_path / "summary.json").read_text())["n_runs"] == len(rows)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chunk_one_is_checked_against_the_product_run():
+    """The committed rerun rows: the same 200-step VI passes, any other stops the run."""
+    check = REPO / "docs" / "results" / "transfer_real_n4"
+    row = json.loads((check / "runs" / "isbi2012__epfl_hippocampus__n4__s1__bbea1b49.json").read_text())
+    run = {"target": "isbi2012", "init": "epfl_hippocampus", "seed": 1}
+    fl._check_product_run(check, run, {"test_vi": row["vi_total"]})
+    with pytest.raises(SystemExit, match="not the same run"):
+        fl._check_product_run(check, run, {"test_vi": row["vi_total"] + 1e-6})

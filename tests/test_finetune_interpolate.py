@@ -1,0 +1,79 @@
+"""benchmarks/finetune_interpolate.py (issue 16, results §5.9): the weight interpolation against float64 NumPy and
+the rule of §5.9 against an independent recomputation on fabricated run files."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import wilcoxon
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+_spec = importlib.util.spec_from_file_location("finetune_interpolate", REPO / "benchmarks" / "finetune_interpolate.py")
+fi = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fi)
+
+TARGETS = ("epfl_hippocampus", "gala_fibsem", "gerhard_l3_vnc", "isbi2012")
+
+
+def test_interpolation_matches_numpy_and_keeps_counters():
+    torch = pytest.importorskip("torch")
+    from neuroadda_rt.models import UNet
+
+    a, b = UNet(), UNet()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p))
+    sa, sb = a.state_dict(), b.state_dict()
+    for k, v in sb.items():
+        if not v.is_floating_point():
+            v.fill_(7)
+    mixed = fi.interpolate_state(sa, sb, 0.25)
+    for k in sb:
+        if sb[k].is_floating_point():
+            ref = 0.75 * sa[k].double().numpy() + 0.25 * sb[k].double().numpy()
+            np.testing.assert_allclose(mixed[k].double().numpy(), ref, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(mixed[k], sb[k])
+    a.load_state_dict(mixed)  # a loadable state
+
+
+def _rows(rng, gain: float, hurt: str | None = None):
+    rows = []
+    for t in TARGETS:
+        for rank, s in enumerate(("a", "b", "c"), 1):
+            for seed in (0, 1, 2):
+                ft = rng.gamma(2.0, 0.2, 32)
+                mix = ft - gain + rng.normal(0, 0.01, 32) + (1.0 if t == hurt else 0.0)
+                rows.append({"target": t, "init": s, "seed": seed, "source_rank": rank, "top_ranked": "a",
+                             "finetuned": {"test_vi": float(ft.mean()), "val_vi": 0.5, "tile_vi": ft.tolist()},
+                             "interpolated": {"test_vi": float(mix.mean()), "val_vi": 0.4, "tile_vi": mix.tolist()}})
+    return rows
+
+
+def test_rule_against_an_independent_recomputation(rng):
+    rows = _rows(rng, gain=0.05)
+    s = fi.summarize(rows)
+    d = np.concatenate([np.asarray(r["finetuned"]["tile_vi"]) - np.asarray(r["interpolated"]["tile_vi"])
+                        for r in rows if r["init"] == "a"])
+    assert s["top_ranked_finetuned_minus_interpolated"]["pairs"] == 384
+    assert s["top_ranked_finetuned_minus_interpolated"]["p_value"] == pytest.approx(wilcoxon(d).pvalue)
+    assert s["rule"]["adopt"] is True
+    for t in TARGETS:
+        top = sorted([r for r in rows if r["target"] == t and r["init"] == "a"], key=lambda r: r["seed"])
+        red = [100 * (fi.fl.SCRATCH_VI[t][r["seed"]] - r["interpolated"]["test_vi"]) / fi.fl.SCRATCH_VI[t][r["seed"]]
+               for r in top]
+        got = s["targets"][t]["sources"]["a"]["vi_reduction_vs_scratch"]["test_vi_interpolated"]
+        assert got["mean_percent"] == pytest.approx(np.mean(red))
+
+
+def test_rule_refuses_a_gain_that_costs_one_target(rng):
+    s = fi.summarize(_rows(rng, gain=0.3, hurt="gala_fibsem"))
+    assert s["rule"]["worse_than_seed_sd"]["gala_fibsem"] is True
+    assert s["rule"]["adopt"] is False
+    partial = [r for r in _rows(rng, gain=0.05) if not (r["target"] == "isbi2012" and r["init"] == "a")]
+    assert fi.summarize(partial)["rule"]["adopt"] is False

@@ -24,7 +24,7 @@ import numpy as np
 from neuroadda_rt import _atomic
 from neuroadda_rt.datasets import resolve_data_root
 from neuroadda_rt.tiles import extract_tiles
-from neuroadda_rt.training import _normalise_all, _split_pairs, _tune_threshold
+from neuroadda_rt.training import _normalise_all, _split_pairs, _tune_threshold, interpolate_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_length as fl  # noqa: E402  (same runs, tiles, check and scratch numbers)
@@ -33,14 +33,6 @@ import transfer_real as tr  # noqa: E402
 FORMAT = "neuroadda_rt.finetune_interpolate/1"
 MIX = 0.5  # fixed in §5.9: no n = 4 signal to tune it on
 ALPHA = 0.05
-
-
-def interpolate_state(source: dict, finetuned: dict, mix: float) -> dict:
-    """``(1 - mix) * source + mix * finetuned`` for floating tensors; integer counters from ``finetuned``."""
-    out = {}
-    for k, v in finetuned.items():
-        out[k] = (1 - mix) * source[k] + mix * v if v.is_floating_point() else v.clone()
-    return out
 
 
 def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, check: Path) -> dict:
@@ -56,12 +48,14 @@ def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, che
     labels = extract_tiles(tgt["pool_lab"], coords, tgt["tile"])
     vimg, vlab, _ = tr.validation_tiles(tgt, coords)
     work = out / "work" / rid
+    # plain fine-tuning (mix=1: §5.4's run), interpolated here so that both are scored from one training run
     ft = nr.finetune(src, sel.tiles, labels, steps=fl.PRODUCT_STEPS, lr=fl.LR, batch_size=fl.BATCH,
-                     patch_size=tgt["tile"], seed=run["seed"], device=device, out=work / "ft", overwrite=True)
+                     patch_size=tgt["tile"], seed=run["seed"], device=device, out=work / "ft", overwrite=True,
+                     mix=1.0)
     product = fl._scores(ft, tgt, vimg, vlab, device)
     fl._check_product_run(check, run, product)
     net = ft.unet().eval()
-    net.load_state_dict(interpolate_state(src.unet().state_dict(), net.state_dict(), MIX))
+    net.load_state_dict(interpolate_weights(src.unet().state_dict(), net.state_dict(), MIX))
     ims, lbs = _split_pairs(sel.tiles, labels)
     th = _tune_threshold(net, _normalise_all(ims, ft.normalization), lbs, ft.config["head"])["threshold"]
     mixed_pkg = nr.save_model(net, work / "mixed", name=f"{src.name}-wise{MIX:g}", normalization=ft.normalization,

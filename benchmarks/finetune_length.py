@@ -80,7 +80,7 @@ def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, che
     for k in range(1, MAX_STEPS // CHUNK + 1):
         m = nr.finetune(prev, sel.tiles, labels, steps=CHUNK, lr=LR, batch_size=BATCH, patch_size=tgt["tile"],
                         seed=run["seed"] if k == 1 else 1000 * run["seed"] + k, device=device,
-                        out=work / f"chunk{k}", overwrite=True)
+                        out=work / f"chunk{k}", overwrite=True, mix=1.0)  # plain, as §5.8 ran
         curve.append({"steps": k * CHUNK, "loss": float(np.mean(m.history.loss[-10:])),
                       **_scores(m, tgt, vimg, vlab, device)})
         if k == 1 and check is not None:
@@ -100,7 +100,7 @@ def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, che
 
 def _check_product_run(check: Path, run: dict, first: dict) -> None:
     """Chunk 1 is the product's 200-step run: its test VI must equal the transfer benchmark's row."""
-    settings = argparse.Namespace(n_test=tr.N_TEST, pool=tr.POOL, steps=PRODUCT_STEPS)  # §5.1's fine-tune
+    settings = argparse.Namespace(n_test=tr.N_TEST, pool=tr.POOL, steps=PRODUCT_STEPS, mix=1.0)  # §5.1's run
     path = check / "runs" / f"{tr.run_id({**run, 'n': N}, settings)}.json"
     if not path.exists():
         print(f"  (no transfer_real row to check {run['target']} {run['init']} seed {run['seed']} against)",

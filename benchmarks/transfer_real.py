@@ -33,6 +33,7 @@ from neuroadda_rt.errors import require
 from neuroadda_rt.evaluation import METRICS
 from neuroadda_rt.study.experiments.tables import _spearman, summarize
 from neuroadda_rt.tiles import extract_tiles, grid_tiles
+from neuroadda_rt.training import DEFAULT_FINETUNE_MIX
 
 REPO = Path(__file__).resolve().parents[1]
 FORMAT = "neuroadda_rt.transfer_real/1"
@@ -131,7 +132,8 @@ def _train_scratch(tgt, selector, tiles, labels, chosen, *, seed, args, work: Pa
         if prev is None:
             m = nr.train_from_scratch(selector, tiles, labels, steps=args.scratch_chunk, seed=seed, out=dest, **kw)
         else:
-            m = nr.finetune(prev, tiles, labels, steps=args.scratch_chunk, seed=1000 * seed + k, out=dest, **kw)
+            m = nr.finetune(prev, tiles, labels, steps=args.scratch_chunk, seed=1000 * seed + k, out=dest,
+                            mix=1.0, **kw)  # a chunk continues the previous one: no interpolation
         vi = float(nr.evaluate(m, vimg, vlab, device=args.device).overall["vi_total"])
         curve.append({"steps": (k + 1) * args.scratch_chunk, "val_vi": vi,
                       "loss": float(np.mean(m.history.loss[-10:])) if m.history.loss else None})
@@ -164,7 +166,9 @@ def run_settings(run: dict, args) -> dict:
     common = {"n_test": args.n_test, "pool": args.pool}
     if run["init"] == "scratch":
         return {**common, "chunk": args.scratch_chunk, "max": args.scratch_max, "patience": args.patience}
-    return {**common, "steps": args.steps}
+    # §5.1-5.8 ran plain fine-tuning (mix 1) before it had a name: its run ids stay as they were
+    mix = getattr(args, "mix", 1.0)
+    return {**common, "steps": args.steps, **({"mix": mix} if mix != 1.0 else {})}
 
 
 def run_id(run: dict, args) -> str:
@@ -203,8 +207,8 @@ def execute(run: dict, tgt: dict, ranks: list[dict], args, out: Path) -> dict:
         else:
             model = nr.finetune(srcs[run["init"]], sel.tiles, labels, steps=args.steps, lr=3e-4, batch_size=8,
                                 patch_size=tgt["tile"], seed=run["seed"], device=args.device, out=work / "model",
-                                overwrite=True)
-            row.update(init_kind="source", steps=args.steps)
+                                overwrite=True, mix=args.mix)
+            row.update(init_kind="source", steps=args.steps, mix=args.mix)
         row.update(tile_coords=[[int(c[0]) + tgt["pool_z_abs"][0], int(c[1]), int(c[2])] for c in coords],
                    **_score(model, tgt, args.device))
         shutil.rmtree(work, ignore_errors=True)
@@ -353,6 +357,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", nargs="+", type=int, default=list(NS))
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--steps", type=int, default=FT_STEPS, help="fine-tuning steps")
+    ap.add_argument("--mix", type=float, default=DEFAULT_FINETUNE_MIX,
+                    help="finetune's weight interpolation (default: the product's, 0.5 since §5.9; "
+                         "1 = plain fine-tuning, as §5.1-5.8 ran and as docs/results/transfer_real_n4 holds)")
     ap.add_argument("--scratch-chunk", type=int, default=SCRATCH_CHUNK)
     ap.add_argument("--scratch-max", type=int, default=SCRATCH_MAX)
     ap.add_argument("--patience", type=int, default=PATIENCE)

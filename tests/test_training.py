@@ -331,6 +331,37 @@ def test_finetune_and_scratch_write_complete_packages(tmp_path):
     assert d_ft < d_sc
 
 
+def test_finetune_mix_is_the_midpoint_of_source_and_plain_finetune(tmp_path):
+    """finetune's default (WiSE-FT, mix 0.5) against float64 NumPy of the source and a plain (mix=1) run."""
+    from pathlib import Path
+
+    from neuroadda_rt.package import load_model
+    from neuroadda_rt.study.synthetic import make_domain
+    from neuroadda_rt.training import DEFAULT_FINETUNE_MIX, finetune, interpolate_weights
+
+    src = load_model(Path(__file__).resolve().parent / "assets" / "tiny_model")
+    img, lab = make_domain(None, (2, 64, 64), seed=11)
+    kw = dict(steps=3, batch_size=2, patch_size=32, seed=1)
+    plain = finetune(src, img, lab, out=tmp_path / "plain", mix=1.0, **kw)
+    mixed = finetune(src, img, lab, out=tmp_path / "mixed", **kw)
+    assert DEFAULT_FINETUNE_MIX == 0.5
+    s0, s1, sm = src.unet().state_dict(), plain.unet().state_dict(), mixed.unet().state_dict()
+    for k, v in sm.items():
+        if v.is_floating_point():
+            ref = 0.5 * s0[k].double().numpy() + 0.5 * s1[k].double().numpy()
+            np.testing.assert_allclose(v.double().numpy(), ref, rtol=1e-6, atol=1e-7)
+        else:
+            assert np.array_equal(v.numpy(), s1[k].numpy())
+    assert mixed.metadata["training"]["weight_interpolation"]["mix"] == 0.5
+    assert "weight_interpolation" not in plain.metadata["training"]
+    assert mixed.history.loss == plain.history.loss  # the same training run, interpolated afterwards
+    for bad in (0, 1.5, -0.1, float("nan"), True, "half"):
+        with pytest.raises(InputValueError, match="expected mix"):
+            finetune(src, img, lab, out=tmp_path / "bad", mix=bad, **kw)
+    with pytest.raises(InputValueError, match="one architecture"):
+        interpolate_weights({"a": s0[next(iter(s0))]}, {"b": s0[next(iter(s0))]}, 0.5)
+
+
 def test_train_and_package_takes_explicit_metadata(toy, tmp_path):
     """The one train-then-package path: caller's metadata, threshold tiles, reference tiles, thinned curve."""
     from neuroadda_rt.package import load_model

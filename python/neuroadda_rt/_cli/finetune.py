@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--batch-size", type=int, default=None, help="patches per step")
     p.add_argument("--no-augment", action="store_true", help="disable flips/rotations/jitter/elastic")
+    p.add_argument("--mix", type=float, default=None,
+                   help="weight of the fine-tuned network in the saved weights, the rest the source's (default "
+                        "0.5, WiSE-FT; 1 = plain fine-tuning; ignored with --scratch)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="training device (default cpu, as the Python API: deterministic; auto picks CUDA when "
                         "PyTorch sees a GPU)")
@@ -64,6 +67,8 @@ def run(args) -> int:
         except ValueError:
             raise ValueError(f"expected --voxel-size as comma-separated numbers in nm (e.g. 40,4,4), "
                              f"got {args.voxel_size!r}") from None
+    if args.mix is not None and not args.scratch:
+        train["mix"] = args.mix
     fn = train_from_scratch if args.scratch else finetune
     pkg = fn(model, images, labels, checkpoint_dir=ckpt, progress=not args.no_progress, out=out, overwrite=True,
              device=args.device, data=data, **train)

@@ -270,7 +270,9 @@ def execute_run(spec: dict, runs_dir: str) -> dict:
     # fine-tune the source, or train its architecture from a fresh seeded initialisation: the same recipe
     work = Path(runs_dir).parent / "work" / spec["run_id"]
     t0 = time.perf_counter()
-    train = partial(finetune, load_source(spec["source_package"])) if spec["init"] != "scratch" else \
+    # plain fine-tuning (mix=1): the study's recipe and run digests predate finetune's WiSE-FT default, and its
+    # published results (docs/results.md §1-2) were made this way
+    train = partial(finetune, load_source(spec["source_package"]), mix=1.0) if spec["init"] != "scratch" else \
         partial(train_from_scratch, selector)
     model = train(sel.tiles, labels, seed=spec["seed"], checkpoint_dir=work / "checkpoint", out=work / "model",
                   overwrite=True, **s["train"])

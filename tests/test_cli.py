@@ -96,6 +96,11 @@ def test_workflow_steps(zoo, data, tmp_path, capsys):
 
     ft = nr.load_model(tmp_path / "ft")
     assert ft.metadata["training"]["n_samples"] == 3
+    assert ft.metadata["training"]["weight_interpolation"]["mix"] == 0.5  # finetune's default (WiSE-FT)
+    plain = run_json(capsys, ["finetune", str(ann), "--out", str(tmp_path / "ft_plain"), "--steps", "2",
+                              "--batch-size", "2", "--mix", "1", "--no-progress", "--json"])
+    assert plain["train"]["mix"] == 1.0
+    assert "weight_interpolation" not in nr.load_model(tmp_path / "ft_plain").metadata["training"]
 
     # evaluate on volumes and on the annotation folder
     ev = run_json(capsys, ["evaluate", str(tmp_path / "ft"), str(d / "target.tif"), str(d / "labels.tif"),

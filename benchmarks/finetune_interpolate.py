@@ -12,7 +12,6 @@ For every target, source and seed of the real-data transfer benchmark at n = 4: 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -22,9 +21,7 @@ from pathlib import Path
 import neuroadda_rt as nr
 import numpy as np
 from neuroadda_rt import _atomic
-from neuroadda_rt.datasets import resolve_data_root
-from neuroadda_rt.tiles import extract_tiles
-from neuroadda_rt.training import _normalise_all, _split_pairs, _tune_threshold, interpolate_weights
+from neuroadda_rt.training import interpolate_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_length as fl  # noqa: E402  (same runs, tiles, check and scratch numbers)
@@ -42,22 +39,17 @@ def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, che
         return json.loads(path.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
     src = tr.sources_for(tgt["name"])[run["init"]]
-    sel = nr.select_tiles(tgt["pool_img"], src, fl.N, strategy="median", pool=tr.POOL, tile_size=tgt["tile"],
-                          seed=run["seed"], device=device)
-    coords = np.asarray(sel.coords, dtype=np.int64)
-    labels = extract_tiles(tgt["pool_lab"], coords, tgt["tile"])
-    vimg, vlab, _ = tr.validation_tiles(tgt, coords)
+    tiles, labels, coords, vimg, vlab = fl.annotated_tiles(tgt, src, run["seed"], device)
     work = out / "work" / rid
     # plain fine-tuning (mix=1: §5.4's run), interpolated here so that both are scored from one training run
-    ft = nr.finetune(src, sel.tiles, labels, steps=fl.PRODUCT_STEPS, lr=fl.LR, batch_size=fl.BATCH,
+    ft = nr.finetune(src, tiles, labels, steps=fl.PRODUCT_STEPS, lr=fl.LR, batch_size=fl.BATCH,
                      patch_size=tgt["tile"], seed=run["seed"], device=device, out=work / "ft", overwrite=True,
                      mix=1.0)
     product = fl._scores(ft, tgt, vimg, vlab, device)
     fl._check_product_run(check, run, product)
     net = ft.unet().eval()
     net.load_state_dict(interpolate_weights(src.unet().state_dict(), net.state_dict(), MIX))
-    ims, lbs = _split_pairs(sel.tiles, labels)
-    th = _tune_threshold(net, _normalise_all(ims, ft.normalization), lbs, ft.config["head"])["threshold"]
+    th = fl.threshold_on_annotated(net, tiles, labels, ft)
     mixed_pkg = nr.save_model(net, work / "mixed", name=f"{src.name}-wise{MIX:g}", normalization=ft.normalization,
                               reference_features=ft.reference_features, pooling=ft.pooling, overwrite=True)
     mixed = fl._scores(mixed_pkg, tgt, vimg, vlab, device, threshold=th)
@@ -164,28 +156,10 @@ def _as_is(check: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--check", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results" /
-                    "transfer_real_n4", help="transfer_real.py rows the 200-step run must reproduce")
-    ap.add_argument("--data-root", default=None)
-    ap.add_argument("--targets", nargs="+", default=list(tr.TARGETS), choices=list(tr.TARGETS))
-    ap.add_argument("--part", type=int, nargs=2, default=(0, 1), metavar=("I", "K"),
-                    help="run only every K-th planned run starting at I (two processes: 0 2 and 1 2)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    ap.add_argument("--report-only", action="store_true")
-    args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.report_only:
-        root = resolve_data_root(args.data_root)
-        tgts = {t: tr.load_target(t, root) for t in args.targets}
-        ranks_of = {t: tr.ranking(tgts[t], args.check, args.device) for t in args.targets}
-        runs = fl.plan(args.targets, ranks_of)[args.part[0]::args.part[1]]
-        for i, r in enumerate(runs):
-            print(f"[{time.strftime('%H:%M:%S')}] {i + 1}/{len(runs)} {r['target']} {r['init']} seed {r['seed']}",
-                  file=sys.stderr, flush=True)
-            execute(r, tgts[r["target"]], ranks_of[r["target"]], args.out, args.device, args.check)
-    rows = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((args.out / "runs").glob("*.json"))]
+    args = fl.parse_args(argv, __doc__.splitlines()[0],
+                         Path(__file__).resolve().parents[1] / "docs" / "results" / "transfer_real_n4",
+                         "transfer_real.py rows the 200-step run must reproduce")
+    rows = fl.run_planned(args, execute, args.check)
     if not rows:
         print("no runs yet")
         return 0

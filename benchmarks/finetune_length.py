@@ -52,6 +52,24 @@ def plan(targets, ranks_of) -> list[dict]:
     return first + rest
 
 
+def annotated_tiles(tgt: dict, src, seed: int, device: str):
+    """§5.1's annotated tiles of a run (``select_tiles`` with the run's source and seed), their labels, their
+    coordinates and the 8 validation tiles of the pool that overlap none of them."""
+    sel = nr.select_tiles(tgt["pool_img"], src, N, strategy="median", pool=tr.POOL, tile_size=tgt["tile"],
+                          seed=seed, device=device)
+    coords = np.asarray(sel.coords, dtype=np.int64)
+    labels = extract_tiles(tgt["pool_lab"], coords, tgt["tile"])
+    vimg, vlab, _ = tr.validation_tiles(tgt, coords)
+    return sel.tiles, labels, coords, vimg, vlab
+
+
+def threshold_on_annotated(net, tiles, labels, package) -> float:
+    """The product's threshold rule (VI on the annotated tiles, un-augmented) for ``net`` with ``package``'s
+    intensity rule and head."""
+    ims, lbs = _split_pairs(tiles, labels)
+    return _tune_threshold(net, _normalise_all(ims, package.normalization), lbs, package.config["head"])["threshold"]
+
+
 def _scores(model, tgt, vimg, vlab, device, threshold=None) -> dict:
     val = nr.evaluate(model, vimg, vlab, threshold=threshold, device=device)
     test = nr.evaluate(model, tgt["test_img"], tgt["test_lab"], threshold=threshold, device=device)
@@ -66,19 +84,13 @@ def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, che
         return json.loads(path.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
     src = tr.sources_for(tgt["name"])[run["init"]]
-    sel = nr.select_tiles(tgt["pool_img"], src, N, strategy="median", pool=tr.POOL, tile_size=tgt["tile"],
-                          seed=run["seed"], device=device)
-    coords = np.asarray(sel.coords, dtype=np.int64)
-    labels = extract_tiles(tgt["pool_lab"], coords, tgt["tile"])
-    vimg, vlab, _ = tr.validation_tiles(tgt, coords)
+    tiles, labels, coords, vimg, vlab = annotated_tiles(tgt, src, run["seed"], device)
     # step 0: the source as-is, its threshold re-tuned on the annotated tiles (the product's rule, no training)
-    ims, lbs = _split_pairs(sel.tiles, labels)
-    th0 = _tune_threshold(src.unet().eval(), _normalise_all(ims, src.normalization), lbs,
-                          src.config["head"])["threshold"]
+    th0 = threshold_on_annotated(src.unet().eval(), tiles, labels, src)
     curve = [{"steps": 0, **_scores(src, tgt, vimg, vlab, device, threshold=th0)}]
     work, prev = out / "work" / rid, src
     for k in range(1, MAX_STEPS // CHUNK + 1):
-        m = nr.finetune(prev, sel.tiles, labels, steps=CHUNK, lr=LR, batch_size=BATCH, patch_size=tgt["tile"],
+        m = nr.finetune(prev, tiles, labels, steps=CHUNK, lr=LR, batch_size=BATCH, patch_size=tgt["tile"],
                         seed=run["seed"] if k == 1 else 1000 * run["seed"] + k, device=device,
                         out=work / f"chunk{k}", overwrite=True, mix=1.0)  # plain, as §5.8 ran
         curve.append({"steps": k * CHUNK, "loss": float(np.mean(m.history.loss[-10:])),
@@ -256,11 +268,11 @@ def plot(rows: list[dict], s: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv, description: str, check_default: Path | None, check_help: str) -> argparse.Namespace:
+    """The command line shared with ``finetune_interpolate.py``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--check", type=Path, default=None,
-                    help="a transfer_real.py output folder: chunk 1 must reproduce its n = 4 rows")
+    ap.add_argument("--check", type=Path, default=check_default, help=check_help)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--targets", nargs="+", default=list(tr.TARGETS), choices=list(tr.TARGETS))
     ap.add_argument("--part", type=int, nargs=2, default=(0, 1), metavar=("I", "K"),
@@ -269,16 +281,27 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def run_planned(args, execute_run, ranking_dir: Path) -> list[dict]:
+    """Every planned run of this process (unless ``--report-only``), then every finished row under OUT/runs."""
     if not args.report_only:
         root = resolve_data_root(args.data_root)
         tgts = {t: tr.load_target(t, root) for t in args.targets}
-        ranks_of = {t: tr.ranking(tgts[t], args.check or args.out, args.device) for t in args.targets}
+        ranks_of = {t: tr.ranking(tgts[t], ranking_dir, args.device) for t in args.targets}
         runs = plan(args.targets, ranks_of)[args.part[0]::args.part[1]]
         for i, r in enumerate(runs):
             print(f"[{time.strftime('%H:%M:%S')}] {i + 1}/{len(runs)} {r['target']} {r['init']} seed {r['seed']}",
                   file=sys.stderr, flush=True)
-            execute(r, tgts[r["target"]], ranks_of[r["target"]], args.out, args.device, args.check)
-    rows = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((args.out / "runs").glob("*.json"))]
+            execute_run(r, tgts[r["target"]], ranks_of[r["target"]], args.out, args.device, args.check)
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted((args.out / "runs").glob("*.json"))]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, __doc__.splitlines()[0], None,
+                      "a transfer_real.py output folder: chunk 1 must reproduce its n = 4 rows")
+    rows = run_planned(args, execute, args.check or args.out)
     if not rows:
         print("no runs yet")
         return 0

@@ -185,6 +185,53 @@ def test_too_small_reference_says_why(rng):
     assert "drift is not tested" in mon.summary()["drift_note"]
 
 
+def test_short_reference_calibrates_on_shorter_runs(rng, tmp_path):
+    """13 sections of 3 tiles (gala's reference) give no run of 32 tiles with a section on each side left
+    out: the threshold comes from the longest shorter run giving >= 8 (found here by brute force), the
+    values match float64 brute force, full windows are tested against it, it warns, and it survives save/load."""
+    from neuroadda_rt.qc import QCCalibrationWarning
+
+    def enc(t):
+        return np.stack([t.mean((1, 2)), t.std((1, 2))], 1).astype(np.float32)
+
+    groups = np.repeat(np.arange(13), 3)
+    ref = noise_tiles(rng, 39, size=16)
+    with pytest.warns(QCCalibrationWarning) as rec:
+        mon = QCMonitor(enc, ref, window=32, reference_groups=groups, alpha=0.01, sigma=1.0, n_neighbors=3)
+    feats = enc(ref).astype(np.float64)
+
+    def runs(n):
+        out = []
+        for s in range(0, 39 - n + 1, n // 2):
+            blk = np.arange(s, s + n)
+            rest = (groups < groups[blk].min() - 1) | (groups > groups[blk].max() + 1)
+            if rest.sum() >= n:
+                out.append((blk, rest))
+        return out
+
+    assert len(runs(32)) == 0
+    length = next(n for n in range(31, 3, -1) if len(runs(n)) >= 8)
+    assert mon.calibration_length == length and mon.drift_note == ""
+    assert any(f"runs of {length} consecutive tiles" in str(w.message) for w in rec)
+    cal_nov = []
+    for blk, rest in runs(length):
+        dist = np.sqrt(((feats[blk, None, :] - feats[None, rest]) ** 2).sum(-1))
+        cal_nov.append(np.log(np.sort(dist, axis=1)[:, 2]).mean())
+    np.testing.assert_allclose(mon._cal_nov, cal_nov, rtol=1e-5, atol=1e-5)
+    k = math.sqrt(1 / 0.01 - 1)
+    assert mon.novelty_threshold == pytest.approx(np.mean(cal_nov) + k * np.std(cal_nov, ddof=1), rel=1e-5)
+    assert mon.calibration["calibration_length"] == length and mon.summary()["calibration_note"]
+    rep = mon.update(noise_tiles(rng, 32, size=16, mean=0.5))
+    assert len(rep.windows) == 1 and rep.windows[0].rule != "uncalibrated"
+    assert 0 <= rep.windows[0].p_value <= 1
+    drifted = mon.update(noise_tiles(rng, 32, size=16, mean=0.9, sd=0.02))  # brighter, flatter: far away
+    assert drifted.drift and drifted.windows[0].rule == "novelty"
+    path = mon.save(tmp_path / "state.safetensors")
+    back = QCMonitor.load(path, enc)
+    assert back.calibration_length == length and back.novelty_threshold == mon.novelty_threshold
+    assert back.calibration_note == mon.calibration_note
+
+
 def _synthetic_tiles(n_images, seed0, size=64, image=256):
     from neuroadda_rt.study.synthetic import make_domain
 

@@ -11,7 +11,8 @@ in the feature space of a trained encoder, with the kernel of the MMD² test use
   reference tiles is scored against the reference without its sections and one section on each
   side, and the window alarms when its statistic exceeds the mean of those scores by
   ``sqrt(1/alpha - 1)`` standard deviations (Cantelli's one-sided bound, which needs no
-  distributional assumption). Consecutive sections are not exchangeable with a
+  distributional assumption); a reference too short for that is calibrated on shorter runs
+  (conservative, and said so). Consecutive sections are not exchangeable with a
   random reference sample, so a permutation null (the old test) alarms on every clean stream; this
   null is made of the same kind of windows the stream delivers. See ``docs/method.md``.
 * **Tile scores** -- the MMD witness function at every new tile,
@@ -405,8 +406,10 @@ class QCMonitor:
         (N, d) float, **in acquisition order** (the first sections of the acquisition). Copied; at
         most ``max_reference`` are kept (deterministic subsample, order kept). The drift threshold
         needs at least ``MIN_CALIBRATION_WINDOWS`` runs of ``window`` consecutive tiles (about
-        ``(MIN_CALIBRATION_WINDOWS / 2 + 3) * window`` tiles); with fewer the monitor warns and does
-        not test drift.
+        ``(MIN_CALIBRATION_WINDOWS / 2 + 3) * window`` tiles); with fewer it is calibrated on the
+        longest shorter run (>= 4 tiles) that gives enough, a conservative threshold, and warns
+        (``calibration_note``); when no run length gives enough it warns and does not test drift
+        (``drift_note``).
     window : int
         Tiles per drift test.
     alpha : float
@@ -594,23 +597,41 @@ class QCMonitor:
         kth = np.partition(d2, self.n_neighbors - 1, axis=1)[:, self.n_neighbors - 1]
         return 0.5 * np.log(np.maximum(kth, 1e-24))
 
-    def _calibrate_drift(self, kmat: np.ndarray, dmat: np.ndarray) -> None:
-        """Both window statistics of every run of ``window`` consecutive reference tiles (starting
-        every half window) against the reference without the run's sections and one section on each
-        side: windows of consecutive sections, scored against sections they do not touch, as the
-        stream's are."""
-        n, m, g = self.window, len(self.ref), self._groups
-        vals, nov = [], []
+    def _calibration_runs(self, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Runs of ``n`` consecutive reference tiles (starting every ``n // 2``), each with the reference
+        tiles outside its sections and one section on each side; runs leaving fewer than ``n`` are skipped."""
+        m, g = len(self.ref), self._groups
+        runs = []
         for s in range(0, m - n + 1, max(1, n // 2)):
             blk = np.arange(s, s + n)
             lo, hi = g[blk].min() - 1, g[blk].max() + 1
             rest = np.flatnonzero((g < lo) | (g > hi))
-            if len(rest) < n:
-                continue
+            if len(rest) >= n:
+                runs.append((blk, rest))
+        return runs
+
+    def _calibrate_drift(self, kmat: np.ndarray, dmat: np.ndarray) -> None:
+        """Both window statistics of every run of ``window`` consecutive reference tiles (starting
+        every half window) against the reference without the run's sections and one section on each
+        side: windows of consecutive sections, scored against sections they do not touch, as the
+        stream's are. When the reference gives fewer than ``MIN_CALIBRATION_WINDOWS`` such runs, the
+        longest shorter run length (>= 4) that gives enough is used instead: a conservative null,
+        since a full window averages more tiles than the shorter run (``docs/method.md``)."""
+        runs = self._calibration_runs(self.window)
+        self._full_calibration_windows = len(runs)
+        self.calibration_length = self.window
+        if len(runs) < MIN_CALIBRATION_WINDOWS:
+            for length in range(self.window - 1, 3, -1):
+                shorter = self._calibration_runs(length)
+                if len(shorter) >= MIN_CALIBRATION_WINDOWS:
+                    runs, self.calibration_length = shorter, length
+                    break
+        vals, nov = [], []
+        for blk, rest in runs:
             a_ww = kmat[np.ix_(blk, blk)].sum()
             a_rr = kmat[np.ix_(rest, rest)].sum()
             a_wr = kmat[np.ix_(blk, rest)].sum()
-            vals.append(_mmd2_from_sums(a_ww, a_rr, a_wr, n, len(rest)))
+            vals.append(_mmd2_from_sums(a_ww, a_rr, a_wr, len(blk), len(rest)))
             nov.append(float(self._novelty(dmat[np.ix_(blk, rest)]).mean()))
         self._cal = np.asarray(vals, dtype=np.float64)
         self._cal_nov = np.asarray(nov, dtype=np.float64)
@@ -621,6 +642,7 @@ class QCMonitor:
         nan = float("nan")
         self._cal_mean = self._cal_sd = self.threshold = nan
         self._nov_mean = self._nov_sd = self.novelty_threshold = nan
+        self.calibration_note = ""
         if b >= MIN_CALIBRATION_WINDOWS:
             level = self.alpha / 2 if self.statistic == "both" else self.alpha  # Bonferroni over two statistics
             k = math.sqrt(1 / level - 1)  # Cantelli: P(X - mean >= k sd) <= 1 / (1 + k²) = level
@@ -633,13 +655,21 @@ class QCMonitor:
                 self._nov_sd = max(float(self._cal_nov.std(ddof=1)), 1e-12)
                 self.novelty_threshold = self._nov_mean + k * self._nov_sd
             self.drift_note = ""
+            if self.calibration_length < self.window:
+                self.calibration_note = (
+                    f"the reference ({len(self.ref)} tiles, {len(np.unique(self._groups))} sections) gives "
+                    f"{self._full_calibration_windows} calibration windows of {self.window} consecutive tiles "
+                    f"with a section on each side left out, fewer than the {MIN_CALIBRATION_WINDOWS} needed; the "
+                    f"drift threshold is calibrated on {b} runs of {self.calibration_length} consecutive tiles "
+                    f"instead, which is conservative (a window of {self.window} averages more tiles): small "
+                    f"drifts may be missed; give more reference sections for a full-size calibration")
         else:
             self.drift_note = (
                 f"drift is not tested: the reference ({len(self.ref)} tiles, {len(np.unique(self._groups))} "
                 f"sections) gives {b} calibration windows of {self.window} consecutive tiles with a section "
-                f"on each side left out, fewer than the {MIN_CALIBRATION_WINDOWS} needed (the smallest p-value "
-                f"their ranks could give is 1/{b + 1} = {1 / (b + 1):.3g}, alpha is {self.alpha:g}); give more "
-                f"reference sections or a smaller window")
+                f"on each side left out, and fewer than {MIN_CALIBRATION_WINDOWS} of any shorter run down to 4 "
+                f"tiles (the smallest p-value their ranks could give is 1/{b + 1} = {1 / (b + 1):.3g}, alpha is "
+                f"{self.alpha:g}); give more reference sections or a smaller window")
 
     def _calibrate_artefacts(self) -> None:
         """Robust centre and scale per detector, its cut (the largest of the Bonferroni Gaussian cut,
@@ -661,6 +691,8 @@ class QCMonitor:
         m = len(self.ref)
         if self.drift_note:
             warnings.warn(self.drift_note, QCCalibrationWarning, stacklevel=3)
+        if self.calibration_note:
+            warnings.warn(self.calibration_note, QCCalibrationWarning, stacklevel=3)
         if m + 1 < 1 / self.artefact_fpr:
             warnings.warn(
                 f"the reference has {m} tiles: the smallest p-value its ranks can give is 1/{m + 1} = "
@@ -705,7 +737,8 @@ class QCMonitor:
         return {"n_windows": int(len(self._cal)), "statistic": self.statistic, "mean": self._cal_mean,
                 "sd": self._cal_sd, "threshold": self.threshold, "novelty_mean": self._nov_mean,
                 "novelty_sd": self._nov_sd, "novelty_threshold": self.novelty_threshold, "alpha": self.alpha,
-                "note": self.drift_note,
+                "note": self.drift_note, "calibration_length": self.calibration_length,
+                "calibration_note": self.calibration_note,
                 "artefact_cuts": dict(zip(self._det_names, self._cut.tolist()))}
 
     @property
@@ -722,7 +755,8 @@ class QCMonitor:
                     "n_flagged": self.n_flagged, "flag_counts": dict(self.flag_counts),
                     "sigma": self.sigma, "reference_size": len(self.ref), "detectors": self.detectors,
                     "statistic": self.statistic, "threshold": _or_none(self.threshold),
-                    "novelty_threshold": _or_none(self.novelty_threshold), "drift_note": self.drift_note}
+                    "novelty_threshold": _or_none(self.novelty_threshold), "drift_note": self.drift_note,
+                    "calibration_length": self.calibration_length, "calibration_note": self.calibration_note}
 
     def update(self, tiles, *, ids: Sequence[Any] | None = None, timestamp: float | None = None) -> QCReport:
         """Score new tiles, and test every window they complete.
@@ -914,7 +948,8 @@ class QCMonitor:
                 "ring_id": self._ring_id, "ring_pos": self._ring_pos, "ring_fill": self._ring_fill,
                 "since_test": self._since_test, "n_tiles": self.n_tiles, "n_windows": self.n_windows,
                 "n_drift_windows": self.n_drift_windows, "n_flagged": self.n_flagged,
-                "flag_counts": self.flag_counts,
+                "flag_counts": self.flag_counts, "calibration_length": self.calibration_length,
+                "full_calibration_windows": self._full_calibration_windows,
                 "windows": [w.to_dict() for w in self._windows], "model": self._model.fingerprint,
                 "extra": extra or {},
             }
@@ -951,6 +986,9 @@ class QCMonitor:
             self._groups = a["groups"].astype(np.int64)
             self._cal = a["calibration"].astype(np.float64)
             self._cal_nov = a["calibration_novelty"].astype(np.float64)
+            # states written before sub-window calibration existed were calibrated at full size
+            self.calibration_length = int(meta.get("calibration_length", self.window))
+            self._full_calibration_windows = int(meta.get("full_calibration_windows", len(self._cal)))
             self._ref_sq = (self.ref.astype(np.float64) ** 2).sum(axis=1)
             self.examples = a["examples"].astype(np.uint8)
             self._set_threshold()

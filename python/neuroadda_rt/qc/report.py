@@ -79,6 +79,9 @@ def write_report(db, out, *, max_gallery: int = 120, alpha: float | None = None)
     if wins:
         if meta.get("drift_note"):
             parts.append(f"<p><b>Drift not tested:</b> {_esc(meta['drift_note'])}</p>")
+        if meta.get("calibration_note"):
+            parts.append(f"<p><b>Drift threshold calibrated on shorter runs:</b> "
+                         f"{_esc(meta['calibration_note'])}</p>")
         parts.append(_html.figure_img(_drift_figure(wins, alpha), "drift over time"))
         drifted = [[w[0], f"{w[1]:.4g}", f"{w[2]:.3g}", w[4] or "", w[5], w[6], w[9]] for w in wins if w[3]]
         if drifted:

@@ -265,13 +265,14 @@ class QCService:
                 ("folder", str(self.folder)), ("window", str(mon.window)), ("alpha", str(mon.alpha)),
                 ("statistic", mon.statistic), ("threshold", str(mon.threshold)),
                 ("novelty_threshold", str(mon.novelty_threshold)), ("artefact_fpr", str(mon.artefact_fpr)),
-                ("drift_note", mon.drift_note),
+                ("drift_note", mon.drift_note), ("calibration_note", getattr(mon, "calibration_note", "")),
                 ("reference_size", str(len(mon.ref))), ("sigma", json.dumps(mon.sigma)),
                 ("detectors", ",".join(mon.detectors)), ("tile_size", str(self.tile_size or ""))])
             self.db.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?)",
                                 [(i, _thumbnail_png(t)) for i, t in enumerate(getattr(mon, "examples", []))])
-        if mon.drift_note:
-            self.echo(f"WARNING   {mon.drift_note}")
+        for note in (mon.drift_note, getattr(mon, "calibration_note", "")):
+            if note:
+                self.echo(f"WARNING   {note}")
         return mon
 
     def _save_state(self, mon, seq: int) -> None:

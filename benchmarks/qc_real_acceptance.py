@@ -320,6 +320,8 @@ def false_alarms(enc, data):
                       "windows_band": int((~wclean).sum()), "alarms_band": int((alarms & ~wclean).sum()),
                       "tested": mon.drift_note == "", "note": mon.drift_note, "warnings": warns,
                       "threshold": mon.threshold, "calibration_windows": int(len(mon._cal)),
+                      "calibration_length": int(mon.calibration_length),
+                      "novelty_threshold": float(mon.novelty_threshold),
                       "clean_tiles": int(clean.sum()), "clean_flagged": int(rep.flags[clean].sum()),
                       "flag_kinds_clean": _count([k for k, c in zip(rep.kinds, clean) if c and k])}
         nopad = clean & ~a["padcol"][st]
@@ -725,6 +727,8 @@ def render(r) -> str:
         tk = tn = fk = fn = bk = bn = pk = pn = 0
         for name, v in r["fa"].items():
             tested = "yes" if v["tested"] else f"no ({v['calibration_windows']} calibration windows)"
+            if v["tested"] and v.get("calibration_length", WINDOW) < WINDOW:
+                tested = f"on {v['calibration_windows']} runs of {v['calibration_length']} tiles"
             wa = _rate(v["alarms_clean"], v["windows_clean"]) if v["tested"] else "not tested"
             band = _rate(v["band_flagged"], v["band_tiles"]) + f" {v['band_kinds']}" if "band_tiles" in v else "-"
             out.append(f"| {name} | {tested} | {wa} | {_rate(v['alarms_band'], v['windows_band']) if v['tested'] else '-'}"

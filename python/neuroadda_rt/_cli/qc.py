@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     w.add_argument("--statistic", default="novelty", choices=["novelty", "mmd2", "both"],
                    help="window statistic of the drift alarm (default novelty; see docs/method.md)")
     w.add_argument("--artefact-fpr", type=float, default=0.01, help="false-positive rate of artefact flags")
+    w.add_argument("--no-artefact-net", action="store_true",
+                   help="leave out the learned fold / stain detectors (intensity descriptors only)")
     w.add_argument("--uncertainty", action="store_true",
                    help="also flag tiles on the model's prediction uncertainty (runs the full network from a "
                         "model package: slower)")
@@ -109,7 +111,7 @@ def run_watch(args) -> int:
         reference, groups = read_reference()
         return QCMonitor(model, reference, window=args.window, alpha=args.alpha, uncertainty=uncertainty,
                          reference_groups=groups, artefact_fpr=args.artefact_fpr, seed=args.seed,
-                         statistic=args.statistic)
+                         statistic=args.statistic, artefact_net=not args.no_artefact_net)
 
     svc = QCService(args.folder, factory, model, db=args.db, tile_size=args.tile_size, settle=args.settle,
                     give_up=args.give_up, uncertainty=uncertainty, echo=lambda s: print(s, flush=True))

@@ -27,7 +27,7 @@ IMAGE_TAILS = {"mean": 0, "std": 0, "sharpness": -1, "line_ridge": 1, "flat": -1
 KIND_OF = {"mean": "brightness", "std": "contrast", "sharpness": "defocus", "line_ridge": "fold", "flat": "stain",
            "block_max": "bright_region", "dark_fraction": "black_region", "saturated_fraction": "saturation",
            "black_lines": "black_region", "flat_area": "stain",
-           "similarity": "feature_outlier", "uncertainty": "uncertainty"}
+           "similarity": "feature_outlier", "uncertainty": "uncertainty", "fold_net": "fold", "stain_net": "stain"}
 #: Intensities at or below this (of 1) are "black" (padding bands, lost sections, black stripes) and at or
 #: above ``SATURATED`` saturated: 5 and 250 of 255.
 BLACK, SATURATED = 5 / 255, 250 / 255
@@ -37,8 +37,8 @@ BLACK, SATURATED = 5 / 255, 250 / 255
 #: intensity, 1% in contrast, 5% of the tile's pixels black or saturated, ...
 SCALE_FLOOR = {"mean": 0.02, "std": 0.01, "sharpness": 0.05, "line_ridge": 0.01, "flat": 0.005, "block_max": 0.02,
                "dark_fraction": 0.05, "saturated_fraction": 0.05, "black_lines": 0.01, "flat_area": 0.02,
-               "similarity": 1e-3,
-               "uncertainty": 1e-3}
+               "similarity": 1e-3, "uncertainty": 1e-3,
+               "fold_net": 0.1, "stain_net": 0.1}  # the learned detectors' logits (qc.artefact_net)
 #: Column of :func:`image_stats` holding the median 4×4-block standard deviation.
 TEXTURE = len(IMAGE_STATS)
 #: A 4×4 block counts towards ``flat_area`` when its standard deviation is below this fraction of the

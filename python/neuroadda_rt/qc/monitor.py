@@ -20,8 +20,8 @@ in the feature space of a trained encoder, with the kernel of the MMD² test use
   reference); positive where the window has more mass than the reference.
 * **Artefact flags** -- robust per-detector cuts calibrated on the reference's clean tiles: each
   detector's value (reference similarity, model uncertainty when a full network is given, and cheap
-  intensity descriptors when the reference was given as tiles) becomes a robust z-score
-  ``(value - median) / max(1.4826 MAD, floor)`` in its artefact tail, and a tile is flagged when some
+  intensity descriptors and a small learned fold / stain network when the reference was given as
+  tiles) becomes a robust z-score ``(value - median) / max(1.4826 MAD, floor)`` in its artefact tail, and a tile is flagged when some
   z-score exceeds the Bonferroni Gaussian cut ``Phi^-1(1 - artefact_fpr / D)``, the largest
   z-score of that detector over the reference (so no clean reference tile would be flagged) and the
   reference's exponential tail extrapolated to ``artefact_fpr / D``. The
@@ -58,6 +58,8 @@ from ..mmd import gaussian_kernel_matrix, median_sigma
 from ..package import ModelPackage
 from ..runtime import FeatureExtractor, Predictor
 from ..uncertainty import tile_uncertainty
+from .artefact_net import MIN_SIZE as NET_MIN_SIZE
+from .artefact_net import NET_DETECTORS, artefact_net_scores
 from .descriptors import IMAGE_STATS, IMAGE_TAILS, KIND_OF, SCALE_FLOOR, TEXTURE, as_tiles, image_stats
 from .reading import load_array
 from .state import read_state, write_state
@@ -448,6 +450,10 @@ class QCMonitor:
         Backend used when ``model`` is a path.
     batch_size : int
         Feature-extraction batch size.
+    artefact_net : bool
+        Add the learned fold / stain detectors (``fold_net``, ``stain_net``: a small bundled network,
+        :mod:`neuroadda_rt.qc.artefact_net`) when the reference is given as tiles of at least 16 px;
+        calibrated on the reference like every other detector.
 
     Examples
     --------
@@ -466,7 +472,8 @@ class QCMonitor:
                  uncertainty=None, reference_uncertainty=None, reference_groups=None,
                  sigma: float | Sequence[float] | None = None, max_reference: int = 2048,
                  artefact_fpr: float = 0.01, history: int = 4096, seed: int = 0, statistic: str = "novelty",
-                 n_neighbors: int = 5, backend: str = "auto", batch_size: int = 32, _state: dict | None = None):
+                 n_neighbors: int = 5, backend: str = "auto", batch_size: int = 32, artefact_net: bool = True,
+                 _state: dict | None = None):
         if int(window) < 4:
             raise InputValueError(f"expected window >= 4, got {window}")
         if not 0 < float(alpha) < 1:
@@ -487,6 +494,7 @@ class QCMonitor:
         self.max_reference = int(max_reference)
         self.seed = int(seed)
         self._history_len = int(history)
+        self._use_net = bool(artefact_net)
         self._model = _Model(model, uncertainty, backend=backend, batch_size=batch_size)
         self._lock = threading.Lock()
         self.loaded_extra: dict = {}
@@ -503,7 +511,7 @@ class QCMonitor:
             reference = load_array(Path(reference))
         ref = np.asarray(reference) if not isinstance(reference, (list, tuple)) else reference
         rng = np.random.default_rng(self.seed)
-        ref_stats = ref_unc = None
+        ref_stats = ref_unc = ref_net = None
         self._tile_shape: list[int] | None = None
         self.examples = np.zeros((0, 1, 1), np.uint8)
         n_given = len(ref)
@@ -525,6 +533,8 @@ class QCMonitor:
             tiles = tiles[keep]
             feats = self._model.features(tiles)
             ref_stats = image_stats(tiles)
+            if self._use_net and min(tiles.shape[1:]) >= NET_MIN_SIZE:
+                ref_net = artefact_net_scores(tiles)
             self._tile_shape = list(tiles.shape[1:])
             if self._model.has_uncertainty:
                 ref_unc = self._model.uncertainty(tiles)
@@ -567,6 +577,11 @@ class QCMonitor:
             self._ref_texture = float(np.median(ref_stats[:, TEXTURE]))
         else:
             self._ref_texture = 0.0
+        if ref_net is not None:
+            for j, name in enumerate(NET_DETECTORS):
+                self._det_names.append(name)
+                self._det_ref.append(ref_net[:, j].copy())
+                self._det_tail.append(1)
         self._calibrate_artefacts()
         self._warn_calibration()
 
@@ -792,10 +807,11 @@ class QCMonitor:
             raise ShapeError(f"expected features of dimension {self.dim} (the reference's), got {feats.shape[1]}")
         unc = self._model.uncertainty(x) if "uncertainty" in self._det_names else None
         stats = image_stats(x) if "mean" in self._det_names else None
+        net = artefact_net_scores(x) if NET_DETECTORS[0] in self._det_names else None
         with _single_blas():
             sim = _kernel(feats, self.ref, self.sigmas).mean(axis=1)
             nov = self._novelty(self._sqdist(feats))
-        severity, artefact_p, kinds = self._artefacts(sim, unc, stats)
+        severity, artefact_p, kinds = self._artefacts(sim, unc, stats, net)
         flags = severity > 1.0
         with self._lock, _single_blas():
             if ids is None:
@@ -841,10 +857,12 @@ class QCMonitor:
             z.append(v if tail > 0 else -v if tail < 0 else np.abs(v))
         return np.stack(z)
 
-    def _artefacts(self, sim, unc, stats) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def _artefacts(self, sim, unc, stats, net=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         values = {"similarity": sim, "uncertainty": unc}
         if stats is not None:
             values.update({name: stats[:, j] for j, name in enumerate(IMAGE_STATS)})
+        if net is not None:
+            values.update({name: net[:, j] for j, name in enumerate(NET_DETECTORS)})
         rel = self._zscores(values) / self._cut[:, None]
         severity = rel.max(axis=0)
         d = len(self._det_names)

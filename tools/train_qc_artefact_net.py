@@ -194,7 +194,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--export-only", action="store_true", help="rebuild the ONNX file from the safetensors weights")
     args = ap.parse_args(argv)
+    if args.export_only:
+        export_only(args.out)
+        return 0
     torch.manual_seed(args.seed)
     t0 = time.time()
     xtr, ytr = make_set(load_images(args.data, "train"), args.n_train, args.seed)
@@ -227,6 +231,37 @@ def main(argv=None) -> int:
     return 0
 
 
+def export_onnx(net, path: Path) -> None:
+    """ONNX (opset 18) with dynamic batch and tile size, without the exporter's per-node provenance (stack
+    traces with local paths), written atomically."""
+    import torch
+
+    from neuroadda_rt._atomic import atomic_path
+
+    net.eval()
+    example = torch.rand(2, 1, TILE, TILE)
+    n, h, w = torch.export.Dim("batch"), torch.export.Dim("height", min=16), torch.export.Dim("width", min=16)
+    program = torch.onnx.export(net, (example,), None, input_names=["tiles"], output_names=["logits"],
+                                dynamic_shapes={"x": {0: n, 2: h, 3: w}}, opset_version=18, dynamo=True,
+                                external_data=False, verbose=False)
+    proto = program.model_proto
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.metadata_props[:]
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(proto.SerializeToString())
+
+
+def export_only(out: Path) -> None:
+    """Rebuild the ONNX file from the committed safetensors weights (no training)."""
+    from safetensors.torch import load_file
+
+    net = build_net()
+    net.load_state_dict(load_file(str(out / "qc_artefact_net.safetensors")))
+    export_onnx(net, out / "qc_artefact_net.onnx")
+
+
 def write_outputs(net, args, log, val, seconds):
     import torch
     from safetensors.torch import save_file
@@ -236,13 +271,7 @@ def write_outputs(net, args, log, val, seconds):
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "qc_artefact_net.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    example = torch.rand(2, 1, TILE, TILE)
-    n, h, w = torch.export.Dim("batch"), torch.export.Dim("height", min=16), torch.export.Dim("width", min=16)
-    program = torch.onnx.export(net, (example,), None, input_names=["tiles"], output_names=["logits"],
-                                dynamic_shapes={"x": {0: n, 2: h, 3: w}}, opset_version=18, dynamo=True,
-                                external_data=False, verbose=False)
-    with atomic_path(args.out / "qc_artefact_net.onnx") as tmp:
-        Path(tmp).write_bytes(program.model_proto.SerializeToString())
+    export_onnx(net, args.out / "qc_artefact_net.onnx")
     record = {"kinds": list(KINDS), "tile": TILE, "channels": list(CHANNELS), "strides": list(STRIDES),
               "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "n_train": args.n_train,
               "n_val": args.n_val, "train_data": "EPFL hippocampus train volume, C. elegans NEUBIAS slices 0-15, "

@@ -72,5 +72,7 @@ def test_monitor_uses_it_when_tiles_allow(rng):
 
 
 def test_bad_tiles_refused():
-    with pytest.raises(ValueError, match="at least 16 px"):
+    from neuroadda_rt.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="at least 16 px"):
         artefact_net_scores(np.zeros((2, 8, 8), np.float32))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import require
+from ..errors import ShapeError, require
 
 __all__ = ["NET_DETECTORS", "MIN_SIZE", "artefact_net_scores", "artefact_net_path"]
 
@@ -63,10 +63,15 @@ def artefact_net_scores(tiles: np.ndarray, *, chunk: int = 256) -> np.ndarray:
     -------
     ndarray (N, 2) float64
         Columns in the order of ``NET_DETECTORS``: the largest per-location logit of each kind.
+
+    Raises
+    ------
+    ShapeError
+        Not (N, H, W), or a side below ``MIN_SIZE``.
     """
     t = np.asarray(tiles, dtype=np.float32)
     if t.ndim != 3 or min(t.shape[1:]) < MIN_SIZE:
-        raise ValueError(f"expected (N, H, W) tiles of at least {MIN_SIZE} px, got shape {t.shape}")
+        raise ShapeError(f"expected (N, H, W) tiles of at least {MIN_SIZE} px, got shape {t.shape}")
     sess = _get_session()
     name = sess.get_inputs()[0].name
     out = [sess.run(None, {name: np.ascontiguousarray(t[i:i + chunk, None])})[0] for i in range(0, len(t), chunk)]

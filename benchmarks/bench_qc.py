@@ -3,6 +3,8 @@
 * ``qc-update``: ``QCMonitor.update`` end to end (uint8 tiles -> normalise, features, witness,
   artefact scores, window tests) with the int8 encoder beside the fp32 encoder.
 * ``qc-fold-descriptor``: the fold ridge descriptor, C++ kernel beside the NumPy code it replaced.
+* ``qc-artefact-detectors``: the learned fold / stain network beside the intensity descriptors (its cost
+  per tile next to theirs).
 * ``qc-window-test``: one drift test of a full window against the reference, ours (reference
   sums and the calibrated threshold computed once; the window adds its own kernel block and its
   k-NN novelty) beside the package's general ``mmd2_test`` with permutations (the old, iid null).
@@ -153,4 +155,32 @@ def test_fold_descriptor(benchmark, data, impl):
     fn = _line_contrast if impl == "cpp_line_ridge" else numpy_line_ridge
     got = benchmark(fn, tiles)
     np.testing.assert_array_equal(got, numpy_line_ridge(tiles))
+    benchmark.extra_info["tiles"] = len(tiles)
+
+
+@pytest.mark.benchmark(group="qc-artefact-detectors")
+@pytest.mark.parametrize("impl", ["learned_net", "intensity_descriptors_baseline"])
+def test_artefact_detectors(benchmark, data, impl):
+    """The learned fold / stain network (ONNX Runtime) beside the intensity descriptors it was added to, on 32
+    tiles: what the two detectors add per tile. Checked against float64 references (the network's from its
+    safetensors weights, tests/test_qc_artefact_net.py; the descriptors' fold column against the NumPy ridge)."""
+    import importlib.util
+
+    from neuroadda_rt.qc.artefact_net import artefact_net_scores
+    from neuroadda_rt.qc.descriptors import IMAGE_STATS, image_stats
+
+    tiles = data[1][:32].astype(np.float32) / 255
+    if impl == "learned_net":
+        got = benchmark(artefact_net_scores, tiles)
+        spec = importlib.util.spec_from_file_location(
+            "ref_net", Path(__file__).resolve().parents[1] / "tests" / "test_qc_artefact_net.py")
+        ref = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ref)
+        np.testing.assert_allclose(got[:4], ref._reference_scores(tiles[:4]), rtol=1e-4, atol=1e-4)
+    else:
+        got = benchmark(image_stats, tiles)
+        small = tiles
+        if TILE >= 256:
+            small = 0.25 * (tiles[:, 0::2, 0::2] + tiles[:, 1::2, 0::2] + tiles[:, 0::2, 1::2] + tiles[:, 1::2, 1::2])
+        np.testing.assert_array_equal(got[:, IMAGE_STATS.index("line_ridge")], numpy_line_ridge(small))
     benchmark.extra_info["tiles"] = len(tiles)

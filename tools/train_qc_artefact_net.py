@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("NEUROADDA_DATA", REPO.parent / "shared" / "em_data")))
+    ap.add_argument("--data", type=Path,
+                    default=Path(os.environ.get("NEUROADDA_DATA", REPO.parent / "shared" / "em_data")))
     ap.add_argument("--out", type=Path, default=REPO / "python" / "neuroadda_rt" / "data")
     ap.add_argument("--steps", type=int, default=30000)
     ap.add_argument("--n-train", type=int, default=150000)

@@ -25,8 +25,8 @@ in the feature space of a trained encoder, with the kernel of the MMD² test use
   tail, and a tile is flagged when some z-score exceeds the Bonferroni Gaussian cut
   ``Phi^-1(1 - artefact_fpr / D)``, the largest z-score of that detector over the reference (so no
   clean reference tile would be flagged) and the reference's exponential tail extrapolated to
-  ``artefact_fpr / D``. The *severity* (largest z-score over its cut) orders flags, and a likely cause is named from the
-  detectors that exceed their cut.
+  ``artefact_fpr / D``. The *severity* (largest z-score over its cut) orders flags, and a likely
+  cause is named from the detectors that exceed their cut.
 
 Memory is bounded over an unbounded stream: a ring buffer of one window plus aggregate
 counters and the last ``history`` window results. ``update`` is safe to call from several

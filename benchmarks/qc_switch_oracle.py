@@ -8,6 +8,11 @@ the share of B's windows beyond A's largest clean window (an oracle threshold se
 alarms on A's stream), whether one of B's first 3 windows is, and the novelty z-scores against the calibration.
 
     NEUROADDA_DATA=../shared/em_data python benchmarks/qc_switch_oracle.py --json out.json
+    NEUROADDA_DATA=../shared/em_data python benchmarks/qc_switch_oracle.py --noise   # per-section pixel noise
+
+``--noise`` prints each acquisition's per-section pixel noise instead: the robust standard deviation of the
+4-neighbour Laplacian over sqrt(20) (for white noise of standard deviation s the Laplacian's is s·sqrt(20)), in
+grey levels of 255, which tissue texture barely moves and a change of detector, dose or processing does.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qc_real_acceptance as acc  # noqa: E402
 
 
+def section_noise(section: np.ndarray) -> float:
+    """Robust pixel-noise estimate of one section (grey levels): 1.4826 MAD of the 4-neighbour Laplacian / sqrt(20)."""
+    x = section.astype(np.float64)
+    lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
+    return float(1.4826 * np.median(np.abs(lap - np.median(lap))) / np.sqrt(20))
+
+
 def main(argv=None) -> int:
     from neuroadda_rt import FeatureExtractor
 
@@ -32,7 +44,14 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("NEUROADDA_DATA", "../shared/em_data")))
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("NEUROADDA_QC_CACHE", "/tmp/neuroadda_qc_real")))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--noise", action="store_true", help="print per-section pixel noise per acquisition and stop")
     args = ap.parse_args(argv)
+    if args.noise:
+        for name, a in acc.load_acquisitions(args.data).items():
+            k = acc.n_reference_sections(len(a["sections"]))
+            vals = [section_noise(x) for x in a["sections"]]
+            print(f"{name} (reference = first {k}): " + " ".join(f"{v:.0f}" for v in vals))
+        return 0
     warnings.simplefilter("ignore")
     args.cache.mkdir(parents=True, exist_ok=True)
     data = acc.prepare(args.data)

@@ -507,3 +507,25 @@ def test_cli_watch_int8_calibrates_the_encoder_on_the_reference(tmp_path, rng, c
     con = sqlite3.connect(tmp_path / "acq.qc.sqlite")
     got = [r[0] for r in con.execute("SELECT similarity FROM tiles WHERE file = 'f0.npy' ORDER BY idx")]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_short_reference_note_reaches_console_and_report(tmp_path, rng):
+    """A reference too short for full-size drift calibration (13 sections of 3 tiles, window 32) is
+    calibrated on shorter runs; the watcher prints why and the report says so."""
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    ref, groups = tiles(rng, 39), np.repeat(np.arange(13), 3)
+
+    def factory():
+        return QCMonitor(enc, ref, window=32, reference_groups=groups)
+
+    lines = []
+    write_npy(folder / "a.npy", tiles(rng, 40))
+    svc = QCService(folder, factory, enc, settle=0.0, echo=lines.append)
+    svc.run(once=True)
+    svc.close()
+    warn = [s for s in lines if s.startswith("WARNING") and "runs of" in s]
+    assert len(warn) == 1 and "conservative" in warn[0]
+    page = write_report(svc.db_path, tmp_path / "r.html").read_text()
+    assert "Drift threshold calibrated on shorter runs" in page and "Drift not tested" not in page

@@ -3,19 +3,14 @@ recomputation on fabricated run files (the interpolation itself is tested in tes
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("finetune_interpolate", REPO / "benchmarks" / "finetune_interpolate.py")
-fi = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fi)
+from _benchmarks import load_benchmark
+
+fi = load_benchmark("finetune_interpolate")
 
 TARGETS = ("epfl_hippocampus", "gala_fibsem", "gerhard_l3_vnc", "isbi2012")
 

@@ -3,20 +3,17 @@ length, the reductions and the paired test, against an independent recomputation
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import rankdata, spearmanr, wilcoxon
 
+from _benchmarks import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("finetune_length", REPO / "benchmarks" / "finetune_length.py")
-fl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fl)
+fl = load_benchmark("finetune_length")
 
 TARGETS = ("epfl_hippocampus", "gala_fibsem", "gerhard_l3_vnc", "isbi2012")
 SOURCES = ("a", "b", "c")

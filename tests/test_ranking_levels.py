@@ -6,18 +6,15 @@ features (which checks the redrawn training tiles)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import rankdata, spearmanr
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("ranking_levels", REPO / "benchmarks" / "ranking_levels.py")
-rl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rl)
+from _benchmarks import load_benchmark
+
+rl = load_benchmark("ranking_levels")
 
 SOURCES = ("a", "b", "c")
 

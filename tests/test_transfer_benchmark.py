@@ -3,7 +3,6 @@ CI-size run on a real target whose outputs and test tiles are checked by brute f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import numpy as np
 import pytest
 from scipy.stats import friedmanchisquare, rankdata, spearmanr, wilcoxon
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("transfer_real", REPO / "benchmarks" / "transfer_real.py")
-tr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tr)
+from _benchmarks import load_benchmark
+
+tr = load_benchmark("transfer_real")
 
 
 def _write_rows(out: Path, rng) -> dict:

@@ -33,8 +33,7 @@ ALPHA = 0.05
 
 
 def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, check: Path) -> dict:
-    rid = f"{run['target']}__{run['init']}__n{fl.N}__s{run['seed']}"
-    path = out / "runs" / f"{rid}.json"
+    rid, path = fl.run_file(run, out)
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
@@ -54,13 +53,7 @@ def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, che
                               reference_features=ft.reference_features, pooling=ft.pooling, overwrite=True)
     mixed = fl._scores(mixed_pkg, tgt, vimg, vlab, device, threshold=th)
     shutil.rmtree(work, ignore_errors=True)
-    by = {e["source"]: e for e in ranks}
-    row = {"run_id": rid, "target": tgt["name"], "init": run["init"], "seed": run["seed"], "n": fl.N, "mix": MIX,
-           "source_rank": by[run["init"]]["rank"], "top_ranked": ranks[0]["source"], "tile_coords": coords.tolist(),
-           "finetuned": product, "interpolated": mixed, "wall_seconds": round(time.perf_counter() - t0, 1),
-           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _atomic.write_json(path, row)
-    return row
+    return fl.save_run(path, rid, run, tgt, ranks, coords, t0, mix=MIX, finetuned=product, interpolated=mixed)
 
 
 def summarize(rows: list[dict], as_is: dict | None = None) -> dict:

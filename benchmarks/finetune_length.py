@@ -78,8 +78,7 @@ def _scores(model, tgt, vimg, vlab, device, threshold=None) -> dict:
 
 
 def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, check: Path | None) -> dict:
-    rid = f"{run['target']}__{run['init']}__n{N}__s{run['seed']}"
-    path = out / "runs" / f"{rid}.json"
+    rid, path = run_file(run, out)
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
@@ -101,10 +100,21 @@ def execute(run: dict, tgt: dict, ranks: list[dict], out: Path, device: str, che
             shutil.rmtree(work / f"chunk{k - 1}", ignore_errors=True)
         prev = m
     shutil.rmtree(work, ignore_errors=True)
+    return save_run(path, rid, run, tgt, ranks, coords, t0, curve=curve)
+
+
+def run_file(run: dict, out: Path) -> tuple[str, Path]:
+    """A run's id and the JSON file that holds it once done (the runs are resumable)."""
+    rid = f"{run['target']}__{run['init']}__n{N}__s{run['seed']}"
+    return rid, out / "runs" / f"{rid}.json"
+
+
+def save_run(path: Path, rid: str, run: dict, tgt: dict, ranks: list[dict], coords, t0: float, **results) -> dict:
+    """Write a finished run's row (what identifies it, its tiles and timing, then ``results``) atomically."""
     by = {e["source"]: e for e in ranks}
     row = {"run_id": rid, "target": tgt["name"], "init": run["init"], "seed": run["seed"], "n": N,
            "source_rank": by[run["init"]]["rank"], "top_ranked": ranks[0]["source"],
-           "tile_coords": coords.tolist(), "curve": curve, "wall_seconds": round(time.perf_counter() - t0, 1),
+           "tile_coords": coords.tolist(), **results, "wall_seconds": round(time.perf_counter() - t0, 1),
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _atomic.write_json(path, row)
     return row

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ShapeError, require
+from ..errors import ShapeError
 
 __all__ = ["NET_DETECTORS", "MIN_SIZE", "artefact_net_scores", "artefact_net_path"]
 
@@ -25,28 +25,22 @@ NET_DETECTORS = ("fold_net", "stain_net")
 MIN_SIZE = 16
 
 _lock = threading.Lock()
-_session = None
-
+_runner = None
 
 def artefact_net_path() -> Path:
     """The bundled ONNX file."""
     return Path(__file__).resolve().parents[1] / "data" / "qc_artefact_net.onnx"
 
 
-def _get_session():
-    global _session
+def _get_runner():
+    """The package's ONNX Runtime runner on the CPU (``runtime.backends._OrtRunner``), built once per process."""
+    global _runner
     with _lock:
-        if _session is None:
-            from ..runtime.backends import _cores
+        if _runner is None:
+            from ..runtime.backends import _OrtRunner
 
-            ort = require("onnxruntime", "cpu")
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = _cores()
-            so.inter_op_num_threads = 1
-            so.log_severity_level = 3
-            _session = ort.InferenceSession(str(artefact_net_path()), sess_options=so,
-                                            providers=["CPUExecutionProvider"])
-        return _session
+            _runner = _OrtRunner(artefact_net_path(), ["CPUExecutionProvider"], "cpu")
+        return _runner
 
 
 def artefact_net_scores(tiles: np.ndarray, *, chunk: int = 256) -> np.ndarray:
@@ -72,7 +66,6 @@ def artefact_net_scores(tiles: np.ndarray, *, chunk: int = 256) -> np.ndarray:
     t = np.asarray(tiles, dtype=np.float32)
     if t.ndim != 3 or min(t.shape[1:]) < MIN_SIZE:
         raise ShapeError(f"expected (N, H, W) tiles of at least {MIN_SIZE} px, got shape {t.shape}")
-    sess = _get_session()
-    name = sess.get_inputs()[0].name
-    out = [sess.run(None, {name: np.ascontiguousarray(t[i:i + chunk, None])})[0] for i in range(0, len(t), chunk)]
+    run = _get_runner()
+    out = [run(np.ascontiguousarray(t[i:i + chunk, None])) for i in range(0, len(t), chunk)]
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 2))

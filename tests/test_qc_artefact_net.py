@@ -56,9 +56,15 @@ def test_onnx_matches_float64_reimplementation(rng):
 
 
 def test_record_says_how_it_was_trained():
+    """The JSON record describes the shipped weights: its channels are the convolutions' output widths."""
+    from safetensors.numpy import load_file
+
     rec = _record()
     assert rec["kinds"] == ["fold", "stain"] and "not apply_artefact" in rec["simulator"]
     assert set(rec["validation_recall_at_2pct_fp"]) == {"fold", "stain"}
+    wts = load_file(str(artefact_net_path().with_suffix(".safetensors")))
+    assert [wts[f"body.{2 * i}.weight"].shape[0] for i in range(len(rec["channels"]))] == rec["channels"]
+    assert wts["head.weight"].shape[:2] == (len(rec["kinds"]), rec["channels"][-1])
 
 
 def test_monitor_uses_it_when_tiles_allow(rng):
